@@ -1,0 +1,104 @@
+"""The aiohttp application: middleware for request ids, authentication and problem documents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from secretsd.api import openapi
+from secretsd.api.context import DAEMON, PRINCIPAL
+from secretsd.api.handlers import routes
+from secretsd.auth import Credentials, authenticate
+from secretsd.daemon import Daemon
+from secretsd.errors import SecretsdError
+from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
+
+log = logging.getLogger("secretsd.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "secretsd.request_id"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Routes anyone may call: liveness, readiness and the API description reveal no secret state.
+PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
+
+_HTTP_PROBLEMS = {
+    404: ProblemType("not-found", 404, "Not found"),
+    405: ProblemType("method-not-allowed", 405, "Method not allowed"),
+    413: ProblemType("payload-too-large", 413, "Request body too large"),
+}
+
+
+def problem_response(ptype: ProblemType, detail: str, request_id: str) -> web.Response:
+    body = problem_document(ptype, detail, request_id=request_id)
+    return web.Response(
+        text=json.dumps(body), status=ptype.status, content_type=PROBLEM_CONTENT_TYPE,
+        headers={"WWW-Authenticate": "Bearer"} if ptype.status == 401 else None,
+    )
+
+
+def _credentials(request: web.Request) -> Credentials:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return Credentials(bearer=bearer)
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(unmatched)"
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, authentication, error-to-problem conversion and one log line per request."""
+    started = time.perf_counter()
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    d = request.app[DAEMON]
+    response: web.StreamResponse
+    try:
+        if request.path not in PUBLIC_ROUTES:
+            # Authenticate before anything else, so an unauthenticated caller learns nothing, not
+            # even whether a route or a path exists.
+            request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
+        response = await handler(request)
+    except SecretsdError as exc:
+        response = problem_response(problem_for(exc), exc.message, request_id)
+    except web.HTTPException as exc:
+        ptype = _HTTP_PROBLEMS.get(exc.status) or ProblemType("http-error", exc.status, exc.reason)
+        response = problem_response(ptype, exc.reason, request_id)
+    except Exception as exc:
+        # Frames only: an exception's message may quote data, and data may be a secret.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unhandled %s (request %s)\n%s", type(exc).__name__, request_id, frames)
+        response = problem_response(INTERNAL, INTERNAL.title, request_id)
+    response.headers["X-Request-Id"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    who = request.get(PRINCIPAL)
+    log.info(
+        "%s %s %d %.1fms",
+        request.method, _route_name(request), response.status, (time.perf_counter() - started) * 1000,
+        extra={"request_id": request_id, "client": getattr(who, "client", None)},
+    )
+    return response
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+def create_app(daemon: Daemon) -> web.Application:
+    app = web.Application(middlewares=[request_middleware], client_max_size=daemon.settings.max_body_bytes)
+    app[DAEMON] = daemon
+    app.router.add_get("/v1/openapi.json", _openapi)
+    app.router.add_routes(routes)
+    return app

@@ -1,0 +1,54 @@
+"""Per-request helpers the handlers share: who is calling, and may they."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from secretsd.auth import Principal
+from secretsd.daemon import Daemon
+from secretsd.errors import PermissionDeniedError, RequestError
+from secretsd.paths import validate_path, validate_prefix
+from secretsd.policy import Capability
+
+DAEMON = web.AppKey("daemon", Daemon)
+PRINCIPAL = "secretsd.principal"
+
+
+def daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON]
+
+
+def principal(request: web.Request) -> Principal:
+    who = request.get(PRINCIPAL)
+    if not isinstance(who, Principal):
+        raise RuntimeError("route reached without authentication")
+    return who
+
+
+def authorize(request: web.Request, capability: Capability, path: str) -> Principal:
+    """Raise 403 unless the caller's policies grant ``capability`` on ``path``.
+
+    The message never says whether the path exists: a denied caller learns nothing about it.
+    """
+    who = principal(request)
+    decision = daemon(request).policies.current.decide(who.policies, capability, path)
+    if not decision.allowed:
+        raise PermissionDeniedError(f"permission denied: {capability.value} on {path}")
+    return who
+
+
+def secret_path(request: web.Request) -> str:
+    return validate_path(request.match_info["path"])
+
+
+def list_prefix(request: web.Request) -> str:
+    return validate_prefix(request.query.get("prefix", ""))
+
+
+def int_query(request: web.Request, name: str, default: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 12:
+        raise RequestError(f"query parameter {name!r} must be a non-negative integer")
+    return int(raw)

@@ -1,0 +1,214 @@
+"""HTTP handlers: thin adapters from requests to the domain services and back to JSON."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from secretsd import tokens
+from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody, read_body
+from secretsd.api.context import authorize, daemon, int_query, list_prefix, principal, secret_path
+from secretsd.errors import NotFoundError, RequestError
+from secretsd.paths import validate_path
+from secretsd.policy import Capability
+from secretsd.storage import TokenRecord, VersionInfo
+
+routes = web.RouteTableDef()
+
+
+def _t(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _version(info: VersionInfo) -> dict[str, Any]:
+    return {
+        "version": info.version,
+        "created_at": _t(info.created_at),
+        "created_by": info.created_by,
+        "state": info.state.value,
+        "deleted_at": _t(info.deleted_at),
+    }
+
+
+def _token(record: TokenRecord) -> dict[str, Any]:
+    return {
+        "token_id": tokens.display_id(record.token_id),
+        "client": record.client,
+        "policies": list(record.policies),
+        "created_at": _t(record.created_at),
+        "created_by": record.created_by,
+        "expires_at": _t(record.expires_at),
+        "revoked_at": _t(record.revoked_at),
+    }
+
+
+# -- health -----------------------------------------------------------------------------------
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    ready, checks = await daemon(request).readiness()
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+@routes.put("/v1/secrets/{path:.+}")
+async def put_secret(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.WRITE, path)
+    body = await read_body(request, PutSecretBody)
+    info = await daemon(request).secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata)
+    return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
+
+
+@routes.get("/v1/secrets/{path:.+}")
+async def get_secret(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.READ, path)
+    found = await daemon(request).secrets.get(who, path, int_query(request, "version"))
+    return web.json_response({"path": path, "value": found.value} | _version(found.info))
+
+
+@routes.get("/v1/secrets")
+async def list_secrets(request: web.Request) -> web.Response:
+    prefix = list_prefix(request)
+    who = authorize(request, Capability.LIST, prefix)
+    limit = int_query(request, "limit", 1000) or 1000
+    after = request.query.get("after", "")
+    if after:
+        validate_path(after)
+    found = await daemon(request).secrets.list_secrets(who, prefix, after=after, limit=limit)
+    return web.json_response({
+        "prefix": prefix,
+        "secrets": [
+            {"path": s.path, "current_version": s.current_version, "updated_at": _t(s.updated_at)}
+            for s in found
+        ],
+        "next_after": found[-1].path if len(found) == limit else None,
+    })
+
+
+@routes.delete("/v1/secrets/{path:.+}")
+async def delete_secret(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.DELETE, path)
+    changed = await daemon(request).secrets.delete(who, path)
+    return web.json_response({"path": path, "deleted": changed})
+
+
+@routes.post("/v1/secrets/{path:.+}/{action:delete|undelete|destroy}")
+async def version_action(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.DELETE, path)
+    body = await read_body(request, VersionsBody)
+    service = daemon(request).secrets
+    action = request.match_info["action"]
+    if action == "delete":
+        changed = await service.delete(who, path, body.versions)
+    elif action == "undelete":
+        changed = await service.undelete(who, path, body.versions)
+    else:
+        changed = await service.destroy(who, path, body.versions)
+    key = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[action]
+    return web.json_response({"path": path, key: changed})
+
+
+@routes.get("/v1/metadata/{path:.+}")
+async def get_metadata(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.READ, path)
+    secret, versions = await daemon(request).secrets.metadata(who, path)
+    return web.json_response({
+        "path": path,
+        "current_version": secret.current_version,
+        "created_at": _t(secret.created_at),
+        "updated_at": _t(secret.updated_at),
+        "metadata": dict(secret.metadata),
+        "max_versions": daemon(request).settings.max_versions,
+        "versions": [_version(v) for v in versions],
+    })
+
+
+# -- system -----------------------------------------------------------------------------------
+@routes.get("/v1/sys/status")
+async def status(request: web.Request) -> web.Response:
+    authorize(request, Capability.READ, "sys/status")
+    return web.json_response(await daemon(request).status())
+
+
+@routes.post("/v1/sys/keyring/rotate")
+async def rotate_keyring(request: web.Request) -> web.Response:
+    who = authorize(request, Capability.ADMIN, "sys/keyring")
+    term = await daemon(request).barrier.rekey(reason="requested", client=who.client)
+    return web.json_response({"active_term": term})
+
+
+@routes.post("/v1/sys/policy/check")
+async def policy_check(request: web.Request) -> web.Response:
+    authorize(request, Capability.ADMIN, "sys/policy")
+    body = await read_body(request, PolicyCheckBody)
+    try:
+        capability = Capability(body.capability)
+    except ValueError:
+        known = ", ".join(c.value for c in Capability)
+        raise RequestError(f"unknown capability {body.capability!r} (known: {known})") from None
+    path = body.path if body.path.startswith("sys/") else validate_path(body.path)
+    d = daemon(request)
+    now = d.clock()
+    held = sorted({
+        p for t in await d.tokens.list_tokens()
+        if t.client == body.client and t.revoked_at is None
+        and (t.expires_at is None or t.expires_at > now)
+        for p in t.policies
+    })
+    if not held:
+        raise NotFoundError(f"client {body.client!r} has no active token")
+    decision = d.policies.current.decide(held, capability, path)
+    rule = decision.rule
+    return web.json_response({
+        "client": body.client,
+        "capability": capability.value,
+        "path": path,
+        "policies": held,
+        "allowed": decision.allowed,
+        "explanation": decision.explain(),
+        "rule": None if rule is None else {
+            "policy": rule.policy, "index": rule.index + 1, "path": rule.path,
+            "effect": "allow" if decision.allowed else "deny",
+        },
+    })
+
+
+# -- tokens -----------------------------------------------------------------------------------
+@routes.post("/v1/auth/tokens")
+async def create_token(request: web.Request) -> web.Response:
+    who = authorize(request, Capability.ADMIN, "sys/tokens")
+    body = await read_body(request, CreateTokenBody)
+    token, record = await daemon(request).tokens.create(who, body.client, body.policies, body.ttl_seconds)
+    return web.json_response({"token": token} | _token(record), status=201)
+
+
+@routes.get("/v1/auth/tokens")
+async def list_tokens(request: web.Request) -> web.Response:
+    authorize(request, Capability.ADMIN, "sys/tokens")
+    return web.json_response({"tokens": [_token(t) for t in await daemon(request).tokens.list_tokens()]})
+
+
+@routes.delete("/v1/auth/tokens/{token_id}")
+async def revoke_token(request: web.Request) -> web.Response:
+    who = authorize(request, Capability.ADMIN, "sys/tokens")
+    token_id = request.match_info["token_id"]
+    await daemon(request).tokens.revoke(who, token_id)
+    return web.json_response({"revoked": tokens.display_id(token_id.removeprefix(tokens.TOKEN_PREFIX))})
+
+
+@routes.get("/v1/auth/whoami")
+async def whoami(request: web.Request) -> web.Response:
+    # Every caller may ask who it is: it reveals only what its own token already carries.
+    who = principal(request)
+    return web.json_response({"client": who.client, "policies": list(who.policies), "method": who.method})

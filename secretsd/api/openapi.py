@@ -1,0 +1,104 @@
+"""The OpenAPI 3.1 description served at ``/v1/openapi.json``."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from secretsd import __version__
+from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody
+from secretsd.problems import PROBLEM_CONTENT_TYPE
+
+_PATH_PARAM = {
+    "name": "path", "in": "path", "required": True,
+    "description": "Secret path: segments of letters, digits, '.', '_', '-' separated by '/'",
+    "schema": {"type": "string", "maxLength": 512},
+}
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+
+def _op(summary: str, capability: str | None, *, body: str | None = None,
+        params: list[dict[str, Any]] | None = None, ok: int = 200) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(ok): {"description": "OK", "content": {"application/json": {}}}}
+        | {code: _PROBLEM for code in ("400", "401", "403", "404", "409", "413", "503")},
+    }
+    if capability:
+        op["description"] = f"Requires the `{capability}` capability."
+    else:
+        op["security"] = []
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    return op
+
+
+def _query(name: str, kind: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": kind}}
+
+
+@cache
+def document() -> dict[str, Any]:
+    schemas = {m.__name__: m.model_json_schema() for m in
+               (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody)}
+    schemas["Problem"] = {
+        "type": "object",
+        "properties": {k: {"type": "string"} for k in ("type", "title", "detail", "request_id")}
+        | {"status": {"type": "integer"}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jarvis-secretsd", "version": __version__,
+                 "description": "Secrets over HTTP. Errors are RFC 9457 problem documents."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": _op("Liveness", None)},
+            "/readyz": {"get": _op("Readiness: unsealed and storage reachable", None)},
+            "/v1/secrets": {"get": _op("List secret paths (never values)", "list on the prefix", params=[
+                _query("prefix", "string", "list this path and everything below it"),
+                _query("after", "string", "continue after this path (pagination)"),
+                _query("limit", "integer", "at most this many (1-1000)"),
+            ])},
+            "/v1/secrets/{path}": {
+                "parameters": [_PATH_PARAM],
+                "get": _op("Read a secret (current version or ?version=N)", "read",
+                           params=[_query("version", "integer", "a version number")]),
+                "put": _op("Write a new version; `cas` makes it check-and-set", "write", body="PutSecretBody"),
+                "delete": _op("Soft-delete the current version", "delete"),
+            },
+            **{
+                f"/v1/secrets/{{path}}/{action}": {
+                    "parameters": [_PATH_PARAM],
+                    "post": _op(f"{action.capitalize()} the given versions", "delete", body="VersionsBody"),
+                }
+                for action in ("delete", "undelete", "destroy")
+            },
+            "/v1/metadata/{path}": {"parameters": [_PATH_PARAM],
+                                    "get": _op("Versions, timestamps, creators, states", "read")},
+            "/v1/sys/status": {"get": _op("Seal state, provider, keyring term, version",
+                                          "read on sys/status")},
+            "/v1/sys/keyring/rotate": {"post": _op("Add a keyring term", "admin on sys/keyring")},
+            "/v1/sys/policy/check": {"post": _op("Which rule decides a client's request",
+                                                 "admin on sys/policy", body="PolicyCheckBody")},
+            "/v1/auth/tokens": {
+                "get": _op("List tokens (never the token itself)", "admin on sys/tokens"),
+                "post": _op("Create a token for a client", "admin on sys/tokens",
+                            body="CreateTokenBody", ok=201),
+            },
+            "/v1/auth/tokens/{token_id}": {
+                "parameters": [{"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "delete": _op("Revoke a token", "admin on sys/tokens"),
+            },
+            "/v1/auth/whoami": {"get": _op("The calling token's client and policies", "any valid token")},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas,
+            "responses": {"Problem": {"description": "An RFC 9457 problem document", "content": {
+                PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
+        },
+    }

@@ -1,0 +1,175 @@
+"""The barrier: seal state, and the only path by which values are sealed and opened.
+
+While sealed the daemon still answers ``/healthz`` and authenticates requests, but every operation
+that needs a data key fails with ``SealedError``; a background task retries unsealing with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from keyproviders import KeyProvider
+from secretsd import errors
+from secretsd.clock import Clock, utcnow
+from secretsd.crypto import DataKey, value_aad
+from secretsd.events import Event, EventBus
+from secretsd.keyring import Keyring, make_term, provider_errors, unseal
+from secretsd.storage import Storage, VersionRecord
+
+log = logging.getLogger("secretsd.barrier")
+
+
+@dataclass(frozen=True)
+class SealedValue:
+    term: int
+    nonce: bytes
+    ciphertext: bytes
+
+
+class Barrier:
+    def __init__(
+        self,
+        storage: Storage,
+        providers: Callable[[], Sequence[KeyProvider]],
+        *,
+        max_encryptions_per_term: int,
+        events: EventBus | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._storage = storage
+        self._provider_factory = providers
+        self._providers: list[KeyProvider] = []
+        self._max_encryptions = max_encryptions_per_term
+        self._events = events or EventBus()
+        self._clock = clock
+        self._keyring: Keyring | None = None
+        self._rekey_lock = asyncio.Lock()
+        self.last_error: str | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def sealed(self) -> bool:
+        return self._keyring is None
+
+    @property
+    def providers(self) -> list[KeyProvider]:
+        return list(self._providers)
+
+    def _ring(self) -> Keyring:
+        if self._keyring is None:
+            raise errors.SealedError(
+                "the daemon is sealed: its key provider has not unwrapped the keyring yet"
+            )
+        return self._keyring
+
+    @property
+    def active_term(self) -> int | None:
+        return None if self._keyring is None else self._keyring.active_term
+
+    def encryptions(self, term: int) -> int:
+        return self._ring().encryptions.get(term, 0)
+
+    async def _ensure_providers(self) -> list[KeyProvider]:
+        # Built lazily: a key file or token that is missing at start is a sealed daemon that keeps
+        # retrying, not a daemon that refuses to start.
+        if not self._providers:
+            with provider_errors():
+                built = list(await asyncio.to_thread(self._provider_factory))
+            if not built:
+                raise ValueError("the barrier needs at least one key provider")
+            self._providers = built
+        return self._providers
+
+    async def unseal(self) -> None:
+        """Unwrap every keyring term now; raise the provider's error if it cannot."""
+        providers = await self._ensure_providers()
+        self._keyring = await unseal(providers, await self._storage.keyring_terms())
+        self.last_error = None
+        log.info("unsealed: %d keyring term(s), active term %d",
+                 len(self._keyring.keys), self._keyring.active_term)
+        self._events.emit(Event("barrier.unseal", self._clock(), "system",
+                                detail={"active_term": self._keyring.active_term}))
+
+    async def unseal_until_done(self, max_delay: float) -> None:
+        """Retry ``unseal`` with capped exponential backoff and jitter until it succeeds."""
+        delay = 0.5
+        while self.sealed:
+            try:
+                await self.unseal()
+                return
+            except errors.ConfigError as exc:
+                # Not something time will fix, but the process stays up to say so on /readyz.
+                self.last_error = str(exc)
+                log.error("cannot unseal: %s", exc)
+            except (errors.SecretsdError, OSError) as exc:
+                self.last_error = str(exc)
+                log.warning("still sealed: %s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, max_delay)
+
+    # -- values -------------------------------------------------------------------------------
+    def seal_value(self, path: str, version: int, plaintext: bytes) -> SealedValue:
+        ring = self._ring()
+        term = ring.active_term
+        nonce, ciphertext = ring.keys[term].seal(plaintext, value_aad(path, version, term))
+        return SealedValue(term, nonce, ciphertext)
+
+    async def open_value(self, record: VersionRecord) -> bytes:
+        ring = self._ring()
+        key = ring.key(record.term)
+        if key is None:
+            # Another replica added a term since we unsealed: load it, once.
+            await self.reload()
+            key = self._ring().key(record.term)
+            if key is None:
+                raise errors.CryptoError(f"keyring term {record.term} is unknown")
+        return key.open(record.nonce, record.ciphertext, value_aad(record.path, record.version, record.term))
+
+    async def reload(self) -> None:
+        async with self._rekey_lock:
+            await self.unseal()
+
+    async def note_encryptions(self, term: int, count: int) -> None:
+        """Record a term's encryption count; rotate to a new term once it reaches the limit."""
+        ring = self._ring()
+        ring.encryptions[term] = max(count, ring.encryptions.get(term, 0))
+        if term == ring.active_term and count >= self._max_encryptions:
+            log.warning("keyring term %d reached %d encryptions; rotating", term, count)
+            await self.rekey(reason="encryption limit", only_if_active=term)
+
+    # -- keyring changes ----------------------------------------------------------------------
+    async def rekey(
+        self, *, reason: str = "requested", client: str = "system", only_if_active: int | None = None
+    ) -> int:
+        """Add a new DEK term and make it active; return its number."""
+        async with self._rekey_lock:
+            ring = self._ring()
+            if only_if_active is not None and ring.active_term != only_if_active:
+                return ring.active_term
+            terms = await self._storage.keyring_terms()
+            number = max(t.term for t in terms) + 1
+            with provider_errors():
+                record, dek = await make_term(self._providers, number, self._clock())
+            try:
+                await self._storage.add_keyring_term(record)
+            except errors.ConflictError:
+                # Another replica rekeyed at the same moment; use whatever is stored now.
+                self._keyring = await unseal(self._providers, await self._storage.keyring_terms())
+                return self._keyring.active_term
+            ring.keys[number] = DataKey(dek)
+            ring.encryptions[number] = 0
+            ring.active_term = number
+        log.info("keyring rotated to term %d (%s)", number, reason)
+        self._events.emit(Event("keyring.rotate", self._clock(), client,
+                                detail={"term": number, "reason": reason}))
+        return number
+
+    def close(self) -> None:
+        for provider in self._providers:
+            provider.close()
+        self._providers = []
+        self._keyring = None

@@ -1,0 +1,120 @@
+"""The API's calls as data: one description per operation, shared by the sync and async faces."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from secretsd.problems import error_from_problem
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    query: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] | None = None
+    #: Safe to send again after a connection error or 503 (the server changes nothing twice).
+    idempotent: bool = True
+
+    def target(self) -> str:
+        return self.path + ("?" + urlencode(self.query) if self.query else "")
+
+    def payload(self) -> bytes | None:
+        return None if self.body is None else json.dumps(self.body).encode("utf-8")
+
+
+def _p(path: str) -> str:
+    return quote(path.strip("/"), safe="/")
+
+
+def get_secret(path: str, version: int | None = None) -> Call:
+    return Call("GET", f"/v1/secrets/{_p(path)}", {"version": str(version)} if version else {})
+
+
+def put_secret(path: str, value: str, cas: int | None = None,
+               metadata: dict[str, str] | None = None) -> Call:
+    body: dict[str, Any] = {"value": value}
+    if cas is not None:
+        body["cas"] = cas
+    if metadata is not None:
+        body["metadata"] = metadata
+    # Retrying a write could store the value twice as two versions unless it is check-and-set.
+    return Call("PUT", f"/v1/secrets/{_p(path)}", body=body, idempotent=cas is not None)
+
+
+def list_secrets(prefix: str = "", after: str = "", limit: int | None = None) -> Call:
+    query = {"prefix": prefix.strip("/")}
+    if after:
+        query["after"] = after
+    if limit:
+        query["limit"] = str(limit)
+    return Call("GET", "/v1/secrets", query)
+
+
+def metadata(path: str) -> Call:
+    return Call("GET", f"/v1/metadata/{_p(path)}")
+
+
+def delete_secret(path: str, versions: list[int] | None = None) -> Call:
+    if versions:
+        return Call("POST", f"/v1/secrets/{_p(path)}/delete", body={"versions": versions})
+    return Call("DELETE", f"/v1/secrets/{_p(path)}", idempotent=False)
+
+
+def version_action(path: str, action: str, versions: list[int]) -> Call:
+    return Call("POST", f"/v1/secrets/{_p(path)}/{action}", body={"versions": versions})
+
+
+def status() -> Call:
+    return Call("GET", "/v1/sys/status")
+
+
+def health() -> Call:
+    return Call("GET", "/readyz")
+
+
+def rotate_keyring() -> Call:
+    return Call("POST", "/v1/sys/keyring/rotate", idempotent=False)
+
+
+def policy_check(client: str, capability: str, path: str) -> Call:
+    return Call("POST", "/v1/sys/policy/check",
+                body={"client": client, "capability": capability, "path": path})
+
+
+def create_token(client: str, policies: list[str], ttl_seconds: int | None = None) -> Call:
+    body: dict[str, Any] = {"client": client, "policies": policies}
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    return Call("POST", "/v1/auth/tokens", body=body, idempotent=False)
+
+
+def list_tokens() -> Call:
+    return Call("GET", "/v1/auth/tokens")
+
+
+def revoke_token(token_id: str) -> Call:
+    return Call("DELETE", f"/v1/auth/tokens/{quote(token_id, safe='')}")
+
+
+def whoami() -> Call:
+    return Call("GET", "/v1/auth/whoami")
+
+
+def decode(call: Call, status: int, content_type: str, body: bytes) -> dict[str, Any]:
+    """Turn a response into its JSON object, or raise the error its problem document names."""
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = None
+    if status >= 400 or not isinstance(data, dict):
+        if call.path == "/readyz" and status == 503 and isinstance(data, dict):
+            return data
+        doc = data if isinstance(data, dict) else {}
+        raise error_from_problem(doc, status)
+    return data
+
+

@@ -1,0 +1,158 @@
+"""Configuration: a TOML file, then ``SECRETSD_*`` environment variables, then command-line flags.
+
+Later sources win. Nested tables map to environment variables with ``__``:
+``SECRETSD_KEY_PROVIDER__KIND=file``. Secrets never belong here: a key provider's PIN or
+passphrase is read from the environment variable or file the configuration *names*.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from secretsd.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8750
+DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+CONFIG_ENV = "SECRETSD_CONFIG"
+
+
+class KeyProviderSettings(BaseModel):
+    """``[key_provider]``: ``kind`` picks the provider, the other keys are its own options."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = "file"
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    backend: str = "sqlite"
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SECRETSD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path | None = None
+    listen: str = DEFAULT_LISTEN
+    policy_file: Path | None = None
+    key_provider: KeyProviderSettings = Field(default_factory=KeyProviderSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    max_versions: int = Field(10, ge=1, le=1000)
+    max_value_bytes: int = Field(512 * 1024, ge=1, le=16 * 1024 * 1024)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Tokens verified in the last few seconds are not re-read from storage; revocation made through
+    # another process (replica, worker) takes effect within this bound.
+    token_cache_seconds: float = Field(5.0, ge=0, le=300)
+    # A keyring term is retired after this many encryptions, well before the 2^32 random-nonce
+    # bound of NIST SP 800-38D.
+    max_encryptions_per_term: int = Field(2**30, ge=1, le=2**31)
+    unseal_retry_max_seconds: float = Field(30.0, gt=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Bearer tokens cross the wire in every request: off loopback they need TLS, unless the operator
+    # says in so many words that something else (a mesh sidecar, a TLS proxy) protects them.
+    allow_plaintext: bool = False
+    log_level: str = "INFO"
+    log_format: str = Field("console", pattern="^(console|json)$")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise ConfigError("no data directory: pass --data-dir DIR or set SECRETSD_DATA_DIR")
+        return self.data_dir
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen address must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``config_file`` (or ``$SECRETSD_CONFIG``), the environment and overrides.
+
+    Overrides that are None are ignored, so CLI flags that were not given do not mask the file.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            tomllib.loads(config_file.read_text("utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file"):
+        if name in given:
+            given[name] = Path(given[name]).resolve()  # flags are relative to where they were typed
+    try:
+        settings = _FileSettings(**given)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(config_file or "configuration"))) from None
+    # Relative paths in a config file are relative to the file, not to wherever the daemon started.
+    base = config_file.parent if config_file else Path.cwd()
+    data = settings.model_dump()
+    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file"):
+        value = data[name]
+        if value is not None and not Path(value).is_absolute():
+            data[name] = (base / value).resolve()
+    return Settings.model_construct(**data | {
+        "key_provider": KeyProviderSettings(**data["key_provider"]),
+        "storage": StorageSettings(**data["storage"]),
+    })
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, naming the setting and never echoing its value (it may be secret)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{where}: {msg}")
+    return f"invalid {source}: " + "; ".join(problems)

@@ -1,0 +1,149 @@
+"""The one exception hierarchy of secretsd.
+
+Messages are meant for the person who has to act on them; none ever carries a secret value, a
+token or key material::
+
+    SecretsdError
+    ├── ConfigError                    configuration is invalid or unsafe
+    ├── StateError
+    │   ├── NotInitializedError        the store has not been initialised (run `secretsd init`)
+    │   ├── AlreadyInitializedError    `init` on a store that exists
+    │   └── SealedError                the keyring is not unsealed yet (retry later)
+    ├── CryptoError                    decryption failed; deliberately opaque
+    ├── KeyProviderFailure
+    │   ├── ProviderUnavailable        the key provider cannot be reached (retryable)
+    │   ├── ProviderKeyNotFound        the provider has no such key
+    │   └── ProviderAuthFailed         the provider refused our credentials (bad PIN)
+    ├── StorageError
+    │   ├── NotFoundError              no such secret, version or token
+    │   ├── ConflictError              check-and-set or uniqueness conflict
+    │   └── StorageUnavailableError    the database cannot be reached (retryable)
+    ├── RequestError                   the request itself is malformed
+    │   ├── InvalidPathError
+    │   └── PayloadTooLargeError
+    ├── AuthError
+    │   ├── UnauthenticatedError       no valid credential
+    │   └── PermissionDeniedError      a policy denies the operation
+    ├── AuditError                     an audit record could not be written (fail closed)
+    └── UnreachableError               (client side) the daemon did not answer
+
+``secretsd.problems`` maps each class to one HTTP problem type; the client maps them back.
+Programming mistakes stay ``ValueError`` / ``TypeError``.
+"""
+
+from __future__ import annotations
+
+
+class SecretsdError(Exception):
+    """Base of every error secretsd reports to a user."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.default_message())
+
+    @classmethod
+    def default_message(cls) -> str:
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.default_message()
+
+
+class ConfigError(SecretsdError):
+    """The configuration is invalid."""
+
+
+class StateError(SecretsdError):
+    """The daemon is not in a state that allows this operation."""
+
+
+class NotInitializedError(StateError):
+    """The store is not initialised; run 'secretsd init' first."""
+
+
+class AlreadyInitializedError(StateError):
+    """The store is already initialised."""
+
+
+class SealedError(StateError):
+    """The daemon is sealed: its key provider has not unwrapped the keyring yet."""
+
+    retryable = True
+
+
+class CryptoError(SecretsdError):
+    """A stored value could not be decrypted."""
+
+
+class KeyProviderFailure(SecretsdError):
+    """The key provider failed."""
+
+
+class ProviderUnavailable(KeyProviderFailure):
+    """The key provider cannot be reached right now."""
+
+    retryable = True
+
+
+class ProviderKeyNotFound(KeyProviderFailure):
+    """The key provider does not hold the requested key."""
+
+
+class ProviderAuthFailed(KeyProviderFailure):
+    """The key provider refused the credentials."""
+
+
+class StorageError(SecretsdError):
+    """The storage backend failed."""
+
+
+class NotFoundError(StorageError):
+    """Not found."""
+
+
+class ConflictError(StorageError):
+    """The write conflicts with the current state."""
+
+
+class StorageUnavailableError(StorageError):
+    """The storage backend cannot be reached right now."""
+
+    retryable = True
+
+
+class RequestError(SecretsdError):
+    """The request is malformed."""
+
+
+class InvalidPathError(RequestError):
+    """The secret path is not valid."""
+
+
+class PayloadTooLargeError(RequestError):
+    """The request body is too large."""
+
+
+class AuthError(SecretsdError):
+    """Authentication or authorization failed."""
+
+
+class UnauthenticatedError(AuthError):
+    """A valid token is required."""
+
+
+class PermissionDeniedError(AuthError):
+    """Permission denied."""
+
+
+class AuditError(SecretsdError):
+    """The audit record could not be written, so the request was refused."""
+
+    retryable = True
+
+
+class UnreachableError(SecretsdError):
+    """The daemon could not be reached."""
+
+    retryable = True

@@ -1,0 +1,108 @@
+"""The keyring: DEK terms unwrapped by a key provider and held in memory after unseal.
+
+This module is also the boundary where key-provider exceptions become secretsd errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import keyproviders
+from keyproviders import KeyProvider, WrappedKey
+from secretsd import errors
+from secretsd.crypto import DataKey, dek_aad, new_dek
+from secretsd.storage import KeyringTerm
+
+log = logging.getLogger("secretsd.keyring")
+
+
+def convert_provider_error(exc: keyproviders.KeyProviderError) -> errors.SecretsdError:
+    """Map a key-provider failure to the secretsd hierarchy, keeping its actionable message."""
+    message = str(exc) or exc.__class__.__name__
+    if isinstance(exc, keyproviders.ProviderUnavailableError):
+        return errors.ProviderUnavailable(message)
+    if isinstance(exc, keyproviders.ProviderKeyNotFoundError):
+        return errors.ProviderKeyNotFound(message)
+    if isinstance(exc, keyproviders.ProviderAuthError):
+        return errors.ProviderAuthFailed(message)
+    if isinstance(exc, keyproviders.ProviderConfigError):
+        return errors.ConfigError(message)
+    if isinstance(exc, keyproviders.UnwrapError):
+        return errors.CryptoError(f"a wrapped data key failed authentication ({message})")
+    return errors.KeyProviderFailure(message)
+
+
+@contextmanager
+def provider_errors() -> Iterator[None]:
+    try:
+        yield
+    except keyproviders.KeyProviderError as exc:
+        raise convert_provider_error(exc) from exc
+
+
+@dataclass
+class Keyring:
+    keys: dict[int, DataKey]
+    active_term: int
+    encryptions: dict[int, int]
+
+    def key(self, term: int) -> DataKey | None:
+        return self.keys.get(term)
+
+
+async def wrap_for_all(
+    providers: Sequence[KeyProvider], dek: bytes, term: int
+) -> tuple[WrappedKey, ...]:
+    """Wrap a DEK once per unseal provider; each wrapping alone can unseal the term."""
+    wrapped = []
+    with provider_errors():
+        for provider in providers:
+            wrapped.append(await asyncio.to_thread(provider.wrap, dek, dek_aad(term)))
+    return tuple(wrapped)
+
+
+async def unwrap_term(providers: Sequence[KeyProvider], term: KeyringTerm) -> bytes:
+    """Unwrap a term with the first provider that holds one of its wrappings."""
+    failure: errors.SecretsdError | None = None
+    for wrapped in term.wrappings:
+        for provider in providers:
+            if provider.name != wrapped.provider:
+                continue
+            try:
+                return await asyncio.to_thread(provider.unwrap, wrapped, dek_aad(term.term))
+            except keyproviders.KeyProviderError as exc:
+                failure = convert_provider_error(exc)
+                failure.__cause__ = exc
+                log.warning("provider %s could not unwrap term %d: %s", provider.name, term.term, failure)
+    if failure is not None:
+        raise failure
+    kinds = ", ".join(sorted({w.provider for w in term.wrappings}))
+    raise errors.ProviderKeyNotFound(
+        f"keyring term {term.term} is wrapped only by provider(s) {kinds}, none of which is configured"
+    )
+
+
+async def unseal(providers: Sequence[KeyProvider], terms: Sequence[KeyringTerm]) -> Keyring:
+    if not terms:
+        raise errors.NotInitializedError("the store has no keyring; run 'secretsd init'")
+    keys = {}
+    for term in terms:
+        keys[term.term] = DataKey(await unwrap_term(providers, term))
+    return Keyring(
+        keys=keys,
+        active_term=max(keys),
+        encryptions={t.term: t.encryptions for t in terms},
+    )
+
+
+async def make_term(
+    providers: Sequence[KeyProvider], term: int, created_at: datetime
+) -> tuple[KeyringTerm, bytes]:
+    """A new term with a fresh DEK, wrapped for every provider. Returns the record and the DEK."""
+    dek = new_dek()
+    return KeyringTerm(term, await wrap_for_all(providers, dek, term), created_at), dek

@@ -1,0 +1,91 @@
+"""Run the daemon: listen, reload policies on SIGHUP, stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import ssl
+
+from aiohttp import web
+
+from secretsd.api.app import create_app
+from secretsd.config import Settings, parse_listen
+from secretsd.daemon import Daemon
+from secretsd.errors import ConfigError
+
+log = logging.getLogger("secretsd")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None; refuses plaintext off loopback unless explicitly allowed."""
+    host, _ = parse_listen(settings.listen)
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    if (cert is None) != (key is None):
+        raise ConfigError("set both tls_cert_file and tls_key_file, or neither")
+    if cert is None or key is None:
+        if not is_loopback(host) and not settings.allow_plaintext:
+            raise ConfigError(
+                f"refusing to listen on {settings.listen} without TLS: tokens would cross the network "
+                "in clear. Set tls_cert_file and tls_key_file, or allow_plaintext = true if a proxy "
+                "or sidecar terminates TLS for this daemon"
+            )
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from exc
+    return context
+
+
+async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT. ``on_ready`` is printed to stdout once listening."""
+    context = tls_context(settings)
+    daemon = Daemon(settings)
+    await daemon.start()
+    runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = parse_listen(settings.listen)
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await daemon.stop()
+        raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload_policies() -> None:
+        try:
+            daemon.policies.reload()
+        except ConfigError as exc:
+            log.error("policy reload failed, keeping the previous policies: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_policies)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    scheme = "https" if context else "http"
+    log.info("listening on %s://%s:%d (%s)", scheme, host, port,
+             "sealed" if daemon.barrier.sealed else "unsealed")
+    if on_ready:
+        print(on_ready, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+        await daemon.stop()

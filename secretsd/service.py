@@ -1,0 +1,183 @@
+"""The secrets domain service: the one place with the rules for versions, check-and-set and deletion.
+
+HTTP handlers, the CLI (through the API) and the scheduler all come through here. Callers have
+already authenticated and authorised the principal; the service enforces what must hold whoever
+calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from secretsd.auth import Principal
+from secretsd.barrier import Barrier
+from secretsd.clock import Clock, utcnow
+from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
+from secretsd.events import Event, EventBus
+from secretsd.paths import validate_path, validate_prefix
+from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
+
+MAX_METADATA_KEYS = 64
+MAX_METADATA_KEY = 128
+MAX_METADATA_VALUE = 1024
+# Without a caller's check-and-set, a write that lost a race is re-sealed against the new current
+# version; after this many losses something is hammering one path and the caller should hear so.
+WRITE_ATTEMPTS = 8
+MAX_LIST_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    info: VersionInfo
+    value: str
+
+
+def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """User metadata is stored in clear: small string pairs only, checked here once."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise RequestError(f"metadata may have at most {MAX_METADATA_KEYS} keys")
+    clean = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METADATA_KEY:
+            raise RequestError(f"metadata keys must be strings of 1 to {MAX_METADATA_KEY} characters")
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+            raise RequestError(
+                f"metadata value for {key!r} must be a string of at most {MAX_METADATA_VALUE} characters"
+            )
+        clean[key] = value
+    return clean
+
+
+def _versions(versions: Sequence[int]) -> list[int]:
+    if not versions:
+        raise RequestError("name at least one version")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in versions):
+        raise RequestError("versions are positive integers")
+    return sorted(set(versions))
+
+
+class SecretsService:
+    def __init__(
+        self,
+        storage: Storage,
+        barrier: Barrier,
+        *,
+        max_versions: int,
+        max_value_bytes: int,
+        events: EventBus | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._storage = storage
+        self._barrier = barrier
+        self._max_versions = max_versions
+        self._max_value_bytes = max_value_bytes
+        self._events = events or EventBus()
+        self._clock = clock
+
+    def _emit(self, action: str, who: Principal, path: str, version: int | None = None,
+              **detail: Any) -> None:
+        self._events.emit(Event(action, self._clock(), who.client, path, version, detail))
+
+    async def put(
+        self,
+        who: Principal,
+        path: str,
+        value: str,
+        *,
+        cas: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> VersionInfo:
+        validate_path(path)
+        plaintext = value.encode("utf-8")
+        if len(plaintext) > self._max_value_bytes:
+            raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
+        if cas is not None and cas < 0:
+            raise RequestError("cas must be 0 (create only) or an existing version number")
+        clean_meta = validate_metadata(metadata) if metadata is not None else None
+        for _ in range(WRITE_ATTEMPTS):
+            secret = await self._storage.get_secret(path)
+            current = secret.current_version if secret else 0
+            if cas is not None and cas != current:
+                raise ConflictError(
+                    f"check-and-set failed: {path} is at version {current}, not {cas}"
+                )
+            version = current + 1
+            sealed = self._barrier.seal_value(path, version, plaintext)
+            now = self._clock()
+            record = VersionRecord(
+                path=path, version=version, created_at=now, created_by=who.client,
+                state=VersionState.ACTIVE, term=sealed.term, nonce=sealed.nonce,
+                ciphertext=sealed.ciphertext,
+            )
+            try:
+                result = await self._storage.write_version(
+                    record, expected_current=current, metadata=clean_meta,
+                    max_versions=self._max_versions,
+                )
+            except ConflictError:
+                if cas is not None:
+                    raise
+                continue
+            await self._barrier.note_encryptions(sealed.term, result.term_encryptions)
+            self._emit("secret.write", who, path, version)
+            return record
+        raise ConflictError(f"{path} is being written concurrently; try again")
+
+    async def get(self, who: Principal, path: str, version: int | None = None) -> SecretValue:
+        validate_path(path)
+        if version is not None and version < 1:
+            raise RequestError("version must be a positive integer")
+        record = await self._storage.get_version(path, version)
+        if record is None:
+            raise NotFoundError(f"no secret at {path}" if version is None else f"{path} has no version {version}")
+        if record.state is not VersionState.ACTIVE:
+            raise NotFoundError(f"version {record.version} of {path} is {record.state.value}")
+        plaintext = await self._barrier.open_value(record)
+        self._emit("secret.read", who, path, record.version)
+        return SecretValue(record, plaintext.decode("utf-8"))
+
+    async def list_secrets(self, who: Principal, prefix: str, *, after: str = "",
+                   limit: int = MAX_LIST_LIMIT) -> list[SecretRecord]:
+        prefix = validate_prefix(prefix)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise RequestError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+        return await self._storage.list_secrets(prefix, after=after, limit=limit)
+
+    async def metadata(self, who: Principal, path: str) -> tuple[SecretRecord, list[VersionInfo]]:
+        validate_path(path)
+        secret = await self._storage.get_secret(path)
+        if secret is None:
+            raise NotFoundError(f"no secret at {path}")
+        return secret, await self._storage.list_versions(path)
+
+    async def delete(self, who: Principal, path: str, versions: Sequence[int] | None = None) -> list[int]:
+        """Soft-delete ``versions`` (default: the current one); they can be undeleted."""
+        validate_path(path)
+        secret = await self._storage.get_secret(path)
+        if secret is None:
+            raise NotFoundError(f"no secret at {path}")
+        wanted = _versions(versions) if versions is not None else [secret.current_version]
+        changed = await self._storage.set_version_state(path, wanted, VersionState.DELETED, self._clock())
+        self._emit("secret.delete", who, path, versions=changed)
+        return changed
+
+    async def undelete(self, who: Principal, path: str, versions: Sequence[int]) -> list[int]:
+        validate_path(path)
+        wanted = _versions(versions)
+        if await self._storage.get_secret(path) is None:
+            raise NotFoundError(f"no secret at {path}")
+        changed = await self._storage.set_version_state(path, wanted, VersionState.ACTIVE, self._clock())
+        self._emit("secret.undelete", who, path, versions=changed)
+        return changed
+
+    async def destroy(self, who: Principal, path: str, versions: Sequence[int]) -> list[int]:
+        """Erase the ciphertext of ``versions`` for good; their metadata stays, marked destroyed."""
+        validate_path(path)
+        wanted = _versions(versions)
+        if await self._storage.get_secret(path) is None:
+            raise NotFoundError(f"no secret at {path}")
+        changed = await self._storage.set_version_state(path, wanted, VersionState.DESTROYED, self._clock())
+        self._emit("secret.destroy", who, path, versions=changed)
+        return changed

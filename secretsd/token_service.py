@@ -1,0 +1,86 @@
+"""Token lifecycle rules: who may mint which token, expiry, revocation."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from secretsd import tokens
+from secretsd.auth import Principal, TokenAuthenticator
+from secretsd.clock import Clock, utcnow
+from secretsd.errors import NotFoundError, PermissionDeniedError, RequestError
+from secretsd.events import Event, EventBus
+from secretsd.policy import ROOT_POLICY, PolicyStore
+from secretsd.storage import Storage, TokenRecord
+
+_CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+
+
+def check_delegation(creator: Principal, policies: tuple[str, ...]) -> None:
+    """A token may carry only policies its creator holds, unless the creator holds root.
+
+    Without this rule any holder of ``admin`` on ``sys/tokens`` could mint a root token.
+    """
+    if ROOT_POLICY in creator.policies:
+        return
+    extra = sorted(set(policies) - set(creator.policies))
+    if extra:
+        raise PermissionDeniedError(
+            f"you cannot grant policies you do not hold: {', '.join(extra)}"
+        )
+
+
+class TokenService:
+    def __init__(
+        self,
+        storage: Storage,
+        policies: PolicyStore,
+        authenticator: TokenAuthenticator,
+        *,
+        events: EventBus | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._storage = storage
+        self._policies = policies
+        self._authenticator = authenticator
+        self._events = events or EventBus()
+        self._clock = clock
+
+    async def create(
+        self, creator: Principal, client: str, policies: list[str], ttl_seconds: int | None = None
+    ) -> tuple[str, TokenRecord]:
+        """Mint a token; returns the token string (shown once) and its stored record."""
+        if not _CLIENT.fullmatch(client):
+            raise RequestError("client names are 1-128 letters, digits, '.', '_', '@' or '-'")
+        if not policies:
+            raise RequestError("a token needs at least one policy")
+        unknown = self._policies.current.unknown(policies)
+        if unknown:
+            raise RequestError(f"unknown polic{'y' if len(unknown) == 1 else 'ies'}: {', '.join(unknown)}")
+        wanted = tuple(sorted(set(policies)))
+        check_delegation(creator, wanted)
+        if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+            raise RequestError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
+        new = tokens.generate_token()
+        now = self._clock()
+        record = TokenRecord(
+            token_id=new.token_id, secret_hash=new.secret_hash, client=client, policies=wanted,
+            created_at=now, created_by=creator.client,
+            expires_at=now + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+        )
+        await self._storage.create_token(record)
+        self._events.emit(Event("token.create", now, creator.client,
+                                detail={"token": tokens.display_id(new.token_id), "for": client}))
+        return new.token, record
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self._storage.list_tokens()
+
+    async def revoke(self, who: Principal, token_id: str) -> None:
+        token_id = token_id.removeprefix(tokens.TOKEN_PREFIX)
+        if not await self._storage.revoke_token(token_id, self._clock()):
+            raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
+        self._authenticator.invalidate(token_id)
+        self._events.emit(Event("token.revoke", self._clock(), who.client,
+                                detail={"token": tokens.display_id(token_id)}))

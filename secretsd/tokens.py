@@ -1,0 +1,62 @@
+"""Token format and verification: the rules for bearer tokens live here and nowhere else.
+
+A token reads ``sdt_<id>_<secret>``: the prefix lets secret scanners and people recognise it, the
+id (not secret) finds the stored record by an indexed lookup, and the secret part carries 256 random
+bits. Only SHA-256 of the secret part is stored: a fast hash is enough for a 256-bit random value
+(no dictionary to try), and it keeps verification off the request path's CPU budget.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+TOKEN_PREFIX = "sdt_"  # noqa: S105 - a prefix, not a credential
+_SECRET_BYTES = 32
+_ID_BYTES = 8
+_TOKEN_RE = re.compile(r"sdt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+
+
+@dataclass(frozen=True)
+class NewToken:
+    token: str  # shown to the user exactly once
+    token_id: str
+    secret_hash: bytes
+
+
+def hash_secret(secret: bytes) -> bytes:
+    return hashlib.sha256(b"secretsd-token\x00" + secret).digest()
+
+
+def generate_token() -> NewToken:
+    token_id = secrets.token_hex(_ID_BYTES)
+    secret = secrets.token_bytes(_SECRET_BYTES)
+    encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
+    return NewToken(f"{TOKEN_PREFIX}{token_id}_{encoded}", token_id, hash_secret(secret))
+
+
+def parse_token(token: str) -> tuple[str, bytes] | None:
+    """Split a presented token into (id, secret); None if it is not shaped like one of ours."""
+    match = _TOKEN_RE.fullmatch(token)
+    if match is None:
+        return None
+    try:
+        secret = base64.urlsafe_b64decode(match.group(2) + "=")
+    except (binascii.Error, ValueError):
+        return None
+    return match.group(1), secret
+
+
+def secret_matches(secret: bytes, stored_hash: bytes) -> bool:
+    """Constant-time comparison of a presented secret with a stored hash (invariant 3)."""
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def display_id(token_id: str) -> str:
+    """How a token is named in lists, logs and audit records: never the secret part."""
+    return f"{TOKEN_PREFIX}{token_id}"
