@@ -23,7 +23,7 @@ from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, probl
 log = logging.getLogger("secretsd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "secretsd.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Routes anyone may call: liveness, readiness and the API description reveal no secret state.
 PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})

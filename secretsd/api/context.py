@@ -11,7 +11,7 @@ from secretsd.paths import validate_path, validate_prefix
 from secretsd.policy import Capability
 
 DAEMON = web.AppKey("daemon", Daemon)
-PRINCIPAL = "secretsd.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def daemon(request: web.Request) -> Daemon:

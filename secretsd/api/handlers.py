@@ -78,7 +78,8 @@ async def get_secret(request: web.Request) -> web.Response:
 async def list_secrets(request: web.Request) -> web.Response:
     prefix = list_prefix(request)
     who = authorize(request, Capability.LIST, prefix)
-    limit = int_query(request, "limit", 1000) or 1000
+    limit = int_query(request, "limit")
+    limit = 1000 if limit is None else limit
     after = request.query.get("after", "")
     if after:
         validate_path(after)

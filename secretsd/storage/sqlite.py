@@ -131,8 +131,13 @@ class SQLiteStorage:
             self._writer = await loop.run_in_executor(self._executor, _connect, self.path)
             self._reader = _connect(self.path)
         except sqlite3.Error as exc:
+            await self.close()
             raise StorageUnavailableError(f"cannot open SQLite database {self.path} ({exc})") from exc
-        await self._migrate()
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
 
     async def _migrate(self) -> None:
         migrations = load_migrations("sqlite")

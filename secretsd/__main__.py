@@ -1,0 +1,3 @@
+from secretsd.cli import main
+
+main()

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from secretsd.api.app import create_app
+from secretsd.config import Settings, load_settings
+from secretsd.daemon import Daemon, initialize_store
+from tests.helpers import DaemonProcess, init_store
+
+pytest_plugins = ["softhsm.pytest_plugin"]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return load_settings(None, data_dir=data_dir)
+
+
+@pytest.fixture
+def admin_token(settings: Settings) -> str:
+    return asyncio.run(initialize_store(settings)).admin_token
+
+
+@dataclass
+class Api:
+    """An in-process daemon behind a real aiohttp test server."""
+
+    client: TestClient
+    daemon: Daemon
+    admin: str
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.admin}"}
+
+    async def put(self, path: str, value: str, token: str | None = None, **extra: object) -> dict[str, object]:
+        resp = await self.client.put(f"/v1/secrets/{path}", json={"value": value, **extra}, headers=self.auth(token))
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+    async def get(self, path: str, token: str | None = None, **params: object) -> dict[str, object]:
+        resp = await self.client.get(f"/v1/secrets/{path}", params={k: str(v) for k, v in params.items()},
+                                     headers=self.auth(token))
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+    async def token(self, client: str, *policies: str) -> str:
+        resp = await self.client.post("/v1/auth/tokens", json={"client": client, "policies": list(policies)},
+                                      headers=self.auth())
+        assert resp.status == 201, await resp.text()
+        return str((await resp.json())["token"])
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return load_settings(None, data_dir=data_dir, **overrides)
+
+
+@pytest.fixture
+async def api(settings: Settings, admin_token: str) -> AsyncIterator[Api]:
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    try:
+        yield Api(client, daemon, admin_token)
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Iterator[tuple[DaemonProcess, str]]:
+    data = tmp_path / "proc-data"
+    token = init_store(data)
+    proc = DaemonProcess(data)
+    try:
+        yield proc.start(), token
+    finally:
+        proc.stop()

@@ -1,0 +1,261 @@
+"""The invariants of DESIGN.md that the core vault touches, proven against a live in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from secretsd.api.app import PUBLIC_ROUTES, create_app
+from secretsd.config import Settings, load_settings
+from secretsd.daemon import Daemon, initialize_store
+from tests.conftest import Api
+from tests.test_api import problem
+
+POLICY_FILE = """
+[policies.reader]
+rules = [
+  { path = "app/**", allow = ["read", "list"] },
+  { path = "app/secret/*", deny = ["read"] },
+]
+
+[policies.ops]
+rules = [{ path = "sys/tokens", allow = ["admin"] }]
+
+[policies.nothing]
+rules = [{ path = "elsewhere/*", allow = ["read"] }]
+"""
+
+
+@pytest.fixture
+async def papi(tmp_path: Path) -> AsyncIterator[Api]:
+    policy = tmp_path / "policies.toml"
+    policy.write_text(POLICY_FILE)
+    settings = load_settings(None, data_dir=tmp_path / "data", policy_file=policy, max_body_bytes=4096,
+                             max_value_bytes=2048)
+    admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    try:
+        yield Api(client, daemon, admin)
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
+def all_routes(api: Api) -> list[tuple[str, str]]:
+    out = []
+    for route in api.client.app.router.routes():  # type: ignore[union-attr]
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method in ("HEAD", "*") or path in PUBLIC_ROUTES:
+            continue
+        concrete = path.replace("{path:.+}", "app/x").replace("{path}", "app/x").replace(
+            "{action}", "undelete").replace("{token_id}", "sdt_0000000000000000")
+        out.append((route.method, concrete))
+    return out
+
+
+def db_dump(settings: Settings) -> str:
+    conn = sqlite3.connect(settings.require_data_dir() / "secretsd.db")
+    try:
+        return "\n".join(conn.iterdump())
+    finally:
+        conn.close()
+
+
+# -- invariant 2: deny by default; the unauthenticated learn nothing -------------------------------
+@pytest.mark.parametrize("header", [None, "Bearer sdt_0123456789abcdef_" + "A" * 43, "Bearer nonsense",
+                                    "Basic YWRtaW46YWRtaW4=", "Bearer "])
+async def test_every_api_route_refuses_missing_or_unknown_tokens(papi: Api, header: str | None) -> None:
+    routes = all_routes(papi)
+    assert len(routes) >= 13
+    headers = {"Authorization": header} if header else {}
+    for method, path in routes:
+        resp = await papi.client.request(method, path, headers=headers, json={"value": "x"})
+        doc = await problem(resp, 401, "unauthenticated")
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+        assert "app/x" not in str(doc)
+
+
+async def test_unauthenticated_cannot_tell_existing_paths_or_routes(papi: Api) -> None:
+    await papi.put("app/exists", "v")
+    bodies = []
+    for path in ("/v1/secrets/app/exists", "/v1/secrets/app/missing", "/v1/no-such-route", "/v1/secrets/a/../b"):
+        resp = await papi.client.get(path)
+        doc = await problem(resp, 401, "unauthenticated")
+        doc.pop("request_id")
+        bodies.append(doc)
+    assert all(b == bodies[0] for b in bodies)
+
+
+async def test_denied_client_gets_403_without_existence_hint(papi: Api) -> None:
+    await papi.put("app/secret/k", "classified")
+    reader = await papi.token("svc", "reader")
+    docs = []
+    for path in ("app/secret/k", "app/secret/missing"):
+        doc = await problem(await papi.client.get(f"/v1/secrets/{path}", headers=papi.auth(reader)),
+                            403, "permission-denied")
+        docs.append(doc["detail"].replace(path, "P"))
+    assert docs[0] == docs[1]
+    assert (await papi.get("app/secret/k"))["value"] == "classified"  # admin still can
+
+
+async def test_policy_grants_only_what_it_says(papi: Api) -> None:
+    await papi.put("app/a", "va")
+    reader = await papi.token("svc", "reader")
+    assert (await papi.get("app/a", token=reader))["value"] == "va"
+    resp = await papi.client.put("/v1/secrets/app/a", json={"value": "x"}, headers=papi.auth(reader))
+    await problem(resp, 403, "permission-denied")
+    resp = await papi.client.get("/v1/secrets", params={"prefix": "app"}, headers=papi.auth(reader))
+    assert resp.status == 200
+    resp = await papi.client.get("/v1/secrets", params={"prefix": ""}, headers=papi.auth(reader))
+    await problem(resp, 403, "permission-denied")
+    for method, path in [("GET", "/v1/sys/status"), ("POST", "/v1/sys/keyring/rotate"),
+                         ("GET", "/v1/auth/tokens"), ("DELETE", "/v1/secrets/app/a")]:
+        await problem(await papi.client.request(method, path, headers=papi.auth(reader)), 403, "permission-denied")
+    assert (await papi.get("app/a"))["version"] == 1
+
+
+async def test_token_with_unrelated_policy_is_denied_everywhere(papi: Api) -> None:
+    nothing = await papi.token("svc", "nothing")
+    for method, path in all_routes(papi):
+        if path == "/v1/auth/whoami":
+            continue
+        resp = await papi.client.request(method, path, headers=papi.auth(nothing), json={"value": "x"})
+        assert resp.status == 403, (method, path, resp.status)
+
+
+async def test_token_admin_cannot_mint_root(papi: Api) -> None:
+    ops = await papi.token("ops-bot", "ops")
+    resp = await papi.client.post("/v1/auth/tokens", json={"client": "evil", "policies": ["root"]},
+                                  headers=papi.auth(ops))
+    await problem(resp, 403, "permission-denied")
+    resp = await papi.client.post("/v1/auth/tokens", json={"client": "helper", "policies": ["ops"]},
+                                  headers=papi.auth(ops))
+    assert resp.status == 201
+
+
+async def test_policy_check_names_the_deciding_rule(papi: Api) -> None:
+    await papi.token("svc", "reader")
+    resp = await papi.client.post("/v1/sys/policy/check", json={"client": "svc", "capability": "read",
+                                                                 "path": "app/secret/k"}, headers=papi.auth())
+    body = await resp.json()
+    assert body["allowed"] is False and body["rule"] == {"policy": "reader", "index": 2, "path": "app/secret/*",
+                                                          "effect": "deny"}
+    resp = await papi.client.post("/v1/sys/policy/check", json={"client": "svc", "capability": "write",
+                                                                 "path": "app/x"}, headers=papi.auth())
+    body = await resp.json()
+    assert body["allowed"] is False and body["rule"] is None and "default" in body["explanation"]
+    resp = await papi.client.post("/v1/sys/policy/check", json={"client": "ghost", "capability": "read",
+                                                                 "path": "app/x"}, headers=papi.auth())
+    await problem(resp, 404, "not-found")
+
+
+# -- invariant 5: bad input is a 4xx problem and changes nothing -----------------------------------
+BAD_REQUESTS = [
+    ("PUT", "/v1/secrets/app/k", b"{not json", 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b"[1, 2]", 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b"", 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": 5}', 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "x", "cas": -1}', 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "x", "cas": "1"}', 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "x", "surprise": 1}', 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "x", "metadata": {"a": 1}}', 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b"\xff\xfe", 400, "invalid-request"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "' + b"x" * 3000 + b'"}', 413, "payload-too-large"),
+    ("PUT", "/v1/secrets/app/k", b'{"value": "' + b"x" * 9000 + b'"}', 413, "payload-too-large"),
+    ("PUT", "/v1/secrets/app//k", b'{"value": "x"}', 400, "invalid-path"),
+    ("PUT", "/v1/secrets/app/%2E%2E/k", b'{"value": "x"}', 400, "invalid-path"),
+    ("PUT", "/v1/secrets/app/%2E/k", b'{"value": "x"}', 400, "invalid-path"),
+    ("PUT", "/v1/secrets/app/k%20x", b'{"value": "x"}', 400, "invalid-path"),
+    ("PUT", "/v1/secrets/sys/status", b'{"value": "x"}', 400, "invalid-path"),
+    ("PUT", "/v1/secrets/" + "a/" * 20 + "b", b'{"value": "x"}', 400, "invalid-path"),
+    ("GET", "/v1/secrets/app/k?version=abc", None, 400, "invalid-request"),
+    ("GET", "/v1/secrets/app/k?version=0", None, 400, "invalid-request"),
+    ("GET", "/v1/secrets?prefix=a//b", None, 400, "invalid-path"),
+    ("GET", "/v1/secrets?limit=0", None, 400, "invalid-request"),
+    ("GET", "/v1/secrets?limit=5000", None, 400, "invalid-request"),
+    ("POST", "/v1/secrets/app/k/destroy", b'{"versions": []}', 400, "invalid-request"),
+    ("POST", "/v1/secrets/app/k/destroy", b'{"versions": [0]}', 400, "invalid-request"),
+    ("POST", "/v1/secrets/app/k/undelete", b'{"versions": "1"}', 400, "invalid-request"),
+    ("POST", "/v1/sys/policy/check", b'{"client": "a", "capability": "fly", "path": "x"}', 400, "invalid-request"),
+    ("PATCH", "/v1/secrets/app/k", b"{}", 405, "method-not-allowed"),
+    ("GET", "/v1/nothing-here", None, 404, "not-found"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "raw", "status", "slug"), BAD_REQUESTS)
+async def test_bad_input_is_a_problem_document_and_changes_nothing(
+    papi: Api, method: str, path: str, raw: bytes | None, status: int, slug: str
+) -> None:
+    await papi.put("app/k", "original")
+    before = db_dump(papi.daemon.settings)
+    from yarl import URL
+
+    resp = await papi.client.request(method, URL(path, encoded=True), data=raw,
+                                     headers=papi.auth() | {"Content-Type": "application/json"})
+    doc = await problem(resp, status, slug)
+    assert "original" not in str(doc) and "xxxx" not in str(doc)
+    assert db_dump(papi.daemon.settings) == before
+    assert (await papi.get("app/k"))["value"] == "original"
+
+
+async def test_validation_errors_never_echo_the_value(papi: Api) -> None:
+    resp = await papi.client.put("/v1/secrets/app/k", json={"value": "hunter2-secret", "cas": "not-a-number"},
+                                 headers=papi.auth())
+    doc = await problem(resp, 400, "invalid-request")
+    assert "hunter2" not in str(doc) and "cas" in doc["detail"]
+
+
+# -- the AEAD binding: a ciphertext moved to another row fails to open -----------------------------
+async def test_ciphertext_copied_to_another_path_or_version_fails(papi: Api) -> None:
+    await papi.put("app/a", "value-a")
+    await papi.put("app/b", "value-b")
+    await papi.put("app/b", "value-b2")
+    db = papi.daemon.settings.require_data_dir() / "secretsd.db"
+
+    def edit(sql: str) -> None:
+        conn = sqlite3.connect(db)
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+
+    # Another path's ciphertext and nonce, pasted over app/b version 2:
+    edit("UPDATE secret_versions SET (nonce, ciphertext) = (SELECT nonce, ciphertext FROM secret_versions "
+         "WHERE path='app/a' AND version=1) WHERE path='app/b' AND version=2")
+    resp = await papi.client.get("/v1/secrets/app/b", headers=papi.auth())
+    doc = await problem(resp, 500, "internal")
+    assert "value-a" not in str(doc)
+    # The same path's older version, pasted over the newer one:
+    edit("UPDATE secret_versions SET (nonce, ciphertext) = (SELECT nonce, ciphertext FROM secret_versions "
+         "WHERE path='app/b' AND version=1) WHERE path='app/b' AND version=2")
+    await problem(await papi.client.get("/v1/secrets/app/b", headers=papi.auth()), 500, "internal")
+    # A row relabelled with another term:
+    edit("UPDATE secret_versions SET term = 2 WHERE path='app/a'")
+    await papi.client.post("/v1/sys/keyring/rotate", headers=papi.auth())
+    await problem(await papi.client.get("/v1/secrets/app/a", headers=papi.auth()), 500, "internal")
+    assert (await papi.get("app/b", version=1))["value"] == "value-b"
+
+
+# -- invariant 1: no plaintext at rest ---------------------------------------------------------------
+async def test_no_plaintext_value_or_token_in_database_files(papi: Api) -> None:
+    marker = "PLAINTEXT-MARKER-7f3a9c"
+    for i in range(5):
+        await papi.put(f"app/p{i}", f"{marker}-{i}")
+    token = await papi.token("svc", "reader")
+    await asyncio.sleep(0)
+    data_dir = papi.daemon.settings.require_data_dir()
+    files = [p for p in data_dir.iterdir() if p.is_file()]
+    assert any(p.name.endswith("-wal") for p in files)
+    for path in files:
+        blob = path.read_bytes()
+        assert marker.encode() not in blob, path.name
+        assert token.encode() not in blob and token.split("_", 2)[2].encode() not in blob, path.name
+        assert papi.admin.split("_", 2)[2].encode() not in blob, path.name

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from secretsd.errors import StorageError
+from secretsd.storage import Storage
+from secretsd.storage.sqlite import SQLiteStorage
+from secretsd.storage.testing import StorageConformance, initialized
+
+
+class TestSQLiteConformance(StorageConformance):
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[Storage]:
+        s = SQLiteStorage(tmp_path / "db.sqlite")
+        await s.open()
+        yield s
+        await s.close()
+
+
+async def test_database_is_owner_only_wal_and_full_sync(tmp_path: Path) -> None:
+    s = SQLiteStorage(tmp_path / "db.sqlite")
+    await s.open()
+    await initialized(s)
+    try:
+        assert (tmp_path / "db.sqlite").stat().st_mode & 0o777 == 0o600
+        conn = sqlite3.connect(tmp_path / "db.sqlite")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+        assert s._writer is not None
+        assert s._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        await s.close()
+
+
+async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
+    for _ in range(2):
+        s = SQLiteStorage(tmp_path / "db.sqlite")
+        await s.open()
+        await s.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    assert conn.execute("SELECT number, name FROM schema_migrations").fetchall() == [(1, "initial")]
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    s = SQLiteStorage(tmp_path / "db.sqlite")
+    await s.open()
+    await s.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 'x')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="newer secretsd"):
+        await SQLiteStorage(tmp_path / "db.sqlite").open()
