@@ -22,7 +22,6 @@ from rich.table import Table
 
 from secretsd import __version__
 from secretsd.client import SecretsClient
-from secretsd.config import load_settings
 from secretsd.errors import SecretsdError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -126,6 +125,7 @@ def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None
     Example:
       secretsd init --data-dir /var/lib/secretsd --json
     """
+    from secretsd.config import load_settings
     from secretsd.daemon import initialize_store
 
     settings = load_settings(config_file, data_dir=data_dir)
@@ -141,6 +141,7 @@ def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None
 
 def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Path | None) -> str:
     """Initialise the dev store on first run; return its admin token (kept 0600 for dev only)."""
+    from secretsd.config import load_settings
     from secretsd.daemon import initialize_store
 
     token_file = data_dir / DEV_TOKEN_FILE
@@ -170,6 +171,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
       secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
       secretsd serve --config /etc/secretsd/secretsd.toml
     """
+    from secretsd.config import load_settings
     from secretsd.logs import configure_logging
     from secretsd.server import serve as run_server
 

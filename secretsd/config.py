@@ -20,11 +20,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.errors import ConfigError
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8750
-DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 CONFIG_ENV = "SECRETSD_CONFIG"
 
 

@@ -10,10 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from secretsd.client import calls
-from secretsd.config import DEFAULT_LISTEN
+from secretsd.defaults import DEFAULT_ADDR
 from secretsd.errors import ConfigError, UnreachableError
-
-DEFAULT_ADDR = f"http://{DEFAULT_LISTEN}"
 
 
 class SecretsClient:
