@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from secretsd import tokens
@@ -26,6 +27,7 @@ class Principal:
     policies: tuple[str, ...]
     method: str  # "token", later "mtls", "peer"
     token_id: str | None = None
+    expires_at: datetime | None = None
 
     @property
     def display(self) -> str:
@@ -94,7 +96,7 @@ class TokenAuthenticator:
             raise UnauthenticatedError()
         if record.expires_at is not None and record.expires_at <= self._clock():
             raise UnauthenticatedError()
-        return Principal(record.client, record.policies, self.method, token_id)
+        return Principal(record.client, record.policies, self.method, token_id, record.expires_at)
 
 
 async def authenticate(authenticators: Sequence[Authenticator], credentials: Credentials) -> Principal:

@@ -139,7 +139,12 @@ class Barrier:
         ring.encryptions[term] = max(count, ring.encryptions.get(term, 0))
         if term == ring.active_term and count >= self._max_encryptions:
             log.warning("keyring term %d reached %d encryptions; rotating", term, count)
-            await self.rekey(reason="encryption limit", only_if_active=term)
+            try:
+                await self.rekey(reason="encryption limit", only_if_active=term)
+            except errors.SecretsdError as exc:
+                # The write that got us here is committed: report it as done, and try again on the
+                # next write (the term is still over its limit, and far below 2^32).
+                log.error("automatic keyring rotation failed, will retry on the next write: %s", exc)
 
     # -- keyring changes ----------------------------------------------------------------------
     async def rekey(

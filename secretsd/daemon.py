@@ -138,7 +138,9 @@ class Daemon:
             await self.storage.ping()
             checks["storage"] = "ok"
         except SecretsdError as exc:
-            checks["storage"] = f"unavailable: {exc}"
+            # /readyz is public: say what, not where (the error names files and hosts).
+            log.warning("readiness: storage unavailable: %s", exc)
+            checks["storage"] = "unavailable"
         ready = not self.barrier.sealed and checks["storage"] == "ok"
         return ready, checks
 

@@ -40,7 +40,7 @@ PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
     errors.SealedError: ProblemType("sealed", 503, "Sealed"),
     errors.NotInitializedError: ProblemType("not-initialized", 503, "Not initialised"),
     errors.AlreadyInitializedError: ProblemType("already-initialized", 409, "Already initialised"),
-    errors.ProviderUnavailable: ProblemType("provider-unavailable", 503, "Key provider unavailable"),
+    errors.KeyProviderFailure: ProblemType("provider-unavailable", 503, "Key provider unavailable"),
     errors.AuditError: ProblemType("audit-failed", 503, "Audit unavailable"),
     errors.CryptoError: ProblemType("internal", 500, "Internal error"),
     errors.SecretsdError: ProblemType("internal", 500, "Internal error"),
@@ -49,6 +49,10 @@ PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
 _BY_SLUG: dict[str, type[errors.SecretsdError]] = {}
 for _cls, _ptype in PROBLEMS.items():
     _BY_SLUG.setdefault(_ptype.slug, _cls)
+# The server hides what an internal error was, so the client cannot know it was a CryptoError.
+_BY_SLUG["internal"] = errors.SecretsdError
+# Provider failures cross the wire as one retryable type.
+_BY_SLUG["provider-unavailable"] = errors.ProviderUnavailable
 
 INTERNAL = PROBLEMS[errors.SecretsdError]
 # Problem types whose detail may reveal internals are replaced by a fixed text.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from secretsd import tokens
 from secretsd.auth import Principal, TokenAuthenticator
@@ -17,17 +17,28 @@ _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 
-def check_delegation(creator: Principal, policies: tuple[str, ...]) -> None:
-    """A token may carry only policies its creator holds, unless the creator holds root.
+def check_delegation(creator: Principal, policies: tuple[str, ...], *, verb: str = "grant") -> None:
+    """A token may only grant (or revoke) policies its holder has, unless the holder has root.
 
-    Without this rule any holder of ``admin`` on ``sys/tokens`` could mint a root token.
+    Without this rule any holder of ``admin`` on ``sys/tokens`` could mint a root token, or revoke
+    the administrators' tokens.
     """
     if ROOT_POLICY in creator.policies:
         return
     extra = sorted(set(policies) - set(creator.policies))
     if extra:
         raise PermissionDeniedError(
-            f"you cannot grant policies you do not hold: {', '.join(extra)}"
+            f"you cannot {verb} tokens with policies you do not hold: {', '.join(extra)}"
+        )
+
+
+def check_lifetime(creator: Principal, expires_at: datetime | None) -> None:
+    """A token may not outlive the token that created it."""
+    if creator.expires_at is None:
+        return
+    if expires_at is None or expires_at > creator.expires_at:
+        raise PermissionDeniedError(
+            f"a token cannot outlive its creator: give a ttl ending by {creator.expires_at.isoformat()}"
         )
 
 
@@ -62,12 +73,13 @@ class TokenService:
         check_delegation(creator, wanted)
         if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
             raise RequestError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
-        new = tokens.generate_token()
         now = self._clock()
+        expires_at = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        check_lifetime(creator, expires_at)
+        new = tokens.generate_token()
         record = TokenRecord(
             token_id=new.token_id, secret_hash=new.secret_hash, client=client, policies=wanted,
-            created_at=now, created_by=creator.client,
-            expires_at=now + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+            created_at=now, created_by=creator.client, expires_at=expires_at,
         )
         await self._storage.create_token(record)
         self._events.emit(Event("token.create", now, creator.client,
@@ -79,6 +91,10 @@ class TokenService:
 
     async def revoke(self, who: Principal, token_id: str) -> None:
         token_id = token_id.removeprefix(tokens.TOKEN_PREFIX)
+        target = await self._storage.get_token(token_id)
+        if target is None or target.revoked_at is not None:
+            raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
+        check_delegation(who, target.policies, verb="revoke")
         if not await self._storage.revoke_token(token_id, self._clock()):
             raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
         self._authenticator.invalidate(token_id)

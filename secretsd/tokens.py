@@ -33,11 +33,14 @@ def hash_secret(secret: bytes) -> bytes:
     return hashlib.sha256(b"secretsd-token\x00" + secret).digest()
 
 
+def _encode(secret: bytes) -> str:
+    return base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
+
+
 def generate_token() -> NewToken:
     token_id = secrets.token_hex(_ID_BYTES)
     secret = secrets.token_bytes(_SECRET_BYTES)
-    encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
-    return NewToken(f"{TOKEN_PREFIX}{token_id}_{encoded}", token_id, hash_secret(secret))
+    return NewToken(f"{TOKEN_PREFIX}{token_id}_{_encode(secret)}", token_id, hash_secret(secret))
 
 
 def parse_token(token: str) -> tuple[str, bytes] | None:
@@ -48,6 +51,10 @@ def parse_token(token: str) -> tuple[str, bytes] | None:
     try:
         secret = base64.urlsafe_b64decode(match.group(2) + "=")
     except (binascii.Error, ValueError):
+        return None
+    # 43 characters carry 258 bits: accept only the one spelling our encoder produces, so that a
+    # token has exactly one string form.
+    if _encode(secret) != match.group(2):
         return None
     return match.group(1), secret
 

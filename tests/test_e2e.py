@@ -138,6 +138,9 @@ def test_starts_sealed_without_its_key_and_unseals_when_it_returns(tmp_path: Pat
         assert ready.status == 503 and ready.body["checks"]["barrier"] == "sealed"
         resp = http("GET", f"{sealed.url}/v1/secrets/app/k", token=token)
         assert resp.status == 503 and resp.body["type"].endswith(":sealed")
+        for method, route in [("GET", "/v1/secrets?prefix=app"), ("GET", "/v1/metadata/app/k"),
+                              ("GET", "/v1/auth/tokens"), ("DELETE", "/v1/secrets/app/k")]:
+            assert http(method, sealed.url + route, token=token).status == 503, route
         status = http("GET", f"{sealed.url}/v1/sys/status", token=token).body
         assert status["sealed"] is True and "does not exist" in status["seal_error"]
         assert http("GET", f"{sealed.url}/v1/secrets/app/k").status == 401  # still authenticates first

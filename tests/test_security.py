@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -259,3 +260,155 @@ async def test_no_plaintext_value_or_token_in_database_files(papi: Api) -> None:
         assert marker.encode() not in blob, path.name
         assert token.encode() not in blob and token.split("_", 2)[2].encode() not in blob, path.name
         assert papi.admin.split("_", 2)[2].encode() not in blob, path.name
+
+
+# -- findings of the first review, each pinned by a test ------------------------------------------------
+@pytest.mark.parametrize("query", ["version=%C2%B2", "version=%D9%A3", "version=1e3", "version=-1"])
+async def test_non_ascii_digits_are_a_400_not_a_500(papi: Api, query: str) -> None:
+    await papi.put("app/k", "v")
+    from yarl import URL
+
+    resp = await papi.client.get(URL(f"/v1/secrets/app/k?{query}", encoded=True), headers=papi.auth())
+    await problem(resp, 400, "invalid-request")
+    resp = await papi.client.get(URL("/v1/secrets?limit=%D9%A3", encoded=True), headers=papi.auth())
+    await problem(resp, 400, "invalid-request")
+
+
+async def test_a_token_has_exactly_one_spelling(papi: Api) -> None:
+    import base64
+
+    token = papi.admin
+    prefix, last = token[:-1], token[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    siblings = [prefix + c for c in alphabet if c != last
+                and base64.urlsafe_b64decode(token.split("_", 2)[2][:-1] + c + "=")
+                == base64.urlsafe_b64decode(token.split("_", 2)[2] + "=")]
+    assert siblings  # the padding bits give every token three aliases unless they are refused
+    for alias in siblings:
+        await problem(await papi.client.get("/v1/auth/whoami", headers=papi.auth(alias)), 401, "unauthenticated")
+
+
+async def test_listing_hides_paths_a_deny_rule_covers(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('[policies.lister]\nrules = [{ path = "billing/**", allow = ["list"] },'
+                      ' { path = "billing/admin/*", deny = ["list"] }]\n')
+    settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy)
+    admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    api = Api(client, daemon, admin)
+    try:
+        for path in ("billing/a", "billing/admin/key", "billing/b/c"):
+            await api.put(path, "v")
+        lister = await api.token("l", "lister")
+        resp = await client.get("/v1/secrets", params={"prefix": "billing"}, headers=api.auth(lister))
+        assert [s["path"] for s in (await resp.json())["secrets"]] == ["billing/a", "billing/b/c"]
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
+async def test_destroy_needs_admin_not_just_delete(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('[policies.deleter]\nrules = [{ path = "app/**", allow = ["delete", "read"] }]\n')
+    settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy)
+    admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    api = Api(client, daemon, admin)
+    try:
+        await api.put("app/k", "v1")
+        await api.put("app/k", "v2")
+        deleter = await api.token("d", "deleter")
+        resp = await client.post("/v1/secrets/app/k/delete", json={"versions": [1]}, headers=api.auth(deleter))
+        assert resp.status == 200
+        resp = await client.post("/v1/secrets/app/k/destroy", json={"versions": [1]}, headers=api.auth(deleter))
+        await problem(resp, 403, "permission-denied")
+        resp = await client.post("/v1/secrets/app/k/undelete", json={"versions": [1]}, headers=api.auth(deleter))
+        assert (await resp.json())["undeleted"] == [1]
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
+async def test_token_admin_cannot_revoke_tokens_with_policies_it_lacks(papi: Api) -> None:
+    ops = await papi.token("ops-bot", "ops")
+    listing = await (await papi.client.get("/v1/auth/tokens", headers=papi.auth())).json()
+    admin_id = next(t["token_id"] for t in listing["tokens"] if t["client"] == "admin")
+    await problem(await papi.client.delete(f"/v1/auth/tokens/{admin_id}", headers=papi.auth(ops)),
+                  403, "permission-denied")
+    assert (await papi.client.get("/v1/auth/whoami", headers=papi.auth())).status == 200
+    peer = await (await papi.client.post("/v1/auth/tokens", json={"client": "peer", "policies": ["ops"]},
+                                         headers=papi.auth(ops))).json()
+    assert (await papi.client.delete(f"/v1/auth/tokens/{peer['token_id']}", headers=papi.auth(ops))).status == 200
+
+
+async def test_a_token_cannot_outlive_its_creator(papi: Api) -> None:
+    resp = await papi.client.post("/v1/auth/tokens", json={"client": "tmp", "policies": ["ops"], "ttl_seconds": 60},
+                                  headers=papi.auth())
+    short = (await resp.json())["token"]
+    for body in ({"client": "x", "policies": ["ops"]}, {"client": "x", "policies": ["ops"], "ttl_seconds": 3600}):
+        resp = await papi.client.post("/v1/auth/tokens", json=body, headers=papi.auth(short))
+        doc = await problem(resp, 403, "permission-denied")
+        assert "outlive" in doc["detail"]
+    resp = await papi.client.post("/v1/auth/tokens", json={"client": "x", "policies": ["ops"], "ttl_seconds": 30},
+                                  headers=papi.auth(short))
+    assert resp.status == 201
+
+
+async def test_readyz_is_public_so_it_names_no_files(papi: Api) -> None:
+    await papi.daemon.storage.close()
+    resp = await papi.client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["checks"]["storage"] == "unavailable"
+    assert "/" not in json.dumps(body["checks"])
+
+
+async def test_failed_automatic_rotation_does_not_fail_a_committed_write(tmp_path: Path) -> None:
+    from keyproviders import ProviderUnavailableError
+
+    settings = load_settings(None, data_dir=tmp_path / "d", max_encryptions_per_term=3)
+    admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    api = Api(client, daemon, admin)
+    provider = daemon.barrier.providers[0]
+    real_wrap = provider.wrap
+    try:
+        await api.put("app/a", "1")
+        await api.put("app/a", "2")
+
+        def broken(key: bytes, aad: bytes) -> object:  # a fault we cannot otherwise provoke
+            raise ProviderUnavailableError("token gone")
+
+        provider.wrap = broken  # type: ignore[method-assign, assignment]
+        await api.put("app/a", "3")  # reaches the limit; rotation fails; the write still succeeded
+        await api.put("app/a", "4")
+        assert daemon.barrier.active_term == 1
+        provider.wrap = real_wrap  # type: ignore[method-assign]
+        await api.put("app/a", "5")
+        assert daemon.barrier.active_term == 2
+        assert [(await api.get("app/a", version=v))["value"] for v in range(1, 6)] == ["1", "2", "3", "4", "5"]
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
+def test_client_maps_problem_types_back_to_the_right_classes() -> None:
+    from secretsd import errors
+    from secretsd.problems import PROBLEMS, error_from_problem
+
+    assert type(error_from_problem({"type": "urn:jarvis-secretsd:problem:internal"}, 500)) is errors.SecretsdError
+    assert type(error_from_problem({"type": "urn:jarvis-secretsd:problem:provider-unavailable"}, 503)) \
+        is errors.ProviderUnavailable
+    for cls, ptype in PROBLEMS.items():
+        back = error_from_problem({"type": ptype.uri, "detail": "d"}, ptype.status)
+        assert isinstance(back, errors.SecretsdError) and back.message == "d"
+        if ptype.slug not in ("internal", "provider-unavailable", "permission-denied"):
+            assert type(back) is cls or issubclass(cls, type(back)), (cls, back)

@@ -55,3 +55,12 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StorageError, match="newer secretsd"):
         await SQLiteStorage(tmp_path / "db.sqlite").open()
+
+
+async def test_secure_delete_is_on(tmp_path: Path) -> None:
+    s = SQLiteStorage(tmp_path / "db.sqlite")
+    await s.open()
+    try:
+        assert s._writer is not None and s._writer.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    finally:
+        await s.close()

@@ -17,7 +17,7 @@ from secretsd.api.context import DAEMON, PRINCIPAL
 from secretsd.api.handlers import routes
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
-from secretsd.errors import SecretsdError
+from secretsd.errors import SealedError, SecretsdError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
 
 log = logging.getLogger("secretsd.http")
@@ -27,6 +27,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Routes anyone may call: liveness, readiness and the API description reveal no secret state.
 PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
+# While sealed the API answers 503 `sealed` (after authentication), except where an operator looks
+# to learn why it is sealed.
+SEALED_ROUTES = frozenset({"/v1/sys/status", "/v1/auth/whoami"})
 
 _HTTP_PROBLEMS = {
     404: ProblemType("not-found", 404, "Not found"),
@@ -69,6 +72,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # Authenticate before anything else, so an unauthenticated caller learns nothing, not
             # even whether a route or a path exists.
             request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
+            if d.barrier.sealed and request.path not in SEALED_ROUTES:
+                raise SealedError()
         response = await handler(request)
     except SecretsdError as exc:
         response = problem_response(problem_for(exc), exc.message, request_id)

@@ -37,6 +37,13 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
     return who
 
 
+def allowed_paths(request: web.Request, capability: Capability, paths: list[str]) -> set[str]:
+    """The subset of ``paths`` the caller's policies grant ``capability`` on (a deny on one hides it)."""
+    who = principal(request)
+    policies = daemon(request).policies.current
+    return {p for p in paths if policies.decide(who.policies, capability, p).allowed}
+
+
 def secret_path(request: web.Request) -> str:
     return validate_path(request.match_info["path"])
 
@@ -49,6 +56,6 @@ def int_query(request: web.Request, name: str, default: int | None = None) -> in
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 12:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
         raise RequestError(f"query parameter {name!r} must be a non-negative integer")
     return int(raw)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from secretsd import tokens
 from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody, read_body
-from secretsd.api.context import authorize, daemon, int_query, list_prefix, principal, secret_path
+from secretsd.api.context import allowed_paths, authorize, daemon, int_query, list_prefix, principal, secret_path
 from secretsd.errors import NotFoundError, RequestError
 from secretsd.paths import validate_path
 from secretsd.policy import Capability
@@ -84,11 +84,12 @@ async def list_secrets(request: web.Request) -> web.Response:
     if after:
         validate_path(after)
     found = await daemon(request).secrets.list_secrets(who, prefix, after=after, limit=limit)
+    visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
     return web.json_response({
         "prefix": prefix,
         "secrets": [
             {"path": s.path, "current_version": s.current_version, "updated_at": _t(s.updated_at)}
-            for s in found
+            for s in found if s.path in visible
         ],
         "next_after": found[-1].path if len(found) == limit else None,
     })
@@ -105,10 +106,11 @@ async def delete_secret(request: web.Request) -> web.Response:
 @routes.post("/v1/secrets/{path:.+}/{action:delete|undelete|destroy}")
 async def version_action(request: web.Request) -> web.Response:
     path = secret_path(request)
-    who = authorize(request, Capability.DELETE, path)
+    action = request.match_info["action"]
+    # Destroy cannot be undone, so it takes more than the right to (soft) delete.
+    who = authorize(request, Capability.ADMIN if action == "destroy" else Capability.DELETE, path)
     body = await read_body(request, VersionsBody)
     service = daemon(request).secrets
-    action = request.match_info["action"]
     if action == "delete":
         changed = await service.delete(who, path, body.versions)
     elif action == "undelete":

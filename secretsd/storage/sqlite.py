@@ -51,7 +51,7 @@ def _req_dt(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, busy_ms: int) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction takes the
     # write lock up front instead of failing half-way on upgrade.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -59,7 +59,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     # FULL: a commit that returned survives power loss and kill -9 (invariant 4).
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
+    # Destroyed versions must not linger in free pages: overwrite deleted content with zeros.
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     return conn
 
 
@@ -128,8 +130,10 @@ class SQLiteStorage:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         loop = asyncio.get_running_loop()
         try:
-            self._writer = await loop.run_in_executor(self._executor, _connect, self.path)
-            self._reader = _connect(self.path)
+            self._writer = await loop.run_in_executor(self._executor, _connect, self.path, 10_000)
+            # The reader runs on the event loop: in WAL mode it never waits for our writer, and it
+            # must not stall the loop for long behind a foreign lock either.
+            self._reader = _connect(self.path, 1_000)
         except sqlite3.Error as exc:
             await self.close()
             raise StorageUnavailableError(f"cannot open SQLite database {self.path} ({exc})") from exc
