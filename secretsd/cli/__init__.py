@@ -1,0 +1,10 @@
+"""The ``secretsd`` command. Online commands go through the HTTP client; ``init`` and ``serve`` are local.
+
+Errors print one line to stderr and exit 1; usage errors exit 2. Each module adds its commands to
+the root group when imported.
+"""
+
+from secretsd.cli import local, secrets, system
+from secretsd.cli.common import main
+
+__all__ = ["local", "main", "secrets", "system"]

@@ -1,0 +1,101 @@
+"""Commands that work on the local store, not over HTTP: ``init`` and ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secretsd import __version__
+from secretsd.cli.common import emit_json, friendly_errors, json_option, main
+
+DEV_TOKEN_FILE = "dev-admin-token"  # noqa: S105 - a file name
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@json_option
+@friendly_errors
+def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Create a store and print its admin token, once.
+
+    \b
+    Example:
+      secretsd init --data-dir /var/lib/secretsd --json
+    """
+    from secretsd.config import load_settings
+    from secretsd.daemon import initialize_store
+
+    settings = load_settings(config_file, data_dir=data_dir)
+    result = asyncio.run(initialize_store(settings))
+    if as_json:
+        emit_json({"admin_token": result.admin_token, "data_dir": str(result.data_dir),
+                   "provider": result.provider, "key_id": result.key_id})
+        return
+    click.echo(f"Initialised {result.data_dir} (key provider {result.provider}, key {result.key_id}).")
+    click.echo("Admin token (shown once; store it safely):")
+    click.echo(f"  {result.admin_token}")
+
+
+def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Path | None) -> str:
+    """Initialise the dev store on first run; return its admin token (kept 0600 for dev only)."""
+    from secretsd.config import load_settings
+    from secretsd.daemon import initialize_store
+
+    token_file = data_dir / DEV_TOKEN_FILE
+    if token_file.exists():
+        return token_file.read_text("utf-8").strip()
+    settings = load_settings(config_file, **settings_kwargs)
+    result = asyncio.run(initialize_store(settings))
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(result.admin_token + "\n")
+    return result.admin_token
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
+@click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8750).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--dev", is_flag=True,
+              help="Development mode: initialise a local store on first run and print its admin token.")
+@friendly_errors
+def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, dev: bool) -> None:
+    """Run the daemon.
+
+    \b
+    Examples:
+      secretsd serve --dev
+      secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
+      secretsd serve --config /etc/secretsd/secretsd.toml
+    """
+    from secretsd.config import load_settings
+    from secretsd.logs import configure_logging
+    from secretsd.server import serve as run_server
+
+    if dev and data_dir is None and not os.environ.get("SECRETSD_DATA_DIR"):
+        data_dir = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "secretsd-dev"
+    kwargs: dict[str, Any] = {"data_dir": data_dir, "listen": listen}
+    settings = load_settings(config_file, **kwargs)
+    configure_logging(settings.log_level, settings.log_format)
+    banner = None
+    if dev:
+        root = settings.require_data_dir()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = _dev_store(root, kwargs, config_file)
+        addr = f"http://{settings.listen}"
+        banner = (
+            f"secretsd {__version__} (dev mode; store in {root})\n"
+            f"Admin token: {token}\n\n"
+            f"  export SECRETSD_ADDR={addr}\n"
+            f"  export SECRETSD_TOKEN={token}\n"
+            f"  echo -n s3cret | secretsd set app/db-password --stdin\n"
+            f"  secretsd get app/db-password\n"
+        )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_server(settings, on_ready=banner))

@@ -1,0 +1,160 @@
+"""Commands on secrets: get, set, list, versions, delete, undelete, destroy."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, main, parse_versions, table
+
+
+@main.command()
+@click.argument("path")
+@click.option("--version", "version", type=click.IntRange(min=1), help="A specific version.")
+@json_option
+@click.pass_obj
+@friendly_errors
+def get(ctx: Ctx, path: str, version: int | None, as_json: bool) -> None:
+    """Print a secret's value.
+
+    \b
+    Example:
+      secretsd get app/db-password
+      secretsd get app/db-password --version 2 --json
+    """
+    with ctx.client() as client:
+        data = client.get(path, version)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(data["value"])
+
+
+@main.command(name="set")
+@click.argument("path")
+@click.argument("value", required=False)
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the value from standard input.")
+@click.option("--file", "from_file", type=click.File("r"), help="Read the value from a file.")
+@click.option("--cas", type=click.IntRange(min=0),
+              help="Write only if the current version is this (0: only if it does not exist).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata (stored in clear).")
+@json_option
+@click.pass_obj
+@friendly_errors
+def set_(ctx: Ctx, path: str, value: str | None, from_stdin: bool, from_file: Any,
+         cas: int | None, meta: tuple[str, ...], as_json: bool) -> None:
+    """Store a new version of a secret.
+
+    A value given as an argument lands in your shell history: prefer --stdin or --file.
+
+    \b
+    Examples:
+      echo -n 's3cret' | secretsd set app/db-password --stdin
+      secretsd set app/tls-key --file key.pem --cas 0
+    """
+    sources = sum([value is not None, from_stdin, from_file is not None])
+    if sources != 1:
+        raise click.UsageError("give the value exactly one way: as an argument, --stdin or --file")
+    if from_stdin:
+        value = sys.stdin.read()
+    elif from_file is not None:
+        value = from_file.read()
+    metadata = None
+    if meta:
+        metadata = {}
+        for item in meta:
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+            metadata[key] = val
+    assert value is not None
+    with ctx.client() as client:
+        data = client.put(path, value, cas=cas, metadata=metadata)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"{data['path']}: version {data['version']}")
+
+
+@main.command(name="list")
+@click.argument("prefix", default="")
+@json_option
+@click.pass_obj
+@friendly_errors
+def list_(ctx: Ctx, prefix: str, as_json: bool) -> None:
+    """List secret paths below PREFIX (never values).
+
+    \b
+    Example:
+      secretsd list app
+    """
+    found: list[dict[str, Any]] = []
+    with ctx.client() as client:
+        after = ""
+        while True:
+            page = client.list_secrets(prefix, after=after)
+            found.extend(page["secrets"])
+            after = page.get("next_after") or ""
+            if not after:
+                break
+    if as_json:
+        emit_json({"prefix": prefix, "secrets": found})
+    else:
+        table(None, ["path", "version", "updated"],
+              [[s["path"], s["current_version"], s["updated_at"]] for s in found])
+
+
+@main.command()
+@click.argument("path")
+@json_option
+@click.pass_obj
+@friendly_errors
+def versions(ctx: Ctx, path: str, as_json: bool) -> None:
+    """Show a secret's versions: when, by whom, and their state.
+
+    \b
+    Example:
+      secretsd versions app/db-password
+    """
+    with ctx.client() as client:
+        data = client.metadata(path)
+    if as_json:
+        emit_json(data)
+        return
+    table(f"{data['path']} (current: {data['current_version']})",
+          ["version", "created", "by", "state"],
+          [[v["version"], v["created_at"], v["created_by"], v["state"]] for v in data["versions"]])
+
+
+def _version_command(name: str, help_text: str, needs_versions: bool) -> None:
+    @main.command(name=name, help=help_text)
+    @click.argument("path")
+    @click.option("--versions", "versions_text", required=needs_versions,
+                  help="Comma-separated version numbers" + ("" if needs_versions else " (default: current)."))
+    @json_option
+    @click.pass_obj
+    @friendly_errors
+    def command(ctx: Ctx, path: str, versions_text: str | None, as_json: bool) -> None:
+        wanted = parse_versions(versions_text)
+        with ctx.client() as client:
+            if name == "delete":
+                data = client.delete(path, wanted)
+            elif name == "undelete":
+                data = client.undelete(path, wanted or [])
+            else:
+                data = client.destroy(path, wanted or [])
+        if as_json:
+            emit_json(data)
+        else:
+            changed = next(v for k, v in data.items() if k != "path")
+            click.echo(f"{path}: {name}d version(s) {', '.join(map(str, changed)) or 'none'}")
+
+
+_version_command("delete", "Soft-delete the current version (or --versions); undelete can restore it.\n\n"
+                 "\b\nExample:\n  secretsd delete app/db-password", False)
+_version_command("undelete", "Restore soft-deleted versions.\n\n"
+                 "\b\nExample:\n  secretsd undelete app/db-password --versions 3", True)
+_version_command("destroy", "Erase versions for good (their metadata stays).\n\n"
+                 "\b\nExample:\n  secretsd destroy app/db-password --versions 1,2", True)
