@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keyproviders import KeyProvider
@@ -18,6 +17,7 @@ from secretsd.clock import Clock, utcnow
 from secretsd.crypto import DataKey, value_aad
 from secretsd.events import Event, EventBus
 from secretsd.keyring import Keyring, make_term, provider_errors, unseal
+from secretsd.providers import ProviderSet
 from secretsd.storage import Storage, VersionRecord
 
 log = logging.getLogger("secretsd.barrier")
@@ -34,15 +34,14 @@ class Barrier:
     def __init__(
         self,
         storage: Storage,
-        providers: Callable[[], Sequence[KeyProvider]],
+        providers: ProviderSet,
         *,
         max_encryptions_per_term: int,
         events: EventBus | None = None,
         clock: Clock = utcnow,
     ) -> None:
         self._storage = storage
-        self._provider_factory = providers
-        self._providers: list[KeyProvider] = []
+        self._providers = providers
         self._max_encryptions = max_encryptions_per_term
         self._events = events or EventBus()
         self._clock = clock
@@ -56,8 +55,8 @@ class Barrier:
         return self._keyring is None
 
     @property
-    def providers(self) -> list[KeyProvider]:
-        return list(self._providers)
+    def providers(self) -> ProviderSet:
+        return self._providers
 
     def _ring(self) -> Keyring:
         if self._keyring is None:
@@ -73,20 +72,18 @@ class Barrier:
     def encryptions(self, term: int) -> int:
         return self._ring().encryptions.get(term, 0)
 
-    async def _ensure_providers(self) -> list[KeyProvider]:
+    async def _available(self) -> list[KeyProvider]:
         # Built lazily: a key file or token that is missing at start is a sealed daemon that keeps
         # retrying, not a daemon that refuses to start.
-        if not self._providers:
-            with provider_errors():
-                built = list(await asyncio.to_thread(self._provider_factory))
-            if not built:
-                raise ValueError("the barrier needs at least one key provider")
-            self._providers = built
-        return self._providers
+        await asyncio.to_thread(self._providers.build_missing)
+        available = self._providers.available()
+        if not available:
+            raise self._providers.first_error()
+        return available
 
     async def unseal(self) -> None:
-        """Unwrap every keyring term now; raise the provider's error if it cannot."""
-        providers = await self._ensure_providers()
+        """Unwrap every keyring term now with any configured provider; raise if none can."""
+        providers = await self._available()
         self._keyring = await unseal(providers, await self._storage.keyring_terms())
         self.last_error = None
         log.info("unsealed: %d keyring term(s), active term %d",
@@ -155,15 +152,17 @@ class Barrier:
             ring = self._ring()
             if only_if_active is not None and ring.active_term != only_if_active:
                 return ring.active_term
+            await asyncio.to_thread(self._providers.build_missing)
+            providers = self._providers.all_or_raise()
             terms = await self._storage.keyring_terms()
             number = max(t.term for t in terms) + 1
             with provider_errors():
-                record, dek = await make_term(self._providers, number, self._clock())
+                record, dek = await make_term(providers, number, self._clock())
             try:
                 await self._storage.add_keyring_term(record)
             except errors.ConflictError:
                 # Another replica rekeyed at the same moment; use whatever is stored now.
-                self._keyring = await unseal(self._providers, await self._storage.keyring_terms())
+                self._keyring = await unseal(providers, await self._storage.keyring_terms())
                 return self._keyring.active_term
             ring.keys[number] = DataKey(dek)
             ring.encryptions[number] = 0
@@ -174,7 +173,5 @@ class Barrier:
         return number
 
     def close(self) -> None:
-        for provider in self._providers:
-            provider.close()
-        self._providers = []
+        self._providers.close()
         self._keyring = None

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     listen: str = DEFAULT_LISTEN
     policy_file: Path | None = None
     key_provider: KeyProviderSettings = Field(default_factory=KeyProviderSettings)
+    # Further providers every keyring term is also wrapped for (an offline recovery key, say): any
+    # one configured provider can unseal the store.
+    recovery_providers: list[KeyProviderSettings] = Field(default_factory=list)
+    provider_check_seconds: float = Field(15.0, gt=0, le=3600)
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
     max_versions: int = Field(10, ge=1, le=1000)
@@ -93,6 +97,9 @@ class Settings(BaseSettings):
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    def provider_specs(self) -> list[dict[str, Any]]:
+        return [self.key_provider.options(), *(p.options() for p in self.recovery_providers)]
 
     def require_data_dir(self) -> Path:
         if self.data_dir is None:
@@ -142,6 +149,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             data[name] = (base / value).resolve()
     return Settings.model_construct(**data | {
         "key_provider": KeyProviderSettings(**data["key_provider"]),
+        "recovery_providers": [KeyProviderSettings(**p) for p in data["recovery_providers"]],
         "storage": StorageSettings(**data["storage"]),
     })
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyproviders import KeyProvider, KeyProviderError, create_provider
 from secretsd import __version__, tokens
 from secretsd.auth import Authenticator, TokenAuthenticator
 from secretsd.barrier import Barrier
@@ -17,8 +16,9 @@ from secretsd.clock import Clock, utcnow
 from secretsd.config import Settings
 from secretsd.errors import AlreadyInitializedError, NotInitializedError, SecretsdError
 from secretsd.events import EventBus
-from secretsd.keyring import convert_provider_error, make_term
+from secretsd.keyring import make_term
 from secretsd.policy import ROOT_POLICY, PolicyStore
+from secretsd.providers import ProviderSet
 from secretsd.service import SecretsService
 from secretsd.storage import Storage, TokenRecord, create_storage
 from secretsd.token_service import TokenService
@@ -32,12 +32,8 @@ def build_storage(settings: Settings) -> Storage:
     return create_storage(settings.storage.options(), data_dir=settings.require_data_dir())
 
 
-def build_providers(settings: Settings, *, create: bool = False) -> list[KeyProvider]:
-    try:
-        return [create_provider(settings.key_provider.options(),
-                                base_dir=settings.require_data_dir(), create=create)]
-    except KeyProviderError as exc:
-        raise convert_provider_error(exc) from exc
+def provider_set(settings: Settings, *, create: bool = False) -> ProviderSet:
+    return ProviderSet(settings.provider_specs(), settings.require_data_dir(), create=create)
 
 
 @dataclass(frozen=True)
@@ -60,8 +56,10 @@ async def initialize_store(settings: Settings, *, clock: Clock = utcnow) -> Init
     try:
         if await storage.is_initialized():
             raise AlreadyInitializedError(f"the store in {data_dir} is already initialised; nothing was changed")
-        providers = await asyncio.to_thread(build_providers, settings, create=True)
+        provider_group = provider_set(settings, create=True)
         try:
+            await asyncio.to_thread(provider_group.build_missing)
+            providers = provider_group.all_or_raise()
             now = clock()
             term, _dek = await make_term(providers, 1, now)
             new = tokens.generate_token()
@@ -74,8 +72,7 @@ async def initialize_store(settings: Settings, *, clock: Clock = utcnow) -> Init
             await storage.initialize(meta, term, admin)
             return InitResult(new.token, data_dir, providers[0].name, providers[0].key_id())
         finally:
-            for provider in providers:
-                provider.close()
+            provider_group.close()
     finally:
         await storage.close()
 
@@ -89,8 +86,9 @@ class Daemon:
         self.events = EventBus()
         self.storage = build_storage(settings)
         self.policies = PolicyStore(settings.policy_file)
+        self.providers = provider_set(settings)
         self.barrier = Barrier(
-            self.storage, lambda: build_providers(settings),
+            self.storage, self.providers,
             max_encryptions_per_term=settings.max_encryptions_per_term,
             events=self.events, clock=clock,
         )
@@ -104,7 +102,7 @@ class Daemon:
         )
         self.tokens = TokenService(self.storage, self.policies, self.token_auth,
                                    events=self.events, clock=clock)
-        self._unseal_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Open storage and try to unseal; if that fails, keep retrying in the background."""
@@ -120,14 +118,24 @@ class Daemon:
         except SecretsdError as exc:
             self.barrier.last_error = str(exc)
             log.warning("starting sealed: %s", exc)
-            self._unseal_task = asyncio.create_task(
+            self._tasks.append(asyncio.create_task(
                 self.barrier.unseal_until_done(self.settings.unseal_retry_max_seconds)
-            )
+            ))
+        self._tasks.append(asyncio.create_task(self._watch_providers()))
+
+    async def _watch_providers(self) -> None:
+        """Check provider health now and then: a lost HSM shows as degraded, and comes back."""
+        while True:
+            await asyncio.sleep(self.settings.provider_check_seconds)
+            try:
+                await asyncio.to_thread(self.providers.check_health)
+            except Exception as exc:  # the watcher must outlive any one failed check
+                log.error("provider health check failed: %s", type(exc).__name__)
 
     async def stop(self) -> None:
-        if self._unseal_task is not None:
-            self._unseal_task.cancel()
-            await asyncio.gather(self._unseal_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self.barrier.close()
         await self.storage.close()
 
@@ -141,17 +149,21 @@ class Daemon:
             # /readyz is public: say what, not where (the error names files and hosts).
             log.warning("readiness: storage unavailable: %s", exc)
             checks["storage"] = "unavailable"
+        # A degraded provider does not make the daemon unready: it serves from the keys it holds.
+        checks["providers"] = "ok" if all(s.ok for s in self.providers.states()) else "degraded"
         ready = not self.barrier.sealed and checks["storage"] == "ok"
         return ready, checks
 
     async def status(self) -> dict[str, Any]:
-        providers = self.barrier.providers
+        states = self.providers.states()
         return {
             "initialized": await self.storage.is_initialized(),
             "sealed": self.barrier.sealed,
             "seal_error": self.barrier.last_error,
-            "provider": providers[0].name if providers else self.settings.key_provider.kind,
-            "key_id": providers[0].key_id() if providers else None,
+            "provider": states[0].kind,
+            "key_id": states[0].key_id,
+            "providers": [s.to_dict() for s in states],
+            "degraded": not all(s.ok for s in states),
             "active_term": self.barrier.active_term,
             "storage": getattr(self.storage, "backend", type(self.storage).__name__),
             "version": __version__,

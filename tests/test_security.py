@@ -378,7 +378,7 @@ async def test_failed_automatic_rotation_does_not_fail_a_committed_write(tmp_pat
     client = TestClient(TestServer(create_app(daemon)))
     await client.start_server()
     api = Api(client, daemon, admin)
-    provider = daemon.barrier.providers[0]
+    provider = daemon.providers.available()[0]
     real_wrap = provider.wrap
     try:
         await api.put("app/a", "1")

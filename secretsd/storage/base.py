@@ -115,6 +115,16 @@ class Storage(Protocol):
         """Add a new term; ``ConflictError`` if that term number exists."""
         ...
 
+    async def replace_keyring_wrappings(
+        self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
+    ) -> None:
+        """Swap a term's wrappings atomically, if they are still ``expected``; else ``ConflictError``.
+
+        The DEK itself never changes: this is how the master key is rotated or moved to another
+        provider without re-encrypting any secret.
+        """
+        ...
+
     # -- secrets --------------------------------------------------------------------------------
     async def get_secret(self, path: str) -> SecretRecord | None: ...
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from keyproviders import WrappedKey
 from secretsd.errors import (
     AlreadyInitializedError,
     ConflictError,
@@ -226,6 +227,21 @@ class SQLiteStorage:
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
         await self._write(lambda conn: self._insert_term(conn, term))
+
+    async def replace_keyring_wrappings(
+        self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
+    ) -> None:
+        if not wrappings:
+            raise ValueError("a keyring term needs at least one wrapping")
+
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT wrappings FROM keyring_terms WHERE term = ?", (term,)).fetchone()
+            if row is None or codec.wrappings_from_json(row[0]) != expected:
+                raise ConflictError(f"keyring term {term} changed while it was being re-wrapped")
+            conn.execute("UPDATE keyring_terms SET wrappings = ? WHERE term = ?",
+                         (codec.wrappings_to_json(wrappings), term))
+
+        await self._write(run)
 
     # -- secrets --------------------------------------------------------------------------------
     @staticmethod

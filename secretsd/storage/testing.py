@@ -67,6 +67,18 @@ class StorageConformance:
         with pytest.raises(ConflictError):
             await storage.add_keyring_term(term(2))
 
+    async def test_replace_wrappings_is_compare_and_swap(self, storage: Storage) -> None:
+        await initialized(storage)
+        old = term(1).wrappings
+        new = (wrapped(b"n"), wrapped(b"m"))
+        await storage.replace_keyring_wrappings(1, old, new)
+        assert (await storage.keyring_terms())[0].wrappings == new
+        with pytest.raises(ConflictError):
+            await storage.replace_keyring_wrappings(1, old, (wrapped(b"z"),))
+        with pytest.raises(ConflictError):
+            await storage.replace_keyring_wrappings(7, old, new)
+        assert (await storage.keyring_terms())[0].wrappings == new
+
     async def test_write_and_read_versions(self, storage: Storage) -> None:
         await initialized(storage)
         r1 = await storage.write_version(version("a/b", 1), expected_current=0, metadata={"owner": "x"},

@@ -1,0 +1,133 @@
+"""The configured key providers of a store: a primary one plus optional recovery providers.
+
+Every keyring term is wrapped once per configured provider, so any one of them can unseal; a new
+term can only be made while all of them are reachable, or a recovery path would silently lapse.
+A provider that cannot be built or is unhealthy is recorded with its error, and retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keyproviders import KeyProvider, KeyProviderError, create_provider
+from secretsd import errors
+from secretsd.keyring import convert_provider_error
+
+log = logging.getLogger("secretsd.providers")
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    kind: str
+    key_id: str | None
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "key_id": self.key_id, "ok": self.ok, "detail": self.detail}
+
+
+class ProviderSet:
+    """Builds providers lazily from their option tables, remembers failures, checks health."""
+
+    def __init__(self, specs: Sequence[Mapping[str, Any]], base_dir: Path, *, create: bool = False) -> None:
+        if not specs:
+            raise ValueError("at least one key provider must be configured")
+        self._specs = [dict(s) for s in specs]
+        self._base_dir = base_dir
+        self._create = create
+        self._built: dict[int, KeyProvider] = {}
+        self._errors: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def kinds(self) -> list[str]:
+        return [str(s.get("kind")) for s in self._specs]
+
+    def build_missing(self) -> None:
+        """Try to build every provider not built yet (blocking: call from a worker thread).
+
+        Raises ``ConfigError`` for a configuration no retry can fix; other failures are recorded.
+        """
+        for index, spec in enumerate(self._specs):
+            with self._lock:
+                if index in self._built:
+                    continue
+            try:
+                provider = create_provider(spec, base_dir=self._base_dir, create=self._create)
+            except KeyProviderError as exc:
+                error = convert_provider_error(exc)
+                with self._lock:
+                    self._errors[index] = str(error)
+                if isinstance(error, errors.ConfigError):
+                    raise error from exc
+                log.warning("key provider %s unavailable: %s", spec.get("kind"), error)
+                continue
+            with self._lock:
+                self._built[index] = provider
+                self._errors.pop(index, None)
+
+    def available(self) -> list[KeyProvider]:
+        with self._lock:
+            return [self._built[i] for i in sorted(self._built)]
+
+    def first_error(self) -> errors.SecretsdError:
+        with self._lock:
+            detail = next(iter(self._errors.values()), "no key provider could be built")
+        return errors.ProviderUnavailable(detail)
+
+    def all_or_raise(self) -> list[KeyProvider]:
+        """Every configured provider, or ``ProviderUnavailable`` naming those that are missing."""
+        with self._lock:
+            missing = [i for i in range(len(self._specs)) if i not in self._built or i in self._errors]
+            if missing:
+                names = ", ".join(f"{self._specs[i].get('kind')} ({self._errors.get(i, 'not built')})"
+                                  for i in missing)
+                raise errors.ProviderUnavailable(
+                    f"new keys must be wrapped for every configured key provider; unavailable: {names}"
+                )
+            return [self._built[i] for i in sorted(self._built)]
+
+    def check_health(self) -> list[ProviderState]:
+        """Build what is missing, ask every built provider for its health (blocking)."""
+        try:
+            self.build_missing()
+        except errors.ConfigError as exc:
+            log.error("key provider configuration: %s", exc)
+        for index, provider in list(self._built.items()):
+            health = provider.health()
+            with self._lock:
+                if health.ok:
+                    self._errors.pop(index, None)
+                else:
+                    if index not in self._errors:
+                        log.warning("key provider %s degraded: %s", provider.name, health.detail)
+                    self._errors[index] = health.detail
+        return self.states()
+
+    def states(self) -> list[ProviderState]:
+        out = []
+        with self._lock:
+            for index, spec in enumerate(self._specs):
+                provider = self._built.get(index)
+                error = self._errors.get(index)
+                key_id = None
+                if provider is not None:
+                    try:
+                        key_id = provider.key_id()
+                    except KeyProviderError:
+                        key_id = None
+                out.append(ProviderState(str(spec.get("kind")), key_id, provider is not None and error is None,
+                                         error or "ok"))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            built, self._built = self._built, {}
+        for provider in built.values():
+            provider.close()

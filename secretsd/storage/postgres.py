@@ -1,0 +1,568 @@
+"""The PostgreSQL backend (asyncpg): several daemon replicas share one database.
+
+Configuration, the ``[storage]`` table with ``backend = "postgres"``:
+
+``dsn``
+    A libpq connection URI *without a password*, e.g. ``postgresql://secretsd@db:5432/secretsd``.
+    The password then comes from a libpq password file (``~/.pgpass`` or ``PGPASSFILE``), a service
+    file (``?service=NAME``, ``PGSERVICEFILE``) or ``PGPASSWORD``. A ``dsn`` that carries a password
+    is refused: configuration files get copied, committed and printed.
+``dsn_env``
+    Instead of ``dsn``: the name of an environment variable that holds the *complete* connection
+    URI, password included. Exactly one of ``dsn`` and ``dsn_env`` must be set.
+``pool_min``, ``pool_max``
+    Connection pool bounds (default 1 and 10).
+``statement_timeout_ms``
+    PostgreSQL's ``statement_timeout`` for every pooled connection (default 5000; 0 disables it).
+    It also bounds waits for row locks, so a stuck writer turns into a retryable 503, not a hang.
+``connect_timeout_ms``
+    How long to wait for a new connection, or for a free one from the pool (default 10000).
+
+Every driver and OS error is converted here, once: unique and other integrity violations become
+``ConflictError``; connection failures, timeouts, cancelled statements and an overloaded or
+restarting server become ``StorageUnavailableError`` (retryable; the pool reconnects by itself when
+the server is back); anything else ``StorageError``. Messages name the host and database, never
+the password.
+
+Concurrency: ``write_version`` runs in one READ COMMITTED transaction that locks the secret's row
+(``SELECT ... FOR UPDATE``) before its check-and-set, and relies on the primary keys of ``secrets``
+and ``secret_versions`` when the secret does not exist yet, so of N concurrent writers with the same
+expectation exactly one commits and the others get ``ConflictError``, whichever replica they run
+on. The sealing term's encryption count grows by ``UPDATE ... RETURNING`` in the same transaction.
+Serialization failures and deadlocks (which PostgreSQL only reports at stricter isolation levels,
+and CockroachDB reports often) roll the whole transaction back and are retried a few times.
+
+Destroyed versions: their ciphertext is overwritten with empty bytes, but PostgreSQL's MVCC keeps
+the old row version on disk until VACUUM reclaims it (it is ciphertext under a wrapped key).
+
+Portability (CockroachDB, YugabyteDB): the data path uses only plain SQL (``FOR UPDATE``,
+``ON CONFLICT``, ``RETURNING``, ``= ANY($n)``); no advisory locks. Non-portable bits are marked
+"portability:" below and in the migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+
+from secretsd.errors import (
+    AlreadyInitializedError,
+    ConfigError,
+    ConflictError,
+    StorageError,
+    StorageUnavailableError,
+)
+from secretsd.storage import codec
+from secretsd.storage.base import (
+    KeyringTerm,
+    SecretRecord,
+    TokenRecord,
+    VersionInfo,
+    VersionRecord,
+    VersionState,
+    WriteResult,
+)
+from secretsd.storage.migrations import load_migrations
+
+T = TypeVar("T")
+
+OPTIONS = frozenset({"dsn", "dsn_env", "pool_min", "pool_max", "statement_timeout_ms", "connect_timeout_ms"})
+DEFAULT_POOL_MIN = 1
+DEFAULT_POOL_MAX = 10
+DEFAULT_STATEMENT_TIMEOUT_MS = 5_000
+DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+#: Whole-transaction retries after a serialization failure or deadlock.
+TRANSACTION_ATTEMPTS = 5
+#: Key of the transaction-level advisory lock that serialises migrations across replicas.
+MIGRATION_LOCK_KEY = 0x5EC2E75D  # "secretsd"
+_SCHEMES = ("postgresql://", "postgres://")
+
+_SECRET_COLS = "path, current_version, created_at, updated_at, metadata::text"
+_VERSION_COLS = "v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext"
+_TOKEN_COLS = (  # noqa: S105 - column names
+    "token_id, secret_hash, client, policies::text, created_at, created_by, expires_at, revoked_at"
+)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where we connect: what messages may show (never the password) and what they must not."""
+
+    dsn: str = field(repr=False)
+    description: str
+    password: str | None = field(default=None, repr=False)
+
+
+def _parse_dsn(dsn: str, source: str) -> tuple[str, str | None]:
+    """(description, password) of a connection URI; ``ConfigError`` if it is not one."""
+    if not dsn.startswith(_SCHEMES):
+        raise ConfigError(f"{source} must be a postgresql:// connection URI")
+    parts = urlsplit(dsn)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user, has_colon, raw_password = userinfo.partition(":")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    password = unquote(raw_password) if has_colon else None
+    if password is None and query.get("password"):
+        password = query["password"][0]
+    hosts = unquote(hostlist) or ",".join(query.get("host", [])) or "the default host"
+    database = unquote(parts.path.lstrip("/")) or ",".join(query.get("dbname", [])) or "the default database"
+    who = f"{unquote(user)}@" if user else ""
+    return f"PostgreSQL database {database!r} at {who}{hosts}", password
+
+
+def _int_option(options: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"storage.{name} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+class PostgresStorage:
+    """``Storage`` on a PostgreSQL database, through an asyncpg connection pool.
+
+    ``dsn_env`` names an environment variable holding the complete connection URI (password
+    included); ``dsn`` holds a URI without a password. See the module docstring for all options.
+    """
+
+    backend: ClassVar[str] = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_min: int = DEFAULT_POOL_MIN,
+        pool_max: int = DEFAULT_POOL_MAX,
+        statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+        connect_timeout_ms: int = DEFAULT_CONNECT_TIMEOUT_MS,
+    ) -> None:
+        """Use ``from_config`` for configuration files; this takes any URI, password or not."""
+        if not 0 <= pool_min <= pool_max or pool_max < 1:
+            raise ConfigError(f"storage pool bounds must satisfy 0 <= pool_min <= pool_max, 1 <= pool_max "
+                              f"(got {pool_min}, {pool_max})")
+        description, password = _parse_dsn(dsn, "the storage DSN")
+        self._target = _Target(dsn, description, password)
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.statement_timeout_ms = statement_timeout_ms
+        self.connect_timeout_ms = connect_timeout_ms
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self._target.description})"
+
+    @property
+    def description(self) -> str:
+        """The database, for messages: host, port, user and name, never the password."""
+        return self._target.description
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], *, data_dir: Path) -> PostgresStorage:
+        """Build from the ``[storage]`` table minus ``backend``; ``data_dir`` is not used."""
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown storage option(s) for postgres: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(OPTIONS))})"
+            )
+        dsn_option, env_name = options.get("dsn"), options.get("dsn_env")
+        if (dsn_option is None) == (env_name is None):
+            raise ConfigError("set exactly one of storage.dsn (a URI without password) and storage.dsn_env "
+                              "(the name of an environment variable holding the full URI)")
+        if dsn_option is not None:
+            if not isinstance(dsn_option, str):
+                raise ConfigError("storage.dsn must be a string")
+            _, password = _parse_dsn(dsn_option, "storage.dsn")
+            if password is not None:
+                raise ConfigError(
+                    "storage.dsn must not contain a password: put the full URI in an environment "
+                    "variable and name it in storage.dsn_env, or keep the password in a libpq password "
+                    "file (~/.pgpass, PGPASSFILE) or service file (?service=NAME)"
+                )
+            dsn = dsn_option
+        else:
+            if not isinstance(env_name, str) or not env_name:
+                raise ConfigError("storage.dsn_env must be the name of an environment variable")
+            dsn = os.environ.get(env_name, "")
+            if not dsn:
+                raise ConfigError(f"storage.dsn_env names {env_name}, which is not set or empty")
+            _parse_dsn(dsn, f"the environment variable {env_name}")
+        return cls(
+            dsn,
+            pool_min=_int_option(options, "pool_min", DEFAULT_POOL_MIN, 0),
+            pool_max=_int_option(options, "pool_max", DEFAULT_POOL_MAX, 1),
+            statement_timeout_ms=_int_option(options, "statement_timeout_ms", DEFAULT_STATEMENT_TIMEOUT_MS, 0),
+            connect_timeout_ms=_int_option(options, "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS, 1),
+        )
+
+    # -- error conversion: the one place driver errors become secretsd errors -------------------
+    def _scrub(self, text: str) -> str:
+        password = self._target.password
+        return text.replace(password, "***") if password else text
+
+    def _convert(self, exc: BaseException) -> StorageError:
+        where = self._target.description
+        detail = self._scrub(f"{exc.__class__.__name__}: {exc}".rstrip(": "))
+        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+            return ConflictError("the write conflicts with stored data")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+            return StorageUnavailableError(f"{where} refused our credentials ({detail})")
+        if isinstance(exc, asyncpg.QueryCanceledError):
+            return StorageUnavailableError(f"{where} cancelled a statement: statement timeout ({detail})")
+        unavailable = (
+            OSError,  # refused, unreachable, DNS; TimeoutError is one too
+            asyncpg.PostgresConnectionError,  # class 08
+            asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
+            asyncpg.InsufficientResourcesError,  # too many connections, disk full
+            asyncpg.TransactionRollbackError,  # serialization failure after our retries
+            asyncpg.InvalidCatalogNameError,  # no such database (yet)
+        )
+        if isinstance(exc, unavailable):
+            return StorageUnavailableError(f"{where} is unavailable ({detail})")
+        if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError):
+            # "connection is closed", "pool is closing": the connection went away under us.
+            return StorageUnavailableError(f"{where} is unavailable ({detail})")
+        return StorageError(f"{where} failed ({detail})")
+
+    _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageUnavailableError(f"{self._target.description}: the store is not open")
+        return self._pool
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True) -> T:
+        """Run ``fn`` on a pooled connection, in a transaction unless told otherwise.
+
+        The whole transaction is retried after a serialization failure or deadlock: nothing of it
+        was committed. Our own errors raised inside ``fn`` roll it back and pass through.
+        """
+        pool = self._require_pool()
+        timeout = self.connect_timeout_ms / 1000
+        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            try:
+                async with pool.acquire(timeout=timeout) as conn:
+                    if not transaction:
+                        return await fn(conn)
+                    async with conn.transaction():
+                        return await fn(conn)
+            except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+                if attempt == TRANSACTION_ATTEMPTS:
+                    raise self._convert(exc) from exc
+                await asyncio.sleep(0.005 * 2**attempt)
+            except self._DRIVER_ERRORS as exc:
+                raise self._convert(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+
+        return await self._run(run, transaction=False)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        settings = {"application_name": "secretsd"}
+        command_timeout = None
+        if self.statement_timeout_ms:
+            settings["statement_timeout"] = str(self.statement_timeout_ms)
+            # Client side too, for when the server cannot even answer (a network partition).
+            command_timeout = (self.statement_timeout_ms + self.connect_timeout_ms) / 1000
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._target.dsn,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=self.connect_timeout_ms / 1000,
+                command_timeout=command_timeout,
+                server_settings=settings,
+            )
+        except self._DRIVER_ERRORS as exc:
+            raise self._convert(exc) from exc
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        migrations = load_migrations("postgres")
+
+        async def run(conn: asyncpg.Connection) -> None:
+            # Waiting for another replica's migration may take longer than a statement should.
+            await conn.execute("SET LOCAL statement_timeout = 0")
+            # Two replicas starting together: the second waits here, then finds the work done.
+            # portability: in CockroachDB pg_advisory_xact_lock is a compatibility no-op (and DDL in a
+            # transaction has limits); there two migrators collide as serialization failures,
+            # which _run retries, or one fails and its replica must be restarted.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(number integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
+            )
+            done = {row[0] for row in await conn.fetch("SELECT number FROM schema_migrations")}
+            if done and max(done) > len(migrations):
+                raise StorageError(
+                    f"the {self._target.description} was written by a newer secretsd "
+                    f"(schema {max(done)}, this version knows {len(migrations)})"
+                )
+            for m in migrations:
+                if m.number in done:
+                    continue
+                for statement in m.statements():
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (number, name, applied_at) VALUES ($1, $2, $3)",
+                    m.number, m.name, datetime.now(UTC),
+                )
+
+        await self._run(run)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=self.connect_timeout_ms / 1000)
+            except (TimeoutError, *self._DRIVER_ERRORS):
+                pool.terminate()
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    # -- initialisation -----------------------------------------------------------------------
+    async def is_initialized(self) -> bool:
+        return bool(await self._fetch("SELECT 1 FROM meta WHERE key = 'initialized_at'"))
+
+    async def initialize(
+        self, meta: Mapping[str, str], first_term: KeyringTerm, admin_token: TokenRecord
+    ) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            # ON CONFLICT: of two replicas initialising at once, the second waits on the key, then
+            # sees it taken, instead of failing with a bare unique violation.
+            claimed = await conn.fetchval(
+                "INSERT INTO meta (key, value) VALUES ('initialized_at', $1) "
+                "ON CONFLICT (key) DO NOTHING RETURNING key",
+                datetime.now(UTC).isoformat(),
+            )
+            if claimed is None:
+                raise AlreadyInitializedError(f"the store {self._target.description} is already initialised")
+            await conn.executemany("INSERT INTO meta (key, value) VALUES ($1, $2)", list(meta.items()))
+            await self._insert_term(conn, first_term)
+            await self._insert_token(conn, admin_token)
+
+        await self._run(run)
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
+        return str(rows[0][0]) if rows else None
+
+    # -- keyring ------------------------------------------------------------------------------
+    @staticmethod
+    async def _insert_term(conn: asyncpg.Connection, term: KeyringTerm) -> None:
+        await conn.execute(
+            "INSERT INTO keyring_terms (term, wrappings, created_at, encryptions) VALUES ($1, $2::jsonb, $3, $4)",
+            term.term, codec.wrappings_to_json(term.wrappings), term.created_at, term.encryptions,
+        )
+
+    async def keyring_terms(self) -> list[KeyringTerm]:
+        rows = await self._fetch(
+            "SELECT term, wrappings::text, created_at, encryptions FROM keyring_terms ORDER BY term"
+        )
+        return [
+            KeyringTerm(term=r[0], wrappings=codec.wrappings_from_json(r[1]), created_at=r[2], encryptions=r[3])
+            for r in rows
+        ]
+
+    async def add_keyring_term(self, term: KeyringTerm) -> None:
+        await self._run(lambda conn: self._insert_term(conn, term))
+
+    # -- secrets --------------------------------------------------------------------------------
+    @staticmethod
+    def _secret(row: asyncpg.Record) -> SecretRecord:
+        return SecretRecord(
+            path=row[0], current_version=row[1], created_at=row[2], updated_at=row[3],
+            metadata=codec.metadata_from_json(row[4]),
+        )
+
+    async def get_secret(self, path: str) -> SecretRecord | None:
+        rows = await self._fetch(f"SELECT {_SECRET_COLS} FROM secrets WHERE path = $1", path)  # noqa: S608
+        return self._secret(rows[0]) if rows else None
+
+    async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
+        if version is None:
+            rows = await self._fetch(
+                f"SELECT {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
+                "ON v.path = s.path AND v.version = s.current_version WHERE s.path = $1",
+                path,
+            )
+        else:
+            rows = await self._fetch(
+                f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = $1 AND v.version = $2",  # noqa: S608
+                path, version,
+            )
+        if not rows:
+            return None
+        r = rows[0]
+        return VersionRecord(
+            path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
+            deleted_at=r[5], term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]),
+        )
+
+    async def write_version(
+        self,
+        record: VersionRecord,
+        *,
+        expected_current: int,
+        metadata: Mapping[str, Any] | None,
+        max_versions: int,
+    ) -> WriteResult:
+        if max_versions < 1:
+            raise ValueError("max_versions must be at least 1")
+        meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
+
+        async def run(conn: asyncpg.Connection) -> WriteResult:
+            # The row lock makes concurrent writers of one path (on any replica) take turns; READ
+            # COMMITTED then shows each the version its predecessor committed.
+            current = await conn.fetchval(
+                "SELECT current_version FROM secrets WHERE path = $1 FOR UPDATE", record.path
+            )
+            current = current or 0
+            if current != expected_current or record.version != current + 1:
+                raise ConflictError(
+                    f"check-and-set failed: current version of {record.path} is {current}, "
+                    f"expected {expected_current}"
+                )
+            if current == 0:
+                # No row to lock yet: of concurrent creators, the primary key lets one insert and
+                # makes the others wait for its commit, then fail with a unique violation.
+                row = await conn.fetchrow(
+                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata) "
+                    f"VALUES ($1, $2, $3, $3, COALESCE($4::jsonb, '{{}}'::jsonb)) RETURNING {_SECRET_COLS}",
+                    record.path, record.version, record.created_at, meta_json,
+                )
+            else:
+                row = await conn.fetchrow(
+                    "UPDATE secrets SET current_version = $2, updated_at = $3, "
+                    "metadata = COALESCE($4::jsonb, metadata) "
+                    f"WHERE path = $1 RETURNING {_SECRET_COLS}",
+                    record.path, record.version, record.created_at, meta_json,
+                )
+            await conn.execute(
+                "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
+                "created_by, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                record.path, record.version, record.term, record.nonce, record.ciphertext,
+                record.created_at, record.created_by, record.state.value,
+            )
+            await conn.execute(
+                "DELETE FROM secret_versions WHERE path = $1 AND version <= $2",
+                record.path, record.version - max_versions,
+            )
+            # Last, so the term's row lock (which every writer needs) is held only until commit.
+            count = await conn.fetchval(
+                "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions",
+                record.term,
+            )
+            if count is None:
+                raise ConflictError(f"keyring term {record.term} does not exist")
+            return WriteResult(self._secret(row), int(count))
+
+        return await self._run(run)
+
+    async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
+        low, high = codec.prefix_bounds(prefix)
+        rows = await self._fetch(
+            f"SELECT {_SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
+            "WHERE ((path >= $1 AND path < $2) OR path = $3) AND path > $4 ORDER BY path LIMIT $5",
+            low, high, prefix, after, limit,
+        )
+        return [self._secret(r) for r in rows]
+
+    async def list_versions(self, path: str) -> list[VersionInfo]:
+        rows = await self._fetch(
+            "SELECT path, version, created_at, created_by, state, deleted_at FROM secret_versions "
+            "WHERE path = $1 ORDER BY version",
+            path,
+        )
+        return [
+            VersionInfo(path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
+                        deleted_at=r[5])
+            for r in rows
+        ]
+
+    async def set_version_state(
+        self, path: str, versions: Sequence[int], state: VersionState, now: datetime
+    ) -> list[int]:
+        wanted = sorted(set(versions))
+        if state is VersionState.DESTROYED:
+            sql = (
+                "UPDATE secret_versions SET state = 'destroyed', nonce = ''::bytea, ciphertext = ''::bytea, "
+                "deleted_at = COALESCE(deleted_at, $3) "
+                "WHERE path = $1 AND version = ANY($2::integer[]) AND state <> 'destroyed' RETURNING version"
+            )
+            args: tuple[Any, ...] = (path, wanted, now)
+        elif state is VersionState.DELETED:
+            sql = (
+                "UPDATE secret_versions SET state = 'deleted', deleted_at = $3 "
+                "WHERE path = $1 AND version = ANY($2::integer[]) AND state = 'active' RETURNING version"
+            )
+            args = (path, wanted, now)
+        else:
+            sql = (
+                "UPDATE secret_versions SET state = 'active', deleted_at = NULL "
+                "WHERE path = $1 AND version = ANY($2::integer[]) AND state = 'deleted' RETURNING version"
+            )
+            args = (path, wanted)
+
+        async def run(conn: asyncpg.Connection) -> list[int]:
+            return sorted(int(r[0]) for r in await conn.fetch(sql, *args))
+
+        return await self._run(run)
+
+    # -- tokens -------------------------------------------------------------------------------
+    @staticmethod
+    async def _insert_token(conn: asyncpg.Connection, token: TokenRecord) -> None:
+        await conn.execute(
+            "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
+            "expires_at, revoked_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)",
+            token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
+            token.created_at, token.created_by, token.expires_at, token.revoked_at,
+        )
+
+    @staticmethod
+    def _token(r: asyncpg.Record) -> TokenRecord:
+        return TokenRecord(
+            token_id=r[0], secret_hash=bytes(r[1]), client=r[2], policies=codec.policies_from_json(r[3]),
+            created_at=r[4], created_by=r[5], expires_at=r[6], revoked_at=r[7],
+        )
+
+    async def create_token(self, token: TokenRecord) -> None:
+        await self._run(lambda conn: self._insert_token(conn, token))
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = await self._fetch(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = $1", token_id)  # noqa: S608
+        return self._token(rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        rows = await self._fetch(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
+        return [self._token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, now: datetime) -> bool:
+        async def run(conn: asyncpg.Connection) -> bool:
+            hit = await conn.fetchval(
+                "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1",
+                token_id, now,
+            )
+            return hit is not None
+
+        return await self._run(run)
