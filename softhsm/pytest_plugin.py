@@ -16,6 +16,7 @@ broken build and fails loudly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -176,3 +177,25 @@ def make_softhsm_kek(softhsm_token: SoftHSMToken) -> Callable[..., SoftHSMKek]:
 @pytest.fixture
 def softhsm_kek(make_softhsm_kek: Callable[..., SoftHSMKek]) -> SoftHSMKek:
     return make_softhsm_kek()
+
+
+@pytest.fixture
+def softhsm_removable_token(softhsm_token: SoftHSMToken) -> Iterator[tuple[SoftHSMToken, Path]]:
+    """A token of its own (same PINs), so that removing its directory cannot disturb other tests.
+
+    Yields the token and its directory: move the directory away and back to simulate an HSM that
+    disappears and returns.
+    """
+    before = set(softhsm_token.token_dir.iterdir())
+    label = f"removable-{secrets.token_hex(3)}"
+    subprocess.run(  # noqa: S603 (softhsm2-util with arguments we generated)
+        [
+            *("softhsm2-util", "--init-token", "--free", "--label", label),
+            *("--so-pin", softhsm_token.so_pin, "--pin", softhsm_token.user_pin),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (token_dir,) = set(softhsm_token.token_dir.iterdir()) - before
+    yield dataclasses.replace(softhsm_token, label=label), token_dir
+    shutil.rmtree(token_dir, ignore_errors=True)

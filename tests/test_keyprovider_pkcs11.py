@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import secrets
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -269,31 +268,13 @@ def test_closing_one_provider_does_not_log_out_another(softhsm_kek: SoftHSMKek) 
 
 
 # -- the token goes away and comes back ------------------------------------------------------------
-@pytest.fixture
-def second_token(softhsm_token: SoftHSMToken) -> Iterator[tuple[SoftHSMToken, Path]]:
-    """A token of its own, so that removing it cannot disturb the session's token."""
-    before = set(softhsm_token.token_dir.iterdir())
-    label = f"removable-{secrets.token_hex(3)}"
-    subprocess.run(
-        [
-            *("softhsm2-util", "--init-token", "--free", "--label", label),
-            *("--so-pin", softhsm_token.so_pin, "--pin", softhsm_token.user_pin),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (token_dir,) = set(softhsm_token.token_dir.iterdir()) - before
-    yield dataclasses.replace(softhsm_token, label=label), token_dir
-    shutil.rmtree(token_dir, ignore_errors=True)
-
-
 def test_token_removed_and_restored_while_live(
-    second_token: tuple[SoftHSMToken, Path], softhsm_kek: SoftHSMKek, tmp_path: Path
+    softhsm_removable_token: tuple[SoftHSMToken, Path], softhsm_kek: SoftHSMKek, tmp_path: Path
 ) -> None:
     """SoftHSM 2.6.1: moving a token's directory away kills its handles (OBJECT_HANDLE_INVALID);
     moving it back does not revive them until the library is re-initialised. The provider must
     report the outage as retryable, keep the process up, and recover by itself."""
-    token, token_dir = second_token
+    token, token_dir = softhsm_removable_token
     options = token.provider_options("kek")
     create_key(options, base_dir=tmp_path)  # a new token: create_key re-scans the slots for it
     key = secrets.token_bytes(32)

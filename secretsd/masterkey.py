@@ -1,0 +1,151 @@
+"""Master-key lifecycle, offline: re-wrap the keyring under a new KEK version, or move it to others.
+
+Both touch only the keyring's wrappings (cost grows with terms, never with secrets) and may run
+while the daemon serves: it holds its DEKs in memory and never re-reads wrappings unless it
+unseals again. Each step swaps one term's wrappings atomically and only ever *adds* a way to open
+a term before it removes one, so a run interrupted at any point leaves a store that the old or the
+new configuration (or both) can open, never neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from keyproviders import KeyProvider, WrappedKey
+from secretsd.config import Settings
+from secretsd.daemon import build_storage, provider_set
+from secretsd.keyring import provider_errors, unwrap_term, wrap_for_all
+from secretsd.providers import ProviderSet
+from secretsd.storage import KeyringTerm, Storage
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Report:
+    terms: int = 0
+    providers: list[str] = field(default_factory=list)
+    key_ids: list[str] = field(default_factory=list)
+    retired_key_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"terms": self.terms, "providers": self.providers, "key_ids": self.key_ids,
+                "retired_key_ids": self.retired_key_ids}
+
+
+def _ids(wrappings: tuple[WrappedKey, ...]) -> set[tuple[str, str]]:
+    return {(w.provider, w.key_id) for w in wrappings}
+
+
+async def _all(group: ProviderSet) -> list[KeyProvider]:
+    await asyncio.to_thread(group.build_missing)
+    return group.all_or_raise()
+
+
+async def _any(group: ProviderSet) -> list[KeyProvider]:
+    await asyncio.to_thread(group.build_missing)
+    available = group.available()
+    if not available:
+        raise group.first_error()
+    return available
+
+
+async def _cover(
+    storage: Storage,
+    openers: list[KeyProvider],
+    targets: list[KeyProvider],
+    needs: Callable[[KeyringTerm], bool],
+    merge: Callable[[KeyringTerm, tuple[WrappedKey, ...]], tuple[WrappedKey, ...]],
+    progress: Progress | None,
+) -> list[KeyringTerm]:
+    """Re-wrap every term that ``needs`` it, including terms a running daemon adds meanwhile.
+
+    Returns the terms as they were before their change.
+    """
+    done: list[KeyringTerm] = []
+    while True:
+        pending = [t for t in await storage.keyring_terms() if needs(t)]
+        if not pending:
+            return done
+        total = len(done) + len(pending)
+        for term in pending:
+            dek = await unwrap_term(openers, term)
+            fresh = await wrap_for_all(targets, dek, term.term)
+            await storage.replace_keyring_wrappings(term.term, term.wrappings, merge(term, fresh))
+            done.append(term)
+            if progress:
+                progress(len(done), total)
+
+
+async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress | None = None) -> Report:
+    """Rotate every configured provider's KEK (unless ``rotate`` is false) and re-wrap each term for them.
+
+    With ``rotate=False`` this also wraps every term for providers added to the configuration
+    since (a new recovery key), and drops wrappings for providers no longer configured.
+    """
+    storage = build_storage(settings)
+    group = provider_set(settings)
+    await storage.open()
+    try:
+        providers = await _all(group)
+        if rotate:
+            with provider_errors():
+                for provider in providers:
+                    await asyncio.to_thread(provider.rotate)
+        current = {(p.name, p.key_id()) for p in providers}
+        old_terms = await _cover(storage, providers, providers, lambda t: _ids(t.wrappings) != current,
+                                 lambda _t, fresh: fresh, progress)
+        before = set().union(*(_ids(t.wrappings) for t in old_terms)) if old_terms else set()
+        return Report(
+            terms=len(old_terms), providers=[p.name for p in providers],
+            key_ids=sorted(k for _, k in current),
+            retired_key_ids=sorted(k for kind, k in before - current),
+        )
+    finally:
+        group.close()
+        await storage.close()
+
+
+async def migrate(old: Settings, new: Settings, *, progress: Progress | None = None) -> Report:
+    """Move the keyring from ``old``'s providers to ``new``'s, without re-encrypting secrets.
+
+    Phase one adds wrappings for the new providers next to the old ones; only once every term has
+    them does phase two remove the old ones.
+    """
+    storage = build_storage(old)
+    old_group = provider_set(old)
+    new_group = provider_set(new, create=True)
+    await storage.open()
+    try:
+        openers = await _any(old_group)
+        targets = await _all(new_group)
+        target_ids = {(p.name, p.key_id()) for p in targets}
+
+        def add(term: KeyringTerm, fresh: tuple[WrappedKey, ...]) -> tuple[WrappedKey, ...]:
+            kept = tuple(w for w in term.wrappings if (w.provider, w.key_id) not in _ids(fresh))
+            return kept + fresh
+
+        def lacks_targets(term: KeyringTerm) -> bool:
+            return not target_ids <= _ids(term.wrappings)
+
+        old_terms = await _cover(storage, openers, targets, lacks_targets, add, progress)
+        retired: set[tuple[str, str]] = set()
+        for term in await storage.keyring_terms():
+            if lacks_targets(term):
+                continue  # added by a daemon since phase one: the final pass below covers it
+            keep = tuple(w for w in term.wrappings if (w.provider, w.key_id) in target_ids)
+            retired |= _ids(term.wrappings) - target_ids
+            if keep != term.wrappings:
+                await storage.replace_keyring_wrappings(term.term, term.wrappings, keep)
+        # A term a daemon made meanwhile keeps its old wrapping and gains the new ones.
+        old_terms += await _cover(storage, openers, targets, lacks_targets, add, progress)
+        return Report(
+            terms=len(old_terms), providers=[p.name for p in targets],
+            key_ids=sorted(k for _, k in target_ids), retired_key_ids=sorted(k for _, k in retired),
+        )
+    finally:
+        old_group.close()
+        new_group.close()
+        await storage.close()
