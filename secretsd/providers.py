@@ -52,8 +52,11 @@ class ProviderSet:
     def build_missing(self) -> None:
         """Try to build every provider not built yet (blocking: call from a worker thread).
 
-        Raises ``ConfigError`` for a configuration no retry can fix; other failures are recorded.
+        Failures are recorded per provider; one broken provider never stops the others. Raises
+        ``ConfigError`` only when no provider is usable and a configuration error (which no retry
+        can fix) is among the reasons.
         """
+        config_error: errors.ConfigError | None = None
         for index, spec in enumerate(self._specs):
             with self._lock:
                 if index in self._built:
@@ -65,12 +68,14 @@ class ProviderSet:
                 with self._lock:
                     self._errors[index] = str(error)
                 if isinstance(error, errors.ConfigError):
-                    raise error from exc
+                    config_error = error
                 log.warning("key provider %s unavailable: %s", spec.get("kind"), error)
                 continue
             with self._lock:
                 self._built[index] = provider
                 self._errors.pop(index, None)
+        if config_error is not None and not self.available():
+            raise config_error
 
     def available(self) -> list[KeyProvider]:
         with self._lock:
