@@ -43,16 +43,18 @@ Portability (CockroachDB, YugabyteDB): the data path uses only plain SQL (``FOR 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import asyncpg
 
+from keyproviders import WrappedKey
 from secretsd.errors import (
     AlreadyInitializedError,
     ConfigError,
@@ -64,6 +66,7 @@ from secretsd.storage import codec
 from secretsd.storage.base import (
     KeyringTerm,
     SecretRecord,
+    Storage,
     TokenRecord,
     VersionInfo,
     VersionRecord,
@@ -83,13 +86,13 @@ DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 TRANSACTION_ATTEMPTS = 5
 #: Key of the transaction-level advisory lock that serialises migrations across replicas.
 MIGRATION_LOCK_KEY = 0x5EC2E75D  # "secretsd"
+#: Client-side bound on one migration statement (or the wait for another replica's migration).
+MIGRATION_TIMEOUT_S = 3600.0
 _SCHEMES = ("postgresql://", "postgres://")
 
-_SECRET_COLS = "path, current_version, created_at, updated_at, metadata::text"
+_SECRET_COLS = "path, current_version, created_at, updated_at, metadata::text"  # noqa: S105 - columns
 _VERSION_COLS = "v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext"
-_TOKEN_COLS = (  # noqa: S105 - column names
-    "token_id, secret_hash, client, policies::text, created_at, created_by, expires_at, revoked_at"
-)
+_TOKEN_COLS = "token_id, secret_hash, client, policies::text, created_at, created_by, expires_at, revoked_at"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ def _int_option(options: Mapping[str, Any], name: str, default: int, minimum: in
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"storage.{name} must be an integer >= {minimum}, not {value!r}")
     return value
+
+
+class _StaleConnection(Exception):
+    """Internal: a pooled connection was dead before we did anything with it; try another."""
 
 
 class PostgresStorage:
@@ -204,8 +211,12 @@ class PostgresStorage:
 
     # -- error conversion: the one place driver errors become secretsd errors -------------------
     def _scrub(self, text: str) -> str:
+        """Defence in depth: drivers do not echo passwords, but a message must never carry one."""
         password = self._target.password
-        return text.replace(password, "***") if password else text
+        if password:
+            for form in (password, quote(password, safe=""), quote(password)):
+                text = text.replace(form, "***")
+        return text
 
     def _convert(self, exc: BaseException) -> StorageError:
         where = self._target.description
@@ -215,7 +226,9 @@ class PostgresStorage:
         if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
             return StorageUnavailableError(f"{where} refused our credentials ({detail})")
         if isinstance(exc, asyncpg.QueryCanceledError):
-            return StorageUnavailableError(f"{where} cancelled a statement: statement timeout ({detail})")
+            return StorageUnavailableError(
+                f"{where} cancelled a statement: statement timeout or an operator's cancel ({detail})"
+            )
         unavailable = (
             OSError,  # refused, unreachable, DNS; TimeoutError is one too
             asyncpg.PostgresConnectionError,  # class 08
@@ -226,12 +239,24 @@ class PostgresStorage:
         )
         if isinstance(exc, unavailable):
             return StorageUnavailableError(f"{where} is unavailable ({detail})")
-        if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError):
-            # "connection is closed", "pool is closing": the connection went away under us.
+        if isinstance(exc, asyncpg.InternalClientError | asyncpg.InterfaceError) and not isinstance(
+            exc, asyncpg.DataError
+        ):
+            # "connection is closed", "pool is closing", or asyncpg's protocol state confused by a
+            # connection the server dropped: the connection went away under us.
             return StorageUnavailableError(f"{where} is unavailable ({detail})")
         return StorageError(f"{where} failed ({detail})")
 
-    _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+    _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+    #: What using a pooled connection the server has already dropped looks like (the server
+    #: restarted, or terminated the backend): asyncpg may only notice on the next statement.
+    _STALE_ERRORS = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.AdminShutdownError,
+        asyncpg.InternalClientError,
+        asyncpg.InterfaceError,
+        ConnectionError,
+    )
 
     # -- plumbing -------------------------------------------------------------------------------
     def _require_pool(self) -> asyncpg.Pool:
@@ -240,27 +265,59 @@ class PostgresStorage:
         return self._pool
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True) -> T:
-        """Run ``fn`` on a pooled connection, in a transaction unless told otherwise.
+        """Run ``fn`` on a pooled connection, in a transaction unless it only reads (``transaction=False``).
 
-        The whole transaction is retried after a serialization failure or deadlock: nothing of it
-        was committed. Our own errors raised inside ``fn`` roll it back and pass through.
+        Retried, because nothing was committed: the whole transaction after a serialization
+        failure or deadlock (a few times), and on another connection when the first one turns out
+        to be dead before the transaction began (or during a read-only ``fn``): after a server
+        restart every pooled connection may be dead without asyncpg knowing yet. A connection
+        lost after BEGIN is not retried: whether COMMIT landed is unknown, so the caller gets
+        ``StorageUnavailableError``. Our own errors raised inside ``fn`` roll back and pass through.
         """
         pool = self._require_pool()
-        timeout = self.connect_timeout_ms / 1000
-        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+        stale_retries = self.pool_max  # each dead connection is dropped from the pool once seen
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                async with pool.acquire(timeout=timeout) as conn:
-                    if not transaction:
-                        return await fn(conn)
-                    async with conn.transaction():
-                        return await fn(conn)
+                return await self._attempt(pool, fn, transaction)
+            except _StaleConnection as stale:
+                cause = stale.__cause__ or stale
+                if stale_retries <= 0:
+                    raise self._convert(cause) from cause
+                stale_retries -= 1
             except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
-                if attempt == TRANSACTION_ATTEMPTS:
+                if attempt >= TRANSACTION_ATTEMPTS:
                     raise self._convert(exc) from exc
                 await asyncio.sleep(0.005 * 2**attempt)
             except self._DRIVER_ERRORS as exc:
                 raise self._convert(exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self, pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitable[T]], transaction: bool
+    ) -> T:
+        async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn:
+            if not transaction:
+                try:
+                    return await fn(conn)
+                except asyncpg.DataError:
+                    raise  # bad arguments (an InterfaceError too), not a dead connection
+                except self._STALE_ERRORS as exc:
+                    raise _StaleConnection from exc
+            tx = conn.transaction()
+            try:
+                await tx.start()
+            except self._STALE_ERRORS as exc:
+                raise _StaleConnection from exc
+            try:
+                result = await fn(conn)
+            except BaseException:
+                # If the connection is gone the server rolls back anyway; keep the first error.
+                with contextlib.suppress(*self._DRIVER_ERRORS):
+                    await tx.rollback()
+                raise
+            await tx.commit()
+            return result
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def run(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -300,16 +357,19 @@ class PostgresStorage:
         migrations = load_migrations("postgres")
 
         async def run(conn: asyncpg.Connection) -> None:
-            # Waiting for another replica's migration may take longer than a statement should.
-            await conn.execute("SET LOCAL statement_timeout = 0")
+            # Waiting for another replica's migration, or migrating a big table, may take longer
+            # than a statement should; the client-side command timeout is lifted per call.
+            # portability: CockroachDB accepts SET LOCAL only in recent versions.
+            await conn.execute("SET LOCAL statement_timeout = 0", timeout=MIGRATION_TIMEOUT_S)
             # Two replicas starting together: the second waits here, then finds the work done.
             # portability: in CockroachDB pg_advisory_xact_lock is a compatibility no-op (and DDL in a
             # transaction has limits); there two migrators collide as serialization failures,
             # which _run retries, or one fails and its replica must be restarted.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(number integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
+                "(number integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)",
+                timeout=MIGRATION_TIMEOUT_S,
             )
             done = {row[0] for row in await conn.fetch("SELECT number FROM schema_migrations")}
             if done and max(done) > len(migrations):
@@ -321,7 +381,7 @@ class PostgresStorage:
                 if m.number in done:
                     continue
                 for statement in m.statements():
-                    await conn.execute(statement)
+                    await conn.execute(statement, timeout=MIGRATION_TIMEOUT_S)
                 await conn.execute(
                     "INSERT INTO schema_migrations (number, name, applied_at) VALUES ($1, $2, $3)",
                     m.number, m.name, datetime.now(UTC),
@@ -367,6 +427,18 @@ class PostgresStorage:
         rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
         return str(rows[0][0]) if rows else None
 
+    async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
+        if only_if_absent:
+            sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING 1"
+        else:
+            sql = ("INSERT INTO meta (key, value) VALUES ($1, $2) "
+                   "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value RETURNING 1")
+
+        async def run(conn: asyncpg.Connection) -> bool:
+            return await conn.fetchval(sql, key, value) is not None
+
+        return await self._run(run)
+
     # -- keyring ------------------------------------------------------------------------------
     @staticmethod
     async def _insert_term(conn: asyncpg.Connection, term: KeyringTerm) -> None:
@@ -386,6 +458,27 @@ class PostgresStorage:
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
         await self._run(lambda conn: self._insert_term(conn, term))
+
+    async def replace_keyring_wrappings(
+        self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
+    ) -> None:
+        if not wrappings:
+            raise ValueError("a keyring term needs at least one wrapping")
+
+        async def run(conn: asyncpg.Connection) -> None:
+            # The row lock orders concurrent re-wraps from several replicas: the second sees the
+            # first's wrappings, not the ones it expected, and fails.
+            current = await conn.fetchval(
+                "SELECT wrappings::text FROM keyring_terms WHERE term = $1 FOR UPDATE", term
+            )
+            if current is None or codec.wrappings_from_json(current) != expected:
+                raise ConflictError(f"keyring term {term} changed while it was being re-wrapped")
+            await conn.execute(
+                "UPDATE keyring_terms SET wrappings = $2::jsonb WHERE term = $1",
+                term, codec.wrappings_to_json(wrappings),
+            )
+
+        await self._run(run)
 
     # -- secrets --------------------------------------------------------------------------------
     @staticmethod
@@ -447,13 +540,13 @@ class PostgresStorage:
                 # No row to lock yet: of concurrent creators, the primary key lets one insert and
                 # makes the others wait for its commit, then fail with a unique violation.
                 row = await conn.fetchrow(
-                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata) "
+                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata) "  # noqa: S608
                     f"VALUES ($1, $2, $3, $3, COALESCE($4::jsonb, '{{}}'::jsonb)) RETURNING {_SECRET_COLS}",
                     record.path, record.version, record.created_at, meta_json,
                 )
             else:
                 row = await conn.fetchrow(
-                    "UPDATE secrets SET current_version = $2, updated_at = $3, "
+                    "UPDATE secrets SET current_version = $2, updated_at = $3, "  # noqa: S608 - constant columns
                     "metadata = COALESCE($4::jsonb, metadata) "
                     f"WHERE path = $1 RETURNING {_SECRET_COLS}",
                     record.path, record.version, record.created_at, meta_json,
@@ -566,3 +659,9 @@ class PostgresStorage:
             return hit is not None
 
         return await self._run(run)
+
+
+if TYPE_CHECKING:  # mypy proves the backend still satisfies the protocol when it grows
+
+    def _conforms(storage: PostgresStorage) -> Storage:
+        return storage
