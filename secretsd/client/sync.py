@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import http.client
-import os
-import ssl
+import time
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Self
 
 from secretsd.client import calls
-from secretsd.defaults import DEFAULT_ADDR
-from secretsd.errors import ConfigError, UnreachableError
+from secretsd.client.operations import Endpoint, Operations
+from secretsd.client.retry import RetryPolicy
+from secretsd.errors import SecretsdError, UnreachableError
 
 
-class SecretsClient:
-    """One keep-alive connection to a daemon; not thread-safe (make one per thread)."""
+class SecretsClient(Operations[dict[str, Any]]):
+    """One keep-alive connection to a daemon; not thread-safe (make one per thread).
+
+    Configured from arguments or ``SECRETSD_ADDR`` / ``SECRETSD_TOKEN``. ``ca_file`` and
+    ``client_cert`` (certificate, key) apply to ``https://`` addresses; ``timeout`` bounds each
+    attempt; ``retry`` says how idempotent calls are retried on 503s and connection errors.
+    """
 
     def __init__(
         self,
@@ -23,32 +27,24 @@ class SecretsClient:
         token: str | None = None,
         *,
         timeout: float = 10.0,
-        ca_file: Path | None = None,
-        client_cert: tuple[Path, Path] | None = None,
+        ca_file: Path | str | None = None,
+        client_cert: tuple[Path | str, Path | str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        self.addr = (addr or os.environ.get("SECRETSD_ADDR") or DEFAULT_ADDR).rstrip("/")
-        self.token = token if token is not None else os.environ.get("SECRETSD_TOKEN")
-        parts = urlsplit(self.addr)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"SECRETSD_ADDR must be http(s)://HOST:PORT, got {self.addr!r}")
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
-        self._timeout = timeout
-        self._context: ssl.SSLContext | None = None
-        if self._https:
-            self._context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-            if client_cert:
-                self._context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
+                                 retry=retry)
+        self.addr = self.endpoint.addr
+        self.token = self.endpoint.token
+        self.retry = self.endpoint.retry
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            if self._https:
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=self._context)
+            e = self.endpoint
+            if e.https:
+                self._conn = http.client.HTTPSConnection(e.host, e.port, timeout=e.timeout, context=e.ssl_context)
             else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                self._conn = http.client.HTTPConnection(e.host, e.port, timeout=e.timeout)
         return self._conn
 
     def close(self) -> None:
@@ -56,22 +52,32 @@ class SecretsClient:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> SecretsClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def call(self, call: calls.Call) -> dict[str, Any]:
-        headers = {"Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._once(call)
+            except SecretsdError as exc:
+                wait = self.retry.next_delay(call, exc, attempt, time.monotonic() - start)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    def _once(self, call: calls.Call) -> dict[str, Any]:
+        headers = self.endpoint.headers(call)
         payload = call.payload()
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        # A kept-alive connection the server closed fails on first use: reconnect once for calls
-        # that are safe to repeat.
+        # A kept-alive connection the server closed fails on first use: reconnect at once for
+        # calls that are safe to repeat (the retry policy then decides about anything further).
         for attempt in (1, 2):
+            reused = self._conn is not None
             conn = self._connection()
             try:
                 conn.request(call.method, call.target(), body=payload, headers=headers)
@@ -80,55 +86,19 @@ class SecretsClient:
                 break
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                if attempt == 2 or not call.idempotent:
+                if attempt == 2 or not reused or not call.idempotent:
                     raise UnreachableError(
                         f"cannot reach secretsd at {self.addr}: {exc.__class__.__name__}: {exc}"
                     ) from exc
         return calls.decode(call, response.status, response.getheader("Content-Type", ""), body)
 
-    # -- operations -----------------------------------------------------------------------------
-    def get(self, path: str, version: int | None = None) -> dict[str, Any]:
-        return self.call(calls.get_secret(path, version))
-
-    def put(self, path: str, value: str, *, cas: int | None = None,
-            metadata: dict[str, str] | None = None) -> dict[str, Any]:
-        return self.call(calls.put_secret(path, value, cas, metadata))
-
-    def list_secrets(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> dict[str, Any]:
-        return self.call(calls.list_secrets(prefix, after, limit))
-
-    def metadata(self, path: str) -> dict[str, Any]:
-        return self.call(calls.metadata(path))
-
-    def delete(self, path: str, versions: list[int] | None = None) -> dict[str, Any]:
-        return self.call(calls.delete_secret(path, versions))
-
-    def undelete(self, path: str, versions: list[int]) -> dict[str, Any]:
-        return self.call(calls.version_action(path, "undelete", versions))
-
-    def destroy(self, path: str, versions: list[int]) -> dict[str, Any]:
-        return self.call(calls.version_action(path, "destroy", versions))
-
-    def status(self) -> dict[str, Any]:
-        return self.call(calls.status())
-
-    def health(self) -> dict[str, Any]:
-        return self.call(calls.health())
-
-    def rotate_keyring(self) -> dict[str, Any]:
-        return self.call(calls.rotate_keyring())
-
-    def policy_check(self, client: str, capability: str, path: str) -> dict[str, Any]:
-        return self.call(calls.policy_check(client, capability, path))
-
-    def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None) -> dict[str, Any]:
-        return self.call(calls.create_token(client, policies, ttl_seconds))
-
-    def list_tokens(self) -> dict[str, Any]:
-        return self.call(calls.list_tokens())
-
-    def revoke_token(self, token_id: str) -> dict[str, Any]:
-        return self.call(calls.revoke_token(token_id))
-
-    def whoami(self) -> dict[str, Any]:
-        return self.call(calls.whoami())
+    def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Every secret below ``prefix`` (all pages of ``list_secrets``)."""
+        found: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            page = self.list_secrets(prefix, after=after)
+            found.extend(page["secrets"])
+            after = page.get("next_after") or ""
+            if not after:
+                return found

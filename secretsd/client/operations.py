@@ -1,0 +1,122 @@
+"""What both client faces share: configuration, and every operation as a call.
+
+``Operations[R]`` turns each method into a ``calls.Call`` and hands it to the face's ``call``:
+the sync face returns the decoded JSON (``R = dict``), the async face an awaitable of it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+from secretsd.client import calls
+from secretsd.client.retry import DEFAULT_RETRY, RetryPolicy
+from secretsd.defaults import DEFAULT_ADDR
+from secretsd.errors import ConfigError
+
+R = TypeVar("R")
+
+
+class Endpoint:
+    """The daemon's address, credentials and transport options, from arguments or the environment."""
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ca_file: Path | str | None = None,
+        client_cert: tuple[Path | str, Path | str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.addr = (addr or os.environ.get("SECRETSD_ADDR") or DEFAULT_ADDR).rstrip("/")
+        self.token = token if token is not None else os.environ.get("SECRETSD_TOKEN")
+        parts = urlsplit(self.addr)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"SECRETSD_ADDR must be http(s)://HOST:PORT, got {self.addr!r}")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.https else 80)
+        self.timeout = timeout
+        self.retry = retry if retry is not None else DEFAULT_RETRY
+        self.ssl_context: ssl.SSLContext | None = None
+        if self.https:
+            self.ssl_context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if client_cert:
+                self.ssl_context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+
+    def headers(self, call: calls.Call) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if call.body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+
+class Operations(ABC, Generic[R]):
+    """Every operation of the API, each one line: build the call, let the face send it."""
+
+    @abstractmethod
+    def call(self, call: calls.Call) -> R:
+        """Send ``call``, retrying per the retry policy; return the decoded response."""
+
+    def get(self, path: str, version: int | None = None) -> R:
+        return self.call(calls.get_secret(path, version))
+
+    def put(self, path: str, value: str, *, cas: int | None = None,
+            metadata: dict[str, str] | None = None) -> R:
+        return self.call(calls.put_secret(path, value, cas, metadata))
+
+    def list_secrets(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
+        return self.call(calls.list_secrets(prefix, after, limit))
+
+    def metadata(self, path: str) -> R:
+        return self.call(calls.metadata(path))
+
+    def delete(self, path: str, versions: list[int] | None = None) -> R:
+        return self.call(calls.delete_secret(path, versions))
+
+    def undelete(self, path: str, versions: list[int]) -> R:
+        return self.call(calls.version_action(path, "undelete", versions))
+
+    def destroy(self, path: str, versions: list[int]) -> R:
+        return self.call(calls.version_action(path, "destroy", versions))
+
+    def status(self) -> R:
+        return self.call(calls.status())
+
+    def health(self) -> R:
+        return self.call(calls.health())
+
+    def rotate_keyring(self) -> R:
+        return self.call(calls.rotate_keyring())
+
+    def policy_check(self, client: str, capability: str, path: str) -> R:
+        return self.call(calls.policy_check(client, capability, path))
+
+    def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None) -> R:
+        return self.call(calls.create_token(client, policies, ttl_seconds))
+
+    def list_tokens(self) -> R:
+        return self.call(calls.list_tokens())
+
+    def revoke_token(self, token_id: str) -> R:
+        return self.call(calls.revoke_token(token_id))
+
+    def whoami(self) -> R:
+        return self.call(calls.whoami())
+
+
+def children(listing: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """The entries of a listing that sit directly under ``prefix`` (one more path segment)."""
+    base = prefix.strip("/")
+    depth = base.count("/") + 1 if base else 0
+    return [s for s in listing if s["path"].count("/") == depth and s["path"] != base]
