@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from keyproviders import KeyProvider
 from secretsd import errors
 from secretsd.clock import Clock, utcnow
-from secretsd.crypto import DataKey, value_aad
+from secretsd.crypto import DataKey, blob_aad, value_aad
 from secretsd.events import Event, EventBus
 from secretsd.keyring import Keyring, make_term, provider_errors, unseal
 from secretsd.providers import ProviderSet
@@ -114,6 +114,19 @@ class Barrier:
         term = ring.active_term
         nonce, ciphertext = ring.keys[term].seal(plaintext, value_aad(path, version, term))
         return SealedValue(term, nonce, ciphertext)
+
+    def seal_blob(self, purpose: str, plaintext: bytes) -> SealedValue:
+        """Seal a daemon-internal secret (not a secret version) under the active term."""
+        ring = self._ring()
+        term = ring.active_term
+        nonce, ciphertext = ring.keys[term].seal(plaintext, blob_aad(purpose, term))
+        return SealedValue(term, nonce, ciphertext)
+
+    def open_blob(self, purpose: str, sealed: SealedValue) -> bytes:
+        key = self._ring().key(sealed.term)
+        if key is None:
+            raise errors.CryptoError(f"keyring term {sealed.term} is unknown")
+        return key.open(sealed.nonce, sealed.ciphertext, blob_aad(purpose, sealed.term))
 
     async def open_value(self, record: VersionRecord) -> bytes:
         ring = self._ring()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -44,6 +44,26 @@ class StorageSettings(BaseModel):
         return self.model_dump()
 
 
+class AuditSettings(BaseModel):
+    """``[audit]``: the tamper-evident audit log (see docs/audit.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    #: Default: audit/audit.jsonl under the data directory; relative paths are under it too.
+    path: Path | None = None
+    #: Refuse a request whose record cannot be written (the default, and what auditors expect).
+    fail_closed: bool = True
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
+    write_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    mirror: Literal["none", "stdout", "syslog"] = "none"
+    #: Each process that writes a log keeps its own chain; replicas need distinct names.
+    chain: str = Field(default="main", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    def log_path(self, data_dir: Path) -> Path:
+        path = self.path or Path("audit") / "audit.jsonl"
+        return path if path.is_absolute() else data_dir / path
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SECRETSD_", env_nested_delimiter="__", extra="forbid"
@@ -58,6 +78,7 @@ class Settings(BaseSettings):
     recovery_providers: list[KeyProviderSettings] = Field(default_factory=list)
     provider_check_seconds: float = Field(15.0, gt=0, le=3600)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     max_versions: int = Field(10, ge=1, le=1000)
     max_value_bytes: int = Field(512 * 1024, ge=1, le=16 * 1024 * 1024)
@@ -151,6 +172,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "key_provider": KeyProviderSettings(**data["key_provider"]),
         "recovery_providers": [KeyProviderSettings(**p) for p in data["recovery_providers"]],
         "storage": StorageSettings(**data["storage"]),
+        "audit": AuditSettings(**data["audit"]),
     })
 
 

@@ -34,6 +34,11 @@ def dek_aad(term: int) -> bytes:
     return b"secretsd/dek\x00" + struct.pack(">BI", FORMAT_VERSION, term)
 
 
+def blob_aad(purpose: str, term: int) -> bytes:
+    """Associated data for a daemon-internal secret sealed under the keyring (e.g. the audit key)."""
+    return b"secretsd/blob\x00" + struct.pack(">BI", FORMAT_VERSION, term) + purpose.encode()
+
+
 def new_dek() -> bytes:
     return secrets.token_bytes(DEK_BYTES)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import platform
 from dataclasses import dataclass
@@ -10,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from secretsd import __version__, tokens
+from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
+from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
+from secretsd.audit.verify import Head
 from secretsd.auth import Authenticator, TokenAuthenticator
 from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
 from secretsd.config import Settings
-from secretsd.errors import AlreadyInitializedError, NotInitializedError, SecretsdError
-from secretsd.events import EventBus
+from secretsd.crypto import DataKey
+from secretsd.errors import AlreadyInitializedError, AuditError, NotInitializedError, SecretsdError
+from secretsd.events import Event, EventBus
 from secretsd.keyring import make_term
 from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.providers import ProviderSet
@@ -61,20 +66,26 @@ async def initialize_store(settings: Settings, *, clock: Clock = utcnow) -> Init
             await asyncio.to_thread(provider_group.build_missing)
             providers = provider_group.all_or_raise()
             now = clock()
-            term, _dek = await make_term(providers, 1, now)
+            term, dek = await make_term(providers, 1, now)
+            _signer, audit_key = new_key_document(DataKey(dek), term.term)
             new = tokens.generate_token()
             admin = TokenRecord(
                 token_id=new.token_id, secret_hash=new.secret_hash, client=ADMIN_CLIENT,
                 policies=(ROOT_POLICY,), created_at=now, created_by="init",
             )
             meta = {"format": "1", "created_by_version": __version__,
-                    "provider": providers[0].name, "host": platform.node()}
+                    "provider": providers[0].name, "host": platform.node(), AUDIT_KEY_META: audit_key}
             await storage.initialize(meta, term, admin)
             return InitResult(new.token, data_dir, providers[0].name, providers[0].key_id())
         finally:
             provider_group.close()
     finally:
         await storage.close()
+
+
+def _log_task_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not audit an internal event: %s", task.exception())
 
 
 class Daemon:
@@ -103,6 +114,9 @@ class Daemon:
         self.tokens = TokenService(self.storage, self.policies, self.token_auth,
                                    events=self.events, clock=clock)
         self._tasks: list[asyncio.Task[None]] = []
+        self.audit: AuditLog | None = None
+        self.value_hasher: ValueHasher | None = None
+        self.events.subscribe(self._audit_event)
 
     async def start(self) -> None:
         """Open storage and try to unseal; if that fails, keep retrying in the background."""
@@ -118,10 +132,75 @@ class Daemon:
         except SecretsdError as exc:
             self.barrier.last_error = str(exc)
             log.warning("starting sealed: %s", exc)
-            self._tasks.append(asyncio.create_task(
-                self.barrier.unseal_until_done(self.settings.unseal_retry_max_seconds)
-            ))
+            self._tasks.append(asyncio.create_task(self._unseal_in_background()))
+        else:
+            await self._open_audit()
         self._tasks.append(asyncio.create_task(self._watch_providers()))
+
+    async def _unseal_in_background(self) -> None:
+        await self.barrier.unseal_until_done(self.settings.unseal_retry_max_seconds)
+        await self._open_audit()
+
+    # -- audit --------------------------------------------------------------------------------
+    def _head_key(self) -> str:
+        return f"audit_head:{self.settings.audit.chain}"
+
+    async def _open_audit(self) -> None:
+        """Open the audit log; it needs the unsealed keyring, which holds its signing key."""
+        conf = self.settings.audit
+        if not conf.enabled:
+            return
+        signer = await load_signer(self.storage, self.barrier)
+        raw_head = await self.storage.get_meta(self._head_key())
+        stored = Head(**json.loads(raw_head)) if raw_head else None
+        mirror = {"stdout": stdout_mirror, "syslog": syslog_mirror() if conf.mirror == "syslog" else None,
+                  "none": None}[conf.mirror]
+
+        async def store_head(head: Head) -> None:
+            await self.storage.put_meta(self._head_key(), json.dumps({"seq": head.seq, "hash": head.hash}))
+
+        audit = AuditLog(
+            conf.log_path(self.settings.require_data_dir()), signer, head_store=store_head,
+            stored_head=stored, max_file_bytes=conf.max_file_bytes,
+            write_timeout=conf.write_timeout_seconds, mirror=mirror,
+        )
+        await audit.open()
+        self.audit = audit
+        self.value_hasher = ValueHasher(signer)
+        await self.record({"action": "daemon.unsealed", "client": "system", "decision": "allow",
+                           "outcome": "ok", "active_term": self.barrier.active_term})
+
+    async def record(self, fields: dict[str, Any]) -> None:
+        """Write one audit record and wait until it is durable.
+
+        Raises ``AuditError`` when it cannot be written and the log is fail-closed. While sealed
+        there is no signing key, so nothing can be recorded (and the API refuses all but status).
+        """
+        if self.audit is None:
+            if self.settings.audit.enabled and not self.barrier.sealed:
+                raise AuditError("the audit log is not open")
+            return
+        try:
+            await self.audit.append(fields)
+        except AuditError:
+            if self.settings.audit.fail_closed:
+                raise
+            log.error("audit record lost (audit.fail_closed = false): %s", fields.get("action"))
+
+    def audit_ready(self) -> None:
+        """Refuse up front, before any change is made, while the audit log is failing."""
+        if self.audit is not None and not self.audit.healthy and self.settings.audit.fail_closed:
+            raise AuditError("the audit log cannot be written; requests are refused until it can")
+
+    def _audit_event(self, event: Event) -> None:
+        # Requests are recorded by the HTTP layer; here only what happens on the daemon's own
+        # initiative (automatic rotation, policy reloads).
+        if event.client != "system" or event.action == "barrier.unseal" or self.audit is None:
+            return
+        fields = {"action": event.action, "client": "system", "decision": "allow", "outcome": "ok",
+                  "path": event.path, "version": event.version, **event.detail}
+        task = asyncio.get_running_loop().create_task(self.record(fields))
+        task.add_done_callback(_log_task_failure)
 
     async def _watch_providers(self) -> None:
         """Check provider health now and then: a lost HSM shows as degraded, and comes back."""
@@ -136,6 +215,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.audit is not None:
+            await self.audit.close()
         self.barrier.close()
         await self.storage.close()
 

@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from secretsd import tokens
 from secretsd.api import openapi
-from secretsd.api.context import DAEMON, PRINCIPAL
+from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, PRINCIPAL
 from secretsd.api.handlers import routes
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
-from secretsd.errors import SealedError, SecretsdError
+from secretsd.errors import AuditError, SealedError, SecretsdError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
 
 log = logging.getLogger("secretsd.http")
@@ -30,6 +31,16 @@ PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 # While sealed the API answers 503 `sealed` (after authentication), except where an operator looks
 # to learn why it is sealed.
 SEALED_ROUTES = frozenset({"/v1/sys/status", "/v1/auth/whoami"})
+
+# The audit action of each handler; version actions add their verb.
+ACTIONS = {
+    "put_secret": "secret.write", "get_secret": "secret.read", "list_secrets": "secret.list",
+    "delete_secret": "secret.delete", "version_action": "secret.", "get_metadata": "secret.metadata",
+    "status": "sys.status", "rotate_keyring": "keyring.rotate", "policy_check": "policy.check",
+    "create_token": "token.create", "list_tokens": "token.list", "revoke_token": "token.revoke",
+    "whoami": "auth.whoami",
+}
+MAX_AUDIT_PATH = 1024
 
 _HTTP_PROBLEMS = {
     404: ProblemType("not-found", 404, "Not found"),
@@ -58,6 +69,28 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "(unmatched)"
 
 
+def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[str, object]:
+    who = request.get(PRINCIPAL)
+    handler = getattr(request.match_info, "handler", None)
+    action = ACTIONS.get(getattr(handler, "__name__", ""), "http.unknown")
+    if action == "secret.":
+        action += request.match_info.get("action", "unknown")
+    decision = "deny" if status in (401, 403) else "allow" if request.get(AUTHORIZED) else "none"
+    path = request.match_info.get("path") or request.query.get("prefix")
+    return {
+        "request_id": request_id,
+        "client": who.client if who else None,
+        "auth": who.method if who else None,
+        "token": tokens.display_id(who.token_id) if who and who.token_id else None,
+        "action": action,
+        "path": path[:MAX_AUDIT_PATH] if path is not None else None,
+        "decision": decision,
+        "outcome": status,
+        "remote": request.remote,
+        **request.get(AUDIT_NOTES, {}),
+    }
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication, error-to-problem conversion and one log line per request."""
@@ -66,14 +99,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     d = request.app[DAEMON]
+    audited = request.path not in PUBLIC_ROUTES
     response: web.StreamResponse
     try:
-        if request.path not in PUBLIC_ROUTES:
+        if audited:
             # Authenticate before anything else, so an unauthenticated caller learns nothing, not
             # even whether a route or a path exists.
             request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
             if d.barrier.sealed and request.path not in SEALED_ROUTES:
                 raise SealedError()
+            d.audit_ready()
         response = await handler(request)
     except SecretsdError as exc:
         response = problem_response(problem_for(exc), exc.message, request_id)
@@ -85,6 +120,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         frames = "".join(traceback.format_tb(exc.__traceback__))
         log.error("unhandled %s (request %s)\n%s", type(exc).__name__, request_id, frames)
         response = problem_response(INTERNAL, INTERNAL.title, request_id)
+    if audited:
+        # Fail closed: nothing leaves before its record is durable.
+        try:
+            await d.record(_audit_fields(request, request_id, response.status))
+        except AuditError as exc:
+            response = problem_response(problem_for(exc), exc.message, request_id)
     response.headers["X-Request-Id"] = request_id
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"

@@ -12,6 +12,8 @@ from secretsd.policy import Capability
 
 DAEMON = web.AppKey("daemon", Daemon)
 PRINCIPAL = web.RequestKey("principal", Principal)
+AUTHORIZED = web.RequestKey("authorized", bool)
+AUDIT_NOTES = web.RequestKey("audit_notes", dict)
 
 
 def daemon(request: web.Request) -> Daemon:
@@ -34,7 +36,13 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
     decision = daemon(request).policies.current.decide(who.policies, capability, path)
     if not decision.allowed:
         raise PermissionDeniedError(f"permission denied: {capability.value} on {path}")
+    request[AUTHORIZED] = True
     return who
+
+
+def audit_note(request: web.Request, **fields: object) -> None:
+    """Add fields (version, value HMAC...) to this request's audit record."""
+    request.setdefault(AUDIT_NOTES, {}).update(fields)
 
 
 def allowed_paths(request: web.Request, capability: Capability, paths: list[str]) -> set[str]:

@@ -9,7 +9,16 @@ from aiohttp import web
 
 from secretsd import tokens
 from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody, read_body
-from secretsd.api.context import allowed_paths, authorize, daemon, int_query, list_prefix, principal, secret_path
+from secretsd.api.context import (
+    allowed_paths,
+    audit_note,
+    authorize,
+    daemon,
+    int_query,
+    list_prefix,
+    principal,
+    secret_path,
+)
 from secretsd.errors import NotFoundError, RequestError
 from secretsd.paths import validate_path
 from secretsd.policy import Capability
@@ -62,7 +71,9 @@ async def put_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.WRITE, path)
     body = await read_body(request, PutSecretBody)
-    info = await daemon(request).secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata)
+    d = daemon(request)
+    info = await d.secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata)
+    audit_note(request, version=info.version, value_hmac=d.value_hasher(body.value) if d.value_hasher else None)
     return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
 
 
@@ -71,6 +82,7 @@ async def get_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.READ, path)
     found = await daemon(request).secrets.get(who, path, int_query(request, "version"))
+    audit_note(request, version=found.info.version)
     return web.json_response({"path": path, "value": found.value} | _version(found.info))
 
 
@@ -100,6 +112,7 @@ async def delete_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.DELETE, path)
     changed = await daemon(request).secrets.delete(who, path)
+    audit_note(request, versions=changed)
     return web.json_response({"path": path, "deleted": changed})
 
 
@@ -117,6 +130,7 @@ async def version_action(request: web.Request) -> web.Response:
         changed = await service.undelete(who, path, body.versions)
     else:
         changed = await service.destroy(who, path, body.versions)
+    audit_note(request, versions=changed)
     key = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[action]
     return web.json_response({"path": path, key: changed})
 
@@ -148,6 +162,7 @@ async def status(request: web.Request) -> web.Response:
 async def rotate_keyring(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/keyring")
     term = await daemon(request).barrier.rekey(reason="requested", client=who.client)
+    audit_note(request, active_term=term)
     return web.json_response({"active_term": term})
 
 
@@ -193,6 +208,7 @@ async def create_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     body = await read_body(request, CreateTokenBody)
     token, record = await daemon(request).tokens.create(who, body.client, body.policies, body.ttl_seconds)
+    audit_note(request, subject_token=tokens.display_id(record.token_id), subject_client=record.client)
     return web.json_response({"token": token} | _token(record), status=201)
 
 
@@ -207,6 +223,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     token_id = request.match_info["token_id"]
     await daemon(request).tokens.revoke(who, token_id)
+    audit_note(request, subject_token=tokens.display_id(token_id.removeprefix(tokens.TOKEN_PREFIX)))
     return web.json_response({"revoked": tokens.display_id(token_id.removeprefix(tokens.TOKEN_PREFIX))})
 
 

@@ -4,7 +4,7 @@ Errors print one line to stderr and exit 1; usage errors exit 2. Each module add
 the root group when imported.
 """
 
-from secretsd.cli import env, local, masterkey, secrets, system
+from secretsd.cli import audit, env, local, masterkey, secrets, system
 from secretsd.cli.common import main
 
-__all__ = ["env", "local", "main", "masterkey", "secrets", "system"]
+__all__ = ["audit", "env", "local", "main", "masterkey", "secrets", "system"]

@@ -106,6 +106,10 @@ class Storage(Protocol):
 
     async def get_meta(self, key: str) -> str | None: ...
 
+    async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
+        """Set a metadata value; with ``only_if_absent``, only if the key has none. True if written."""
+        ...
+
     # -- keyring ------------------------------------------------------------------------------
     async def keyring_terms(self) -> list[KeyringTerm]:
         """Every term, oldest first."""

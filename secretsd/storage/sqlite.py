@@ -207,6 +207,18 @@ class SQLiteStorage:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
 
+    async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            if only_if_absent:
+                cur = conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                                   (key, value))
+            else:
+                cur = conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+            return cur.rowcount == 1
+
+        return await self._write(run)
+
     # -- keyring ------------------------------------------------------------------------------
     @staticmethod
     def _insert_term(conn: sqlite3.Connection, term: KeyringTerm) -> None:

@@ -67,6 +67,17 @@ class StorageConformance:
         with pytest.raises(ConflictError):
             await storage.add_keyring_term(term(2))
 
+    async def test_meta_put_and_put_if_absent(self, storage: Storage) -> None:
+        await initialized(storage)
+        assert await storage.put_meta("k", "v1")
+        assert await storage.get_meta("k") == "v1"
+        assert await storage.put_meta("k", "v2")
+        assert await storage.get_meta("k") == "v2"
+        assert not await storage.put_meta("k", "v3", only_if_absent=True)
+        assert await storage.get_meta("k") == "v2"
+        assert await storage.put_meta("other", "x", only_if_absent=True)
+        assert await storage.get_meta("other") == "x"
+
     async def test_replace_wrappings_is_compare_and_swap(self, storage: Storage) -> None:
         await initialized(storage)
         old = term(1).wrappings

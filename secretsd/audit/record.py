@@ -1,0 +1,83 @@
+"""Audit records: canonical bytes, the hash chain, and Ed25519 signatures.
+
+A record is a flat JSON object. Its canonical form is compact JSON with sorted keys, UTF-8. The
+signature (``sig``, base64) is over the canonical form of every other field, ``prev_hash`` included;
+a record's hash is SHA-256 of the canonical form *with* its signature, and the next record carries
+it as ``prev_hash``. Editing, removing, inserting or reordering a record therefore breaks a
+signature or the chain, and neither can be repaired without the private key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS_HASH = "0" * 64
+FORMAT = 1
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def record_hash(signed: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(signed)).hexdigest()
+
+
+class Signer:
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Signer:
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def private_bytes(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    def public_pem(self) -> str:
+        return public_pem(self._key.public_key())
+
+    def sign(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Return ``record`` with its signature added."""
+        signature = self._key.sign(canonical(record))
+        return record | {"sig": base64.b64encode(signature).decode("ascii")}
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_public_pem(text: str) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError("not a PEM public key") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("the audit public key must be an Ed25519 key")
+    return key
+
+
+def signature_valid(key: Ed25519PublicKey, signed: dict[str, Any]) -> bool:
+    sig = signed.get("sig")
+    if not isinstance(sig, str):
+        return False
+    body = {k: v for k, v in signed.items() if k != "sig"}
+    try:
+        key.verify(base64.b64decode(sig, validate=True), canonical(body))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    return True

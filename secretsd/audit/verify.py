@@ -1,0 +1,103 @@
+"""Verify audit log files: signatures, sequence, hash chain, and the stored head."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from secretsd.audit.record import GENESIS_HASH, record_hash, signature_valid
+
+_ROTATED = re.compile(r"\.(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    problem: str | None = None
+    file: str | None = None
+    line: int | None = None
+    seq: int | None = None
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"OK: {self.records} record(s) verified"
+        where = f"{self.file}:{self.line}" if self.file else "log"
+        seq = f" (record {self.seq})" if self.seq is not None else ""
+        return f"FAILED at {where}{seq}: {self.problem}"
+
+
+def log_files(active: Path) -> list[Path]:
+    """The rotated files of a log, oldest first, then the active file."""
+    rotated = sorted(
+        (p for p in active.parent.glob(active.name + ".*") if _ROTATED.search(p.name)),
+        key=lambda p: int(_ROTATED.search(p.name).group(1)),  # type: ignore[union-attr]
+    )
+    return [*rotated, *([active] if active.exists() else [])]
+
+
+def verify(
+    files: Sequence[Path], key: Ed25519PublicKey, *, head: Head | None = None, from_start: bool = False
+) -> VerifyResult:
+    """Check every record in order. The first bad record ends the check, named with why.
+
+    ``from_start``: the files are the whole log, so it must begin with record 1. ``head``: the
+    (sequence, hash) the store recorded last, so a cut-off tail is detected too.
+    """
+    expected_seq: int | None = None
+    prev_hash: str | None = None
+    count = 0
+    for path in files:
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                def bad(problem: str, seq: int | None = None) -> VerifyResult:
+                    return VerifyResult(False, count, problem, str(path), line_no, seq)  # noqa: B023
+
+                if not raw.endswith(b"\n"):
+                    return bad("truncated: the last record is incomplete")
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    return bad("not a JSON record (edited or corrupted)")
+                if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+                    return bad("not an audit record (edited or corrupted)")
+                seq = record["seq"]
+                if not signature_valid(key, record):
+                    return bad("signature does not verify: the record was edited, or signed by another key", seq)
+                if expected_seq is None:
+                    starts = record.get("prev_hash") == GENESIS_HASH
+                    if (starts or from_start) and (seq != 1 or not starts):
+                        return bad(f"the log starts at record {seq}, not 1: records were removed", seq)
+                elif seq < expected_seq:
+                    return bad(f"record {seq} appears after record {expected_seq - 1}: records were "
+                               "reordered or duplicated", seq)
+                elif seq > expected_seq:
+                    return bad(f"records {expected_seq} to {seq - 1} are missing: removed", seq)
+                elif record.get("prev_hash") != prev_hash:
+                    return bad("the previous-hash link is broken: a record before it was replaced or "
+                               "inserted", seq)
+                expected_seq = seq + 1
+                prev_hash = record_hash(record)
+                count += 1
+    if head is not None:
+        last = (expected_seq or 1) - 1
+        if last < head.seq:
+            return VerifyResult(False, count, f"truncated: the log ends at record {last} but the store's "
+                                f"head is record {head.seq}", str(files[-1]) if files else None, None, last)
+        if last == head.seq and prev_hash != head.hash:
+            return VerifyResult(False, count, "the last record does not match the store's head "
+                                "(replaced tail)", str(files[-1]) if files else None, None, last)
+    if count == 0 and (head is None or head.seq == 0):
+        return VerifyResult(True, 0)
+    return VerifyResult(True, count)

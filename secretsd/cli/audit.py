@@ -1,0 +1,107 @@
+"""Audit trail commands: verify a log, export the public key. Both read the store without unsealing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from secretsd.cli.common import emit_json, friendly_errors, json_option, main
+from secretsd.errors import ConfigError, NotInitializedError
+
+config_option = click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
+
+
+@main.group()
+def audit() -> None:
+    """Verify the tamper-evident audit trail."""
+
+
+async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple[str, object, Path]:
+    from secretsd.audit.keys import public_key_pem
+    from secretsd.audit.verify import Head
+    from secretsd.config import load_settings
+    from secretsd.daemon import build_storage
+
+    settings = load_settings(config_file, data_dir=data_dir)
+    storage = build_storage(settings)
+    await storage.open()
+    try:
+        if not await storage.is_initialized():
+            raise NotInitializedError(f"the store in {settings.data_dir} is not initialised")
+        pem = await public_key_pem(storage)
+        if pem is None:
+            raise ConfigError("this store has no audit key yet (it is made when the daemon first unseals)")
+        raw = await storage.get_meta(f"audit_head:{settings.audit.chain}")
+        head = Head(**json.loads(raw)) if raw else Head(0, "")
+        return pem, head, settings.audit.log_path(settings.require_data_dir())
+    finally:
+        await storage.close()
+
+
+@audit.command(name="verify")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--pubkey", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="PEM public key, for verifying exported copies.")
+@config_option
+@data_dir_option
+@json_option
+@friendly_errors
+def audit_verify(files: tuple[Path, ...], pubkey: Path | None, config_file: Path | None,
+                 data_dir: Path | None, as_json: bool) -> None:
+    """Check every record's signature, order and hash chain; exit 0 only if all verify.
+
+    With --data-dir (or --config) it checks the daemon's own log against the key and the chain head
+    kept in the store, so a cut-off tail is detected too. With FILE... --pubkey it checks copies.
+
+    \b
+    Examples:
+      secretsd audit verify --data-dir /var/lib/secretsd
+      secretsd audit verify audit.jsonl.000001 audit.jsonl --pubkey audit.pub
+    """
+    from secretsd.audit.record import load_public_pem
+    from secretsd.audit.verify import Head, log_files, verify
+
+    if files:
+        if pubkey is None:
+            raise click.UsageError("verifying FILE... needs --pubkey PUBFILE")
+        try:
+            key = load_public_pem(pubkey.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{pubkey}: {exc}") from exc
+        result = verify(list(files), key)
+    else:
+        pem, head, log_path = asyncio.run(_store_facts(config_file, data_dir))
+        assert isinstance(head, Head)
+        paths = log_files(log_path)
+        result = verify(paths, load_public_pem(pem), head=head, from_start=True)
+    if as_json:
+        emit_json({"ok": result.ok, "records": result.records, "problem": result.problem,
+                   "file": result.file, "line": result.line, "seq": result.seq})
+    else:
+        click.echo(result.describe())
+    if not result.ok:
+        sys.exit(1)
+
+
+@audit.command(name="pubkey")
+@config_option
+@data_dir_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@friendly_errors
+def audit_pubkey(config_file: Path | None, data_dir: Path | None, output: Path | None) -> None:
+    """Print the audit log's Ed25519 public key (PEM), for verifying exported copies elsewhere.
+
+    \b
+    Example:
+      secretsd audit pubkey --data-dir /var/lib/secretsd -o audit.pub
+    """
+    pem, _head, _path = asyncio.run(_store_facts(config_file, data_dir))
+    if output:
+        output.write_text(pem)
+    else:
+        click.echo(pem, nl=False)
