@@ -128,6 +128,15 @@ class KeyProvider(Protocol):
         """Create a new KEK version, make it current, keep old ones for unwrap; return its id."""
         ...
 
+    def refresh(self) -> None:
+        """Pick up KEK versions that another process created since this one was built.
+
+        A daemon calls it before wrapping a new key, so that after ``secretsd keyring rewrap`` it
+        never wraps under a version the operator was told may now be destroyed. A provider with
+        nothing shared to re-read does nothing.
+        """
+        ...
+
     def close(self) -> None:
         """Release sessions and handles. The provider is unusable afterwards."""
         ...

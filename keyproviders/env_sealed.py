@@ -496,6 +496,10 @@ class EnvSealedKeyProvider:
         log.info("env-sealed key provider: KEK version %s is now current (%s)", kid, params.describe())
         return kid
 
+    def refresh(self) -> None:
+        # Each process seals under its own salt; there is nothing shared to re-read.
+        return None
+
     def close(self) -> None:
         # Best effort: Python cannot wipe immutable bytes; dropping the references is what we can do.
         with self._derive_lock, self._lock:

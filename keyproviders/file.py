@@ -213,6 +213,12 @@ class FileKeyProvider:
                 raise
         return kid
 
+    def refresh(self) -> None:
+        fresh = FileKeyProvider.load(self._path)
+        with self._lock:
+            self._keys.update(fresh._keys)
+            self._active = fresh._active
+
     def close(self) -> None:
         with self._lock:
             self._keys.clear()

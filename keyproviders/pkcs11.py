@@ -376,7 +376,8 @@ def _map_error(exc: p11.PKCS11Error, opts: Pkcs11Options, *, seen_token: bool) -
     if isinstance(exc, p11.PinExpired):
         return ProviderAuthError(f"the user PIN of {where} has expired: set a new one")
     if isinstance(exc, p11.UserPinNotInitialized):
-        return ProviderConfigError(f"{where} has no user PIN yet: initialise it (softhsm2-util --init-pin)")
+        return ProviderConfigError(f"{where} has no user PIN yet: initialise it "
+            "(for SoftHSM2: pkcs11-tool --module MODULE --login-type so --init-pin --new-pin PIN)")
     if isinstance(exc, p11.AnotherUserAlreadyLoggedIn | p11.UserTooManyTypes):
         return ProviderAuthError(f"the security officer is logged in to {where}; log it out first")
     if isinstance(exc, p11.MechanismInvalid | p11.MechanismParamInvalid | p11.FunctionNotSupported):
@@ -615,6 +616,12 @@ class Pkcs11KeyProvider:
         # would create a duplicate version. The operator re-runs rotation after a failure.
         return self._key_id(self._run(op, retry=False))
 
+    def refresh(self) -> None:
+        def op() -> None:
+            self._keks = _find_keks(self._session, self._opts)
+
+        self._run(op)
+
     def close(self) -> None:
         with self._lib.lock:
             if self._closed:
@@ -792,7 +799,7 @@ def create_key(options: Mapping[str, Any], *, base_dir: Path) -> str:
             if list(session.get_objects({Attribute.LABEL: opts.key_label})):
                 raise ProviderConfigError(
                     f"an object labelled {opts.key_label!r} already exists in {opts.where()}; refusing to "
-                    f"create another (rotate the key to add a version)"
+                    f"create another (to add a version, run 'secretsd keyring rewrap')"
                 )
             _generate_kek(session, opts, 1)
         except p11.PKCS11Error as exc:

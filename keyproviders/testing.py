@@ -103,6 +103,13 @@ class KeyProviderConformance:
         assert provider.unwrap(before, AAD) == key
         assert provider.unwrap(after, AAD) == key
 
+    def test_refresh_keeps_the_provider_working(self, provider: KeyProvider) -> None:
+        key = secrets.token_bytes(32)
+        before = provider.wrap(key, AAD)
+        provider.refresh()
+        assert provider.unwrap(before, AAD) == key
+        assert provider.unwrap(provider.wrap(key, AAD), AAD) == key
+
     def test_concurrent_wraps_never_mix_keys(self, provider: KeyProvider) -> None:
         keys = [secrets.token_bytes(32) for _ in range(64)]
 

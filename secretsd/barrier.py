@@ -18,7 +18,7 @@ from secretsd.crypto import DataKey, blob_aad, value_aad
 from secretsd.events import Event, EventBus
 from secretsd.keyring import Keyring, make_term, provider_errors, unseal
 from secretsd.providers import ProviderSet
-from secretsd.storage import Storage, VersionRecord
+from secretsd.storage import KeyringTerm, Storage, VersionRecord
 
 log = logging.getLogger("secretsd.barrier")
 
@@ -28,6 +28,27 @@ class SealedValue:
     term: int
     nonce: bytes
     ciphertext: bytes
+
+
+def _refresh_all(providers: list[KeyProvider]) -> None:
+    for provider in providers:
+        provider.refresh()
+
+
+def check_coverage(providers: list[KeyProvider], newest: KeyringTerm) -> None:
+    """A new term must be wrapped for every provider kind the newest term is wrapped for.
+
+    Otherwise a daemon still running with the configuration from before `keyring migrate` (or
+    before a recovery provider was added) would make a term that the store's current
+    configuration cannot open.
+    """
+    missing = sorted({w.provider for w in newest.wrappings} - {p.name for p in providers})
+    if missing:
+        raise errors.ProviderUnavailable(
+            f"the keyring is also wrapped for key provider(s) {', '.join(missing)}, which this daemon is "
+            "not configured with (was the keyring migrated?); restart it with the store's current "
+            "configuration before adding keys"
+        )
 
 
 class Barrier:
@@ -168,6 +189,9 @@ class Barrier:
             await asyncio.to_thread(self._providers.build_missing)
             providers = self._providers.all_or_raise()
             terms = await self._storage.keyring_terms()
+            check_coverage(providers, terms[-1])
+            with provider_errors():
+                await asyncio.to_thread(_refresh_all, providers)
             number = max(t.term for t in terms) + 1
             with provider_errors():
                 record, dek = await make_term(providers, number, self._clock())

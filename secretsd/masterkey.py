@@ -86,7 +86,8 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
     since (a new recovery key), and drops wrappings for providers no longer configured.
     """
     storage = build_storage(settings)
-    group = provider_set(settings)
+    # create: a newly configured recovery key file is made here (an HSM key never is).
+    group = provider_set(settings, create=True)
     await storage.open()
     try:
         providers = await _all(group)

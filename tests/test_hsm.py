@@ -426,3 +426,39 @@ def test_migrate_while_the_daemon_serves(hsm_key: dict[str, Any], tmp_path: Path
         assert http("GET", f"{moved.url}/v1/secrets/app/k", token=token).body["value"] == "kept"
     finally:
         moved.stop()
+
+
+# -- daemons running while the master key changes under them -------------------------------------
+async def test_a_running_daemon_wraps_new_terms_under_the_newest_kek_after_rewrap(
+    hsm_api: Api,
+) -> None:
+    settings = hsm_api.daemon.settings
+    report = await rewrap(settings)  # another process makes v2 and re-wraps every term
+    (new_id,) = report.key_ids
+    resp = await hsm_api.client.post("/v1/sys/keyring/rotate", headers=hsm_api.auth())
+    assert resp.status == 200
+    newest = (await _terms(settings))[-1]
+    assert [w.key_id for w in newest.wrappings] == [new_id]
+
+
+async def test_a_daemon_with_the_pre_migration_config_refuses_to_add_terms(
+    hsm_key: dict[str, Any], tmp_path: Path
+) -> None:
+    old = load_settings(None, data_dir=tmp_path / "d")
+    admin = (await initialize_store(old)).admin_token
+    daemon = Daemon(old)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    api = Api(client, daemon, admin)
+    try:
+        await api.put("app/k", "v")
+        await migrate(old, load_settings(write_config(tmp_path / "hsm.toml", hsm_key), data_dir=tmp_path / "d"))
+        assert (await api.get("app/k"))["value"] == "v"  # it keeps serving from memory
+        resp = await client.post("/v1/sys/keyring/rotate", headers=api.auth())
+        doc = await resp.json()
+        assert resp.status == 503 and "was the keyring migrated" in doc["detail"]
+        assert len(await _terms(old)) == 1
+    finally:
+        await client.close()
+        await daemon.stop()

@@ -87,3 +87,13 @@ def test_keyproviders_never_imports_secretsd() -> None:
     for source in root.glob("*.py"):
         text = source.read_text()
         assert "import secretsd" not in text and "from secretsd" not in text, source.name
+
+
+def test_refresh_picks_up_a_rotation_made_by_another_process(tmp_path: Path) -> None:
+    mine = FileKeyProvider.create(tmp_path / "k")
+    theirs = FileKeyProvider.load(tmp_path / "k")
+    new_id = theirs.rotate()
+    assert mine.key_id() != new_id
+    mine.refresh()
+    assert mine.key_id() == new_id
+    assert mine.wrap(b"k" * 32, b"a").key_id == new_id

@@ -46,7 +46,10 @@ def _report(report: Report, verb: str, as_json: bool) -> None:
     click.echo(f"{verb} {report.terms} keyring term(s) for {', '.join(report.providers)}.")
     click.echo(f"Current key(s): {', '.join(report.key_ids)}")
     if report.retired_key_ids:
-        click.echo(f"No longer used by this store (may be destroyed): {', '.join(report.retired_key_ids)}")
+        click.echo(f"No longer used by this store: {', '.join(report.retired_key_ids)}. Daemons pick up the "
+                   "new version at their next keyring change; destroy the old one only after "
+                   "'secretsd audit verify' and a check that no term still uses it "
+                   "('secretsd keyring rewrap --no-rotate' reports any).")
 
 
 @keyring.command(name="rewrap")
@@ -119,7 +122,8 @@ def _pkcs11_options(config_file: Path | None) -> tuple[dict[str, Any], Path]:
             f"the configured key provider is {options.get('kind')!r}; 'hsm' commands need "
             f"[key_provider] kind = \"pkcs11\" (pass --config FILE)"
         )
-    base = config_file.resolve().parent if config_file else Path.cwd()
+    # The daemon resolves relative provider paths (a pin_file) against the data directory: so do we.
+    base = settings.data_dir or (config_file.resolve().parent if config_file else Path.cwd())
     return {k: v for k, v in options.items() if k != "kind"}, base
 
 
