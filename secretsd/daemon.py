@@ -115,6 +115,7 @@ class Daemon:
                                    events=self.events, clock=clock)
         self._tasks: list[asyncio.Task[None]] = []
         self.audit: AuditLog | None = None
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self.value_hasher: ValueHasher | None = None
         self.events.subscribe(self._audit_event)
 
@@ -187,10 +188,15 @@ class Daemon:
                 raise
             log.error("audit record lost (audit.fail_closed = false): %s", fields.get("action"))
 
-    def audit_ready(self) -> None:
-        """Refuse up front, before any change is made, while the audit log is failing."""
+    async def audit_ready(self) -> None:
+        """While the audit log is failing, refuse up front, before anything is read or changed.
+
+        The check is itself a record: the first request after the disk recovers writes it and
+        goes ahead, so recovery needs no operator.
+        """
         if self.audit is not None and not self.audit.healthy and self.settings.audit.fail_closed:
-            raise AuditError("the audit log cannot be written; requests are refused until it can")
+            await self.record({"action": "audit.probe", "client": "system", "decision": "allow",
+                               "outcome": "ok"})
 
     def _audit_event(self, event: Event) -> None:
         # Requests are recorded by the HTTP layer; here only what happens on the daemon's own
@@ -200,6 +206,8 @@ class Daemon:
         fields = {"action": event.action, "client": "system", "decision": "allow", "outcome": "ok",
                   "path": event.path, "version": event.version, **event.detail}
         task = asyncio.get_running_loop().create_task(self.record(fields))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
         task.add_done_callback(_log_task_failure)
 
     async def _watch_providers(self) -> None:
@@ -215,6 +223,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._event_tasks:  # let records of events that just happened reach the log
+            await asyncio.wait(set(self._event_tasks), timeout=self.settings.audit.write_timeout_seconds)
         if self.audit is not None:
             await self.audit.close()
         self.barrier.close()

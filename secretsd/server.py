@@ -14,6 +14,7 @@ from secretsd.api.app import create_app
 from secretsd.config import Settings, parse_listen
 from secretsd.daemon import Daemon
 from secretsd.errors import ConfigError
+from secretsd.events import Event
 
 log = logging.getLogger("secretsd")
 
@@ -71,9 +72,13 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
 
     def reload_policies() -> None:
         try:
-            daemon.policies.reload()
+            policies = daemon.policies.reload()
         except ConfigError as exc:
             log.error("policy reload failed, keeping the previous policies: %s", exc)
+            daemon.events.emit(Event("policy.reload", daemon.clock(), "system", detail={"outcome": "failed"}))
+            return
+        daemon.events.emit(Event("policy.reload", daemon.clock(), "system",
+                                 detail={"policies": policies.names()}))
 
     loop.add_signal_handler(signal.SIGHUP, reload_policies)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

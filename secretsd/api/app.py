@@ -108,7 +108,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
             if d.barrier.sealed and request.path not in SEALED_ROUTES:
                 raise SealedError()
-            d.audit_ready()
+            await d.audit_ready()
         response = await handler(request)
     except SecretsdError as exc:
         response = problem_response(problem_for(exc), exc.message, request_id)
