@@ -82,6 +82,23 @@ class WriteResult:
     term_encryptions: int
 
 
+class LeaderLock(Protocol):
+    """Leadership for singleton work (the rotation scheduler, cleanup) among processes sharing a store.
+
+    At most one holder at a time across every process using the store; a holder that dies loses
+    it (its connection or file lock goes with it), so another process can take over.
+    """
+
+    @property
+    def held(self) -> bool: ...
+
+    async def try_acquire(self) -> bool:
+        """Take the lock if it is free; never waits. True if this process holds it now."""
+        ...
+
+    async def release(self) -> None: ...
+
+
 class Storage(Protocol):
     """An async store. Methods raise ``secretsd.errors`` storage errors, never driver errors."""
 
@@ -90,6 +107,10 @@ class Storage(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def leader_lock(self, name: str) -> LeaderLock:
+        """A named leadership lock shared by every process on this store."""
+        ...
 
     async def ping(self) -> None:
         """Raise ``StorageUnavailableError`` unless the store answers now."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,47 @@ def _int_option(options: Mapping[str, Any], name: str, default: int, minimum: in
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"storage.{name} must be an integer >= {minimum}, not {value!r}")
     return value
+
+
+class AdvisoryLeaderLock:
+    """A session-level advisory lock on a connection of its own, outside the pool.
+
+    PostgreSQL releases it when that connection ends, so a leader that dies (or is cut off) loses
+    leadership without anyone cleaning up. portability: CockroachDB accepts advisory-lock calls
+    but does not enforce them; there a lease row would be needed instead (see docs/ha.md).
+    """
+
+    def __init__(self, storage: PostgresStorage, name: str) -> None:
+        self._storage = storage
+        # A stable 63-bit key from the name: the same on every replica.
+        self._key = int.from_bytes(hashlib.sha256(f"secretsd:{name}".encode()).digest()[:8], "big") >> 1
+        self._conn: asyncpg.Connection | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def try_acquire(self) -> bool:
+        if self.held:
+            return True
+        await self.release()
+        try:
+            conn = await asyncpg.connect(self._storage._target.dsn,
+                                         timeout=self._storage.connect_timeout_ms / 1000)
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key)
+        except self._storage._DRIVER_ERRORS as exc:
+            raise self._storage._convert(exc) from exc
+        if not got:
+            await conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(*self._storage._DRIVER_ERRORS):
+                await conn.close(timeout=2)
 
 
 class _StaleConnection(Exception):
@@ -325,6 +367,9 @@ class PostgresStorage:
             return rows
 
         return await self._run(run, transaction=False)
+
+    def leader_lock(self, name: str) -> AdvisoryLeaderLock:
+        return AdvisoryLeaderLock(self, name)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:

@@ -9,6 +9,7 @@ few microseconds, far less than a hop to a thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,35 @@ def _connect(path: Path, busy_ms: int) -> sqlite3.Connection:
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     return conn
+
+
+class FileLeaderLock:
+    """flock(2) on a file beside the database: the processes (workers) on one host that share it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    async def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    async def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the lock
 
 
 class SQLiteStorage:
@@ -180,6 +210,9 @@ class SQLiteStorage:
             self._reader.close()
         self._writer = self._reader = None
         self._executor = None
+
+    def leader_lock(self, name: str) -> FileLeaderLock:
+        return FileLeaderLock(self.path.with_name(f"{self.path.name}.leader-{name}.lock"))
 
     async def ping(self) -> None:
         self._query("SELECT 1")

@@ -78,6 +78,22 @@ class StorageConformance:
         assert await storage.put_meta("other", "x", only_if_absent=True)
         assert await storage.get_meta("other") == "x"
 
+    async def test_leader_lock_has_one_holder(self, storage: Storage) -> None:
+        await initialized(storage)
+        first, second = storage.leader_lock("scheduler"), storage.leader_lock("scheduler")
+        other = storage.leader_lock("cleanup")
+        try:
+            assert await first.try_acquire() and first.held
+            assert await first.try_acquire()  # re-entrant for its holder
+            assert not await second.try_acquire() and not second.held
+            assert await other.try_acquire()  # names are independent
+            await first.release()
+            assert not first.held
+            assert await second.try_acquire()
+        finally:
+            for lock in (first, second, other):
+                await lock.release()
+
     async def test_replace_wrappings_is_compare_and_swap(self, storage: Storage) -> None:
         await initialized(storage)
         old = term(1).wrappings
