@@ -39,6 +39,12 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
+    # One line per request is on the hot path: skip what our formats never print (the logging
+    # docs' "Optimization" section: no caller lookup, no thread/process/task names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
