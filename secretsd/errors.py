@@ -16,6 +16,7 @@ token or key material::
     │   └── ProviderAuthFailed         the provider refused our credentials (bad PIN)
     ├── StorageError
     │   ├── NotFoundError              no such secret, version or token
+    │   │   └── GoneError              the version expired, or its grace period ended
     │   ├── ConflictError              check-and-set or uniqueness conflict
     │   └── StorageUnavailableError    the database cannot be reached (retryable)
     ├── RequestError                   the request itself is malformed
@@ -24,6 +25,7 @@ token or key material::
     ├── AuthError
     │   ├── UnauthenticatedError       no valid credential
     │   └── PermissionDeniedError      a policy denies the operation
+    ├── RotationFailedError            a rotation hook failed or timed out; nothing changed
     ├── AuditError                     an audit record could not be written (fail closed)
     └── UnreachableError               (client side) the daemon did not answer
 
@@ -103,6 +105,10 @@ class NotFoundError(StorageError):
     """Not found."""
 
 
+class GoneError(NotFoundError):
+    """The version is no longer served: it expired, or its grace period ended."""
+
+
 class ConflictError(StorageError):
     """The write conflicts with the current state."""
 
@@ -135,6 +141,10 @@ class UnauthenticatedError(AuthError):
 
 class PermissionDeniedError(AuthError):
     """Permission denied."""
+
+
+class RotationFailedError(SecretsdError):
+    """The rotation failed: its pending version was discarded and the current one is unchanged."""
 
 
 class AuditError(SecretsdError):

@@ -34,6 +34,7 @@ PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
     errors.UnauthenticatedError: ProblemType("unauthenticated", 401, "Authentication required"),
     errors.PermissionDeniedError: ProblemType("permission-denied", 403, "Permission denied"),
     errors.AuthError: ProblemType("permission-denied", 403, "Permission denied"),
+    errors.GoneError: ProblemType("gone", 410, "Gone"),
     errors.NotFoundError: ProblemType("not-found", 404, "Not found"),
     errors.ConflictError: ProblemType("conflict", 409, "Conflict"),
     errors.StorageUnavailableError: ProblemType("storage-unavailable", 503, "Storage unavailable"),
@@ -42,6 +43,7 @@ PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
     errors.AlreadyInitializedError: ProblemType("already-initialized", 409, "Already initialised"),
     errors.KeyProviderFailure: ProblemType("provider-unavailable", 503, "Key provider unavailable"),
     errors.AuditError: ProblemType("audit-failed", 503, "Audit unavailable"),
+    errors.RotationFailedError: ProblemType("rotation-failed", 502, "Rotation failed"),
     errors.CryptoError: ProblemType("internal", 500, "Internal error"),
     errors.SecretsdError: ProblemType("internal", 500, "Internal error"),
 }

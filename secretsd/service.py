@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from secretsd.auth import Principal
@@ -17,6 +18,7 @@ from secretsd.clock import Clock, utcnow
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
+from secretsd.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
 
 MAX_METADATA_KEYS = 64
@@ -32,6 +34,8 @@ MAX_LIST_LIMIT = 1000
 class SecretValue:
     info: VersionInfo
     value: str
+    #: The staging labels the version carries (current, previous, pending).
+    labels: tuple[str, ...] = ()
 
 
 def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
@@ -88,7 +92,10 @@ class SecretsService:
         *,
         cas: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        expires_at: datetime | None = None,
     ) -> VersionInfo:
+        """Write a new current version. With a rotation policy on the secret, the old current
+        version gets the policy's grace period, as after a rotation (docs/rotation.md)."""
         validate_path(path)
         plaintext = value.encode("utf-8")
         if len(plaintext) > self._max_value_bytes:
@@ -96,6 +103,8 @@ class SecretsService:
         if cas is not None and cas < 0:
             raise RequestError("cas must be 0 (create only) or an existing version number")
         clean_meta = validate_metadata(metadata) if metadata is not None else None
+        if expires_at is not None and expires_at <= self._clock():
+            raise RequestError("expires_at must be in the future")
         for _ in range(WRITE_ATTEMPTS):
             secret = await self._storage.get_secret(path)
             current = secret.current_version if secret else 0
@@ -103,18 +112,22 @@ class SecretsService:
                 raise ConflictError(
                     f"check-and-set failed: {path} is at version {current}, not {cas}"
                 )
-            version = current + 1
+            # Not current + 1: a pending rotation (or a discarded one) may hold that number.
+            version = (secret.latest_version if secret else 0) + 1
             sealed = self._barrier.seal_value(path, version, plaintext)
             now = self._clock()
+            grace_until = None
+            if secret is not None and secret.rotation is not None:
+                grace_until = now + RotationPolicy.parse(secret.rotation).grace
             record = VersionRecord(
                 path=path, version=version, created_at=now, created_by=who.client,
                 state=VersionState.ACTIVE, term=sealed.term, nonce=sealed.nonce,
-                ciphertext=sealed.ciphertext,
+                ciphertext=sealed.ciphertext, expires_at=expires_at,
             )
             try:
                 result = await self._storage.write_version(
                     record, expected_current=current, metadata=clean_meta,
-                    max_versions=self._max_versions,
+                    max_versions=self._max_versions, grace_until=grace_until,
                 )
             except ConflictError:
                 if cas is not None:
@@ -125,18 +138,32 @@ class SecretsService:
             return record
         raise ConflictError(f"{path} is being written concurrently; try again")
 
-    async def get(self, who: Principal, path: str, version: int | None = None) -> SecretValue:
+    async def get(self, who: Principal, path: str, version: int | None = None, *, label: str | None = None,
+                  privileged: bool = False, may_read_pending: bool = False) -> SecretValue:
+        """A version by number or staging label (default: current), if the serving rule allows.
+
+        ``privileged``: the caller holds ``admin`` on the path (reads past the grace period);
+        ``may_read_pending``: it holds ``rotate`` (reads the pending version).
+        """
         validate_path(path)
         if version is not None and version < 1:
             raise RequestError("version must be a positive integer")
-        record = await self._storage.get_version(path, version)
-        if record is None:
-            raise NotFoundError(f"no secret at {path}" if version is None else f"{path} has no version {version}")
-        if record.state is not VersionState.ACTIVE:
-            raise NotFoundError(f"version {record.version} of {path} is {record.state.value}")
+        if label is not None and label not in LABELS:
+            raise RequestError(f"label must be one of {', '.join(LABELS)}")
+        if label is not None and version is not None:
+            raise RequestError("ask for a version or a label, not both")
+        found = await self._storage.read_version(path, version=version, label=label or "current")
+        if found is None:
+            if version is not None:
+                raise NotFoundError(f"{path} has no version {version}")
+            if label in (None, "current"):
+                raise NotFoundError(f"no secret at {path}")
+            raise NotFoundError(f"{path} has no {label} version")
+        secret, record = found
+        check_servable(secret, record, now=self._clock(), privileged=privileged, may_read_pending=may_read_pending)
         plaintext = await self._barrier.open_value(record)
         self._emit("secret.read", who, path, record.version)
-        return SecretValue(record, plaintext.decode("utf-8"))
+        return SecretValue(record, plaintext.decode("utf-8"), tuple(labels_of(secret, record.version)))
 
     async def list_secrets(self, who: Principal, prefix: str, *, after: str = "",
                    limit: int = MAX_LIST_LIMIT) -> list[SecretRecord]:

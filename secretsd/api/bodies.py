@@ -6,10 +6,11 @@ import json
 from typing import TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from secretsd.api.context import DAEMON
 from secretsd.errors import PayloadTooLargeError, RequestError
+from secretsd.rotation import RotationPolicy
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -22,6 +23,19 @@ class PutSecretBody(_Body):
     value: str
     cas: int | None = Field(None, ge=0)
     metadata: dict[str, str] | None = None
+    #: RFC 3339 with a UTC offset; from then on the version is not served (docs/rotation.md).
+    expires_at: AwareDatetime | None = Field(None, strict=False)
+
+
+class RotateBody(_Body):
+    #: A supplied value; without one, the secret's generator makes the new value.
+    value: str | None = None
+    expires_at: AwareDatetime | None = Field(None, strict=False)
+
+
+class SetMetadataBody(_Body):
+    #: The rotation policy (see secretsd.rotation.RotationPolicy), or null to remove it.
+    rotation: RotationPolicy | None
 
 
 class VersionsBody(_Body):

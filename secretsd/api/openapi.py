@@ -6,7 +6,14 @@ from functools import cache
 from typing import Any
 
 from secretsd import __version__
-from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody
+from secretsd.api.bodies import (
+    CreateTokenBody,
+    PolicyCheckBody,
+    PutSecretBody,
+    RotateBody,
+    SetMetadataBody,
+    VersionsBody,
+)
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 
 _PATH_PARAM = {
@@ -44,7 +51,7 @@ def _query(name: str, kind: str, description: str) -> dict[str, Any]:
 @cache
 def document() -> dict[str, Any]:
     schemas = {m.__name__: m.model_json_schema() for m in
-               (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody)}
+               (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody, RotateBody, SetMetadataBody)}
     schemas["Problem"] = {
         "type": "object",
         "properties": {k: {"type": "string"} for k in ("type", "title", "detail", "request_id")}
@@ -65,8 +72,10 @@ def document() -> dict[str, Any]:
             ])},
             "/v1/secrets/{path}": {
                 "parameters": [_PATH_PARAM],
-                "get": _op("Read a secret (current version or ?version=N)", "read",
-                           params=[_query("version", "integer", "a version number")]),
+                "get": _op("Read a secret (current version, ?version=N or ?label=current|previous|pending); "
+                           "410 once expired or past its grace period (docs/rotation.md)", "read",
+                           params=[_query("version", "integer", "a version number"),
+                                   _query("label", "string", "current, previous or pending")]),
                 "put": _op("Write a new version; `cas` makes it check-and-set", "write", body="PutSecretBody"),
                 "delete": _op("Soft-delete the current version", "delete"),
             },
@@ -77,8 +86,18 @@ def document() -> dict[str, Any]:
                 }
                 for action in ("delete", "undelete", "destroy")
             },
+            "/v1/secrets/{path}/rotate": {
+                "parameters": [_PATH_PARAM],
+                "post": _op("Rotate now: a generated (or the supplied) value becomes current, the old one "
+                            "previous; 502 rotation-failed when the hook fails", "rotate", body="RotateBody"),
+            },
             "/v1/metadata/{path}": {"parameters": [_PATH_PARAM],
-                                    "get": _op("Versions, timestamps, creators, states", "read")},
+                                    "get": _op("Versions, labels, timestamps, creators, states, rotation", "read"),
+                                    "put": _op("Set or remove the rotation policy", "rotate",
+                                               body="SetMetadataBody")},
+            "/v1/rotation/status": {"get": _op("Rotation policy, next due and last result per secret",
+                                               "list on the prefix",
+                                               params=[_query("prefix", "string", "this path and below")])},
             "/v1/sys/status": {"get": _op("Seal state, provider, keyring term, version",
                                           "read on sys/status")},
             "/v1/sys/keyring/rotate": {"post": _op("Add a keyring term", "admin on sys/keyring")},

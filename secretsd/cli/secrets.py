@@ -13,19 +13,22 @@ from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, ma
 @main.command()
 @click.argument("path")
 @click.option("--version", "version", type=click.IntRange(min=1), help="A specific version.")
+@click.option("--label", type=click.Choice(["current", "previous", "pending"]),
+              help="A staging label instead (see docs/rotation.md).")
 @json_option
 @click.pass_obj
 @friendly_errors
-def get(ctx: Ctx, path: str, version: int | None, as_json: bool) -> None:
+def get(ctx: Ctx, path: str, version: int | None, label: str | None, as_json: bool) -> None:
     """Print a secret's value.
 
     \b
     Example:
       secretsd get app/db-password
       secretsd get app/db-password --version 2 --json
+      secretsd get app/db-password --label previous
     """
     with ctx.client() as client:
-        data = client.get(path, version)
+        data = client.get(path, version, label=label)
     if as_json:
         emit_json(data)
     else:

@@ -30,8 +30,25 @@ def _p(path: str) -> str:
     return quote(path.strip("/"), safe="/")
 
 
-def get_secret(path: str, version: int | None = None) -> Call:
-    return Call("GET", f"/v1/secrets/{_p(path)}", {"version": str(version)} if version else {})
+def get_secret(path: str, version: int | None = None, label: str | None = None) -> Call:
+    query = {"version": str(version)} if version else {}
+    if label:
+        query["label"] = label
+    return Call("GET", f"/v1/secrets/{_p(path)}", query)
+
+
+def rotate_secret(path: str, value: str | None = None) -> Call:
+    # Never retried: a second attempt would rotate twice.
+    return Call("POST", f"/v1/secrets/{_p(path)}/rotate", body={} if value is None else {"value": value},
+                idempotent=False)
+
+
+def set_rotation(path: str, policy: dict[str, Any] | None) -> Call:
+    return Call("PUT", f"/v1/metadata/{_p(path)}", body={"rotation": policy})
+
+
+def rotation_status(prefix: str = "") -> Call:
+    return Call("GET", "/v1/rotation/status", {"prefix": prefix.strip("/")})
 
 
 def put_secret(path: str, value: str, cas: int | None = None,

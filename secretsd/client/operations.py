@@ -68,8 +68,19 @@ class Operations(ABC, Generic[R]):
     def call(self, call: calls.Call) -> R:
         """Send ``call``, retrying per the retry policy; return the decoded response."""
 
-    def get(self, path: str, version: int | None = None) -> R:
-        return self.call(calls.get_secret(path, version))
+    def get(self, path: str, version: int | None = None, *, label: str | None = None) -> R:
+        return self.call(calls.get_secret(path, version, label))
+
+    def rotate(self, path: str, value: str | None = None) -> R:
+        """Rotate now: the generated (or the given) value becomes current, the old one previous."""
+        return self.call(calls.rotate_secret(path, value))
+
+    def set_rotation(self, path: str, policy: dict[str, Any] | None) -> R:
+        """Set (or with None remove) the rotation policy of ``path``."""
+        return self.call(calls.set_rotation(path, policy))
+
+    def rotation_status(self, prefix: str = "") -> R:
+        return self.call(calls.rotation_status(prefix))
 
     def put(self, path: str, value: str, *, cas: int | None = None,
             metadata: dict[str, str] | None = None) -> R:
