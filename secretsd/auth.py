@@ -68,6 +68,10 @@ class TokenAuthenticator:
     def invalidate(self, token_id: str) -> None:
         self._cache.pop(token_id, None)
 
+    def invalidate_all(self) -> None:
+        """Forget every cached token (after revocations may have been missed, e.g. a lost feed)."""
+        self._cache.clear()
+
     async def _record(self, token_id: str) -> TokenRecord | None:
         now = time.monotonic()
         hit = self._cache.get(token_id)

@@ -7,10 +7,10 @@ same conformance suite (``secretsd.storage.testing``); nothing backend-specific 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from keyproviders import WrappedKey
 
@@ -41,6 +41,10 @@ class VersionInfo:
     created_by: str
     state: VersionState
     deleted_at: datetime | None = None
+    #: From then on the value is not served to anyone (see docs/rotation.md).
+    expires_at: datetime | None = None
+    #: Set when rotation superseded this version: ordinary readers may read it until then.
+    grace_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,17 @@ class SecretRecord:
     created_at: datetime
     updated_at: datetime
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: The highest version number allocated so far (a new version is this + 1).
+    latest_version: int = 0
+    #: Staging labels besides ``current`` (docs/rotation.md).
+    previous_version: int | None = None
+    pending_version: int | None = None
+    #: The rotation policy as stored (JSON object), None when the secret has none.
+    rotation: Mapping[str, Any] | None = None
+    #: When the scheduler should next look at this secret (rotation due, or a retry).
+    rotation_due: datetime | None = None
+    #: Outcome bookkeeping of the last rotations (JSON object; see ``secretsd.rotation``).
+    rotation_status: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,43 @@ class WriteResult:
     secret: SecretRecord
     #: How many values the sealing term has encrypted, this one included (across all replicas).
     term_encryptions: int
+
+
+#: What ``export_rows`` yields and ``import_rows`` takes: column -> backend-neutral value
+#: (see ``secretsd.storage.rows``, which also lists the tables, in reference order).
+ExportRow = dict[str, Any]
+
+#: Change-feed channels: a keyring term was added or re-wrapped (payload: the term number); a
+#: token was revoked (payload: its token id, the public part, never the secret).
+KEYRING_CHANNEL = "secretsd_keyring"
+TOKENS_CHANNEL = "secretsd_tokens"
+
+
+class ChangeSubscription(Protocol):
+    """A live subscription to a change feed (a dedicated connection, for PostgreSQL)."""
+
+    async def ping(self) -> None:
+        """Raise ``StorageUnavailableError`` unless the subscription is still connected."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """Optional storage capability: hear, within milliseconds, what other processes changed.
+
+    A backend whose writers announce keyring changes and token revocations on ``KEYRING_CHANNEL``
+    and ``TOKENS_CHANNEL`` (PostgreSQL: NOTIFY in the writing transaction) implements it; others
+    (SQLite, one host) do not, and replicas fall back to polling (``secretsd.replication``).
+    Notifications are a hint that may be lost (while disconnected): never the only path.
+    """
+
+    async def subscribe(
+        self, channels: Sequence[str], callback: Callable[[str, str], None]
+    ) -> ChangeSubscription:
+        """Call ``callback(channel, payload)`` on the event loop for each notification."""
+        ...
 
 
 class LeaderLock(Protocol):
@@ -164,18 +216,93 @@ class Storage(Protocol):
         expected_current: int,
         metadata: Mapping[str, Any] | None,
         max_versions: int,
+        grace_until: datetime | None = None,
     ) -> WriteResult:
-        """Append ``record`` as the newest version, atomically and durably.
+        """Append ``record`` as the newest version and make it current, atomically and durably.
 
         ``expected_current`` is the current version the caller sealed against (0: the secret
-        must not exist); any other current version raises ``ConflictError`` and writes nothing.
-        ``metadata`` replaces the secret's metadata unless None. Versions beyond the newest
-        ``max_versions`` are removed, and the sealing term's encryption count grows by one.
+        must not exist); any other current version, or a ``record.version`` other than the
+        secret's ``latest_version + 1``, raises ``ConflictError`` and writes nothing.
+        ``metadata`` replaces the secret's metadata unless None. The old current version becomes
+        ``previous_version``; with ``grace_until`` it also gets that grace end. Versions beyond
+        the newest ``max_versions`` are removed, except the previous and pending ones and any in
+        grace, and the sealing term's encryption count grows by one.
         """
+        ...
+
+    async def read_version(
+        self, path: str, *, version: int | None = None, label: str = "current"
+    ) -> tuple[SecretRecord, VersionRecord] | None:
+        """A version with its secret, in one lookup: by number, else by label (current, previous,
+        pending). None if there is no such secret, label or version."""
+        ...
+
+    async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
+        """Add ``record`` as the secret's ``pending`` version, leaving ``current`` alone.
+
+        ``ConflictError`` (writing nothing) unless the secret exists, its current version is
+        ``expected_current``, it has no pending version and ``record.version`` is
+        ``latest_version + 1``. The sealing term's encryption count grows by one.
+        """
+        ...
+
+    async def finish_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        expected_current: int,
+        now: datetime,
+        grace_until: datetime | None,
+        max_versions: int,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> SecretRecord:
+        """Promote pending ``version`` to current; the old current becomes previous.
+
+        Check-and-set: ``ConflictError`` (changing nothing) unless ``version`` is still the
+        pending version, still active, and the current version is still ``expected_current``.
+        """
+        ...
+
+    async def discard_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        now: datetime,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> bool:
+        """Destroy pending ``version`` and clear the label, recording the rotation outcome.
+
+        False (changing nothing) if ``version`` is not the pending version any more.
+        """
+        ...
+
+    async def set_rotation(
+        self, path: str, policy: Mapping[str, Any] | None, rotation_due: datetime | None
+    ) -> SecretRecord | None:
+        """Replace the secret's rotation policy and schedule; None if there is no such secret."""
+        ...
+
+    async def record_rotation(
+        self, path: str, rotation_due: datetime | None, rotation_status: Mapping[str, Any]
+    ) -> None:
+        """Store the schedule and outcome bookkeeping of a rotation attempt."""
+        ...
+
+    async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
+        """Secrets the scheduler must look at: a pending version, or ``rotation_due`` <= ``now``;
+        soonest due first."""
         ...
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         """Secrets at ``prefix`` or below it, by path, starting after ``after``."""
+        ...
+
+    async def count_secrets(self) -> int:
+        """How many secrets the store holds (for the metrics gauge)."""
         ...
 
     async def list_versions(self, path: str) -> list[VersionInfo]:
@@ -197,4 +324,25 @@ class Storage(Protocol):
 
     async def revoke_token(self, token_id: str, now: datetime) -> bool:
         """Mark a token revoked; False if there is no such token or it was revoked already."""
+        ...
+
+    # -- copying a whole store (``secretsd storage migrate``) ---------------------------------
+    async def count_rows(self, table: str) -> int:
+        """How many rows ``table`` (one of ``rows.TABLES``) holds."""
+        ...
+
+    def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        """Every row of ``table`` as stored (ciphertext as is), in key order, in batches.
+
+        Raises ``StorageError`` if the table has columns this version cannot carry
+        (``rows.COLUMN_KINDS``), so a copy never silently drops data a newer schema added.
+        """
+        ...
+
+    async def import_rows(self, batches: AsyncIterable[tuple[str, Sequence[ExportRow]]]) -> None:
+        """Load rows exported from another store, all in one transaction: all or nothing.
+
+        ``batches`` yields (table, rows) in ``rows.TABLES`` order. Refuses with
+        ``AlreadyInitializedError`` (changing nothing) unless this store is empty.
+        """
         ...

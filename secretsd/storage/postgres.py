@@ -45,8 +45,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,8 +64,12 @@ from secretsd.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from secretsd.storage import codec
+from secretsd.storage import codec, rows
 from secretsd.storage.base import (
+    KEYRING_CHANNEL,
+    TOKENS_CHANNEL,
+    ChangeSubscription,
+    ExportRow,
     KeyringTerm,
     SecretRecord,
     Storage,
@@ -91,8 +96,11 @@ MIGRATION_LOCK_KEY = 0x5EC2E75D  # "secretsd"
 MIGRATION_TIMEOUT_S = 3600.0
 _SCHEMES = ("postgresql://", "postgres://")
 
-_SECRET_COLS = "path, current_version, created_at, updated_at, metadata::text"  # noqa: S105 - columns
-_VERSION_COLS = "v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext"
+_SECRET_COLS = ("path, current_version, created_at, updated_at, metadata::text, latest_version, "  # noqa: S105
+                "previous_version, pending_version, rotation::text, rotation_due, rotation_status::text")
+_VERSION_COLS = ("v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext, "
+                 "v.expires_at, v.grace_until")
+_LABELS = ("current", "previous", "pending")
 _TOKEN_COLS = "token_id, secret_hash, client, policies::text, created_at, created_by, expires_at, revoked_at"  # noqa: S105
 
 
@@ -142,32 +150,48 @@ class AdvisoryLeaderLock:
         # A stable 63-bit key from the name: the same on every replica.
         self._key = int.from_bytes(hashlib.sha256(f"secretsd:{name}".encode()).digest()[:8], "big") >> 1
         self._conn: asyncpg.Connection | None = None
+        self._got = False  # the lock was granted on self._conn
 
     @property
     def held(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
+        return self._got and self._conn is not None and not self._conn.is_closed()
 
     async def try_acquire(self) -> bool:
-        if self.held:
-            return True
-        await self.release()
+        """Take the lock if free; a holder's call also proves its session (and so the lock) is alive.
+
+        A candidate keeps its connection between attempts, so retrying every few seconds does not
+        open (and authenticate) a connection each time.
+        """
+        timeout = self._storage.connect_timeout_ms / 1000
+        conn = self._conn
         try:
-            conn = await asyncpg.connect(self._storage._target.dsn,
-                                         timeout=self._storage.connect_timeout_ms / 1000)
-            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key)
-        except self._storage._DRIVER_ERRORS as exc:
+            if conn is None or conn.is_closed():
+                self._got = False
+                conn = self._conn = await asyncpg.connect(
+                    self._storage._target.dsn, timeout=timeout,
+                    server_settings={"application_name": "secretsd-leader"},
+                )
+            if self._got:
+                # A silently partitioned session would keep is_closed() False: ask the server.
+                await conn.fetchval("SELECT 1", timeout=timeout)
+                return True
+            self._got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key, timeout=timeout))
+            return self._got
+        except (TimeoutError, *self._storage._DRIVER_ERRORS) as exc:
+            # Whatever the state of that session, it holds nothing we can count on any more.
+            self._got = False
+            self._conn = None
+            if conn is not None:
+                conn.terminate()
             raise self._storage._convert(exc) from exc
-        if not got:
-            await conn.close()
-            return False
-        self._conn = conn
-        return True
 
     async def release(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._got = self._conn, None, False
         if conn is not None and not conn.is_closed():
-            with contextlib.suppress(*self._storage._DRIVER_ERRORS):
+            try:
                 await conn.close(timeout=2)
+            except (TimeoutError, *self._storage._DRIVER_ERRORS):
+                conn.terminate()
 
 
 class _StaleConnection(Exception):
@@ -501,8 +525,18 @@ class PostgresStorage:
             for r in rows
         ]
 
+    @staticmethod
+    async def _notify(conn: asyncpg.Connection, channel: str, payload: str) -> None:
+        # Delivered to listeners when (and only if) the transaction commits.
+        # portability: CockroachDB has no LISTEN/NOTIFY; see docs/ha.md.
+        await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
     async def add_keyring_term(self, term: KeyringTerm) -> None:
-        await self._run(lambda conn: self._insert_term(conn, term))
+        async def run(conn: asyncpg.Connection) -> None:
+            await self._insert_term(conn, term)
+            await self._notify(conn, KEYRING_CHANNEL, str(term.term))
+
+        await self._run(run)
 
     async def replace_keyring_wrappings(
         self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
@@ -522,6 +556,7 @@ class PostgresStorage:
                 "UPDATE keyring_terms SET wrappings = $2::jsonb WHERE term = $1",
                 term, codec.wrappings_to_json(wrappings),
             )
+            await self._notify(conn, KEYRING_CHANNEL, str(term))
 
         await self._run(run)
 
@@ -531,6 +566,17 @@ class PostgresStorage:
         return SecretRecord(
             path=row[0], current_version=row[1], created_at=row[2], updated_at=row[3],
             metadata=codec.metadata_from_json(row[4]),
+            latest_version=row[5], previous_version=row[6], pending_version=row[7],
+            rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
+            rotation_due=row[9], rotation_status=codec.metadata_from_json(row[10]),
+        )
+
+    @staticmethod
+    def _version_record(r: asyncpg.Record | Sequence[Any]) -> VersionRecord:
+        return VersionRecord(
+            path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
+            deleted_at=r[5], term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]), expires_at=r[9],
+            grace_until=r[10],
         )
 
     async def get_secret(self, path: str) -> SecretRecord | None:
@@ -549,13 +595,25 @@ class PostgresStorage:
                 f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = $1 AND v.version = $2",  # noqa: S608
                 path, version,
             )
+        return self._version_record(rows[0]) if rows else None
+
+    async def read_version(
+        self, path: str, *, version: int | None = None, label: str = "current"
+    ) -> tuple[SecretRecord, VersionRecord] | None:
+        if version is None and label not in _LABELS:
+            raise ValueError(f"unknown label {label!r}")
+        scols = ", ".join(f"s.{c.strip()}" for c in _SECRET_COLS.split(","))
+        rows = await self._fetch(
+            f"SELECT {scols}, {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constants
+            "ON v.path = s.path AND v.version = CASE WHEN $2::integer IS NOT NULL THEN $2::integer "
+            "WHEN $3 = 'previous' THEN s.previous_version WHEN $3 = 'pending' THEN s.pending_version "
+            "ELSE s.current_version END WHERE s.path = $1",
+            path, version, label,
+        )
         if not rows:
             return None
-        r = rows[0]
-        return VersionRecord(
-            path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
-            deleted_at=r[5], term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]),
-        )
+        values = list(rows[0].values())
+        return self._secret(values[:11]), self._version_record(values[11:])
 
     async def write_version(
         self,
@@ -564,6 +622,7 @@ class PostgresStorage:
         expected_current: int,
         metadata: Mapping[str, Any] | None,
         max_versions: int,
+        grace_until: datetime | None = None,
     ) -> WriteResult:
         if max_versions < 1:
             raise ValueError("max_versions must be at least 1")
@@ -572,11 +631,12 @@ class PostgresStorage:
         async def run(conn: asyncpg.Connection) -> WriteResult:
             # The row lock makes concurrent writers of one path (on any replica) take turns; READ
             # COMMITTED then shows each the version its predecessor committed.
-            current = await conn.fetchval(
-                "SELECT current_version FROM secrets WHERE path = $1 FOR UPDATE", record.path
+            locked = await conn.fetchrow(
+                "SELECT current_version, latest_version FROM secrets WHERE path = $1 FOR UPDATE", record.path
             )
-            current = current or 0
-            if current != expected_current or record.version != current + 1:
+            current = locked[0] if locked else 0
+            latest = locked[1] if locked else 0
+            if current != expected_current or record.version != latest + 1:
                 raise ConflictError(
                     f"check-and-set failed: current version of {record.path} is {current}, "
                     f"expected {expected_current}"
@@ -585,37 +645,173 @@ class PostgresStorage:
                 # No row to lock yet: of concurrent creators, the primary key lets one insert and
                 # makes the others wait for its commit, then fail with a unique violation.
                 row = await conn.fetchrow(
-                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata) "  # noqa: S608
-                    f"VALUES ($1, $2, $3, $3, COALESCE($4::jsonb, '{{}}'::jsonb)) RETURNING {_SECRET_COLS}",
+                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata, "  # noqa: S608
+                    "latest_version) "
+                    f"VALUES ($1, $2, $3, $3, COALESCE($4::jsonb, '{{}}'::jsonb), $2) RETURNING {_SECRET_COLS}",
                     record.path, record.version, record.created_at, meta_json,
                 )
             else:
                 row = await conn.fetchrow(
-                    "UPDATE secrets SET current_version = $2, updated_at = $3, "  # noqa: S608 - constant columns
-                    "metadata = COALESCE($4::jsonb, metadata) "
+                    "UPDATE secrets SET current_version = $2, updated_at = $3, latest_version = $2, "  # noqa: S608
+                    "previous_version = $5, metadata = COALESCE($4::jsonb, metadata) "
                     f"WHERE path = $1 RETURNING {_SECRET_COLS}",
-                    record.path, record.version, record.created_at, meta_json,
+                    record.path, record.version, record.created_at, meta_json, current,
                 )
-            await conn.execute(
-                "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
-                "created_by, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                record.path, record.version, record.term, record.nonce, record.ciphertext,
-                record.created_at, record.created_by, record.state.value,
-            )
-            await conn.execute(
-                "DELETE FROM secret_versions WHERE path = $1 AND version <= $2",
-                record.path, record.version - max_versions,
-            )
+                if grace_until is not None:
+                    await conn.execute(
+                        "UPDATE secret_versions SET grace_until = $3 WHERE path = $1 AND version = $2",
+                        record.path, current, grace_until,
+                    )
+            await self._insert_version(conn, record)
+            await self._prune(conn, record.path, record.version - max_versions, record.created_at)
             # Last, so the term's row lock (which every writer needs) is held only until commit.
-            count = await conn.fetchval(
-                "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions",
-                record.term,
-            )
-            if count is None:
-                raise ConflictError(f"keyring term {record.term} does not exist")
-            return WriteResult(self._secret(row), int(count))
+            count = await self._count_encryption(conn, record.term)
+            return WriteResult(self._secret(row), count)
 
         return await self._run(run)
+
+    @staticmethod
+    async def _insert_version(conn: asyncpg.Connection, record: VersionRecord) -> None:
+        await conn.execute(
+            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
+            "created_by, state, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            record.path, record.version, record.term, record.nonce, record.ciphertext,
+            record.created_at, record.created_by, record.state.value, record.expires_at,
+        )
+
+    @staticmethod
+    async def _prune(conn: asyncpg.Connection, path: str, upto: int, now: datetime) -> None:
+        """Drop versions numbered <= ``upto``, but never a labelled one or one still in grace."""
+        await conn.execute(
+            "DELETE FROM secret_versions v USING secrets s WHERE s.path = $1 AND v.path = $1 "
+            "AND v.version <= $2 AND v.version IS DISTINCT FROM s.previous_version "
+            "AND v.version IS DISTINCT FROM s.pending_version AND (v.grace_until IS NULL OR v.grace_until <= $3)",
+            path, upto, now,
+        )
+
+    @staticmethod
+    async def _count_encryption(conn: asyncpg.Connection, term: int) -> int:
+        count = await conn.fetchval(
+            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions", term,
+        )
+        if count is None:
+            raise ConflictError(f"keyring term {term} does not exist")
+        return int(count)
+
+    async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
+        async def run(conn: asyncpg.Connection) -> WriteResult:
+            locked = await conn.fetchrow(
+                "SELECT current_version, latest_version, pending_version FROM secrets WHERE path = $1 FOR UPDATE",
+                record.path,
+            )
+            if (locked is None or locked[0] != expected_current or locked[2] is not None
+                    or record.version != locked[1] + 1):
+                raise ConflictError(f"{record.path} changed, or a rotation of it is in progress")
+            row = await conn.fetchrow(
+                "UPDATE secrets SET pending_version = $2, latest_version = $2 "  # noqa: S608 - constant columns
+                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
+                record.path, record.version,
+            )
+            await self._insert_version(conn, record)
+            count = await self._count_encryption(conn, record.term)
+            return WriteResult(self._secret(row), count)
+
+        return await self._run(run)
+
+    async def finish_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        expected_current: int,
+        now: datetime,
+        grace_until: datetime | None,
+        max_versions: int,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> SecretRecord:
+        async def run(conn: asyncpg.Connection) -> SecretRecord:
+            locked = await conn.fetchrow(
+                "SELECT s.current_version FROM secrets s JOIN secret_versions v ON v.path = s.path "
+                "AND v.version = s.pending_version WHERE s.path = $1 AND s.pending_version = $2 "
+                "AND v.state = 'active' FOR UPDATE OF s",
+                path, version,
+            )
+            if locked is None or locked[0] != expected_current:
+                raise ConflictError(f"{path} changed while it was being rotated")
+            row = await conn.fetchrow(
+                "UPDATE secrets SET current_version = $2, previous_version = $3, pending_version = NULL, "  # noqa: S608
+                "updated_at = $4, rotation_due = $5, rotation_status = $6::jsonb "
+                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
+                path, version, expected_current, now, rotation_due, codec.metadata_to_json(rotation_status),
+            )
+            await conn.execute(
+                "UPDATE secret_versions SET grace_until = $3 WHERE path = $1 AND version = $2",
+                path, expected_current, grace_until,
+            )
+            await self._prune(conn, path, version - max_versions, now)
+            return self._secret(row)
+
+        return await self._run(run)
+
+    async def discard_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        now: datetime,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> bool:
+        async def run(conn: asyncpg.Connection) -> bool:
+            hit = await conn.fetchval(
+                "UPDATE secrets SET pending_version = NULL, rotation_due = $3, rotation_status = $4::jsonb "
+                "WHERE path = $1 AND pending_version = $2 RETURNING 1",
+                path, version, rotation_due, codec.metadata_to_json(rotation_status),
+            )
+            if hit is None:
+                return False
+            await conn.execute(
+                "UPDATE secret_versions SET state = 'destroyed', nonce = ''::bytea, ciphertext = ''::bytea, "
+                "deleted_at = COALESCE(deleted_at, $3) WHERE path = $1 AND version = $2",
+                path, version, now,
+            )
+            return True
+
+        return await self._run(run)
+
+    async def set_rotation(
+        self, path: str, policy: Mapping[str, Any] | None, rotation_due: datetime | None
+    ) -> SecretRecord | None:
+        async def run(conn: asyncpg.Connection) -> SecretRecord | None:
+            row = await conn.fetchrow(
+                "UPDATE secrets SET rotation = $2::jsonb, rotation_due = $3 "  # noqa: S608 - constant columns
+                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
+                path, codec.metadata_to_json(policy) if policy is not None else None, rotation_due,
+            )
+            return self._secret(row) if row is not None else None
+
+        return await self._run(run)
+
+    async def record_rotation(
+        self, path: str, rotation_due: datetime | None, rotation_status: Mapping[str, Any]
+    ) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE secrets SET rotation_due = $2, rotation_status = $3::jsonb WHERE path = $1",
+                path, rotation_due, codec.metadata_to_json(rotation_status),
+            )
+
+        await self._run(run)
+
+    async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
+        rows = await self._fetch(
+            f"SELECT {_SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
+            "WHERE pending_version IS NOT NULL OR (rotation_due IS NOT NULL AND rotation_due <= $1) "
+            "ORDER BY rotation_due NULLS FIRST, path LIMIT $2",
+            now, limit,
+        )
+        return [self._secret(r) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
@@ -626,15 +822,19 @@ class PostgresStorage:
         )
         return [self._secret(r) for r in rows]
 
+    async def count_secrets(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM secrets")
+        return int(rows[0][0])
+
     async def list_versions(self, path: str) -> list[VersionInfo]:
         rows = await self._fetch(
-            "SELECT path, version, created_at, created_by, state, deleted_at FROM secret_versions "
-            "WHERE path = $1 ORDER BY version",
+            "SELECT path, version, created_at, created_by, state, deleted_at, expires_at, grace_until "
+            "FROM secret_versions WHERE path = $1 ORDER BY version",
             path,
         )
         return [
             VersionInfo(path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
-                        deleted_at=r[5])
+                        deleted_at=r[5], expires_at=r[6], grace_until=r[7])
             for r in rows
         ]
 
@@ -701,9 +901,160 @@ class PostgresStorage:
                 "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1",
                 token_id, now,
             )
+            if hit is not None:
+                await self._notify(conn, TOKENS_CHANNEL, token_id)
             return hit is not None
 
         return await self._run(run)
+
+    # -- change feed (LISTEN/NOTIFY) ------------------------------------------------------------
+    async def subscribe(
+        self, channels: Sequence[str], callback: Callable[[str, str], None]
+    ) -> ChangeSubscription:
+        """LISTEN on a dedicated connection outside the pool; see ``secretsd.replication``."""
+        return await _Subscription.open(self, channels, callback)
+
+    # -- copying a whole store ----------------------------------------------------------------
+    async def _copy_columns(self, conn: asyncpg.Connection, table: str) -> list[str]:
+        found = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1",
+            table,
+        )
+        return rows.copy_columns(table, [r[0] for r in found], self._target.description)
+
+    async def count_rows(self, table: str) -> int:
+        if table not in rows.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+        found = await self._fetch(f"SELECT count(*) FROM {table}")  # noqa: S608 - a known table name
+        return int(found[0][0])
+
+    async def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        if table not in rows.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+        pool = self._require_pool()
+        # Keys compare bytewise (COLLATE "C"), the order SQLite's BINARY collation gives too.
+        keys = rows.key_columns(table)
+        order = ", ".join(f'{k} COLLATE "C"' if rows.kind(table, k) == "text" else k for k in keys)
+        try:
+            async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn:
+                columns = await self._copy_columns(conn, table)
+                select = ", ".join(f"{c}::text" if rows.kind(table, c) == "json" else c for c in columns)
+                after: list[Any] | None = None
+                while True:
+                    if after is None:
+                        sql = f"SELECT {select} FROM {table} ORDER BY {order} LIMIT $1"  # noqa: S608
+                        found = await conn.fetch(sql, batch_size)
+                    else:
+                        marks = ", ".join(f"${i + 2}" for i in range(len(keys)))
+                        sql = (f"SELECT {select} FROM {table} WHERE ({order}) > ({marks}) "  # noqa: S608
+                               f"ORDER BY {order} LIMIT $1")
+                        found = await conn.fetch(sql, batch_size, *after)
+                    if not found:
+                        return
+                    batch = [_decode_row(table, columns, r) for r in found]
+                    after = [batch[-1][k] for k in keys]
+                    yield batch
+        except self._DRIVER_ERRORS as exc:
+            raise self._convert(exc) from exc
+
+    async def import_rows(self, batches: AsyncIterable[tuple[str, Sequence[ExportRow]]]) -> None:
+        pool = self._require_pool()
+        try:
+            async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn, conn.transaction():
+                # Bulk loading may take longer than one request should. portability: SET LOCAL.
+                await conn.execute("SET LOCAL statement_timeout = 0")
+                # Keeps a replica from initialising this database while we load it.
+                await conn.execute("LOCK TABLE meta IN EXCLUSIVE MODE")
+                columns: dict[str, list[str]] = {}
+                for table in rows.TABLES:
+                    if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):  # noqa: S608
+                        raise AlreadyInitializedError(
+                            f"the store {self._target.description} is not empty (table {table} has rows); "
+                            "nothing was changed"
+                        )
+                    columns[table] = await self._copy_columns(conn, table)
+                async for table, batch in batches:
+                    if not batch:
+                        continue
+                    cols = rows.insert_columns(table, columns[table], batch[0], self._target.description)
+                    marks = ", ".join(
+                        f"${i + 1}::jsonb" if rows.kind(table, c) == "json" else f"${i + 1}" for i, c in enumerate(cols)
+                    )
+                    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})"  # noqa: S608 - known names
+                    await conn.executemany(sql, [_encode_row(table, cols, r) for r in batch])
+        except self._DRIVER_ERRORS as exc:
+            raise self._convert(exc) from exc
+
+
+class _Subscription:
+    """LISTEN on a connection of its own: notifications must not depend on pool traffic."""
+
+    def __init__(self, storage: PostgresStorage, conn: asyncpg.Connection) -> None:
+        self._storage = storage
+        self._conn = conn
+
+    @classmethod
+    async def open(
+        cls, storage: PostgresStorage, channels: Sequence[str], callback: Callable[[str, str], None]
+    ) -> _Subscription:
+        def relay(_conn: object, _pid: int, channel: str, payload: str) -> None:
+            callback(channel, payload)
+
+        try:
+            conn = await asyncpg.connect(storage._target.dsn, timeout=storage.connect_timeout_ms / 1000,
+                                         server_settings={"application_name": "secretsd-listen"})
+        except storage._DRIVER_ERRORS as exc:
+            raise storage._convert(exc) from exc
+        try:
+            for channel in channels:
+                await conn.add_listener(channel, relay)
+        except storage._DRIVER_ERRORS as exc:
+            conn.terminate()
+            raise storage._convert(exc) from exc
+        return cls(storage, conn)
+
+    async def ping(self) -> None:
+        if self._conn.is_closed():
+            raise StorageUnavailableError(f"{self._storage.description}: the notification connection was lost")
+        try:
+            # Also proves the server still answers: a silent network partition leaves is_closed() False.
+            await self._conn.fetchval("SELECT 1", timeout=self._storage.connect_timeout_ms / 1000)
+        except (TimeoutError, *self._storage._DRIVER_ERRORS) as exc:
+            self._conn.terminate()
+            raise self._storage._convert(exc) from exc
+
+    async def close(self) -> None:
+        if not self._conn.is_closed():
+            try:
+                await self._conn.close(timeout=2)
+            except (TimeoutError, *self._storage._DRIVER_ERRORS):
+                self._conn.terminate()
+
+
+# -- export/import: neutral values (secretsd.storage.rows) <-> PostgreSQL parameters -------------
+def _decode_row(table: str, columns: list[str], record: asyncpg.Record) -> ExportRow:
+    out: ExportRow = {}
+    for i, column in enumerate(columns):
+        value = record[i]
+        if value is not None:
+            kind = rows.kind(table, column)
+            if kind == "json":
+                value = json.loads(value)
+            elif kind == "bytes":
+                value = bytes(value)
+        out[column] = value
+    return out
+
+
+def _encode_row(table: str, columns: list[str], row: ExportRow) -> tuple[Any, ...]:
+    values: list[Any] = []
+    for column in columns:
+        value = row.get(column)
+        if value is not None and rows.kind(table, column) == "json":
+            value = rows.to_json_text(value)
+        values.append(value)
+    return tuple(values)
 
 
 if TYPE_CHECKING:  # mypy proves the backend still satisfies the protocol when it grows

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,9 @@ from secretsd.errors import (
     StorageUnavailableError,
 )
 from secretsd.storage import codec
+from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
+    ExportRow,
     KeyringTerm,
     SecretRecord,
     TokenRecord,
@@ -39,6 +42,12 @@ from secretsd.storage.migrations import load_migrations
 
 T = TypeVar("T")
 DEFAULT_FILENAME = "secretsd.db"
+_SECRET_COLS = ("path, current_version, created_at, updated_at, metadata, latest_version, "  # noqa: S105
+                "previous_version, pending_version, rotation, rotation_due, rotation_status")
+_VERSION_COLS = ("v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, "
+                 "v.ciphertext, v.expires_at, v.grace_until")
+_LABELS = ("current", "previous", "pending")
+_SELECT_SECRET = f"SELECT {_SECRET_COLS} FROM secrets WHERE path = ?"  # noqa: S608 - constant columns
 
 
 def _ts(value: datetime) -> str:
@@ -294,17 +303,28 @@ class SQLiteStorage:
         return SecretRecord(
             path=row[0], current_version=row[1], created_at=_req_dt(row[2]),
             updated_at=_req_dt(row[3]), metadata=codec.metadata_from_json(row[4]),
+            latest_version=row[5], previous_version=row[6], pending_version=row[7],
+            rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
+            rotation_due=_dt(row[9]), rotation_status=codec.metadata_from_json(row[10]),
+        )
+
+    @staticmethod
+    def _version_record(r: Sequence[Any]) -> VersionRecord:
+        return VersionRecord(
+            path=r[0], version=r[1], created_at=_req_dt(r[2]), created_by=r[3],
+            state=VersionState(r[4]), deleted_at=_dt(r[5]), term=r[6], nonce=bytes(r[7]),
+            ciphertext=bytes(r[8]), expires_at=_dt(r[9]), grace_until=_dt(r[10]),
         )
 
     async def get_secret(self, path: str) -> SecretRecord | None:
         rows = self._query(
-            "SELECT path, current_version, created_at, updated_at, metadata FROM secrets WHERE path = ?",
+            _SELECT_SECRET,
             (path,),
         )
         return self._secret(rows[0]) if rows else None
 
     async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
-        cols = "v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext"
+        cols = _VERSION_COLS
         if version is None:
             rows = self._query(
                 f"SELECT {cols} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
@@ -316,14 +336,24 @@ class SQLiteStorage:
                 f"SELECT {cols} FROM secret_versions v WHERE v.path = ? AND v.version = ?",  # noqa: S608
                 (path, version),
             )
+        return self._version_record(rows[0]) if rows else None
+
+    async def read_version(
+        self, path: str, *, version: int | None = None, label: str = "current"
+    ) -> tuple[SecretRecord, VersionRecord] | None:
+        if version is None and label not in _LABELS:
+            raise ValueError(f"unknown label {label!r}")
+        scols = ", ".join(f"s.{c.strip()}" for c in _SECRET_COLS.split(","))
+        rows = self._query(
+            f"SELECT {scols}, {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constants
+            "ON v.path = s.path AND v.version = CASE WHEN ? IS NOT NULL THEN ? WHEN ? = 'previous' "
+            "THEN s.previous_version WHEN ? = 'pending' THEN s.pending_version ELSE s.current_version END "
+            "WHERE s.path = ?",
+            (version, version, label, label, path),
+        )
         if not rows:
             return None
-        r = rows[0]
-        return VersionRecord(
-            path=r[0], version=r[1], created_at=_req_dt(r[2]), created_by=r[3],
-            state=VersionState(r[4]), deleted_at=_dt(r[5]), term=r[6], nonce=bytes(r[7]),
-            ciphertext=bytes(r[8]),
-        )
+        return self._secret(rows[0][:11]), self._version_record(rows[0][11:])
 
     async def write_version(
         self,
@@ -332,17 +362,19 @@ class SQLiteStorage:
         expected_current: int,
         metadata: Mapping[str, Any] | None,
         max_versions: int,
+        grace_until: datetime | None = None,
     ) -> WriteResult:
         if max_versions < 1:
             raise ValueError("max_versions must be at least 1")
 
         def run(conn: sqlite3.Connection) -> WriteResult:
             row = conn.execute(
-                "SELECT path, current_version, created_at, updated_at, metadata FROM secrets WHERE path = ?",
+                _SELECT_SECRET,
                 (record.path,),
             ).fetchone()
             current = row[1] if row else 0
-            if current != expected_current or record.version != current + 1:
+            latest = row[5] if row else 0
+            if current != expected_current or record.version != latest + 1:
                 raise ConflictError(
                     f"check-and-set failed: current version of {record.path} is {current}, "
                     f"expected {expected_current}"
@@ -351,59 +383,193 @@ class SQLiteStorage:
             meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
             if row is None:
                 conn.execute(
-                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (record.path, record.version, created, created, meta_json or "{}"),
+                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata, "
+                    "latest_version) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.path, record.version, created, created, meta_json or "{}", record.version),
                 )
             else:
                 conn.execute(
-                    "UPDATE secrets SET current_version = ?, updated_at = ?, "
-                    "metadata = COALESCE(?, metadata) WHERE path = ?",
-                    (record.version, created, meta_json, record.path),
+                    "UPDATE secrets SET current_version = ?, updated_at = ?, latest_version = ?, "
+                    "previous_version = ?, metadata = COALESCE(?, metadata) WHERE path = ?",
+                    (record.version, created, record.version, current, meta_json, record.path),
                 )
-            conn.execute(
-                "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
-                "created_by, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.path, record.version, record.term, record.nonce, record.ciphertext,
-                 created, record.created_by, record.state.value),
-            )
-            conn.execute(
-                "DELETE FROM secret_versions WHERE path = ? AND version <= ?",
-                (record.path, record.version - max_versions),
-            )
-            count = conn.execute(
-                "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = ? "
-                "RETURNING encryptions",
-                (record.term,),
-            ).fetchone()
-            if count is None:
-                raise ConflictError(f"keyring term {record.term} does not exist")
+                if grace_until is not None:
+                    conn.execute("UPDATE secret_versions SET grace_until = ? WHERE path = ? AND version = ?",
+                                 (_ts(grace_until), record.path, current))
+            self._insert_version(conn, record)
+            self._prune(conn, record.path, record.version - max_versions, created)
+            count = self._count_encryption(conn, record.term)
             out = conn.execute(
-                "SELECT path, current_version, created_at, updated_at, metadata FROM secrets WHERE path = ?",
+                _SELECT_SECRET,
                 (record.path,),
             ).fetchone()
-            return WriteResult(self._secret(out), int(count[0]))
+            return WriteResult(self._secret(out), count)
 
         return await self._write(run)
+
+    @staticmethod
+    def _insert_version(conn: sqlite3.Connection, record: VersionRecord) -> None:
+        conn.execute(
+            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
+            "created_by, state, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.path, record.version, record.term, record.nonce, record.ciphertext,
+             _ts(record.created_at), record.created_by, record.state.value,
+             _ts(record.expires_at) if record.expires_at else None),
+        )
+
+    @staticmethod
+    def _prune(conn: sqlite3.Connection, path: str, upto: int, now: str) -> None:
+        """Drop versions numbered <= ``upto``, but never a labelled one or one still in grace."""
+        conn.execute(
+            "DELETE FROM secret_versions WHERE path = ? AND version <= ? "
+            "AND version NOT IN (SELECT COALESCE(previous_version, 0) FROM secrets WHERE path = ? "
+            "UNION SELECT COALESCE(pending_version, 0) FROM secrets WHERE path = ?) "
+            "AND (grace_until IS NULL OR grace_until <= ?)",
+            (path, upto, path, path, now),
+        )
+
+    @staticmethod
+    def _count_encryption(conn: sqlite3.Connection, term: int) -> int:
+        count = conn.execute(
+            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = ? RETURNING encryptions",
+            (term,),
+        ).fetchone()
+        if count is None:
+            raise ConflictError(f"keyring term {term} does not exist")
+        return int(count[0])
+
+    async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
+        def run(conn: sqlite3.Connection) -> WriteResult:
+            row = conn.execute(_SELECT_SECRET, (record.path,)).fetchone()
+            if row is None or row[1] != expected_current or row[7] is not None or record.version != row[5] + 1:
+                raise ConflictError(f"{record.path} changed, or a rotation of it is in progress")
+            conn.execute("UPDATE secrets SET pending_version = ?, latest_version = ? WHERE path = ?",
+                         (record.version, record.version, record.path))
+            self._insert_version(conn, record)
+            count = self._count_encryption(conn, record.term)
+            out = conn.execute(_SELECT_SECRET, (record.path,)).fetchone()
+            return WriteResult(self._secret(out), count)
+
+        return await self._write(run)
+
+    async def finish_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        expected_current: int,
+        now: datetime,
+        grace_until: datetime | None,
+        max_versions: int,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> SecretRecord:
+        def run(conn: sqlite3.Connection) -> SecretRecord:
+            row = conn.execute(
+                "SELECT s.current_version FROM secrets s JOIN secret_versions v ON v.path = s.path "
+                "AND v.version = s.pending_version WHERE s.path = ? AND s.pending_version = ? "
+                "AND v.state = 'active'",
+                (path, version),
+            ).fetchone()
+            if row is None or row[0] != expected_current:
+                raise ConflictError(f"{path} changed while it was being rotated")
+            conn.execute(
+                "UPDATE secrets SET current_version = ?, previous_version = ?, pending_version = NULL, "
+                "updated_at = ?, rotation_due = ?, rotation_status = ? WHERE path = ?",
+                (version, expected_current, _ts(now), _ts(rotation_due) if rotation_due else None,
+                 codec.metadata_to_json(rotation_status), path),
+            )
+            conn.execute("UPDATE secret_versions SET grace_until = ? WHERE path = ? AND version = ?",
+                         (_ts(grace_until) if grace_until else None, path, expected_current))
+            self._prune(conn, path, version - max_versions, _ts(now))
+            out = conn.execute(_SELECT_SECRET, (path,)).fetchone()
+            return self._secret(out)
+
+        return await self._write(run)
+
+    async def discard_pending(
+        self,
+        path: str,
+        version: int,
+        *,
+        now: datetime,
+        rotation_due: datetime | None,
+        rotation_status: Mapping[str, Any],
+    ) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE secrets SET pending_version = NULL, rotation_due = ?, rotation_status = ? "
+                "WHERE path = ? AND pending_version = ?",
+                (_ts(rotation_due) if rotation_due else None, codec.metadata_to_json(rotation_status),
+                 path, version),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(
+                "UPDATE secret_versions SET state = 'destroyed', nonce = x'', ciphertext = x'', "
+                "deleted_at = COALESCE(deleted_at, ?) WHERE path = ? AND version = ?",
+                (_ts(now), path, version),
+            )
+            return True
+
+        return await self._write(run)
+
+    async def set_rotation(
+        self, path: str, policy: Mapping[str, Any] | None, rotation_due: datetime | None
+    ) -> SecretRecord | None:
+        def run(conn: sqlite3.Connection) -> SecretRecord | None:
+            conn.execute(
+                "UPDATE secrets SET rotation = ?, rotation_due = ? WHERE path = ?",
+                (codec.metadata_to_json(policy) if policy is not None else None,
+                 _ts(rotation_due) if rotation_due else None, path),
+            )
+            out = conn.execute(_SELECT_SECRET, (path,)).fetchone()
+            return self._secret(out) if out else None
+
+        return await self._write(run)
+
+    async def record_rotation(
+        self, path: str, rotation_due: datetime | None, rotation_status: Mapping[str, Any]
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE secrets SET rotation_due = ?, rotation_status = ? WHERE path = ?",
+                (_ts(rotation_due) if rotation_due else None, codec.metadata_to_json(rotation_status), path),
+            )
+
+        await self._write(run)
+
+    async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
+        rows = self._query(
+            f"SELECT {_SECRET_COLS} FROM secrets WHERE pending_version IS NOT NULL "  # noqa: S608 - constants
+            f"UNION SELECT {_SECRET_COLS} FROM secrets WHERE rotation_due IS NOT NULL AND rotation_due <= ? "
+            "ORDER BY rotation_due, path LIMIT ?",
+            (_ts(now), limit),
+        )
+        return [self._secret(r) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
         rows = self._query(
-            "SELECT path, current_version, created_at, updated_at, metadata FROM secrets "
+            f"SELECT {_SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
             "WHERE ((path >= ? AND path < ?) OR path = ?) AND path > ? ORDER BY path LIMIT ?",
             (low, high, prefix, after, limit),
         )
         return [self._secret(r) for r in rows]
 
+    async def count_secrets(self) -> int:
+        return int(self._query("SELECT count(*) FROM secrets")[0][0])
+
     async def list_versions(self, path: str) -> list[VersionInfo]:
         rows = self._query(
-            "SELECT path, version, created_at, created_by, state, deleted_at FROM secret_versions "
-            "WHERE path = ? ORDER BY version",
+            "SELECT path, version, created_at, created_by, state, deleted_at, expires_at, grace_until "
+            "FROM secret_versions WHERE path = ? ORDER BY version",
             (path,),
         )
         return [
             VersionInfo(path=r[0], version=r[1], created_at=_req_dt(r[2]), created_by=r[3],
-                        state=VersionState(r[4]), deleted_at=_dt(r[5]))
+                        state=VersionState(r[4]), deleted_at=_dt(r[5]), expires_at=_dt(r[6]),
+                        grace_until=_dt(r[7]))
             for r in rows
         ]
 
@@ -480,3 +646,105 @@ class SQLiteStorage:
             return cur.rowcount == 1
 
         return await self._write(run)
+
+    # -- copying a whole store ----------------------------------------------------------------
+    def _copy_columns(self, conn: sqlite3.Connection, table: str) -> list[str]:
+        found = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        return rowcodec.copy_columns(table, found, f"SQLite database {self.path}")
+
+    async def count_rows(self, table: str) -> int:
+        if table not in rowcodec.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+        return int(self._query(f"SELECT count(*) FROM {table}")[0][0])  # noqa: S608 - a known table name
+
+    async def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        if table not in rowcodec.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+        try:
+            columns = self._copy_columns(self._read(), table)
+        except sqlite3.Error as exc:
+            raise self._convert(exc) from exc
+        keys = rowcodec.key_columns(table)
+        order = ", ".join(keys)  # BINARY collation: bytewise, like PostgreSQL's COLLATE "C"
+        after: list[Any] | None = None
+        while True:
+            if after is None:
+                sql = f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order} LIMIT ?"  # noqa: S608
+                found = self._query(sql, (batch_size,))
+            else:
+                marks = ", ".join("?" for _ in keys)
+                sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE ({order}) > ({marks}) "  # noqa: S608
+                       f"ORDER BY {order} LIMIT ?")
+                found = self._query(sql, (*after, batch_size))
+            if not found:
+                return
+            batch = [self._decode_row(table, columns, r) for r in found]
+            last = found[-1]
+            after = [last[columns.index(k)] for k in keys]
+            yield batch
+            await asyncio.sleep(0)  # reads run on the event loop: let it breathe between batches
+
+    @staticmethod
+    def _decode_row(table: str, columns: list[str], record: Sequence[Any]) -> ExportRow:
+        out: ExportRow = {}
+        for column, value in zip(columns, record, strict=True):
+            if value is not None:
+                kind = rowcodec.kind(table, column)
+                if kind == "time":
+                    value = rowcodec.parse_time(value)
+                elif kind == "json":
+                    value = json.loads(value)
+                elif kind == "bytes":
+                    value = bytes(value)
+            out[column] = value
+        return out
+
+    @staticmethod
+    def _encode_row(table: str, columns: list[str], row: ExportRow) -> tuple[Any, ...]:
+        values: list[Any] = []
+        for column in columns:
+            value = row.get(column)
+            if value is not None:
+                kind = rowcodec.kind(table, column)
+                if kind == "time":
+                    value = _ts(value)
+                elif kind == "json":
+                    value = rowcodec.to_json_text(value)
+            values.append(value)
+        return tuple(values)
+
+    async def import_rows(self, batches: AsyncIterable[tuple[str, Sequence[ExportRow]]]) -> None:
+        if self._executor is None or self._writer is None:
+            raise StorageUnavailableError("the SQLite store is not open")
+        conn, loop, executor = self._writer, asyncio.get_running_loop(), self._executor
+
+        def begin() -> dict[str, list[str]]:
+            conn.execute("BEGIN IMMEDIATE")
+            columns = {}
+            for table in rowcodec.TABLES:
+                if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():  # noqa: S608
+                    raise AlreadyInitializedError(
+                        f"the store {self.path} is not empty (table {table} has rows); nothing was changed"
+                    )
+                columns[table] = self._copy_columns(conn, table)
+            return columns
+
+        def insert(table: str, present: list[str], batch: Sequence[ExportRow]) -> None:
+            cols = rowcodec.insert_columns(table, present, batch[0], f"SQLite database {self.path}")
+            sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"  # noqa: S608
+            conn.executemany(sql, [self._encode_row(table, cols, r) for r in batch])
+
+        began = False
+        try:
+            columns = await loop.run_in_executor(executor, begin)
+            began = True
+            async for table, batch in batches:
+                if batch:
+                    await loop.run_in_executor(executor, insert, table, columns[table], batch)
+            await loop.run_in_executor(executor, conn.execute, "COMMIT")
+            began = False
+        except sqlite3.Error as exc:
+            raise self._convert(exc) from exc
+        finally:
+            if began or conn.in_transaction:
+                await loop.run_in_executor(executor, conn.execute, "ROLLBACK")

@@ -7,7 +7,9 @@ empty store (and closes it afterwards). The PostgreSQL backend runs exactly thes
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -43,7 +45,108 @@ async def initialized(storage: Storage) -> Storage:
     return storage
 
 
-class StorageConformance:
+async def export_all(storage: Storage) -> dict[str, list[dict[str, Any]]]:
+    from secretsd.storage.rows import TABLES
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for table in TABLES:
+        out[table] = [row async for batch in storage.export_rows(table, batch_size=2) for row in batch]
+    return out
+
+
+def copy_rows() -> list[tuple[str, list[dict[str, Any]]]]:
+    """A small store as neutral rows (secretsd.storage.rows), in reference order."""
+    w = wrapped(b"k").to_dict()
+    t1, t2 = T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)
+    return [
+        ("meta", [{"key": "format", "value": "1"}, {"key": "initialized_at", "value": T0.isoformat()},
+                  {"key": "audit_head:main", "value": '{"seq": 3, "hash": "ab"}'}]),
+        ("keyring_terms", [{"term": 1, "wrappings": [w], "created_at": T0, "encryptions": 7}]),
+        ("secrets", [{"path": "a/b", "current_version": 2, "created_at": t1, "updated_at": t2,
+                      "metadata": {"owner": "x"}}]),
+        ("secret_versions", [
+            {"path": "a/b", "version": 1, "term": 1, "nonce": b"n" * 12, "ciphertext": b"", "created_at": t1,
+             "created_by": "svc", "state": "destroyed", "deleted_at": t2},
+            {"path": "a/b", "version": 2, "term": 1, "nonce": b"m" * 12, "ciphertext": b"\x00\xff" * 10,
+             "created_at": t2, "created_by": "svc", "state": "active", "deleted_at": None},
+        ]),
+        ("tokens", [{"token_id": "00000000000000ad", "secret_hash": b"h" * 32, "client": "admin",
+                     "policies": ["root"], "created_at": T0, "created_by": "init", "expires_at": None,
+                     "revoked_at": t2}]),
+    ]
+
+
+async def as_batches(
+    given: list[tuple[str, list[dict[str, Any]]]], *, fail_at: str | None = None
+) -> AsyncIterator[tuple[str, Sequence[dict[str, Any]]]]:
+    for table, rows in given:
+        if table == fail_at:
+            raise RuntimeError("the source went away")
+        yield table, rows
+
+
+class CopyConformance:
+    """``export_rows`` / ``import_rows`` / ``count_rows``: what ``secretsd storage migrate`` relies on."""
+
+    async def test_export_yields_every_row_as_stored(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.add_keyring_term(term(2))
+        for n in (1, 2, 3):
+            await storage.write_version(version("p/q", n, term_no=2, ct=bytes([n])), expected_current=n - 1,
+                                        metadata={"n": str(n)}, max_versions=5)
+        await storage.set_version_state("p/q", [1], VersionState.DESTROYED, T0)
+        await storage.create_token(token("00000000000000bb", expires_at=T0 + timedelta(hours=1)))
+        await storage.revoke_token("00000000000000bb", T0)
+        rows = await export_all(storage)
+        for table, found in rows.items():
+            assert len(found) == await storage.count_rows(table), table
+        assert [r["term"] for r in rows["keyring_terms"]] == [1, 2]
+        assert rows["keyring_terms"][1]["encryptions"] == 3
+        assert rows["keyring_terms"][1]["wrappings"] == [w.to_dict() for w in term(2).wrappings]
+        assert [(r["version"], r["state"], r["ciphertext"]) for r in rows["secret_versions"]] == [
+            (1, "destroyed", b""), (2, "active", b"\x02" * 20), (3, "active", b"\x03" * 20)]
+        assert rows["secret_versions"][2]["created_at"] == T0 + timedelta(seconds=3)
+        assert rows["secrets"][0]["metadata"] == {"n": "3"}
+        revoked = next(r for r in rows["tokens"] if r["token_id"] == "00000000000000bb")
+        assert revoked["revoked_at"] == T0 and revoked["secret_hash"] == b"h" * 32
+        assert revoked["policies"] == ["a", "b"]
+        keys = [r["key"] for r in rows["meta"]]
+        assert keys == sorted(keys, key=lambda k: k.encode()) and "initialized_at" in keys
+
+    async def test_import_into_an_empty_store(self, storage: Storage) -> None:
+        given = copy_rows()
+        await storage.import_rows(as_batches(given))
+        assert await storage.is_initialized()
+        current = await storage.get_version("a/b", None)
+        assert current is not None and current.ciphertext == b"\x00\xff" * 10 and current.nonce == b"m" * 12
+        assert (await storage.keyring_terms())[0].encryptions == 7
+        got = await storage.get_token("00000000000000ad")
+        assert got is not None and got.revoked_at == T0 + timedelta(seconds=2) and got.policies == ("root",)
+        assert await storage.get_meta("audit_head:main") == '{"seq": 3, "hash": "ab"}'
+        exported = await export_all(storage)
+        for table, rows in given:
+            wanted = sorted(rows, key=lambda r: [str(r[k]) for k in sorted(r)])
+            found = sorted(({k: r[k] for k in rows[0]} for r in exported[table]),
+                           key=lambda r: [str(r[k]) for k in sorted(r)])
+            assert found == wanted, table
+
+    async def test_import_refuses_a_store_with_data(self, storage: Storage) -> None:
+        await initialized(storage)
+        with pytest.raises(AlreadyInitializedError):
+            await storage.import_rows(as_batches(copy_rows()))
+        assert await storage.get_secret("a/b") is None
+        assert await storage.count_rows("meta") == 2
+
+    async def test_import_is_all_or_nothing(self, storage: Storage) -> None:
+        with pytest.raises(RuntimeError):
+            await storage.import_rows(as_batches(copy_rows(), fail_at="secret_versions"))
+        assert not await storage.is_initialized()
+        for table in ("meta", "keyring_terms", "secrets"):
+            assert await storage.count_rows(table) == 0
+        await initialized(storage)  # and the store is usable afterwards
+
+
+class StorageConformance(CopyConformance):
     async def test_fresh_store_is_not_initialized(self, storage: Storage) -> None:
         assert not await storage.is_initialized()
         await storage.ping()
@@ -161,6 +264,7 @@ class StorageConformance:
         for path in ["app", "app/a", "app/b/c", "app0", "apple", "other/x"]:
             await storage.write_version(version(path, 1), expected_current=0, metadata=None, max_versions=3)
         assert [s.path for s in await storage.list_secrets("app")] == ["app", "app/a", "app/b/c"]
+        assert await storage.count_secrets() == 6
         assert [s.path for s in await storage.list_secrets("app/b")] == ["app/b/c"]
         assert len(await storage.list_secrets("")) == 6
         page = await storage.list_secrets("", limit=2)
@@ -198,3 +302,153 @@ class StorageConformance:
         again = await storage.get_token("00000000000000bb")
         assert again is not None and again.revoked_at == T0
         assert len(await storage.list_tokens()) == 2
+
+    # -- lifecycle: labels, pending versions, rotation schedule (docs/rotation.md) ---------------
+    async def test_labels_grace_and_latest_version(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        grace = T0 + timedelta(days=14)
+        r2 = await storage.write_version(version("p", 2, ct=b"d"), expected_current=1, metadata=None,
+                                         max_versions=10, grace_until=grace)
+        assert (r2.secret.current_version, r2.secret.previous_version, r2.secret.latest_version) == (2, 1, 2)
+        assert r2.secret.pending_version is None and r2.secret.rotation is None
+        found = await storage.read_version("p", label="previous")
+        assert found is not None
+        secret, old = found
+        assert secret.current_version == 2 and old.version == 1 and old.grace_until == grace
+        assert old.ciphertext == b"c" * 20
+        cur = await storage.read_version("p")
+        assert cur is not None and cur[1].version == 2 and cur[1].grace_until is None
+        by_number = await storage.read_version("p", version=1, label="current")  # a number wins
+        assert by_number is not None and by_number[1].version == 1
+        assert await storage.read_version("p", label="pending") is None
+        assert await storage.read_version("p", version=9) is None
+        assert await storage.read_version("nope") is None
+        infos = await storage.list_versions("p")
+        assert [(v.version, v.grace_until) for v in infos] == [(1, grace), (2, None)]
+
+    async def test_expires_at_round_trips(self, storage: Storage) -> None:
+        await initialized(storage)
+        rec = VersionRecord(path="e", version=1, created_at=T0, created_by="svc", state=VersionState.ACTIVE,
+                            term=1, nonce=b"n" * 12, ciphertext=b"c" * 20, expires_at=T0 + timedelta(hours=2))
+        await storage.write_version(rec, expected_current=0, metadata=None, max_versions=3)
+        got = await storage.get_version("e", 1)
+        assert got is not None and got.expires_at == T0 + timedelta(hours=2)
+        assert (await storage.list_versions("e"))[0].expires_at == T0 + timedelta(hours=2)
+
+    async def test_pending_version_then_finish(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        with pytest.raises(ConflictError):  # no such secret
+            await storage.create_pending(version("q", 1), expected_current=0)
+        with pytest.raises(ConflictError):  # stale expectation
+            await storage.create_pending(version("p", 2), expected_current=0)
+        made = await storage.create_pending(version("p", 2, ct=b"p"), expected_current=1)
+        assert (made.secret.current_version, made.secret.pending_version, made.secret.latest_version) == (1, 2, 2)
+        assert made.term_encryptions == 2
+        with pytest.raises(ConflictError):  # one pending version at a time
+            await storage.create_pending(version("p", 3), expected_current=1)
+        cur = await storage.read_version("p")
+        assert cur is not None and cur[1].version == 1  # readers still get the old current
+        pending = await storage.read_version("p", label="pending")
+        assert pending is not None and pending[1].ciphertext == b"p" * 20
+        due = T0 + timedelta(days=90)
+        status = {"last_result": "succeeded"}
+        grace = T0 + timedelta(days=14)
+        with pytest.raises(ConflictError):
+            await storage.finish_pending("p", 2, expected_current=0, now=T0, grace_until=grace,
+                                         max_versions=10, rotation_due=due, rotation_status=status)
+        done = await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=grace,
+                                            max_versions=10, rotation_due=due, rotation_status=status)
+        assert (done.current_version, done.previous_version, done.pending_version) == (2, 1, None)
+        assert done.rotation_due == due and done.rotation_status == status
+        old = await storage.get_version("p", 1)
+        assert old is not None and old.grace_until == grace and old.state is VersionState.ACTIVE
+        with pytest.raises(ConflictError):  # finished once only
+            await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=grace,
+                                         max_versions=10, rotation_due=due, rotation_status=status)
+
+    async def test_a_write_during_a_rotation_wins_and_the_rotation_cannot_finish(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        await storage.create_pending(version("p", 2), expected_current=1)
+        with pytest.raises(ConflictError):  # the pending version has number 2
+            await storage.write_version(version("p", 2), expected_current=1, metadata=None, max_versions=10)
+        w = await storage.write_version(version("p", 3, ct=b"w"), expected_current=1, metadata=None,
+                                        max_versions=10)
+        assert (w.secret.current_version, w.secret.pending_version, w.secret.latest_version) == (3, 2, 3)
+        with pytest.raises(ConflictError):
+            await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=None, max_versions=10,
+                                         rotation_due=None, rotation_status={})
+        assert await storage.discard_pending("p", 2, now=T0, rotation_due=T0, rotation_status={"failures": 1})
+        assert not await storage.discard_pending("p", 2, now=T0, rotation_due=T0, rotation_status={})
+        secret = await storage.get_secret("p")
+        assert secret is not None and secret.pending_version is None and secret.current_version == 3
+        assert secret.rotation_status == {"failures": 1}
+        gone = await storage.get_version("p", 2)
+        assert gone is not None and gone.state is VersionState.DESTROYED and gone.ciphertext == b""
+        # The discarded number is never reused.
+        w4 = await storage.write_version(version("p", 4), expected_current=3, metadata=None, max_versions=10)
+        assert w4.secret.latest_version == 4
+
+    async def test_a_destroyed_pending_version_cannot_become_current(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        await storage.create_pending(version("p", 2), expected_current=1)
+        await storage.set_version_state("p", [2], VersionState.DESTROYED, T0)
+        with pytest.raises(ConflictError):
+            await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=None, max_versions=10,
+                                         rotation_due=None, rotation_status={})
+
+    async def test_concurrent_rotations_one_pending(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        results = await asyncio.gather(
+            *[storage.create_pending(version("p", 2, ct=bytes([65 + i])), expected_current=1) for i in range(6)],
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(r, BaseException) for r in results) == 1
+        assert all(isinstance(r, ConflictError) for r in results if isinstance(r, BaseException))
+
+    async def test_pruning_keeps_previous_pending_and_grace(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=1)
+        grace = T0 + timedelta(days=30)
+        await storage.write_version(version("p", 2), expected_current=1, metadata=None, max_versions=1,
+                                    grace_until=grace)
+        assert [v.version for v in await storage.list_versions("p")] == [1, 2]  # 1 is previous
+        await storage.create_pending(version("p", 3), expected_current=2)
+        await storage.finish_pending("p", 3, expected_current=2, now=T0 + timedelta(days=1),
+                                     grace_until=grace, max_versions=1, rotation_due=None, rotation_status={})
+        # 1 is still in grace, 2 is previous.
+        assert [v.version for v in await storage.list_versions("p")] == [1, 2, 3]
+        await storage.write_version(version("p", 4), expected_current=3, metadata=None, max_versions=1)
+        # 1 is still in grace (the write's time is T0 + 4s), 3 is previous; 2 had grace until `grace` too.
+        assert [v.version for v in await storage.list_versions("p")] == [1, 2, 3, 4]
+        late = VersionRecord(path="p", version=5, created_at=grace + timedelta(days=1), created_by="svc",
+                             state=VersionState.ACTIVE, term=1, nonce=b"n" * 12, ciphertext=b"c" * 20)
+        await storage.write_version(late, expected_current=4, metadata=None, max_versions=1)
+        assert [v.version for v in await storage.list_versions("p")] == [4, 5]
+
+    async def test_rotation_policy_schedule_and_candidates(self, storage: Storage) -> None:
+        await initialized(storage)
+        for path in ("a", "b", "c"):
+            await storage.write_version(version(path, 1), expected_current=0, metadata={"k": "v"}, max_versions=5)
+        assert await storage.set_rotation("nope", {"enabled": True}, T0) is None
+        policy = {"enabled": True, "period_seconds": 86400, "generator": {"kind": "bytes", "length": 32}}
+        a = await storage.set_rotation("a", policy, T0 + timedelta(days=1))
+        assert a is not None and a.rotation == policy and a.rotation_due == T0 + timedelta(days=1)
+        assert a.metadata == {"k": "v"}  # user metadata untouched
+        await storage.set_rotation("b", policy, T0 + timedelta(days=3))
+        assert await storage.rotation_candidates(T0) == []
+        assert [s.path for s in await storage.rotation_candidates(T0 + timedelta(days=1))] == ["a"]
+        assert [s.path for s in await storage.rotation_candidates(T0 + timedelta(days=5))] == ["a", "b"]
+        assert [s.path for s in await storage.rotation_candidates(T0 + timedelta(days=5), limit=1)] == ["a"]
+        await storage.create_pending(version("c", 2), expected_current=1)  # pending: always a candidate
+        assert [s.path for s in await storage.rotation_candidates(T0)] == ["c"]
+        await storage.record_rotation("a", T0 + timedelta(days=9), {"last_result": "failed", "failures": 2})
+        got = await storage.get_secret("a")
+        assert got is not None and got.rotation_status == {"last_result": "failed", "failures": 2}
+        assert got.rotation_due == T0 + timedelta(days=9)
+        cleared = await storage.set_rotation("a", None, None)
+        assert cleared is not None and cleared.rotation is None and cleared.rotation_due is None
