@@ -5,6 +5,8 @@ Run by hand (this is not a pytest test)::
 
     python bench/load.py --duration 5
     python bench/load.py --duration 3 --concurrency 1,16 --json > result.json
+    python bench/load.py --audit off                      # the same cells with [audit] enabled = false
+    python bench/load.py --audit-compare --rounds 5       # GET c=16, audit on vs off, alternated
 
 What it does:
 
@@ -156,8 +158,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Daemon:
     """A ``secretsd serve`` child process bound to 127.0.0.1, with its data dir and log file."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, *, audit: bool = True) -> None:
         self.workdir = workdir
+        self.audit = audit
         self.data_dir = workdir / "data"
         self.log_path = workdir / "secretsd.log"
         self.port = port
@@ -184,13 +187,17 @@ class Daemon:
 
     def start(self) -> None:
         cmd = [*secretsd_command(), "serve", "--data-dir", str(self.data_dir), "--listen", f"{HOST}:{self.port}"]
+        env = daemon_env()
+        if not self.audit:
+            # Everything else stays at its default; only the audit log is switched off.
+            env["SECRETSD_AUDIT__ENABLED"] = "false"
         self._log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env=daemon_env(),
+            env=env,
             preexec_fn=_die_with_parent,  # single-threaded at this point; Linux-only helper
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -221,6 +228,14 @@ class Daemon:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def audit_records(self) -> int:
+        """Lines in the daemon's audit log files (0 when audit is off): proves which mode ran."""
+        total = 0
+        for path in (self.data_dir / "audit").glob("audit.jsonl*"):
+            with contextlib.suppress(OSError), path.open("rb") as fh:
+                total += sum(1 for _ in fh)
+        return total
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -500,12 +515,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="random seed for paths and values (1)")
     parser.add_argument("--keep-log", type=Path, help="copy the daemon's log here before cleaning up")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    parser.add_argument(
+        "--audit",
+        choices=("on", "off"),
+        default="on",
+        help="run the daemon with its audit log on (default) or off (SECRETSD_AUDIT__ENABLED=false)",
+    )
+    parser.add_argument(
+        "--audit-compare",
+        action="store_true",
+        help="measure GET at --compare-concurrency with audit on and off in one run, alternating daemons "
+        "for --rounds rounds; reports medians and the on/off ratio (ignores --operations/--concurrency)",
+    )
+    parser.add_argument("--rounds", type=positive_int, default=5, help="--audit-compare rounds (5)")
+    parser.add_argument(
+        "--compare-concurrency", type=positive_int, default=16, help="--audit-compare concurrency (16)"
+    )
     args = parser.parse_args(argv)
     bad = [op for op in args.operations if op not in OPERATIONS]
     if bad:
         parser.error(f"unknown operation(s): {', '.join(bad)}")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
+    if args.audit_compare and args.port:
+        parser.error("--audit-compare starts two daemons on free ports: drop --port")
     return args
 
 
@@ -520,9 +553,9 @@ def install_signal_handlers() -> None:
 
 
 @contextlib.contextmanager
-def running_daemon(port: int, keep_log: Path | None) -> Iterator[Daemon]:
+def running_daemon(port: int, keep_log: Path | None, *, audit: bool = True) -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="secretsd-bench-"))
-    daemon = Daemon(workdir, port or free_port())
+    daemon = Daemon(workdir, port or free_port(), audit=audit)
     try:
         daemon.init()
         daemon.start()
@@ -572,12 +605,192 @@ async def run_all(args: argparse.Namespace, daemon: Daemon) -> list[CellResult]:
     return results
 
 
+# -- audit on vs off --------------------------------------------------------------------------
+@dataclass
+class CompareRound:
+    round: int
+    order: str  # "on,off" or "off,on": which daemon was measured first this round
+    on: CellResult
+    off: CellResult
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return 0.0
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+async def run_compare(args: argparse.Namespace, daemons: dict[str, Daemon]) -> list[CompareRound]:
+    """GET cells alternating between the audited and the unaudited daemon, round by round.
+
+    Both daemons are seeded identically and stay up for the whole run; only one is under load at a
+    time. The order flips every round, so a drift in machine load hits both sides alike.
+    """
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    if main_task is not None:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, main_task.cancel)
+    for mode, daemon in daemons.items():
+        log(f"seeding audit-{mode} daemon with {args.secrets} secrets of {args.value_bytes} bytes ...")
+        await seed(daemon.base_url, daemon.token, args.secrets, args.value_bytes, random.Random(args.seed))
+    rng = random.Random(args.seed)
+    rounds: list[CompareRound] = []
+    for n in range(1, args.rounds + 1):
+        order = ("on", "off") if n % 2 else ("off", "on")
+        cells: dict[str, CellResult] = {}
+        for mode in order:
+            log(f"round {n}/{args.rounds}: GET c={args.compare_concurrency} audit {mode}: {args.duration:g}s ...")
+            cells[mode] = result = await run_cell(
+                operation="GET",
+                concurrency=args.compare_concurrency,
+                daemon=daemons[mode],
+                secrets=args.secrets,
+                value_bytes=args.value_bytes,
+                duration=args.duration,
+                warmup=args.warmup,
+                max_requests=args.max_requests,
+                rng=rng,
+            )
+            log(
+                f"  {result.rps:.0f} req/s, p99 {result.p99_ms:.2f} ms, daemon "
+                f"{result.server_cpu_us_per_req:.0f} µs CPU/req, other CPU {result.other_cpu_pct:.0f} %, "
+                f"errors {result.errors}"
+            )
+            for sample in result.error_samples:
+                log(f"  error: {sample}")
+        rounds.append(CompareRound(n, ",".join(order), cells["on"], cells["off"]))
+    return rounds
+
+
+def compare_summary(rounds: Sequence[CompareRound]) -> dict[str, Any]:
+    """Medians per side, and the throughput ratio two ways: of the medians, and the median of the
+    per-round ratios (each round's two cells ran back to back, so that one resists drift better)."""
+    out: dict[str, Any] = {}
+    for mode in ("on", "off"):
+        cells = [getattr(r, mode) for r in rounds]
+        out[mode] = {
+            "rps": round(median([c.rps for c in cells]), 1),
+            "p50_ms": round(median([c.p50_ms for c in cells]), 3),
+            "p99_ms": round(median([c.p99_ms for c in cells]), 3),
+            "server_cpu_us_per_req": round(median([c.server_cpu_us_per_req for c in cells]), 1),
+            "server_cpu_pct": round(median([c.server_cpu_pct for c in cells]), 1),
+            "other_cpu_pct": round(median([c.other_cpu_pct for c in cells]), 1),
+            "errors": sum(c.errors for c in cells),
+        }
+    on, off = out["on"], out["off"]
+    ratio = on["rps"] / off["rps"] if off["rps"] else 0.0
+    paired = median([r.on.rps / r.off.rps for r in rounds if r.off.rps])
+    out["throughput_ratio_on_off"] = round(ratio, 3)
+    out["throughput_ratio_on_off_paired"] = round(paired, 3)
+    out["throughput_cost_pct"] = round(100 * (1 - ratio), 1)
+    out["throughput_cost_pct_paired"] = round(100 * (1 - paired), 1)
+    out["cpu_us_per_get_added"] = round(on["server_cpu_us_per_req"] - off["server_cpu_us_per_req"], 1)
+    out["target"] = "audit on costs under 15% of GET throughput"
+    out["target_met"] = bool(paired >= 0.85 and ratio >= 0.85)
+    return out
+
+
+def format_compare(rounds: Sequence[CompareRound], summary: dict[str, Any]) -> str:
+    rows = []
+    for r in rounds:
+        for mode in r.order.split(","):
+            cell = getattr(r, mode)
+            rows.append((f"{r.round}", mode, cell))
+    headers = ["round", "audit", *[h for h, _, _ in COLUMNS[2:]]]
+    body = [[rnd, mode, *[fmt.format(getattr(c, attr)) for _, attr, fmt in COLUMNS[2:]]] for rnd, mode, c in rows]
+    for mode in ("on", "off"):
+        m = summary[mode]
+        body.append([
+            "median", mode, "", f"{m['rps']:.0f}", f"{m['p50_ms']:.2f}", f"{m['p99_ms']:.2f}", f"{m['errors']}",
+            f"{m['server_cpu_us_per_req']:.0f}", f"{m['server_cpu_pct']:.0f}", "", "", "", f"{m['other_cpu_pct']:.0f}",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in body]
+    lines.append("")
+    lines.append(
+        f"throughput on/off: {summary['throughput_ratio_on_off']:.3f} of medians "
+        f"(cost {summary['throughput_cost_pct']:.1f} %), {summary['throughput_ratio_on_off_paired']:.3f} "
+        f"median of per-round ratios (cost {summary['throughput_cost_pct_paired']:.1f} %); "
+        f"target: cost under 15 % -> {'met' if summary['target_met'] else 'NOT met'}"
+    )
+    lines.append(
+        f"daemon CPU per GET: {summary['on']['server_cpu_us_per_req']:.0f} µs audited, "
+        f"{summary['off']['server_cpu_us_per_req']:.0f} µs unaudited "
+        f"(+{summary['cpu_us_per_get_added']:.0f} µs for the audit record)"
+    )
+    return "\n".join(lines)
+
+
+def main_compare(args: argparse.Namespace, command: str) -> int:
+    try:
+        with contextlib.ExitStack() as stack:
+            daemons = {
+                mode: stack.enter_context(
+                    running_daemon(0, args.keep_log.with_name(f"{args.keep_log.name}.audit-{mode}")
+                                   if args.keep_log else None, audit=(mode == "on"))
+                )
+                for mode in ("on", "off")
+            }
+            for mode, daemon in daemons.items():
+                log(f"audit-{mode} daemon pid {daemon.pid} on {daemon.base_url} (data in {daemon.workdir})")
+            try:
+                rounds = asyncio.run(run_compare(args, daemons))
+            finally:
+                install_signal_handlers()
+            audit_lines = {mode: d.audit_records() for mode, d in daemons.items()}
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted: daemons stopped, temporary data removed")
+        return 130
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    if audit_lines["off"] or not audit_lines["on"]:
+        log(f"error: audit records written: {audit_lines} (expected some with audit on and none with it off)")
+        return 1
+    summary = compare_summary(rounds)
+    if args.json:
+        print(json.dumps({
+            "command": command,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+                         "concurrency": args.compare_concurrency, "secrets": args.secrets,
+                         "value_bytes": args.value_bytes},
+            "audit_records_written": audit_lines,
+            "rounds": [{"round": r.round, "order": r.order, "on": asdict(r.on), "off": asdict(r.off)}
+                       for r in rounds],
+            "summary": summary,
+        }, indent=2))
+    else:
+        info = machine_info()
+        print(f"# {command}")
+        print(
+            f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}; {info['nproc']} CPUs ({info['cpu_model']}); "
+            f"Python {info['python']}; aiohttp {info['aiohttp']}"
+        )
+        print(
+            f"# GET c={args.compare_concurrency}, {args.rounds} rounds alternating audit on/off; "
+            f"{args.secrets} secrets of {args.value_bytes} bytes; {args.duration:g}s per cell after "
+            f"{args.warmup:g}s warm-up; audit records written: {audit_lines['on']} (on), {audit_lines['off']} (off)"
+        )
+        print(format_compare(rounds, summary))
+    return 1 if any(r.on.errors or r.off.errors for r in rounds) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_handlers()
     command = " ".join(["python", *sys.argv]) if argv is None else "load.main(" + repr(list(argv)) + ")"
+    if args.audit_compare:
+        return main_compare(args, command)
     try:
-        with running_daemon(args.port, args.keep_log) as daemon:
+        with running_daemon(args.port, args.keep_log, audit=args.audit == "on") as daemon:
             log(f"daemon pid {daemon.pid} on {daemon.base_url} (data in {daemon.workdir})")
             try:
                 results = asyncio.run(run_all(args, daemon))
@@ -597,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "operations": args.operations,
         "secrets": args.secrets,
         "value_bytes": args.value_bytes,
+        "audit": args.audit,
     }
     if args.json:
         report = {
@@ -616,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"# {args.secrets} secrets of {args.value_bytes} bytes; {args.duration:g}s per cell "
-            f"after {args.warmup:g}s warm-up; client and daemon share the same cores"
+            f"after {args.warmup:g}s warm-up; audit {args.audit}; client and daemon share the same cores"
         )
         print(format_table(results))
     return 1 if any(r.errors for r in results) else 0

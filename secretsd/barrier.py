@@ -69,6 +69,10 @@ class Barrier:
         self._keyring: Keyring | None = None
         self._rekey_lock = asyncio.Lock()
         self.last_error: str | None = None
+        # Read by the metrics collector at scrape time; plain integers cost nothing per request.
+        self.seal_count = 0
+        self.open_count = 0
+        self.crypto_errors = 0
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -134,6 +138,7 @@ class Barrier:
         ring = self._ring()
         term = ring.active_term
         nonce, ciphertext = ring.keys[term].seal(plaintext, value_aad(path, version, term))
+        self.seal_count += 1
         return SealedValue(term, nonce, ciphertext)
 
     def seal_blob(self, purpose: str, plaintext: bytes) -> SealedValue:
@@ -158,7 +163,12 @@ class Barrier:
             key = self._ring().key(record.term)
             if key is None:
                 raise errors.CryptoError(f"keyring term {record.term} is unknown")
-        return key.open(record.nonce, record.ciphertext, value_aad(record.path, record.version, record.term))
+        self.open_count += 1
+        try:
+            return key.open(record.nonce, record.ciphertext, value_aad(record.path, record.version, record.term))
+        except errors.CryptoError:
+            self.crypto_errors += 1
+            raise
 
     async def reload(self) -> None:
         async with self._rekey_lock:

@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.errors import ConfigError
+from secretsd.rotation_settings import RotationSettings
 
 CONFIG_ENV = "SECRETSD_CONFIG"
 
@@ -56,12 +57,34 @@ class AuditSettings(BaseModel):
     max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     mirror: Literal["none", "stdout", "syslog"] = "none"
-    #: Each process that writes a log keeps its own chain; replicas need distinct names.
+    #: Each process that writes a log keeps its own chain (and file); replicas and workers need
+    #: distinct names. A second process on the same chain is refused.
     chain: str = Field(default="main", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    #: "batch": sign the last record of each group commit (the chain covers the others);
+    #: "record": sign every record, at about 60 µs of CPU each.
+    sign: Literal["batch", "record"] = "batch"
+    #: How often the chain head is copied to storage (0: after every batch).
+    head_interval_seconds: float = Field(default=1.0, ge=0, le=60)
 
     def log_path(self, data_dir: Path) -> Path:
-        path = self.path or Path("audit") / "audit.jsonl"
+        path = self.path or Path("audit") / f"{self.chain}.jsonl"
         return path if path.is_absolute() else data_dir / path
+
+
+class MetricsSettings(BaseModel):
+    """``[metrics]``: Prometheus. On the API listener ``/metrics`` needs ``read`` on ``sys/metrics``."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    #: Also serve ``/metrics``, without authentication, on this HOST:PORT (an internal interface).
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
 
 
 class Settings(BaseSettings):
@@ -79,6 +102,8 @@ class Settings(BaseSettings):
     provider_check_seconds: float = Field(15.0, gt=0, le=3600)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    rotation: RotationSettings = Field(default_factory=RotationSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     max_versions: int = Field(10, ge=1, le=1000)
     max_value_bytes: int = Field(512 * 1024, ge=1, le=16 * 1024 * 1024)
@@ -86,6 +111,11 @@ class Settings(BaseSettings):
     # Tokens verified in the last few seconds are not re-read from storage; revocation made through
     # another process (replica, worker) takes effect within this bound.
     token_cache_seconds: float = Field(5.0, ge=0, le=300)
+    # Replicas (docs/ha.md): how often each re-reads the keyring whatever notifications say (the
+    # staleness bound when LISTEN/NOTIFY is down or absent), and how often a non-leader tries to
+    # take leadership of singleton work (the failover bound after a leader dies).
+    change_poll_seconds: float = Field(10.0, gt=0, le=3600)
+    leader_retry_seconds: float = Field(2.0, gt=0, le=600)
     # A keyring term is retired after this many encryptions, well before the 2^32 random-nonce
     # bound of NIST SP 800-38D.
     max_encryptions_per_term: int = Field(2**30, ge=1, le=2**31)
@@ -173,6 +203,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "recovery_providers": [KeyProviderSettings(**p) for p in data["recovery_providers"]],
         "storage": StorageSettings(**data["storage"]),
         "audit": AuditSettings(**data["audit"]),
+        "rotation": RotationSettings(**data["rotation"]),
+        "metrics": MetricsSettings(**data["metrics"]),
     })
 
 

@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyproviders import KeyProvider
 from secretsd import __version__, tokens
 from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
 from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
@@ -22,8 +24,13 @@ from secretsd.crypto import DataKey
 from secretsd.errors import AlreadyInitializedError, AuditError, NotInitializedError, SecretsdError
 from secretsd.events import Event, EventBus
 from secretsd.keyring import make_term
+from secretsd.leadership import Leadership
+from secretsd.metrics import Metrics, TimedProvider
 from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.providers import ProviderSet
+from secretsd.replication import ReplicaSync
+from secretsd.rotation import RotationService
+from secretsd.scheduler import RotationScheduler
 from secretsd.service import SecretsService
 from secretsd.storage import Storage, TokenRecord, create_storage
 from secretsd.token_service import TokenService
@@ -37,8 +44,10 @@ def build_storage(settings: Settings) -> Storage:
     return create_storage(settings.storage.options(), data_dir=settings.require_data_dir())
 
 
-def provider_set(settings: Settings, *, create: bool = False) -> ProviderSet:
-    return ProviderSet(settings.provider_specs(), settings.require_data_dir(), create=create)
+def provider_set(
+    settings: Settings, *, create: bool = False, decorate: Callable[[KeyProvider], KeyProvider] | None = None
+) -> ProviderSet:
+    return ProviderSet(settings.provider_specs(), settings.require_data_dir(), create=create, decorate=decorate)
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,9 @@ class Daemon:
         self.events = EventBus()
         self.storage = build_storage(settings)
         self.policies = PolicyStore(settings.policy_file)
-        self.providers = provider_set(settings)
+        self.providers = provider_set(
+            settings, decorate=lambda p: TimedProvider(p, self._observe_provider)  # type: ignore[arg-type, return-value]
+        )
         self.barrier = Barrier(
             self.storage, self.providers,
             max_encryptions_per_term=settings.max_encryptions_per_term,
@@ -113,7 +124,20 @@ class Daemon:
         )
         self.tokens = TokenService(self.storage, self.policies, self.token_auth,
                                    events=self.events, clock=clock)
+        # Replicas (docs/ha.md): other processes' keyring changes and revocations; singleton work.
+        self.replication = ReplicaSync(self.storage, self.barrier, self.token_auth,
+                                       poll_seconds=settings.change_poll_seconds)
+        self.leadership = Leadership(self.storage, retry_seconds=settings.leader_retry_seconds)
+        # Secret lifecycle (docs/rotation.md): rotation, and its scheduler (leader only).
+        self.rotation = RotationService(
+            self.storage, self.barrier, settings.rotation, max_versions=settings.max_versions,
+            max_value_bytes=settings.max_value_bytes, events=self.events, clock=clock,
+        )
+        self.scheduler = RotationScheduler(self.rotation, self.barrier, self.leadership,
+                                           tick_seconds=settings.rotation.tick_seconds)
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = Metrics(self)
+        self.events.subscribe(self.metrics.on_event)
         self.audit: AuditLog | None = None
         self._event_tasks: set[asyncio.Task[None]] = set()
         self.value_hasher: ValueHasher | None = None
@@ -137,10 +161,34 @@ class Daemon:
         else:
             await self._open_audit()
         self._tasks.append(asyncio.create_task(self._watch_providers()))
+        self._tasks.append(asyncio.create_task(self.replication.run()))
+        self.leadership.start()
+        if self.settings.rotation.scheduler:
+            self._tasks.append(asyncio.create_task(self.scheduler.run()))
+
+    def _observe_provider(self, provider: str, operation: str, seconds: float) -> None:
+        self.metrics.provider_seconds.labels(provider, operation).observe(seconds)
+
+    async def refresh_gauges(self) -> None:
+        """Counts that need a storage query: taken when metrics are scraped, not per request."""
+        now = self.clock()
+        self.metrics.gauges["secrets"] = await self.storage.count_secrets()
+        self.metrics.gauges["tokens"] = sum(
+            1 for t in await self.storage.list_tokens()
+            if t.revoked_at is None and (t.expires_at is None or t.expires_at > now)
+        )
 
     async def _unseal_in_background(self) -> None:
         await self.barrier.unseal_until_done(self.settings.unseal_retry_max_seconds)
-        await self._open_audit()
+        delay = 0.5
+        while True:  # until the audit log opens: without it every request is refused
+            try:
+                await self._open_audit()
+                return
+            except SecretsdError as exc:
+                log.error("cannot open the audit log (retrying in %.0fs): %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.unseal_retry_max_seconds)
 
     # -- audit --------------------------------------------------------------------------------
     def _head_key(self) -> str:
@@ -164,7 +212,9 @@ class Daemon:
             conf.log_path(self.settings.require_data_dir()), signer, head_store=store_head,
             stored_head=stored, max_file_bytes=conf.max_file_bytes,
             write_timeout=conf.write_timeout_seconds, mirror=mirror,
+            sign_every_record=conf.sign == "record", head_interval=conf.head_interval_seconds,
         )
+        audit.on_batch = self.metrics.observe_audit_batch
         await audit.open()
         self.audit = audit
         self.value_hasher = ValueHasher(signer)
@@ -220,6 +270,7 @@ class Daemon:
                 log.error("provider health check failed: %s", type(exc).__name__)
 
     async def stop(self) -> None:
+        await self.leadership.stop()  # first: another replica can take over at once
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -242,7 +293,15 @@ class Daemon:
             checks["storage"] = "unavailable"
         # A degraded provider does not make the daemon unready: it serves from the keys it holds.
         checks["providers"] = "ok" if all(s.ok for s in self.providers.states()) else "degraded"
-        ready = not self.barrier.sealed and checks["storage"] == "ok"
+        audit_ok = True
+        if self.settings.audit.enabled:
+            if self.audit is None:
+                checks["audit"] = "not open"
+            else:
+                checks["audit"] = "ok" if self.audit.healthy else "failing"
+            # Fail-closed means a failing log refuses requests: then the daemon is not ready.
+            audit_ok = checks["audit"] == "ok" or not self.settings.audit.fail_closed
+        ready = not self.barrier.sealed and checks["storage"] == "ok" and audit_ok
         return ready, checks
 
     async def status(self) -> dict[str, Any]:
@@ -257,5 +316,7 @@ class Daemon:
             "degraded": not all(s.ok for s in states),
             "active_term": self.barrier.active_term,
             "storage": getattr(self.storage, "backend", type(self.storage).__name__),
+            "leader": self.leadership.is_leader,
+            **self.replication.status(),
             "version": __version__,
         }

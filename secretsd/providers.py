@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,20 @@ class ProviderState:
 class ProviderSet:
     """Builds providers lazily from their option tables, remembers failures, checks health."""
 
-    def __init__(self, specs: Sequence[Mapping[str, Any]], base_dir: Path, *, create: bool = False) -> None:
+    def __init__(
+        self,
+        specs: Sequence[Mapping[str, Any]],
+        base_dir: Path,
+        *,
+        create: bool = False,
+        decorate: Callable[[KeyProvider], KeyProvider] | None = None,
+    ) -> None:
         if not specs:
             raise ValueError("at least one key provider must be configured")
         self._specs = [dict(s) for s in specs]
         self._base_dir = base_dir
         self._create = create
+        self._decorate = decorate  # e.g. a latency-measuring wrapper
         self._built: dict[int, KeyProvider] = {}
         self._errors: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -63,6 +71,8 @@ class ProviderSet:
                     continue
             try:
                 provider = create_provider(spec, base_dir=self._base_dir, create=self._create)
+                if self._decorate is not None:
+                    provider = self._decorate(provider)
             except KeyProviderError as exc:
                 error = convert_provider_error(exc)
                 with self._lock:

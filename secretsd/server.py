@@ -10,7 +10,7 @@ import ssl
 
 from aiohttp import web
 
-from secretsd.api.app import create_app
+from secretsd.api.app import create_app, create_metrics_app
 from secretsd.config import Settings, parse_listen
 from secretsd.daemon import Daemon
 from secretsd.errors import ConfigError
@@ -67,6 +67,20 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
         await daemon.stop()
         raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
 
+    metrics_runner = None
+    if settings.metrics.enabled and settings.metrics.listen:
+        metrics_runner = web.AppRunner(create_metrics_app(daemon), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        m_host, m_port = parse_listen(settings.metrics.listen)
+        try:
+            await web.TCPSite(metrics_runner, m_host, m_port, reuse_address=True).start()
+        except OSError as exc:
+            await metrics_runner.cleanup()
+            await runner.cleanup()
+            await daemon.stop()
+            raise ConfigError(f"cannot listen on {settings.metrics.listen} for metrics: {exc.strerror}") from exc
+        log.info("metrics on http://%s:%d/metrics (unauthenticated)", m_host, m_port)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -92,5 +106,7 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         await daemon.stop()

@@ -202,7 +202,7 @@ def test_rotated_files_and_restarts_verify_and_cli_names_tampering(tmp_path: Pat
                 http("PUT", f"{daemon.url}/v1/secrets/app/r{round_}-{i}", token=token, body={"value": "v"})
         finally:
             daemon.stop()
-    files = log_files(data / "audit" / "audit.jsonl")
+    files = log_files(data / "audit" / "main.jsonl")
     assert len(files) >= 4
     ok = run_cli("audit", "verify", "--data-dir", str(data))
     # Two unseals (one per start) and forty writes.
@@ -351,3 +351,97 @@ async def test_restart_continues_the_chain_and_a_lost_tail_is_visible(tmp_path: 
     await stop(api)
     result = verify([path], pubkey(settings), from_start=True)
     assert not result.ok and "missing" in result.problem and result.seq == len(lines) + 1
+
+
+# -- batch signatures, key pinning, one writer per chain ----------------------------------------------
+async def concurrent_log(api: Api, n: int = 40) -> list[str]:
+    await asyncio.gather(*[api.put(f"app/c{i}", "v") for i in range(n)])
+    settings = api.daemon.settings
+    return settings.audit.log_path(settings.require_data_dir()).read_text().splitlines()
+
+
+async def test_batches_are_signed_once_and_every_cut_or_edit_is_still_caught(
+    audited: Api, tmp_path: Path
+) -> None:
+    lines = await concurrent_log(audited)
+    recs = [json.loads(line) for line in lines]
+    unsigned = [r["seq"] for r in recs if "sig" not in r]
+    assert unsigned, "concurrent requests should have shared a batch"
+    assert "sig" in recs[-1]
+    key = pubkey(audited.daemon.settings)
+    last = recs[-1]
+    head = Head(last["seq"], record_hash(last))
+    assert check(tmp_path, lines, key, head).ok
+    middle = unsigned[len(unsigned) // 2]
+    edited = [edit(line, client="mallory") if json.loads(line)["seq"] == middle else line for line in lines]
+    result = check(tmp_path, edited, key, head)
+    assert not result.ok and result.seq == middle and "edited" in result.problem
+    # Cut inside a batch (after an unsigned record): what is left has an unsigned tail.
+    first_unsigned = next(i for i, r in enumerate(recs) if "sig" not in r)
+    result = check(tmp_path, lines[: first_unsigned + 1], key, Head(0, ""))
+    assert not result.ok and "carry no signature" in result.problem
+    assert result.seq == recs[first_unsigned]["seq"]
+
+
+async def test_sign_every_record_when_configured(tmp_path: Path) -> None:
+    settings = load_settings(write_toml(tmp_path, '[audit]\nsign = "record"\n'), data_dir=tmp_path / "d")
+    api = await start(settings, (await initialize_store(settings)).admin_token)
+    try:
+        lines = await concurrent_log(api, 20)
+    finally:
+        await stop(api)
+    assert all("sig" in json.loads(line) for line in lines)
+
+
+@pytest.mark.e2e
+def test_a_pinned_key_catches_a_swapped_store_key(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = tmp_path / "d"
+    token = init_store(data)
+    daemon = DaemonProcess(data).start()
+    try:
+        http("PUT", f"{daemon.url}/v1/secrets/app/k", token=token, body={"value": "v"})
+    finally:
+        daemon.stop()
+    pub = tmp_path / "audit.pub"
+    run_cli("audit", "pubkey", "--data-dir", str(data), "-o", str(pub), check=True)
+    assert run_cli("audit", "verify", "--data-dir", str(data), "--pubkey", str(pub)).returncode == 0
+    # Someone with write access re-signs everything with their own key and swaps the stored key.
+    forger = Signer.generate()
+    conn = sqlite3.connect(data / "secretsd.db")
+    doc = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'audit_key'").fetchone()[0])
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_key'",
+                 (json.dumps(doc | {"public_key": forger.public_pem()}),))
+    conn.commit()
+    conn.close()
+    result = run_cli("audit", "verify", "--data-dir", str(data), "--pubkey", str(pub))
+    assert result.returncode == 1 and "key was replaced" in result.stdout
+
+
+async def test_two_processes_cannot_write_one_chain(audited: Api) -> None:
+    from secretsd.audit.log import AuditLog
+    from secretsd.errors import AuditError
+
+    settings = audited.daemon.settings
+    second = AuditLog(settings.audit.log_path(settings.require_data_dir()), Signer.generate(),
+                      head_store=lambda head: asyncio.sleep(0), stored_head=None, max_file_bytes=10**6,
+                      write_timeout=1)
+    with pytest.raises(AuditError, match="its own \\[audit\\] chain"):
+        await second.open()
+
+
+async def test_readyz_reports_a_failing_audit_log(audited: Api) -> None:
+    settings = audited.daemon.settings
+    path = settings.audit.log_path(settings.require_data_dir())
+    parked = path.with_name("parked")
+    os.replace(path, parked)
+    os.symlink("/dev/full", path)
+    try:
+        assert (await audited.client.get("/v1/secrets/app/x", headers=audited.auth())).status == 503
+        resp = await audited.client.get("/readyz")
+        body = await resp.json()
+        assert resp.status == 503 and body["checks"]["audit"] == "failing"
+    finally:
+        path.unlink()
+        os.replace(parked, path)

@@ -15,7 +15,7 @@ from aiohttp import web
 from secretsd import tokens
 from secretsd.api import openapi
 from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, PRINCIPAL
-from secretsd.api.handlers import routes
+from secretsd.api.handlers import metrics_response, routes
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
 from secretsd.errors import AuditError, SealedError, SecretsdError
@@ -38,7 +38,8 @@ ACTIONS = {
     "delete_secret": "secret.delete", "version_action": "secret.", "get_metadata": "secret.metadata",
     "status": "sys.status", "rotate_keyring": "keyring.rotate", "policy_check": "policy.check",
     "create_token": "token.create", "list_tokens": "token.list", "revoke_token": "token.revoke",
-    "whoami": "auth.whoami",
+    "whoami": "auth.whoami", "metrics": "sys.metrics",
+    "rotate_secret": "secret.rotate", "put_metadata": "secret.policy", "rotation_status": "rotation.status",
 }
 MAX_AUDIT_PATH = 1024
 
@@ -130,9 +131,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
     who = request.get(PRINCIPAL)
+    route = _route_name(request)
+    elapsed = time.perf_counter() - started
+    d.metrics.observe_request(route, request.method, response.status, elapsed)
     log.info(
-        "%s %s %d %.1fms",
-        request.method, _route_name(request), response.status, (time.perf_counter() - started) * 1000,
+        "%s %s %d %.1fms", request.method, route, response.status, elapsed * 1000,
         extra={"request_id": request_id, "client": getattr(who, "client", None)},
     )
     return response
@@ -140,6 +143,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
+
+
+def create_metrics_app(daemon: Daemon) -> web.Application:
+    """The separate, unauthenticated metrics listener ([metrics] listen): /metrics and nothing else."""
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        return await metrics_response(daemon)
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app
 
 
 def create_app(daemon: Daemon) -> web.Application:

@@ -33,7 +33,9 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
     The message never says whether the path exists: a denied caller learns nothing about it.
     """
     who = principal(request)
-    decision = daemon(request).policies.current.decide(who.policies, capability, path)
+    d = daemon(request)
+    decision = d.policies.current.decide(who.policies, capability, path)
+    d.metrics.policy_decisions.labels("allow" if decision.allowed else "deny").inc()
     if not decision.allowed:
         raise PermissionDeniedError(f"permission denied: {capability.value} on {path}")
     request[AUTHORIZED] = True

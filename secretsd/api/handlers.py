@@ -8,7 +8,15 @@ from typing import Any
 from aiohttp import web
 
 from secretsd import tokens
-from secretsd.api.bodies import CreateTokenBody, PolicyCheckBody, PutSecretBody, VersionsBody, read_body
+from secretsd.api.bodies import (
+    CreateTokenBody,
+    PolicyCheckBody,
+    PutSecretBody,
+    RotateBody,
+    SetMetadataBody,
+    VersionsBody,
+    read_body,
+)
 from secretsd.api.context import (
     allowed_paths,
     audit_note,
@@ -19,10 +27,13 @@ from secretsd.api.context import (
     principal,
     secret_path,
 )
-from secretsd.errors import NotFoundError, RequestError
+from secretsd.daemon import Daemon
+from secretsd.errors import NotFoundError, RequestError, SecretsdError
+from secretsd.metrics import CONTENT_TYPE
 from secretsd.paths import validate_path
 from secretsd.policy import Capability
-from secretsd.storage import TokenRecord, VersionInfo
+from secretsd.rotation import RotationPolicy, labels_of
+from secretsd.storage import SecretRecord, TokenRecord, VersionInfo
 
 routes = web.RouteTableDef()
 
@@ -38,7 +49,28 @@ def _version(info: VersionInfo) -> dict[str, Any]:
         "created_by": info.created_by,
         "state": info.state.value,
         "deleted_at": _t(info.deleted_at),
+        "expires_at": _t(info.expires_at),
+        "grace_until": _t(info.grace_until),
     }
+
+
+def _rotation(secret: SecretRecord) -> dict[str, Any]:
+    status = dict(secret.rotation_status)
+    return {
+        "policy": None if secret.rotation is None else RotationPolicy.parse(secret.rotation).model_dump(mode="json"),
+        "next_due": _t(secret.rotation_due),
+        "pending_version": secret.pending_version,
+        "last_result": status.get("last_result"),
+        "last_reason": status.get("last_reason"),
+        "last_attempt_at": status.get("last_attempt_at"),
+        "last_success_at": status.get("last_success_at"),
+        "failures": status.get("failures", 0),
+    }
+
+
+def _allows(request: web.Request, capability: Capability, path: str) -> bool:
+    """Whether the caller also holds ``capability`` on ``path`` (no error, no audit note)."""
+    return daemon(request).policies.current.decide(principal(request).policies, capability, path).allowed
 
 
 def _token(record: TokenRecord) -> dict[str, Any]:
@@ -59,6 +91,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    authorize(request, Capability.READ, "sys/metrics")
+    return await metrics_response(daemon(request))
+
+
+async def metrics_response(d: Daemon) -> web.Response:
+    if not d.settings.metrics.enabled:
+        raise NotFoundError("metrics are disabled ([metrics] enabled = false)")
+    await d.refresh_gauges()
+    return web.Response(body=d.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     ready, checks = await daemon(request).readiness()
@@ -72,7 +117,8 @@ async def put_secret(request: web.Request) -> web.Response:
     who = authorize(request, Capability.WRITE, path)
     body = await read_body(request, PutSecretBody)
     d = daemon(request)
-    info = await d.secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata)
+    info = await d.secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata,
+                               expires_at=body.expires_at)
     audit_note(request, version=info.version, value_hmac=d.value_hasher(body.value) if d.value_hasher else None)
     return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
 
@@ -81,9 +127,64 @@ async def put_secret(request: web.Request) -> web.Response:
 async def get_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.READ, path)
-    found = await daemon(request).secrets.get(who, path, int_query(request, "version"))
-    audit_note(request, version=found.info.version)
-    return web.json_response({"path": path, "value": found.value} | _version(found.info))
+    version, label = int_query(request, "version"), request.query.get("label")
+    # Only a non-current version can be past its grace (admin) or pending (rotate): the plain
+    # read of the current value, the hot path, needs no further policy decision.
+    other = version is not None or label is not None
+    found = await daemon(request).secrets.get(
+        who, path, version, label=label,
+        privileged=other and _allows(request, Capability.ADMIN, path),
+        may_read_pending=other and _allows(request, Capability.ROTATE, path),
+    )
+    audit_note(request, version=found.info.version, **({"label": label} if label else {}))
+    return web.json_response({"path": path, "value": found.value, "labels": list(found.labels)}
+                             | _version(found.info))
+
+
+@routes.post("/v1/secrets/{path:.+}/rotate")
+async def rotate_secret(request: web.Request) -> web.Response:
+    path = secret_path(request)
+    who = authorize(request, Capability.ROTATE, path)
+    body = await read_body(request, RotateBody) if request.body_exists else RotateBody.model_validate({})
+    d = daemon(request)
+    if body.value is not None and d.value_hasher:
+        audit_note(request, value_hmac=d.value_hasher(body.value))
+    try:
+        done = await d.rotation.rotate(who, path, body.value, expires_at=body.expires_at)
+    except SecretsdError as exc:
+        audit_note(request, rotation="failed", reason=exc.message)
+        raise
+    audit_note(request, rotation="succeeded", version=done.version, previous_version=done.previous_version)
+    return web.json_response({
+        "path": path, "version": done.version, "previous_version": done.previous_version,
+        "grace_until": _t(done.grace_until), "generated": body.value is None,
+    })
+
+
+@routes.put("/v1/metadata/{path:.+}")
+async def put_metadata(request: web.Request) -> web.Response:
+    # The rotation policy decides a secret's lifecycle, like rotating it does: `rotate` (and an
+    # explicit deny of `rotate` wins). Hooks are named, never defined, here (docs/rotation.md).
+    path = secret_path(request)
+    who = authorize(request, Capability.ROTATE, path)
+    body = await read_body(request, SetMetadataBody)
+    secret = await daemon(request).rotation.set_policy(who, path, body.rotation)
+    audit_note(request, rotation="enabled" if body.rotation and body.rotation.enabled else
+               "disabled" if body.rotation else "removed")
+    return web.json_response({"path": path, "rotation": _rotation(secret)})
+
+
+@routes.get("/v1/rotation/status")
+async def rotation_status(request: web.Request) -> web.Response:
+    prefix = list_prefix(request)
+    authorize(request, Capability.LIST, prefix)
+    found = await daemon(request).rotation.list_status(prefix)
+    visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
+    return web.json_response({
+        "prefix": prefix,
+        "secrets": [{"path": s.path, "current_version": s.current_version} | _rotation(s)
+                    for s in found if s.path in visible],
+    })
 
 
 @routes.get("/v1/secrets")
@@ -147,7 +248,10 @@ async def get_metadata(request: web.Request) -> web.Response:
         "updated_at": _t(secret.updated_at),
         "metadata": dict(secret.metadata),
         "max_versions": daemon(request).settings.max_versions,
-        "versions": [_version(v) for v in versions],
+        "labels": {"current": secret.current_version, "previous": secret.previous_version,
+                   "pending": secret.pending_version},
+        "rotation": _rotation(secret),
+        "versions": [_version(v) | {"labels": labels_of(secret, v.version)} for v in versions],
     })
 
 

@@ -1,16 +1,20 @@
 """The audit log writer: append-only JSON Lines with group commit, size rotation and a stored head.
 
 Requests hand their record to ``append`` and wait: a writer task takes every record queued so
-far, signs and chains them, writes them with one ``fsync``, records the new head (sequence, hash)
-in storage, and only then releases the waiting requests. So nothing is acknowledged before its
-record is durable, and the fsync cost is shared by everything that arrived meanwhile. A write that
+far, chains and signs them, writes them with one ``fsync``, and only then releases the waiting
+requests. So nothing is acknowledged before its record is durable, and the fsync (and, with
+``sign = "batch"``, the signature) is shared by everything that arrived meanwhile. A write that
 fails or takes longer than the timeout fails its requests (fail closed), and the next batch starts
-again from the last durable record.
+again from the last durable record. The chain's head (sequence, hash) is copied to storage at most
+every ``head_interval`` seconds and at shutdown, off the requests' path, so that a log whose tail
+was cut is caught by `audit verify`; records newer than the stored head are the window it cannot see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -96,6 +100,8 @@ class AuditLog:
         max_file_bytes: int,
         write_timeout: float,
         mirror: Callable[[str], None] | None = None,
+        sign_every_record: bool = False,
+        head_interval: float = 1.0,
     ) -> None:
         self.path = path
         self._signer = signer
@@ -104,7 +110,12 @@ class AuditLog:
         self._max_file_bytes = max_file_bytes
         self._write_timeout = write_timeout
         self._mirror = mirror
+        self._sign_every = sign_every_record
+        self._head_interval = head_interval
+        self._head_stored_at = float("-inf")
+        self._head_stored = stored_head
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._lock_fd: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._seq = 0
         self._hash = GENESIS_HASH
@@ -120,6 +131,15 @@ class AuditLog:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            # Two writers on one chain would fork it and cut each other's records off.
+            raise AuditError(f"another process is writing the audit log {self.path}; give each daemon "
+                             "process its own [audit] chain") from None
         last = None
         for candidate in reversed(log_files(self.path)):
             last = await asyncio.to_thread(_last_record, candidate)
@@ -142,16 +162,23 @@ class AuditLog:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            await self._store_head(force=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def append(self, fields: dict[str, Any]) -> None:
         """Queue a record and wait until it is durable; ``AuditError`` if it cannot be."""
         if self._task is None:
             raise AuditError("the audit log is not open")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(fields, done))
+        self._queue.put_nowait(_Pending({**fields, "time": datetime.now(UTC).isoformat()}, done))
         try:
-            await asyncio.wait_for(asyncio.shield(done), self._write_timeout)
+            async with asyncio.timeout(self._write_timeout):
+                await done
         except TimeoutError:
+            # The record is still written when the disk comes back, marked "late": its request
+            # was answered 503 meanwhile.
             self.healthy = False
             raise AuditError(f"the audit record was not written within {self._write_timeout:g}s") from None
 
@@ -163,16 +190,22 @@ class AuditLog:
                 batch.append(self._queue.get_nowait())
             await self._write_batch(batch)
 
-    def _seal(self, batch: list[_Pending]) -> tuple[bytes, list[str], Head]:
+    def _seal(self, batch: list[_Pending]) -> tuple[bytes, Head]:
         seq, prev = self._seq, self._hash
         lines = []
-        for item in batch:
+        last = len(batch) - 1
+        for i, item in enumerate(batch):
             seq += 1
-            record = {"seq": seq, "time": datetime.now(UTC).isoformat(), **item.fields, "prev_hash": prev}
-            signed = self._signer.sign(record)
-            prev = record_hash(signed)
-            lines.append(canonical(signed).decode("utf-8"))
-        return ("\n".join(lines) + "\n").encode("utf-8"), lines, Head(seq, prev)
+            # The chain's own fields last, so no caller field can replace them.
+            record = {**item.fields, "seq": seq, "prev_hash": prev}
+            if item.done.done():
+                record["late"] = True
+            if self._sign_every or i == last:
+                record["sig"] = self._signer.signature(canonical(record))
+            line = canonical(record)
+            prev = hashlib.sha256(line).hexdigest()  # = record_hash(record): the line is canonical
+            lines.append(line)
+        return b"\n".join(lines) + b"\n", Head(seq, prev)
 
     def _write(self, data: bytes) -> None:
         # Opened per batch: a replaced or moved file is noticed at once, and a failed write is
@@ -188,6 +221,11 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self._mirror:
+            # In this thread, not on the event loop: a reader that stops reading makes the audit
+            # time out (and fail closed) instead of freezing the daemon.
+            for line in data.decode("utf-8").splitlines():
+                self._mirror(line)
 
     def _rotate(self) -> None:
         number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in log_files(self.path)[:-1]), default=0)
@@ -195,13 +233,24 @@ class AuditLog:
         _fsync_dir(self.path.parent)
         self._durable_size = 0
 
+    async def _store_head(self, *, force: bool = False) -> None:
+        head = self.head
+        now = asyncio.get_running_loop().time()
+        if head == self._head_stored or (not force and now - self._head_stored_at < self._head_interval):
+            return
+        try:
+            await self._head_store(head)
+        except Exception as exc:  # the records are durable; only the truncation check lags
+            log.error("could not store the audit chain head: %s", exc)
+            return
+        self._head_stored, self._head_stored_at = head, now
+
     async def _write_batch(self, batch: list[_Pending]) -> None:
-        data, lines, head = self._seal(batch)
+        data, head = self._seal(batch)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             await asyncio.to_thread(self._write, data)
-            await self._head_store(head)
         except Exception as exc:  # any failure fails the batch closed; the next batch retries
             self.healthy = False
             self.errors += len(batch)
@@ -221,9 +270,7 @@ class AuditLog:
         for item in batch:
             if not item.done.done():
                 item.done.set_result(None)
-        if self._mirror:
-            for line in lines:
-                self._mirror(line)
+        await self._store_head()
         if self._durable_size >= self._max_file_bytes:
             try:
                 await asyncio.to_thread(self._rotate)

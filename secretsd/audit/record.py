@@ -1,10 +1,14 @@
 """Audit records: canonical bytes, the hash chain, and Ed25519 signatures.
 
-A record is a flat JSON object. Its canonical form is compact JSON with sorted keys, UTF-8. The
-signature (``sig``, base64) is over the canonical form of every other field, ``prev_hash`` included;
-a record's hash is SHA-256 of the canonical form *with* its signature, and the next record carries
-it as ``prev_hash``. Editing, removing, inserting or reordering a record therefore breaks a
-signature or the chain, and neither can be repaired without the private key.
+A record is a flat JSON object. Its canonical form is compact JSON with sorted keys, UTF-8, and it
+is exactly the line written. A record's hash is SHA-256 of that line; the next record carries it as
+``prev_hash``. A signature (``sig``, base64) is over the canonical form of every other field,
+``prev_hash`` included, so it vouches for its record and, through the chain, for every record
+before it. With ``[audit] sign = "record"`` every record is signed; with the default ``"batch"``
+the last record of each group-commit batch is, which costs one signature per fsync instead of one
+per request. Either way, editing, removing, inserting or reordering a record breaks a signature or
+the chain, and neither can be repaired without the private key; a cut inside a batch leaves
+unsigned records at the end, which verification reports.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class Signer:
 
     def sign(self, record: dict[str, Any]) -> dict[str, Any]:
         """Return ``record`` with its signature added."""
-        signature = self._key.sign(canonical(record))
-        return record | {"sig": base64.b64encode(signature).decode("ascii")}
+        return record | {"sig": self.signature(canonical(record))}
+
+    def signature(self, body: bytes) -> str:
+        return base64.b64encode(self._key.sign(body)).decode("ascii")
 
 
 def public_pem(key: Ed25519PublicKey) -> str:

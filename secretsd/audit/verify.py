@@ -33,7 +33,7 @@ class VerifyResult:
     def describe(self) -> str:
         if self.ok:
             return f"OK: {self.records} record(s) verified"
-        where = f"{self.file}:{self.line}" if self.file else "log"
+        where = f"{self.file}:{self.line}" if self.file and self.line else (self.file or "log")
         seq = f" (record {self.seq})" if self.seq is not None else ""
         return f"FAILED at {where}{seq}: {self.problem}"
 
@@ -58,6 +58,7 @@ def verify(
     expected_seq: int | None = None
     prev_hash: str | None = None
     count = 0
+    unsigned_from: int | None = None  # the first record since the last signature
     for path in files:
         with path.open("rb") as fh:
             for line_no, raw in enumerate(fh, start=1):
@@ -73,7 +74,8 @@ def verify(
                 if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
                     return bad("not an audit record (edited or corrupted)")
                 seq = record["seq"]
-                if not signature_valid(key, record):
+                signed = "sig" in record
+                if signed and not signature_valid(key, record):
                     return bad("signature does not verify: the record was edited, or signed by another key", seq)
                 if expected_seq is None:
                     starts = record.get("prev_hash") == GENESIS_HASH
@@ -85,11 +87,20 @@ def verify(
                 elif seq > expected_seq:
                     return bad(f"records {expected_seq} to {seq - 1} are missing: removed", seq)
                 elif record.get("prev_hash") != prev_hash:
-                    return bad("the previous-hash link is broken: a record before it was replaced or "
-                               "inserted", seq)
+                    # Record `seq` is authentic if signed, so the one before it changed.
+                    return bad(f"record {seq - 1} was edited or replaced: record {seq} does not chain to it",
+                               seq - 1)
                 expected_seq = seq + 1
                 prev_hash = record_hash(record)
                 count += 1
+                if signed:
+                    unsigned_from = None
+                elif unsigned_from is None:
+                    unsigned_from = seq
+    if unsigned_from is not None:
+        last_seq = (expected_seq or 1) - 1
+        return VerifyResult(False, count, f"records {unsigned_from} to {last_seq} carry no signature: the log "
+                            "was cut inside a batch, or they were forged", str(files[-1]), None, unsigned_from)
     if head is not None:
         last = (expected_seq or 1) - 1
         if last < head.seq:

@@ -4,7 +4,8 @@ Errors print one line to stderr and exit 1; usage errors exit 2. Each module add
 the root group when imported.
 """
 
-from secretsd.cli import audit, env, local, masterkey, secrets, system
+from secretsd.cli import audit, env, local, masterkey, secrets, storage, system
+from secretsd.cli import rotation as rotation  # registers rotate and rotation …
 from secretsd.cli.common import main
 
-__all__ = ["audit", "env", "local", "main", "masterkey", "secrets", "system"]
+__all__ = ["audit", "env", "local", "main", "masterkey", "secrets", "storage", "system"]

@@ -46,12 +46,14 @@ async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple
 @audit.command(name="verify")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--pubkey", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PEM public key, for verifying exported copies.")
+              help="PEM public key kept apart from the store (from 'audit pubkey'): needed for copies, "
+                   "and with --data-dir it pins the key so a swapped key in the store is caught.")
+@click.option("--from-start", is_flag=True, help="The FILEs are the whole log: it must begin at record 1.")
 @config_option
 @data_dir_option
 @json_option
 @friendly_errors
-def audit_verify(files: tuple[Path, ...], pubkey: Path | None, config_file: Path | None,
+def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool, config_file: Path | None,
                  data_dir: Path | None, as_json: bool) -> None:
     """Check every record's signature, order and hash chain; exit 0 only if all verify.
 
@@ -63,22 +65,27 @@ def audit_verify(files: tuple[Path, ...], pubkey: Path | None, config_file: Path
       secretsd audit verify --data-dir /var/lib/secretsd
       secretsd audit verify audit.jsonl.000001 audit.jsonl --pubkey audit.pub
     """
-    from secretsd.audit.record import load_public_pem
+    from secretsd.audit.record import load_public_pem, public_pem
     from secretsd.audit.verify import Head, log_files, verify
 
-    if files:
-        if pubkey is None:
-            raise click.UsageError("verifying FILE... needs --pubkey PUBFILE")
+    pinned = None
+    if pubkey is not None:
         try:
-            key = load_public_pem(pubkey.read_text())
+            pinned = load_public_pem(pubkey.read_text())
         except ValueError as exc:
             raise ConfigError(f"{pubkey}: {exc}") from exc
-        result = verify(list(files), key)
+    if files:
+        if pinned is None:
+            raise click.UsageError("verifying FILE... needs --pubkey PUBFILE")
+        result = verify(sorted(files, key=_log_order), pinned, from_start=from_start)
     else:
         pem, head, log_path = asyncio.run(_store_facts(config_file, data_dir))
         assert isinstance(head, Head)
-        paths = log_files(log_path)
-        result = verify(paths, load_public_pem(pem), head=head, from_start=True)
+        stored = load_public_pem(pem)
+        if pinned is not None and public_pem(pinned) != public_pem(stored):
+            click.echo("FAILED: the store's audit public key is not the pinned one: the key was replaced")
+            sys.exit(1)
+        result = verify(log_files(log_path), stored, head=head, from_start=True)
     if as_json:
         emit_json({"ok": result.ok, "records": result.records, "problem": result.problem,
                    "file": result.file, "line": result.line, "seq": result.seq})
@@ -86,6 +93,12 @@ def audit_verify(files: tuple[Path, ...], pubkey: Path | None, config_file: Path
         click.echo(result.describe())
     if not result.ok:
         sys.exit(1)
+
+
+def _log_order(path: Path) -> tuple[int, str]:
+    """Rotated files (NAME.000001, ...) before the active one, whatever order a shell glob gave."""
+    suffix = path.name.rsplit(".", 1)[-1]
+    return (int(suffix), path.name) if suffix.isdigit() else (10**9, path.name)
 
 
 @audit.command(name="pubkey")
