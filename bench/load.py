@@ -232,7 +232,7 @@ class Daemon:
     def audit_records(self) -> int:
         """Lines in the daemon's audit log files (0 when audit is off): proves which mode ran."""
         total = 0
-        for path in (self.data_dir / "audit").glob("audit.jsonl*"):
+        for path in (self.data_dir / "audit").glob("*.jsonl*"):  # <chain>.jsonl and its rotations
             with contextlib.suppress(OSError), path.open("rb") as fh:
                 total += sum(1 for _ in fh)
         return total

@@ -55,8 +55,9 @@ class Metrics:
         self.audit_batch = Histogram(
             "secretsd_audit_batch_records", "Records per audit batch (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        for decision in ("allow", "deny"):
-            self.policy_decisions.labels(decision)
+        self._allowed = self.policy_decisions.labels("allow")
+        self._denied = self.policy_decisions.labels("deny")
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.gauges: dict[str, float] = {"secrets": 0, "tokens": 0}
         r.register(_StateCollector(daemon, self.gauges))
 
@@ -69,8 +70,18 @@ class Metrics:
             self.rotations.labels(event.action.removeprefix("rotation.")).inc()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(route, method, f"{status // 100}xx").inc()
-        self.http_duration.labels(route, method).observe(seconds)
+        # labels() takes a lock and builds a key on every call; the children are kept here instead.
+        key = (route, method, status // 100)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(route, method, f"{status // 100}xx"),
+                        self.http_duration.labels(route, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def policy_decision(self, allowed: bool) -> None:
+        (self._allowed if allowed else self._denied).inc()
 
     def observe_audit_batch(self, records: int, seconds: float) -> None:
         self.audit_batch.observe(records)

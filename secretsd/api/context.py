@@ -35,7 +35,7 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
     who = principal(request)
     d = daemon(request)
     decision = d.policies.current.decide(who.policies, capability, path)
-    d.metrics.policy_decisions.labels("allow" if decision.allowed else "deny").inc()
+    d.metrics.policy_decision(decision.allowed)
     if not decision.allowed:
         raise PermissionDeniedError(f"permission denied: {capability.value} on {path}")
     request[AUTHORIZED] = True
