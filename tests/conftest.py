@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,21 +61,30 @@ class Api:
         return str((await resp.json())["token"])
 
 
+@asynccontextmanager
+async def running(settings: Settings, admin: str | None = None) -> AsyncIterator[Api]:
+    """An in-process daemon behind a real aiohttp test server (the store initialised unless ``admin``)."""
+    if admin is None:
+        admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    client = TestClient(TestServer(create_app(daemon)))
+    await client.start_server()
+    try:
+        yield Api(client, daemon, admin)
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return load_settings(None, data_dir=data_dir, **overrides)
 
 
 @pytest.fixture
 async def api(settings: Settings, admin_token: str) -> AsyncIterator[Api]:
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    try:
-        yield Api(client, daemon, admin_token)
-    finally:
-        await client.close()
-        await daemon.stop()
+    async with running(settings, admin_token) as api:
+        yield api
 
 
 @pytest.fixture

@@ -12,17 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from keyproviders.file import FileKeyProvider
 from keyproviders.pkcs11 import Pkcs11KeyProvider, create_key
-from secretsd.api.app import create_app
 from secretsd.config import Settings, load_settings
 from secretsd.daemon import Daemon, initialize_store
 from secretsd.keyring import unwrap_term
 from secretsd.masterkey import migrate, rewrap
 from softhsm.pytest_plugin import SoftHSMToken
-from tests.conftest import Api
+from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, run_cli
 
 
@@ -164,15 +162,8 @@ async def hsm_api(hsm_key: dict[str, Any], tmp_path: Path) -> AsyncIterator[Api]
     config = write_config(tmp_path / "hsm.toml", hsm_key)
     settings = load_settings(config, data_dir=tmp_path / "d")
     admin = (await initialize_store(settings)).admin_token
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    try:
-        yield Api(client, daemon, admin)
-    finally:
-        await client.close()
-        await daemon.stop()
+    async with running(settings, admin) as api:
+        yield api
 
 
 async def test_concurrent_requests_during_unseal_and_rekey(hsm_api: Api) -> None:
@@ -234,12 +225,8 @@ async def test_any_configured_provider_unseals(hsm_key: dict[str, Any], tmp_path
     # daemon says it is degraded; a new term cannot be made without every provider.
     broken = write_config(tmp_path / "broken.toml", hsm_key | {"pin_env": "SECRETSD_TEST_NO_SUCH_PIN"},
                           recovery=[{"kind": "file", "path": str(tmp_path / "recovery.key")}])
-    daemon = Daemon(load_settings(broken, data_dir=tmp_path / "d"))
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    api = Api(client, daemon, admin)
-    try:
+    async with running(load_settings(broken, data_dir=tmp_path / "d"), admin) as api:
+        client, daemon = api.client, api.daemon
         assert not daemon.barrier.sealed
         await api.put("app/k", "v")
         assert (await api.get("app/k"))["value"] == "v"
@@ -247,9 +234,6 @@ async def test_any_configured_provider_unseals(hsm_key: dict[str, Any], tmp_path
         assert status["degraded"] is True and [p["ok"] for p in status["providers"]] == [False, True]
         resp = await client.post("/v1/sys/keyring/rotate", headers=api.auth())
         assert resp.status == 503 and "every configured key provider" in (await resp.json())["detail"]
-    finally:
-        await client.close()
-        await daemon.stop()
     # And the HSM alone opens it too.
     await _assert_opens(load_settings(write_config(tmp_path / "hsm.toml", hsm_key), data_dir=tmp_path / "d"))
 
@@ -446,12 +430,8 @@ async def test_a_daemon_with_the_pre_migration_config_refuses_to_add_terms(
 ) -> None:
     old = load_settings(None, data_dir=tmp_path / "d")
     admin = (await initialize_store(old)).admin_token
-    daemon = Daemon(old)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    api = Api(client, daemon, admin)
-    try:
+    async with running(old, admin) as api:
+        client = api.client
         await api.put("app/k", "v")
         await migrate(old, load_settings(write_config(tmp_path / "hsm.toml", hsm_key), data_dir=tmp_path / "d"))
         assert (await api.get("app/k"))["value"] == "v"  # it keeps serving from memory
@@ -459,6 +439,3 @@ async def test_a_daemon_with_the_pre_migration_config_refuses_to_add_terms(
         doc = await resp.json()
         assert resp.status == 503 and "was the keyring migrated" in doc["detail"]
         assert len(await _terms(old)) == 1
-    finally:
-        await client.close()
-        await daemon.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Api
+from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, free_port, http, init_store
 
 
@@ -78,31 +78,22 @@ async def test_no_secret_value_or_path_in_any_label(api: Api) -> None:
 
 
 async def test_metrics_need_a_token_with_read_on_sys_metrics(tmp_path: Path) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
 
-    from secretsd.api.app import create_app
     from secretsd.config import load_settings
-    from secretsd.daemon import Daemon, initialize_store
+    from secretsd.daemon import initialize_store
 
     policy = tmp_path / "p.toml"
     policy.write_text('[policies.prom]\nrules = [{ path = "sys/metrics", allow = ["read"] }]\n'
                       '[policies.other]\nrules = [{ path = "app/*", allow = ["read"] }]\n')
     settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy)
     admin = (await initialize_store(settings)).admin_token
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    api = Api(client, daemon, admin)
-    try:
+    async with running(settings, admin) as api:
+        client = api.client
         assert (await client.get("/metrics")).status == 401
         other = await api.token("x", "other")
         assert (await client.get("/metrics", headers=api.auth(other))).status == 403
         prom = await api.token("prometheus", "prom")
         assert (await client.get("/metrics", headers=api.auth(prom))).status == 200
-    finally:
-        await client.close()
-        await daemon.stop()
 
 
 @pytest.mark.e2e

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from secretsd.api.app import PUBLIC_ROUTES, create_app
 from secretsd.config import Settings, load_settings
 from secretsd.daemon import Daemon, initialize_store
-from tests.conftest import Api
+from tests.conftest import Api, running
 from tests.test_api import problem
 
 POLICY_FILE = """
@@ -39,15 +39,8 @@ async def papi(tmp_path: Path) -> AsyncIterator[Api]:
     settings = load_settings(None, data_dir=tmp_path / "data", policy_file=policy, max_body_bytes=4096,
                              max_value_bytes=2048)
     admin = (await initialize_store(settings)).admin_token
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    try:
-        yield Api(client, daemon, admin)
-    finally:
-        await client.close()
-        await daemon.stop()
+    async with running(settings, admin) as api:
+        yield api
 
 
 def all_routes(api: Api) -> list[tuple[str, str]]:
@@ -295,20 +288,13 @@ async def test_listing_hides_paths_a_deny_rule_covers(tmp_path: Path) -> None:
                       ' { path = "billing/admin/*", deny = ["list"] }]\n')
     settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy)
     admin = (await initialize_store(settings)).admin_token
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    api = Api(client, daemon, admin)
-    try:
+    async with running(settings, admin) as api:
+        client = api.client
         for path in ("billing/a", "billing/admin/key", "billing/b/c"):
             await api.put(path, "v")
         lister = await api.token("l", "lister")
         resp = await client.get("/v1/secrets", params={"prefix": "billing"}, headers=api.auth(lister))
         assert [s["path"] for s in (await resp.json())["secrets"]] == ["billing/a", "billing/b/c"]
-    finally:
-        await client.close()
-        await daemon.stop()
 
 
 async def test_destroy_needs_admin_not_just_delete(tmp_path: Path) -> None:
@@ -316,12 +302,8 @@ async def test_destroy_needs_admin_not_just_delete(tmp_path: Path) -> None:
     policy.write_text('[policies.deleter]\nrules = [{ path = "app/**", allow = ["delete", "read"] }]\n')
     settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy)
     admin = (await initialize_store(settings)).admin_token
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    api = Api(client, daemon, admin)
-    try:
+    async with running(settings, admin) as api:
+        client = api.client
         await api.put("app/k", "v1")
         await api.put("app/k", "v2")
         deleter = await api.token("d", "deleter")
@@ -331,9 +313,6 @@ async def test_destroy_needs_admin_not_just_delete(tmp_path: Path) -> None:
         await problem(resp, 403, "permission-denied")
         resp = await client.post("/v1/secrets/app/k/undelete", json={"versions": [1]}, headers=api.auth(deleter))
         assert (await resp.json())["undeleted"] == [1]
-    finally:
-        await client.close()
-        await daemon.stop()
 
 
 async def test_token_admin_cannot_revoke_tokens_with_policies_it_lacks(papi: Api) -> None:
