@@ -64,6 +64,9 @@ class Barrier:
         self._storage = storage
         self._providers = providers
         self._max_encryptions = max_encryptions_per_term
+        # Past this, with no new term made (a provider down for long), sealing stops altogether:
+        # random 96-bit nonces must stay far from the 2^32 bound of NIST SP 800-38D.
+        self._hard_limit = min(2 * max_encryptions_per_term, 2**32 - 2**24)
         self._events = events or EventBus()
         self._clock = clock
         self._keyring: Keyring | None = None
@@ -137,6 +140,11 @@ class Barrier:
     def seal_value(self, path: str, version: int, plaintext: bytes) -> SealedValue:
         ring = self._ring()
         term = ring.active_term
+        if ring.encryptions.get(term, 0) >= self._hard_limit:
+            raise errors.ProviderUnavailable(
+                f"keyring term {term} has sealed {self._hard_limit} values and no new term could be made; "
+                "writes resume once every configured key provider is reachable and a rekey succeeds"
+            )
         nonce, ciphertext = ring.keys[term].seal(plaintext, value_aad(path, version, term))
         self.seal_count += 1
         return SealedValue(term, nonce, ciphertext)

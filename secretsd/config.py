@@ -50,7 +50,7 @@ class AuditSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    #: Default: audit/audit.jsonl under the data directory; relative paths are under it too.
+    #: Default: audit/<chain>.jsonl under the data directory; relative paths are under it too.
     path: Path | None = None
     #: Refuse a request whose record cannot be written (the default, and what auditors expect).
     fail_closed: bool = True

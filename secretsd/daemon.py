@@ -244,6 +244,9 @@ class Daemon:
         The check is itself a record: the first request after the disk recovers writes it and
         goes ahead, so recovery needs no operator.
         """
+        if self.settings.audit.enabled and self.audit is None and not self.barrier.sealed:
+            # Unsealed in the background a moment ago: nothing may run before its log is open.
+            raise AuditError("the audit log is not open yet")
         if self.audit is not None and not self.audit.healthy and self.settings.audit.fail_closed:
             await self.record({"action": "audit.probe", "client": "system", "decision": "allow",
                                "outcome": "ok"})

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -38,17 +37,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from secretsd.addresses import is_loopback
+
 STEPS = ("set", "test")
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class HookSettings(BaseModel):
@@ -70,7 +62,7 @@ class HookSettings(BaseModel):
         if self.url is not None:
             parts = urlsplit(self.url)
             host = parts.hostname or ""
-            if not (parts.scheme == "https" and host) and not (parts.scheme == "http" and _loopback(host)):
+            if not (parts.scheme == "https" and host) and not (parts.scheme == "http" and is_loopback(host)):
                 raise ValueError("url must be https://, or http:// on a loopback address")
             if parts.username or parts.password:
                 raise ValueError("url must not carry credentials")

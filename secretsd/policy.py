@@ -11,7 +11,8 @@ A policy file is TOML::
 
 Globs match whole segments: ``*`` is one segment (or part of one: ``db-*``), ``**`` is zero or
 more segments, so ``app/**`` covers ``app`` itself and everything below it. System resources are
-the paths ``sys/status``, ``sys/tokens``, ``sys/keyring`` and ``sys/policy``. The built-in
+the paths ``sys/status``, ``sys/tokens``, ``sys/keyring``, ``sys/policy`` and
+``sys/metrics``. The built-in
 ``root`` policy allows everything and cannot be redefined.
 """
 

@@ -1,6 +1,6 @@
 """Replicas sharing one store: keep each process's keyring and token cache in step with the others.
 
-Several daemon processes (replicas behind a load balancer, or ``serve --workers`` on one host) share
+Several daemon processes (replicas behind a load balancer) share
 one store. Each holds the unwrapped keyring and a short token cache in memory, so it must hear what
 the others change:
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 import ssl
 
 from aiohttp import web
 
+from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
 from secretsd.config import Settings, parse_listen
 from secretsd.daemon import Daemon
@@ -17,15 +17,6 @@ from secretsd.errors import ConfigError
 from secretsd.events import Event
 
 log = logging.getLogger("secretsd")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -80,6 +71,9 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
             await daemon.stop()
             raise ConfigError(f"cannot listen on {settings.metrics.listen} for metrics: {exc.strerror}") from exc
         log.info("metrics on http://%s:%d/metrics (unauthenticated)", m_host, m_port)
+        if not is_loopback(m_host):
+            log.warning("the metrics listener %s is reachable from the network without authentication; "
+                        "metrics hold no secrets, but firewall it to your monitoring hosts", settings.metrics.listen)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

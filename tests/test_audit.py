@@ -445,3 +445,19 @@ async def test_readyz_reports_a_failing_audit_log(audited: Api) -> None:
     finally:
         path.unlink()
         os.replace(parked, path)
+
+
+async def test_the_stored_head_catches_up_after_a_burst_then_silence(tmp_path: Path) -> None:
+    import sqlite3
+
+    settings = load_settings(write_toml(tmp_path, "[audit]\nhead_interval_seconds = 0.3\n"), data_dir=tmp_path / "d")
+    api = await start(settings, (await initialize_store(settings)).admin_token)
+    try:
+        for i in range(5):
+            await api.put(f"app/{i}", "v")
+        await asyncio.sleep(0.8)  # no more traffic: the delayed store must still happen
+        row = sqlite3.connect(settings.require_data_dir() / "secretsd.db").execute(
+            "SELECT value FROM meta WHERE key = 'audit_head:main'").fetchone()
+        assert json.loads(row[0])["seq"] == records(settings)[-1]["seq"]
+    finally:
+        await stop(api)

@@ -392,3 +392,22 @@ def test_client_maps_problem_types_back_to_the_right_classes() -> None:
         assert isinstance(back, errors.SecretsdError) and back.message == "d"
         if ptype.slug not in ("internal", "provider-unavailable", "permission-denied"):
             assert type(back) is cls or issubclass(cls, type(back)), (cls, back)
+
+
+async def test_a_term_past_its_hard_limit_stops_sealing_when_no_new_term_can_be_made(tmp_path: Path) -> None:
+    from keyproviders import ProviderUnavailableError
+
+    settings = load_settings(None, data_dir=tmp_path / "d", max_encryptions_per_term=2)
+    async with running(settings) as api:
+        provider = api.daemon.providers.available()[0]
+
+        def broken(key: bytes, aad: bytes) -> object:  # a provider down for good: inject it
+            raise ProviderUnavailableError("token gone")
+
+        provider.wrap = broken  # type: ignore[method-assign, assignment]
+        for i in range(4):  # the limit is 2, the hard limit 4: these still succeed
+            await api.put("app/a", str(i))
+        resp = await api.client.put("/v1/secrets/app/a", json={"value": "5"}, headers=api.auth())
+        doc = await problem(resp, 503, "provider-unavailable")
+        assert "hard" not in doc["type"] and "sealed 4 values" in doc["detail"]
+        assert (await api.get("app/a"))["value"] == "3"

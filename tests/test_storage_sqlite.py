@@ -64,3 +64,10 @@ async def test_secure_delete_is_on(tmp_path: Path) -> None:
         assert s._writer is not None and s._writer.execute("PRAGMA secure_delete").fetchone()[0] == 1
     finally:
         await s.close()
+
+
+def test_unknown_sqlite_options_are_refused(tmp_path: Path) -> None:
+    from secretsd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option"):
+        SQLiteStorage.from_config({"pth": "x.db"}, data_dir=tmp_path)

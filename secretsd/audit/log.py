@@ -116,6 +116,7 @@ class AuditLog:
         self._head_stored = stored_head
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._lock_fd: int | None = None
+        self._head_timer: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._seq = 0
         self._hash = GENESIS_HASH
@@ -158,6 +159,9 @@ class AuditLog:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            await asyncio.gather(self._head_timer, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -236,7 +240,13 @@ class AuditLog:
     async def _store_head(self, *, force: bool = False) -> None:
         head = self.head
         now = asyncio.get_running_loop().time()
-        if head == self._head_stored or (not force and now - self._head_stored_at < self._head_interval):
+        if head == self._head_stored:
+            return
+        wait = self._head_interval - (now - self._head_stored_at)
+        if not force and wait > 0:
+            # A burst followed by silence must not leave the stored head behind for long.
+            if self._head_timer is None or self._head_timer.done():
+                self._head_timer = asyncio.get_running_loop().create_task(self._store_head_later(wait))
             return
         try:
             await self._head_store(head)
@@ -244,6 +254,10 @@ class AuditLog:
             log.error("could not store the audit chain head: %s", exc)
             return
         self._head_stored, self._head_stored_at = head, now
+
+    async def _store_head_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        await self._store_head(force=True)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         data, head = self._seal(batch)

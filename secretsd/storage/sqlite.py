@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from keyproviders import WrappedKey
 from secretsd.errors import (
     AlreadyInitializedError,
+    ConfigError,
     ConflictError,
     StorageError,
     StorageUnavailableError,
@@ -118,6 +119,9 @@ class SQLiteStorage:
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *, data_dir: Path) -> SQLiteStorage:
+        unknown = sorted(set(options) - {"path"})
+        if unknown:
+            raise ConfigError(f"storage: unknown option(s) for the sqlite backend: {', '.join(unknown)}")
         raw = options.get("path") or DEFAULT_FILENAME
         path = Path(str(raw))
         return cls(path if path.is_absolute() else data_dir / path)
