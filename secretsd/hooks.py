@@ -38,6 +38,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from secretsd.addresses import is_loopback
+from secretsd.policy import compile_glob
 
 STEPS = ("set", "test")
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -47,6 +48,9 @@ class HookSettings(BaseModel):
     """``[rotation.hooks.NAME]``: exactly one of ``command`` (argv) and ``url``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: Path globs of the secrets this hook may rotate. Required: a hook sets values in another
+    #: system, so a caller who may rotate one secret must not be able to aim it at another's.
+    paths: tuple[str, ...] = Field(min_length=1)
     command: tuple[str, ...] | None = None
     url: str | None = None
     timeout_seconds: float = Field(default=30.0, gt=0, le=600)
@@ -57,6 +61,8 @@ class HookSettings(BaseModel):
     def _check(self) -> HookSettings:
         if (self.command is None) == (self.url is None):
             raise ValueError("set exactly one of command and url")
+        for glob in self.paths:
+            compile_glob(glob)
         if self.command is not None and (not self.command or not os.path.isabs(self.command[0])):
             raise ValueError("command must be a list whose first item is an absolute path")
         if self.url is not None:
@@ -67,6 +73,9 @@ class HookSettings(BaseModel):
             if parts.username or parts.password:
                 raise ValueError("url must not carry credentials")
         return self
+
+    def allows(self, path: str) -> bool:
+        return any(compile_glob(glob).fullmatch(path) for glob in self.paths)
 
     @property
     def kind(self) -> Literal["command", "url"]:

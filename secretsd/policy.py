@@ -113,6 +113,12 @@ def _root_rules() -> tuple[Rule, ...]:
     return (Rule(ROOT_POLICY, 0, "**", frozenset(Capability), frozenset(), compile_glob("**")),)
 
 
+def sys_rule(rule: Rule) -> bool:
+    """Only rules written for system resources (``sys/...``), or root, govern them: a wildcard
+    meant for secrets (``*/*``, ``**``) never grants tokens, keyring or policy administration."""
+    return rule.policy == ROOT_POLICY or rule.path.startswith("sys/")
+
+
 @dataclass(frozen=True)
 class PolicySet:
     policies: Mapping[str, tuple[Rule, ...]]
@@ -173,8 +179,11 @@ class PolicySet:
     def decide(self, policy_names: Sequence[str], capability: Capability, path: str) -> Decision:
         """The authorisation rule: deny by default, any matching deny wins over every allow."""
         allowed_by: Rule | None = None
+        system = path.startswith("sys/")
         for name in policy_names:
             for rule in self.policies.get(name, ()):
+                if system and not sys_rule(rule):
+                    continue
                 if not rule.pattern.fullmatch(path):
                     continue
                 if capability in rule.deny:

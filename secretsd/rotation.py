@@ -40,6 +40,7 @@ from secretsd.hooks import Hook, HookCall, HookFailed
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.rotation_settings import RotationSettings
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
+from secretsd.values import encodable, validate_expiry
 
 log = logging.getLogger("secretsd.rotation")
 
@@ -189,9 +190,11 @@ class RotationService:
     # -- policy -------------------------------------------------------------------------------
     async def set_policy(self, who: Principal, path: str, policy: RotationPolicy | None) -> SecretRecord:
         validate_path(path)
-        if policy is not None and policy.hook is not None and policy.hook not in self._hooks:
-            known = ", ".join(sorted(self._hooks)) or "none are configured"
-            raise RequestError(f"unknown rotation hook {policy.hook!r} (known: {known})")
+        if policy is not None and policy.hook is not None:
+            hook = self._hooks.get(policy.hook)
+            if hook is None or not hook.settings.allows(path):
+                # One answer for both: callers learn nothing about hooks meant for other paths.
+                raise RequestError(f"no rotation hook named {policy.hook!r} is available for {path}")
         secret = await self._storage.get_secret(path)
         if secret is None:
             raise NotFoundError(f"no secret at {path}")
@@ -228,6 +231,9 @@ class RotationService:
         new value is then discarded), ``RotationFailedError`` when the hook failed.
         """
         validate_path(path)
+        expires_at = validate_expiry(expires_at, self._clock())
+        if value is not None:
+            encodable(value)
         secret = await self._storage.get_secret(path)
         if secret is None:
             raise NotFoundError(f"no secret at {path}")
@@ -271,8 +277,9 @@ class RotationService:
         if policy.hook is None:
             return None
         hook = self._hooks.get(policy.hook)
-        if hook is None:
-            raise RotationFailedError(f"the rotation hook {policy.hook!r} of {path} is not configured")
+        if hook is None or not hook.settings.allows(path):
+            # Checked again at run time: the configuration may have changed since the policy was set.
+            raise RotationFailedError(f"the rotation hook {policy.hook!r} is not configured for {path}")
         return hook
 
     async def _complete(self, who: Principal, secret: SecretRecord, version: int, value: str,

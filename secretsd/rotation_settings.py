@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from secretsd.hooks import HookSettings
 
@@ -35,3 +35,13 @@ class RotationSettings(BaseModel):
             if not HOOK_NAME.fullmatch(name):
                 raise ValueError(f"hook name {name!r}: letters, digits, '.', '_', '-' (max 64)")
         return value
+
+    @model_validator(mode="after")
+    def _recovery_after_the_slowest_hook(self) -> RotationSettings:
+        # A rotation still running its hook must never look abandoned to another replica, or the
+        # hook would run twice at once.
+        slowest = max((2 * h.timeout_seconds for h in self.hooks.values()), default=0.0)
+        if self.pending_timeout_seconds <= slowest + 30:
+            raise ValueError(f"pending_timeout_seconds must exceed {slowest + 30:g} (two steps of the slowest "
+                             "hook, plus a margin)")
+        return self

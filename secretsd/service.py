@@ -20,6 +20,7 @@ from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
+from secretsd.values import encodable, validate_expiry
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128
@@ -50,6 +51,10 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
             raise RequestError(
                 f"metadata value for {key!r} must be a string of at most {MAX_METADATA_VALUE} characters"
             )
+        if "\x00" in key or "\x00" in value:  # PostgreSQL's jsonb cannot hold NUL
+            raise RequestError("metadata may not contain NUL characters")
+        encodable(key, "metadata key")
+        encodable(value, "metadata value")
         clean[key] = value
     return clean
 
@@ -97,14 +102,13 @@ class SecretsService:
         """Write a new current version. With a rotation policy on the secret, the old current
         version gets the policy's grace period, as after a rotation (docs/rotation.md)."""
         validate_path(path)
-        plaintext = value.encode("utf-8")
+        plaintext = encodable(value)
         if len(plaintext) > self._max_value_bytes:
             raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
         if cas is not None and cas < 0:
             raise RequestError("cas must be 0 (create only) or an existing version number")
         clean_meta = validate_metadata(metadata) if metadata is not None else None
-        if expires_at is not None and expires_at <= self._clock():
-            raise RequestError("expires_at must be in the future")
+        expires_at = validate_expiry(expires_at, self._clock())
         for _ in range(WRITE_ATTEMPTS):
             secret = await self._storage.get_secret(path)
             current = secret.current_version if secret else 0

@@ -89,8 +89,13 @@ class TokenService:
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._storage.list_tokens()
 
-    async def revoke(self, who: Principal, token_id: str) -> None:
-        token_id = token_id.removeprefix(tokens.TOKEN_PREFIX)
+    async def revoke(self, who: Principal, token_id: str) -> str:
+        """Revoke a token given by id (or, pasted whole, by the token itself); return its id."""
+        parsed = tokens.parse_token(token_id)
+        # A whole token pasted in: use its id, and never echo its secret part back.
+        token_id = parsed[0] if parsed else token_id.removeprefix(tokens.TOKEN_PREFIX)
+        if not tokens.is_token_id(token_id):
+            raise NotFoundError("no active token with that id (ids look like sdt_0123456789abcdef)")
         target = await self._storage.get_token(token_id)
         if target is None or target.revoked_at is not None:
             raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
@@ -100,3 +105,4 @@ class TokenService:
         self._authenticator.invalidate(token_id)
         self._events.emit(Event("token.revoke", self._clock(), who.client,
                                 detail={"token": tokens.display_id(token_id)}))
+        return token_id

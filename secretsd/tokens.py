@@ -20,6 +20,7 @@ TOKEN_PREFIX = "sdt_"  # noqa: S105 - a prefix, not a credential
 _SECRET_BYTES = 32
 _ID_BYTES = 8
 _TOKEN_RE = re.compile(r"sdt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ def parse_token(token: str) -> tuple[str, bytes] | None:
 def secret_matches(secret: bytes, stored_hash: bytes) -> bool:
     """Constant-time comparison of a presented secret with a stored hash (invariant 3)."""
     return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def is_token_id(text: str) -> bool:
+    return _ID_RE.fullmatch(text) is not None
 
 
 def display_id(token_id: str) -> str:

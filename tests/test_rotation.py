@@ -115,8 +115,9 @@ rules = [{ path = "app/**", allow = ["read", "admin"] }]
 def rotation_settings(data_dir: Path, hooks: dict[str, Any] | None = None, **rotation: Any) -> Settings:
     policy_file = data_dir.parent / "policies.toml"
     policy_file.write_text(POLICY_FILE)
+    scoped = {name: {"paths": ["app/**"], **hook} for name, hook in (hooks or {}).items()}
     return load_settings(None, data_dir=data_dir, policy_file=policy_file,
-                         rotation={"scheduler": False, "hooks": hooks or {}, **rotation})
+                         rotation={"scheduler": False, "hooks": scoped, **rotation})
 
 
 async def start_env(settings: Settings, admin: str, clock: FakeClock) -> tuple[Env, Callable[[], Any]]:
@@ -611,9 +612,9 @@ async def test_http_hook_success_and_failure(data_dir: Path, clock: FakeClock) -
 def test_hook_settings_are_validated() -> None:
     from secretsd.hooks import HookSettings
 
-    HookSettings(url="https://rotator.example/hook")
-    HookSettings(url="http://127.0.0.1:8080/hook")
-    HookSettings(command=("/usr/local/bin/rotate-db", "--verbose"))
+    HookSettings(paths=("db/*",), url="https://rotator.example/hook")
+    HookSettings(paths=("db/*",), url="http://127.0.0.1:8080/hook")
+    HookSettings(paths=("db/*",), command=("/usr/local/bin/rotate-db", "--verbose"))
     for bad in ({"url": "http://rotator.example/hook"}, {"url": "ftp://x/y"},
                 {"url": "https://user:pw@rotator.example/"}, {"command": ("rotate-db",)},
                 {"command": ("/bin/true",), "url": "https://x/"}, {}):

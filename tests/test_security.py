@@ -411,3 +411,123 @@ async def test_a_term_past_its_hard_limit_stops_sealing_when_no_new_term_can_be_
         doc = await problem(resp, 503, "provider-unavailable")
         assert "hard" not in doc["type"] and "sealed 4 values" in doc["detail"]
         assert (await api.get("app/a"))["value"] == "3"
+
+
+# -- findings of the second review, each pinned by a test ------------------------------------------------
+async def test_list_cursor_never_names_a_hidden_path(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('[policies.app]\nrules = [{ path = "app/**", allow = ["list"] },'
+                      ' { path = "app/hidden/**", deny = ["list"] }]\n')
+    async with running(load_settings(None, data_dir=tmp_path / "d", policy_file=policy)) as api:
+        for path in ("app/a", "app/b", "app/hidden/x", "app/hidden/y", "app/z"):
+            await api.put(path, "v")
+        token = await api.token("app", "app")
+        seen, after = [], ""
+        for _ in range(10):
+            resp = await api.client.get("/v1/secrets", params={"prefix": "app", "limit": "2", "after": after},
+                                        headers=api.auth(token))
+            page = await resp.json()
+            assert "hidden" not in json.dumps(page)
+            seen += [s["path"] for s in page["secrets"]]
+            after = page["next_after"]
+            if not after:
+                break
+        assert seen == ["app/a", "app/b", "app/z"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"value": "\\ud800x"}',
+    b'{"value": "x", "metadata": {"k": "a\\u0000b"}}',
+    b'{"value": "x", "expires_at": "9999-12-31T23:59:59-14:00"}',
+    b'{"value": "x", "expires_at": 1.5}',
+    b'{"value": "x", "expires_at": "2000-01-01T00:00:00Z"}',
+    b"[" * 100_000 + b"]" * 100_000,
+])
+async def test_odd_json_is_a_400_on_write_and_rotate(papi: Api, body: bytes) -> None:
+    await papi.put("app/k", "original")
+    for method, path in (("PUT", "/v1/secrets/app/k"), ("POST", "/v1/secrets/app/k/rotate")):
+        resp = await papi.client.request(method, path, data=body,
+                                         headers=papi.auth() | {"Content-Type": "application/json"})
+        assert resp.status in (400, 413), (method, body[:40], resp.status, await resp.text())
+    assert (await papi.get("app/k"))["value"] == "original"
+
+
+async def test_wildcards_for_secrets_never_grant_system_resources(tmp_path: Path) -> None:
+    from secretsd.policy import Capability, PolicySet
+
+    policies = PolicySet.from_mapping({"policies": {
+        "broad": {"rules": [{"path": "**", "allow": ["read", "admin", "list"]},
+                            {"path": "*/*", "allow": ["admin"]}]},
+        "ops": {"rules": [{"path": "sys/tokens", "allow": ["admin"]}]},
+    }})
+    for resource in ("sys/tokens", "sys/keyring", "sys/policy", "sys/status", "sys/metrics"):
+        for cap in (Capability.READ, Capability.ADMIN):
+            assert not policies.decide(["broad"], cap, resource).allowed, resource
+    assert policies.decide(["broad"], Capability.READ, "app/x").allowed
+    assert policies.decide(["ops"], Capability.ADMIN, "sys/tokens").allowed
+    assert policies.decide(["root"], Capability.ADMIN, "sys/keyring").allowed
+
+
+async def test_revoking_with_a_whole_token_never_echoes_its_secret(papi: Api) -> None:
+    token = await papi.token("svc", "reader")
+    secret_part = token.split("_", 2)[2]
+    resp = await papi.client.delete(f"/v1/auth/tokens/{token}", headers=papi.auth())
+    assert resp.status == 200 and secret_part not in await resp.text()
+    resp = await papi.client.delete(f"/v1/auth/tokens/{token}", headers=papi.auth())
+    assert resp.status == 404 and secret_part not in await resp.text()
+    resp = await papi.client.delete("/v1/auth/tokens/sdt_zz_" + secret_part, headers=papi.auth())
+    assert resp.status == 404 and secret_part not in await resp.text()
+    log = papi.daemon.settings.audit.log_path(papi.daemon.settings.require_data_dir()).read_text()
+    assert secret_part not in log
+
+
+def test_a_malformed_client_token_is_refused_without_echoing_it() -> None:
+    from secretsd.client import SecretsClient
+    from secretsd.errors import ConfigError
+
+    token = "sdt_0123456789abcdef_" + "A" * 43
+    with pytest.raises(ConfigError) as info:
+        SecretsClient("http://127.0.0.1:1", token + "\r")
+    assert token not in str(info.value) and "A" * 10 not in str(info.value)
+
+
+async def test_a_hook_serves_only_the_paths_it_was_configured_for(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('[policies.rot]\nrules = [{ path = "app/**", allow = ["read", "rotate"] }]\n')
+    settings = load_settings(None, data_dir=tmp_path / "d", policy_file=policy, rotation={
+        "scheduler": False,
+        "hooks": {"db-users": {"paths": ["db/**"], "command": ["/bin/true"]},
+                  "app-hook": {"paths": ["app/**"], "command": ["/bin/true"]}},
+    })
+    async with running(settings) as api:
+        await api.put("app/a", "v")
+        rot = await api.token("rot", "rot")
+        resp = await api.client.put("/v1/metadata/app/a", json={"rotation": {"hook": "db-users"}},
+                                    headers=api.auth(rot))
+        doc = await problem(resp, 400, "invalid-request")
+        assert "app-hook" not in doc["detail"]  # no list of the other hooks
+        resp = await api.client.put("/v1/metadata/app/a", json={"rotation": {"hook": "no-such"}},
+                                    headers=api.auth(rot))
+        assert (await resp.json())["detail"].replace("no-such", "db-users") == doc["detail"]
+        resp = await api.client.put("/v1/metadata/app/a", json={"rotation": {"hook": "app-hook"}},
+                                    headers=api.auth(rot))
+        assert resp.status == 200
+        # Choosing the value needs `write` too; letting the generator choose needs only `rotate`.
+        resp = await api.client.post("/v1/secrets/app/a/rotate", json={"value": "mine"}, headers=api.auth(rot))
+        await problem(resp, 403, "permission-denied")
+        resp = await api.client.post("/v1/secrets/app/a/rotate", headers=api.auth(rot))
+        assert resp.status == 200, await resp.text()
+
+
+def test_recovery_waits_longer_than_the_slowest_hook() -> None:
+    from secretsd.rotation_settings import RotationSettings
+
+    with pytest.raises(ValueError, match="pending_timeout_seconds"):
+        RotationSettings(pending_timeout_seconds=100,
+                         hooks={"h": {"paths": ["a/*"], "command": ["/bin/true"], "timeout_seconds": 60}})
+
+
+async def test_deeply_nested_json_is_a_400(api: Api) -> None:
+    resp = await api.client.put("/v1/secrets/app/k", data=b"[" * 50_000 + b"]" * 50_000,
+                                headers=api.auth() | {"Content-Type": "application/json"})
+    await problem(resp, 400, "invalid-request")

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from secretsd.api.context import DAEMON
 from secretsd.errors import PayloadTooLargeError, RequestError
 from secretsd.rotation import RotationPolicy
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _rfc3339_text(value: object) -> object:
+    # JSON numbers would be read as Unix times (1.5 = 1970-01-01T00:00:01.5): only strings are dates.
+    if not isinstance(value, str):
+        raise ValueError("expected an RFC 3339 date-time string with a UTC offset")
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), Field(strict=False)]
 
 
 class _Body(BaseModel):
@@ -24,13 +34,13 @@ class PutSecretBody(_Body):
     cas: int | None = Field(None, ge=0)
     metadata: dict[str, str] | None = None
     #: RFC 3339 with a UTC offset; from then on the version is not served (docs/rotation.md).
-    expires_at: AwareDatetime | None = Field(None, strict=False)
+    expires_at: Rfc3339 | None = None
 
 
 class RotateBody(_Body):
     #: A supplied value; without one, the secret's generator makes the new value.
     value: str | None = None
-    expires_at: AwareDatetime | None = Field(None, strict=False)
+    expires_at: Rfc3339 | None = None
 
 
 class SetMetadataBody(_Body):
@@ -75,8 +85,12 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raise RequestError("the request needs a JSON body")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError("the request body is not valid JSON") from None
+        # JSON may spell lone surrogates (\ud800), which are not text: refuse them here, once.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError):
+        raise RequestError("the request body is not valid JSON text") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     try:

@@ -36,6 +36,8 @@ from secretsd.rotation import RotationPolicy, labels_of
 from secretsd.storage import SecretRecord, TokenRecord, VersionInfo
 
 routes = web.RouteTableDef()
+#: Storage pages scanned at most to fill one listing page when policies hide many paths.
+MAX_LIST_SCANS = 20
 
 
 def _t(value: datetime | None) -> str | None:
@@ -146,6 +148,9 @@ async def rotate_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.ROTATE, path)
     body = await read_body(request, RotateBody) if request.body_exists else RotateBody.model_validate({})
+    if body.value is not None:
+        # Choosing the new value is writing it: `rotate` alone only lets the generator choose.
+        authorize(request, Capability.WRITE, path)
     d = daemon(request)
     if body.value is not None and d.value_hasher:
         audit_note(request, value_hmac=d.value_hasher(body.value))
@@ -196,15 +201,31 @@ async def list_secrets(request: web.Request) -> web.Response:
     after = request.query.get("after", "")
     if after:
         validate_path(after)
-    found = await daemon(request).secrets.list_secrets(who, prefix, after=after, limit=limit)
-    visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
+    shown: list[SecretRecord] = []
+    more = False
+    # Fill the page with paths the caller may list; the cursor is always one of those, so it
+    # never names a hidden path (pages are scanned until the page is full or the store ends).
+    for _ in range(MAX_LIST_SCANS):
+        found = await daemon(request).secrets.list_secrets(who, prefix, after=after, limit=limit)
+        visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
+        left_over = False
+        for record in found:
+            if record.path in visible:
+                if len(shown) < limit:
+                    shown.append(record)
+                else:
+                    left_over = True
+        more = len(found) == limit or left_over
+        if len(shown) == limit or not more:
+            break
+        after = found[-1].path
     return web.json_response({
         "prefix": prefix,
         "secrets": [
             {"path": s.path, "current_version": s.current_version, "updated_at": _t(s.updated_at)}
-            for s in found if s.path in visible
+            for s in shown
         ],
-        "next_after": found[-1].path if len(found) == limit else None,
+        "next_after": shown[-1].path if shown and more else None,
     })
 
 
@@ -325,10 +346,9 @@ async def list_tokens(request: web.Request) -> web.Response:
 @routes.delete("/v1/auth/tokens/{token_id}")
 async def revoke_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
-    token_id = request.match_info["token_id"]
-    await daemon(request).tokens.revoke(who, token_id)
-    audit_note(request, subject_token=tokens.display_id(token_id.removeprefix(tokens.TOKEN_PREFIX)))
-    return web.json_response({"revoked": tokens.display_id(token_id.removeprefix(tokens.TOKEN_PREFIX))})
+    token_id = await daemon(request).tokens.revoke(who, request.match_info["token_id"])
+    audit_note(request, subject_token=tokens.display_id(token_id))
+    return web.json_response({"revoked": tokens.display_id(token_id)})
 
 
 @routes.get("/v1/auth/whoami")

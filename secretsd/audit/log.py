@@ -260,10 +260,10 @@ class AuditLog:
         await self._store_head(force=True)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
-        data, head = self._seal(batch)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            data, head = self._seal(batch)  # inside: a record that cannot be encoded fails its batch only
             await asyncio.to_thread(self._write, data)
         except Exception as exc:  # any failure fails the batch closed; the next batch retries
             self.healthy = False

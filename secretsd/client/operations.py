@@ -36,6 +36,9 @@ class Endpoint:
     ) -> None:
         self.addr = (addr or os.environ.get("SECRETSD_ADDR") or DEFAULT_ADDR).rstrip("/")
         self.token = token if token is not None else os.environ.get("SECRETSD_TOKEN")
+        if self.token and not (self.token.isascii() and self.token.isprintable() and " " not in self.token):
+            # The HTTP library's own error would quote the header, token included.
+            raise ConfigError("SECRETSD_TOKEN is malformed (a stray newline or carriage return from a file?)")
         parts = urlsplit(self.addr)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"SECRETSD_ADDR must be http(s)://HOST:PORT, got {self.addr!r}")
