@@ -413,3 +413,27 @@ def test_settings_source_path_rules() -> None:
         SecretsdSettingsSource(S, paths={"nope": "a/b"})
     with pytest.raises(errors.InvalidPathError):
         SecretPath("sys/status")
+
+
+def test_settings_validation_errors_need_not_quote_secret_values(daemon: Daemon) -> None:
+    """A stored value that fails the service's own validation must not appear in the error, with
+    ``hide_input_in_errors=True`` as the docs and the example app set it."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsConfigDict
+
+    with SecretsClient(daemon.url, daemon.admin) as c:
+        c.put("hide/port", "SECRETVAL-not-a-number")
+
+    class Strict(BaseSettings):
+        model_config = SettingsConfigDict(hide_input_in_errors=True)
+        port: int = 1
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[no-untyped-def]
+                                       dotenv_settings, file_secret_settings):
+            return (init_settings, SecretsdSettingsSource(settings_cls, prefix="hide", name_case="lower",
+                                                          client=SecretsClient(daemon.url, daemon.admin)))
+
+    with pytest.raises(ValidationError) as info:
+        Strict()
+    assert "SECRETVAL" not in str(info.value)

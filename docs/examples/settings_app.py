@@ -30,7 +30,8 @@ from secretsd.client.settings_source import SecretPath, SecretsdSettingsSource
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BILLING_")
+    # hide_input_in_errors: a value that fails validation (a secret!) is not quoted in the error.
+    model_config = SettingsConfigDict(env_prefix="BILLING_", hide_input_in_errors=True)
 
     database_url: SecretStr                                             # billing/DATABASE_URL
     stripe_key: Annotated[SecretStr, SecretPath("shared/stripe-key")]   # an explicit path
