@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import platform
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,21 @@ def provider_set(
     return ProviderSet(settings.provider_specs(), settings.require_data_dir(), create=create, decorate=decorate)
 
 
+def private_data_dir(data_dir: Path) -> None:
+    """The data directory holds the database, the audit log and (file provider) the KEK: make it
+    owner-only when we may, and say so loudly when we may not (a volume owned by someone else)."""
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        data_dir.chmod(0o700)
+    except PermissionError:
+        log.warning("data directory %s has mode %04o and cannot be made owner-only; anyone in its group "
+                    "or others who can enter it may read the store's files", data_dir, mode)
+    else:
+        log.warning("data directory %s had mode %04o; tightened to 0700", data_dir, mode)
+
+
 @dataclass(frozen=True)
 class InitResult:
     admin_token: str
@@ -65,6 +81,7 @@ async def initialize_store(settings: Settings, *, clock: Clock = utcnow) -> Init
     """
     data_dir = settings.require_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_data_dir(data_dir)
     storage = build_storage(settings)
     await storage.open()
     try:
@@ -145,6 +162,8 @@ class Daemon:
 
     async def start(self) -> None:
         """Open storage and try to unseal; if that fails, keep retrying in the background."""
+        if self.settings.data_dir is not None and self.settings.data_dir.is_dir():
+            private_data_dir(self.settings.data_dir)
         await self.storage.open()
         if not await self.storage.is_initialized():
             await self.storage.close()

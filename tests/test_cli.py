@@ -146,3 +146,11 @@ def test_init_with_config_file_and_env(tmp_path: Path) -> None:
     assert "no data directory" in one_line_error(run_cli("init"))
     token = init_store(tmp_path / "env-store")
     assert token.startswith("sdt_")
+
+
+def test_init_makes_a_loose_data_directory_owner_only(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    assert run_cli("init", "--data-dir", str(data), "--json").returncode == 0
+    assert data.stat().st_mode & 0o777 == 0o700
