@@ -355,7 +355,8 @@ async def test_restart_continues_the_chain_and_a_lost_tail_is_visible(tmp_path: 
 
 # -- batch signatures, key pinning, one writer per chain ----------------------------------------------
 async def concurrent_log(api: Api, n: int = 40) -> list[str]:
-    await asyncio.gather(*[api.put(f"app/c{i}", "v") for i in range(n)])
+    # Records queued in one event-loop round share a batch: deterministic, unlike racing requests.
+    await asyncio.gather(*[api.daemon.record({"action": "test.burst", "client": "test", "n": i}) for i in range(n)])
     settings = api.daemon.settings
     return settings.audit.log_path(settings.require_data_dir()).read_text().splitlines()
 
