@@ -99,7 +99,7 @@ async def test_async_client_over_tls_with_a_private_ca(tls_daemon) -> None:  # t
 
 
 def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
-    ca_file, cert_file, _key = make_pki(tmp_path)
+    _ca, cert_file, _key = make_pki(tmp_path)
     config = tmp_path / "half.toml"
     config.write_text(f'tls_cert_file = "{cert_file}"\n')
     data = tmp_path / "d"
