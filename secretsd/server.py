@@ -42,8 +42,12 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
-    """Serve until SIGTERM or SIGINT. ``on_ready`` is printed to stdout once listening."""
+async def serve(settings: Settings, *, on_ready: str | None = None, worker: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT. ``on_ready`` is printed to stdout once listening.
+
+    ``worker``: this process is worker N of ``serve --workers``; the workers share the listening
+    port (SO_REUSEPORT) and only worker 0 serves the separate metrics listener.
+    """
     context = tls_context(settings)
     daemon = Daemon(settings)
     await daemon.start()
@@ -51,7 +55,8 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
     await runner.setup()
     host, port = parse_listen(settings.listen)
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
+        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True,
+                           reuse_port=worker is not None)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
@@ -59,7 +64,7 @@ async def serve(settings: Settings, *, on_ready: str | None = None) -> None:
         raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
 
     metrics_runner = None
-    if settings.metrics.enabled and settings.metrics.listen:
+    if settings.metrics.enabled and settings.metrics.listen and not worker:
         metrics_runner = web.AppRunner(create_metrics_app(daemon), access_log=None, handle_signals=False)
         await metrics_runner.setup()
         m_host, m_port = parse_listen(settings.metrics.listen)

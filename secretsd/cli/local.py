@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,19 @@ def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Pat
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--dev", is_flag=True,
               help="Development mode: initialise a local store on first run and print its admin token.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes sharing the listening port (each with its own audit chain <chain>-wN).")
+@click.option("--worker", "worker_index", type=int, hidden=True)
 @friendly_errors
-def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, dev: bool) -> None:
+def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, dev: bool, workers: int,
+          worker_index: int | None) -> None:
     """Run the daemon.
 
     \b
     Examples:
       secretsd serve --dev
       secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
-      secretsd serve --config /etc/secretsd/secretsd.toml
+      secretsd serve --config /etc/secretsd/secretsd.toml --workers 2
     """
     from secretsd.config import load_settings
     from secretsd.logs import configure_logging
@@ -97,5 +102,14 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
             f"  echo -n s3cret | secretsd set app/db-password --stdin\n"
             f"  secretsd get app/db-password\n"
         )
+    if workers > 1 and worker_index is None:
+        from secretsd.workers import supervise
+
+        args = ["--data-dir", str(settings.require_data_dir()), "--listen", settings.listen]
+        if config_file is not None:
+            args += ["--config", str(config_file)]
+        if banner:
+            click.echo(banner)
+        sys.exit(supervise(args, workers, settings.audit.chain))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(settings, on_ready=banner))
+        asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index))
