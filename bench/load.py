@@ -102,12 +102,19 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 
 # -- the daemon process ----------------------------------------------------------------------
 def proc_cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a whole process (all its threads), in seconds, from /proc/PID/stat."""
+    """(utime, stime) of a whole process (all its threads) and its live children (``serve --workers``
+    runs the workers as children of a supervisor), in seconds, from /proc."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may contain spaces or parentheses: split after the last ')'.
     rest = raw[raw.rindex(")") + 2 :].split()
-    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15 of proc(5)
-    return utime / CLK_TCK, stime / CLK_TCK
+    utime, stime = int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK  # fields 14 and 15 of proc(5)
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in children.read_text().split():
+                with contextlib.suppress(OSError, ValueError):
+                    cu, cs = proc_cpu_times(int(child))
+                    utime, stime = utime + cu, stime + cs
+    return utime, stime
 
 
 def machine_busy_seconds() -> float:
@@ -158,9 +165,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Daemon:
     """A ``secretsd serve`` child process bound to 127.0.0.1, with its data dir and log file."""
 
-    def __init__(self, workdir: Path, port: int, *, audit: bool = True) -> None:
+    def __init__(self, workdir: Path, port: int, *, audit: bool = True, workers: int = 1) -> None:
         self.workdir = workdir
         self.audit = audit
+        self.workers = workers
         self.data_dir = workdir / "data"
         self.log_path = workdir / "secretsd.log"
         self.port = port
@@ -187,6 +195,8 @@ class Daemon:
 
     def start(self) -> None:
         cmd = [*secretsd_command(), "serve", "--data-dir", str(self.data_dir), "--listen", f"{HOST}:{self.port}"]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
         env = daemon_env()
         if not self.audit:
             # Everything else stays at its default; only the audit log is switched off.
@@ -512,6 +522,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--secrets", type=positive_int, default=1000, help="secrets seeded before the run (1000)")
     parser.add_argument("--value-bytes", type=positive_int, default=64, help="size of each secret value (64)")
     parser.add_argument("--port", type=int, default=0, help="daemon port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers N (CPU counts every worker)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for paths and values (1)")
     parser.add_argument("--keep-log", type=Path, help="copy the daemon's log here before cleaning up")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
@@ -553,9 +564,9 @@ def install_signal_handlers() -> None:
 
 
 @contextlib.contextmanager
-def running_daemon(port: int, keep_log: Path | None, *, audit: bool = True) -> Iterator[Daemon]:
+def running_daemon(port: int, keep_log: Path | None, *, audit: bool = True, workers: int = 1) -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="secretsd-bench-"))
-    daemon = Daemon(workdir, port or free_port(), audit=audit)
+    daemon = Daemon(workdir, port or free_port(), audit=audit, workers=workers)
     try:
         daemon.init()
         daemon.start()
@@ -790,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.audit_compare:
         return main_compare(args, command)
     try:
-        with running_daemon(args.port, args.keep_log, audit=args.audit == "on") as daemon:
+        with running_daemon(args.port, args.keep_log, audit=args.audit == "on", workers=args.workers) as daemon:
             log(f"daemon pid {daemon.pid} on {daemon.base_url} (data in {daemon.workdir})")
             try:
                 results = asyncio.run(run_all(args, daemon))
