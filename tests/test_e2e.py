@@ -191,3 +191,32 @@ def test_dev_mode_initialises_once_and_prints_a_ready_example(tmp_path: Path) ->
         assert f"export SECRETSD_TOKEN={token}" in text and "secretsd get app/db-password" in text
         assert (data / "dev-admin-token").stat().st_mode & 0o777 == 0o600
     assert json.loads(run_cli("init", "--data-dir", str(data), "--json").stdout or "{}") == {}
+
+
+def test_a_reload_signal_during_start_up_does_not_kill_the_daemon(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    data = tmp_path / "data"
+    init_store(data)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "secretsd", "serve", "--data-dir", str(data), "--listen",
+                             f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)  # inside start-up: imports, unseal, before the daemon's SIGHUP handler exists
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, f"the daemon died of SIGHUP (exit {proc.returncode})"
+            try:
+                if http("GET", f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -19,6 +19,10 @@ def test_workers_share_a_port_and_keep_separate_audit_chains(tmp_path: Path) -> 
     data = tmp_path / "d"
     token = init_store(data)
     daemon = DaemonProcess(data, extra_args=["--workers", "2"]).start()
+    deadline = time.monotonic() + 30
+    while daemon.logs().count("listening on") < 2:  # /readyz proves one worker; wait for both
+        assert time.monotonic() < deadline, daemon.logs()
+        time.sleep(0.05)
     try:
         for i in range(60):  # each request opens a new connection: the kernel spreads them
             assert http("PUT", f"{daemon.url}/v1/secrets/app/k{i}", token=token, body={"value": f"v{i}"}).status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     from secretsd.config import load_settings
     from secretsd.logs import configure_logging
     from secretsd.server import serve as run_server
+
+    # SIGHUP means "reload policies"; until the daemon's handler is installed it must not mean
+    # "terminate" (secretsd.cli ignores it even earlier, when the command line says serve).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     if dev and data_dir is None and not os.environ.get("SECRETSD_DATA_DIR"):
         data_dir = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "secretsd-dev"
