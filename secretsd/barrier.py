@@ -100,18 +100,11 @@ class Barrier:
     def encryptions(self, term: int) -> int:
         return self._ring().encryptions.get(term, 0)
 
-    async def _available(self) -> list[KeyProvider]:
-        # Built lazily: a key file or token that is missing at start is a sealed daemon that keeps
-        # retrying, not a daemon that refuses to start.
-        await asyncio.to_thread(self._providers.build_missing)
-        available = self._providers.available()
-        if not available:
-            raise self._providers.first_error()
-        return available
-
     async def unseal(self) -> None:
         """Unwrap every keyring term now with any configured provider; raise if none can."""
-        providers = await self._available()
+        # Built lazily: a key file or token that is missing at start is a sealed daemon that keeps
+        # retrying, not a daemon that refuses to start.
+        providers = await self._providers.ready_any()
         self._keyring = await unseal(providers, await self._storage.keyring_terms())
         self.last_error = None
         log.info("unsealed: %d keyring term(s), active term %d",
@@ -204,8 +197,7 @@ class Barrier:
             ring = self._ring()
             if only_if_active is not None and ring.active_term != only_if_active:
                 return ring.active_term
-            await asyncio.to_thread(self._providers.build_missing)
-            providers = self._providers.all_or_raise()
+            providers = await self._providers.ready_all()
             terms = await self._storage.keyring_terms()
             check_coverage(providers, terms[-1])
             with provider_errors():

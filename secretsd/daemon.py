@@ -89,8 +89,7 @@ async def initialize_store(settings: Settings, *, clock: Clock = utcnow) -> Init
             raise AlreadyInitializedError(f"the store in {data_dir} is already initialised; nothing was changed")
         provider_group = provider_set(settings, create=True)
         try:
-            await asyncio.to_thread(provider_group.build_missing)
-            providers = provider_group.all_or_raise()
+            providers = await provider_group.ready_all()
             now = clock()
             term, dek = await make_term(providers, 1, now)
             _signer, audit_key = new_key_document(DataKey(dek), term.term)

@@ -17,7 +17,6 @@ from keyproviders import KeyProvider, WrappedKey
 from secretsd.config import Settings
 from secretsd.daemon import build_storage, provider_set
 from secretsd.keyring import provider_errors, unwrap_term, wrap_for_all
-from secretsd.providers import ProviderSet
 from secretsd.storage import KeyringTerm, Storage
 
 Progress = Callable[[int, int], None]
@@ -37,19 +36,6 @@ class Report:
 
 def _ids(wrappings: tuple[WrappedKey, ...]) -> set[tuple[str, str]]:
     return {(w.provider, w.key_id) for w in wrappings}
-
-
-async def _all(group: ProviderSet) -> list[KeyProvider]:
-    await asyncio.to_thread(group.build_missing)
-    return group.all_or_raise()
-
-
-async def _any(group: ProviderSet) -> list[KeyProvider]:
-    await asyncio.to_thread(group.build_missing)
-    available = group.available()
-    if not available:
-        raise group.first_error()
-    return available
 
 
 async def _cover(
@@ -90,7 +76,7 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
     group = provider_set(settings, create=True)
     await storage.open()
     try:
-        providers = await _all(group)
+        providers = await group.ready_all()
         if rotate:
             with provider_errors():
                 for provider in providers:
@@ -120,8 +106,8 @@ async def migrate(old: Settings, new: Settings, *, progress: Progress | None = N
     new_group = provider_set(new, create=True)
     await storage.open()
     try:
-        openers = await _any(old_group)
-        targets = await _all(new_group)
+        openers = await old_group.ready_any()
+        targets = await new_group.ready_all()
         target_ids = {(p.name, p.key_id()) for p in targets}
 
         def add(term: KeyringTerm, fresh: tuple[WrappedKey, ...]) -> tuple[WrappedKey, ...]:

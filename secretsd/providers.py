@@ -7,6 +7,7 @@ A provider that cannot be built or is unhealthy is recorded with its error, and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +87,19 @@ class ProviderSet:
                 self._errors.pop(index, None)
         if config_error is not None and not self.available():
             raise config_error
+
+    async def ready_any(self) -> list[KeyProvider]:
+        """Build what is missing (in a worker thread); the usable providers, at least one, or raise."""
+        await asyncio.to_thread(self.build_missing)
+        available = self.available()
+        if not available:
+            raise self.first_error()
+        return available
+
+    async def ready_all(self) -> list[KeyProvider]:
+        """Build what is missing (in a worker thread); every configured provider, or raise."""
+        await asyncio.to_thread(self.build_missing)
+        return self.all_or_raise()
 
     def available(self) -> list[KeyProvider]:
         with self._lock:
