@@ -13,38 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from secretsd.api.app import create_app
 from secretsd.audit.record import Signer, canonical, load_public_pem, record_hash
 from secretsd.audit.verify import Head, log_files, verify
 from secretsd.config import Settings, load_settings
-from secretsd.daemon import Daemon, initialize_store
-from tests.conftest import Api
+from secretsd.daemon import initialize_store
+from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, init_store, run_cli
-
-
-async def start(settings: Settings, admin: str) -> Api:
-    daemon = Daemon(settings)
-    await daemon.start()
-    client = TestClient(TestServer(create_app(daemon)))
-    await client.start_server()
-    return Api(client, daemon, admin)
-
-
-async def stop(api: Api) -> None:
-    await api.client.close()
-    await api.daemon.stop()
 
 
 @pytest.fixture
 async def audited(tmp_path: Path) -> AsyncIterator[Api]:
     settings = load_settings(None, data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         yield api
-    finally:
-        await stop(api)
 
 
 def records(settings: Settings) -> list[dict[str, Any]]:
@@ -111,16 +93,13 @@ async def test_value_hmac_correlates_without_revealing(audited: Api) -> None:
 
 async def test_internal_events_are_recorded(tmp_path: Path) -> None:
     settings = load_settings(None, data_dir=tmp_path / "d", max_encryptions_per_term=2)
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         await api.put("app/a", "1")
         await api.put("app/a", "2")  # the term reaches its limit: the daemon rotates by itself
         for _ in range(250):
             if any(r["action"] == "keyring.rotate" for r in records(settings)):
                 break
             await asyncio.sleep(0.02)
-    finally:
-        await stop(api)
     rotation = next(r for r in records(settings) if r["action"] == "keyring.rotate")
     assert rotation["client"] == "system" and rotation["reason"] == "encryption limit"
 
@@ -282,8 +261,7 @@ async def test_unwritable_audit_log_refuses_requests_then_recovers(audited: Api)
 
 async def test_stuck_audit_disk_times_out_instead_of_hanging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(write_toml(tmp_path, "[audit]\nwrite_timeout_seconds = 0.3\n"), data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         await api.put("app/k", "v")
         assert api.daemon.audit is not None
         real = api.daemon.audit._write
@@ -303,32 +281,26 @@ async def test_stuck_audit_disk_times_out_instead_of_hanging(tmp_path: Path, mon
                 break
             await asyncio.sleep(0.1)
         assert resp.status == 200 and (await resp.json())["value"] == "v"
-    finally:
-        await stop(api)
 
 
 async def test_fail_open_when_configured(tmp_path: Path) -> None:
     settings = load_settings(write_toml(tmp_path, "[audit]\nfail_closed = false\n"), data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
     path = settings.audit.log_path(settings.require_data_dir())
-    try:
-        shutil.move(path, path.with_name("parked"))
-        os.symlink("/dev/full", path)
-        await api.put("app/k", "v")
-        assert (await api.get("app/k"))["value"] == "v"
-    finally:
-        path.unlink()
-        await stop(api)
+    async with running(settings) as api:
+        try:
+            shutil.move(path, path.with_name("parked"))
+            os.symlink("/dev/full", path)
+            await api.put("app/k", "v")
+            assert (await api.get("app/k"))["value"] == "v"
+        finally:
+            path.unlink()
 
 
 async def test_audit_can_be_disabled(tmp_path: Path) -> None:
     settings = load_settings(write_toml(tmp_path, "[audit]\nenabled = false\n"), data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         await api.put("app/k", "v")
         assert not settings.audit.log_path(settings.require_data_dir()).exists()
-    finally:
-        await stop(api)
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:
@@ -340,19 +312,16 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 async def test_restart_continues_the_chain_and_a_lost_tail_is_visible(tmp_path: Path) -> None:
     settings = load_settings(None, data_dir=tmp_path / "d")
     admin = (await initialize_store(settings)).admin_token
-    api = await start(settings, admin)
-    await api.put("app/a", "1")
-    await stop(api)
-    api = await start(settings, admin)
-    await api.put("app/b", "2")
-    await stop(api)
+    async with running(settings, admin) as api:
+        await api.put("app/a", "1")
+    async with running(settings, admin) as api:
+        await api.put("app/b", "2")
     path = settings.audit.log_path(settings.require_data_dir())
     assert verify([path], pubkey(settings), from_start=True).ok
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # someone removes the newest record while it is down
-    api = await start(settings, admin)
-    await api.put("app/c", "3")
-    await stop(api)
+    async with running(settings, admin) as api:
+        await api.put("app/c", "3")
     result = verify([path], pubkey(settings), from_start=True)
     assert not result.ok and "missing" in result.problem and result.seq == len(lines) + 1
 
@@ -390,11 +359,8 @@ async def test_batches_are_signed_once_and_every_cut_or_edit_is_still_caught(
 
 async def test_sign_every_record_when_configured(tmp_path: Path) -> None:
     settings = load_settings(write_toml(tmp_path, '[audit]\nsign = "record"\n'), data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         lines = await concurrent_log(api, 20)
-    finally:
-        await stop(api)
     assert all("sig" in json.loads(line) for line in lines)
 
 
@@ -456,8 +422,7 @@ async def test_the_stored_head_catches_up_after_a_burst_then_silence(tmp_path: P
     import sqlite3
 
     settings = load_settings(write_toml(tmp_path, "[audit]\nhead_interval_seconds = 0.3\n"), data_dir=tmp_path / "d")
-    api = await start(settings, (await initialize_store(settings)).admin_token)
-    try:
+    async with running(settings) as api:
         for i in range(5):
             await api.put(f"app/{i}", "v")
         last = records(settings)[-1]["seq"]
@@ -470,5 +435,3 @@ async def test_the_stored_head_catches_up_after_a_burst_then_silence(tmp_path: P
             if stored == last:
                 break
         assert stored == last
-    finally:
-        await stop(api)
