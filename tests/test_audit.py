@@ -274,6 +274,7 @@ async def test_stuck_audit_disk_times_out_instead_of_hanging(tmp_path: Path, mon
         started = time.monotonic()
         resp = await api.client.get("/v1/secrets/app/k", headers=api.auth())
         assert resp.status == 503 and time.monotonic() - started < 2.5  # the 0.3 s timeout, not the 3 s hang
+        refused = resp.headers["X-Request-Id"]
         monkeypatch.undo()
         for _ in range(100):  # the stuck write finishes; then requests go through again
             resp = await api.client.get("/v1/secrets/app/k", headers=api.auth())
@@ -281,6 +282,25 @@ async def test_stuck_audit_disk_times_out_instead_of_hanging(tmp_path: Path, mon
                 break
             await asyncio.sleep(0.1)
         assert resp.status == 200 and (await resp.json())["value"] == "v"
+    # The refused read's record was already being written: it lands with the handler's outcome, and
+    # a later record says its client was refused. Probes refused while the disk hung are marked late.
+    recs = records(settings)
+    assert next(r for r in recs if r.get("request_id") == refused)["outcome"] == 200
+    assert any(r["action"] == "audit.late" and refused in r["requests"] for r in recs)
+    assert any(r["action"] == "audit.probe" and r.get("late") for r in recs)
+    path = settings.audit.log_path(settings.require_data_dir())
+    assert verify(log_files(path), pubkey(settings), from_start=True).ok
+
+
+async def test_a_removed_log_file_is_recreated_not_written_into_the_void(audited: Api) -> None:
+    # The writer keeps its file open; it must notice when the name no longer leads to that file.
+    await audited.put("app/k", "v")
+    settings = audited.daemon.settings
+    path = settings.audit.log_path(settings.require_data_dir())
+    path.unlink()
+    await audited.get("app/k")
+    assert [r["action"] for r in records(settings)] == ["secret.read"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
 async def test_fail_open_when_configured(tmp_path: Path) -> None:

@@ -1,24 +1,32 @@
 """The audit log writer: append-only JSON Lines with group commit, size rotation and a stored head.
 
-Requests hand their record to ``append`` and wait: a writer task takes every record queued so
-far, chains and signs them, writes them with one ``fsync``, and only then releases the waiting
-requests. So nothing is acknowledged before its record is durable, and the fsync (and, with
-``sign = "batch"``, the signature) is shared by everything that arrived meanwhile. A write that
-fails or takes longer than the timeout fails its requests (fail closed), and the next batch starts
-again from the last durable record. The chain's head (sequence, hash) is copied to storage at most
-every ``head_interval`` seconds and at shutdown, off the requests' path, so that a log whose tail
-was cut is caught by `audit verify`; records newer than the stored head are the window it cannot see.
+Requests hand their record to ``append`` and wait. A writer thread of the log's own takes every
+record queued so far, chains and signs them, and writes them with one ``O_DSYNC`` write; only then
+does it hand the batch back to the event loop, which releases the waiting requests. So nothing is
+acknowledged before its record is durable, and the sync (and, with ``sign = "batch"``, the
+signature) is shared by everything that arrived meanwhile. A write that fails fails its requests
+(fail closed); one that takes longer than the timeout has its requests refused by a single timer on
+the loop, so a stuck disk stalls the writer thread, never the daemon. The next batch starts again
+from the last durable record. The chain's head (sequence, hash) is copied to storage at most every
+``head_interval`` seconds and a moment after the last batch, off the requests' path, so that a log
+whose tail was cut is caught by `audit verify`; records newer than the stored head are the window
+it cannot see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import queue
+import stat
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,10 +43,12 @@ HeadStore = Callable[[Head], Awaitable[None]]
 MAX_BATCH = 512
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     fields: dict[str, Any]
     done: asyncio.Future[None]
+    wall: float  # when the request was recorded (time.time())
+    deadline: float  # loop time after which its request is refused
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
@@ -112,19 +122,29 @@ class AuditLog:
         self._mirror = mirror
         self._sign_every = sign_every_record
         self._head_interval = head_interval
+        self._lock_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # Loop side: records waiting for the next batch, the batch being written, and the one timer
+        # that refuses overdue requests.
+        self._waiting: list[_Pending] = []
+        self._writing: list[_Pending] = []
+        self._flush_soon = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._head_task: asyncio.Task[None] | None = None
         self._head_stored_at = float("-inf")
         self._head_stored = stored_head
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._lock_fd: int | None = None
-        self._head_timer: asyncio.Task[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._seq = 0
+        self._seq = 0  # the last durable record, as the loop knows it
         self._hash = GENESIS_HASH
+        # Writer-thread side: only the thread touches these once it runs.
+        self._queue: queue.SimpleQueue[tuple[bytes, Head, list[_Pending]] | None] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._fd_id: tuple[int, int] | None = None
         self._durable_size = 0
         self.healthy = True
         self.records_written = 0
         self.errors = 0
-        self.on_batch: Callable[[int, float], None] | None = None  # (records, fsync seconds), for metrics
+        self.on_batch: Callable[[int, float], None] | None = None  # (records, write seconds), for metrics
 
     @property
     def head(self) -> Head:
@@ -154,45 +174,69 @@ class AuditLog:
             log.critical("audit log %s ends at record %d but the store's head is %d: records were removed",
                          self.path, self._seq, self._stored_head.seq)
             self._seq, self._hash = self._stored_head.seq, self._stored_head.hash
-        # A record torn by a crash mid-write was never acknowledged: the next write cuts it off.
-        self._durable_size = await asyncio.to_thread(_complete_size, self.path)
-        self._task = asyncio.create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        # A thread of its own rather than a pool hand-off per batch: a request costs the event loop
+        # one queue put and one wake-up, and a stuck disk stalls this thread, never the loop.
+        self._thread = threading.Thread(target=self._run, name=f"audit-{self.path.name}", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            await asyncio.gather(self._head_timer, return_exceptions=True)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-            await self._store_head(force=True)
+        if self._thread is not None and self._loop is not None:
+            # Write what requests are still waiting for, unless the disk is stuck.
+            deadline = self._loop.time() + self._write_timeout
+            while (self._writing or self._waiting) and self._loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join, 1.0)
+            if self._thread.is_alive():
+                log.error("the audit writer is still stuck on a write; closing without it")
+            self._thread = None
+            self._fail_waiting(AuditError("the audit log was closed before the record was written"))
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            if self._head_task is not None:
+                self._head_task.cancel()
+                await asyncio.gather(self._head_task, return_exceptions=True)
+            await self._store_head()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     async def append(self, fields: dict[str, Any]) -> None:
         """Queue a record and wait until it is durable; ``AuditError`` if it cannot be."""
-        if self._task is None:
+        loop = self._loop
+        if self._thread is None or loop is None:
             raise AuditError("the audit log is not open")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending({**fields, "time": datetime.now(UTC).isoformat()}, done))
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await done
-        except TimeoutError:
-            # The record is still written when the disk comes back, marked "late": its request
-            # was answered 503 meanwhile.
-            self.healthy = False
-            raise AuditError(f"the audit record was not written within {self._write_timeout:g}s") from None
+        item = _Pending(fields, loop.create_future(), time.time(), loop.time() + self._write_timeout)
+        self._waiting.append(item)
+        if not self._writing and not self._flush_soon:
+            # Sealed at the loop's next turn, so one batch takes every request of this turn.
+            self._flush_soon = True
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(item.deadline, self._refuse_overdue)
+        await item.done
 
-    # -- the writer task ------------------------------------------------------------------------
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
-            await self._write_batch(batch)
+    # -- event-loop side -----------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Seal what is waiting into the next batch and hand it to the writer thread.
+
+        One batch at a time: records arriving during a write form the next batch, so a slow disk
+        makes batches bigger rather than queueing writes. Sealing on the loop keeps the writer
+        thread's share of the interpreter lock to a few calls per batch.
+        """
+        self._flush_soon = False
+        if self._writing or not self._waiting:
+            return
+        batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        try:
+            data, head = self._seal(batch)
+        except Exception as exc:  # a record that cannot be encoded fails its batch only
+            self._finish(batch, None, 0.0, str(exc) or type(exc).__name__)
+            return
+        self._writing = batch
+        self._queue.put((data, head, batch))
 
     def _seal(self, batch: list[_Pending]) -> tuple[bytes, Head]:
         seq, prev = self._seq, self._hash
@@ -201,9 +245,10 @@ class AuditLog:
         for i, item in enumerate(batch):
             seq += 1
             # The chain's own fields last, so no caller field can replace them.
-            record = {**item.fields, "seq": seq, "prev_hash": prev}
+            record = {**item.fields, "time": datetime.fromtimestamp(item.wall, UTC).isoformat(),
+                      "seq": seq, "prev_hash": prev}
             if item.done.done():
-                record["late"] = True
+                record["late"] = True  # its request was refused before the record was sealed
             if self._sign_every or i == last:
                 record["sig"] = self._signer.signature(canonical(record))
             line = canonical(record)
@@ -211,85 +256,165 @@ class AuditLog:
             lines.append(line)
         return b"\n".join(lines) + b"\n", Head(seq, prev)
 
-    def _write(self, data: bytes) -> None:
-        # Opened per batch: a replaced or moved file is noticed at once, and a failed write is
-        # cut back to the last durable record before the next attempt.
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            if os.fstat(fd).st_size != self._durable_size:
-                os.ftruncate(fd, self._durable_size)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self._mirror:
-            # In this thread, not on the event loop: a reader that stops reading makes the audit
-            # time out (and fail closed) instead of freezing the daemon.
-            for line in data.decode("utf-8").splitlines():
-                self._mirror(line)
+    def _refuse_overdue(self) -> None:
+        # One timer for all waiting requests instead of one per request. A refused record is still
+        # written when the disk comes back (see _finish).
+        self._watchdog = None
+        assert self._loop is not None
+        now = self._loop.time()
+        for item in [*self._writing, *self._waiting]:  # oldest first
+            if item.deadline > now:
+                self._watchdog = self._loop.call_at(item.deadline, self._refuse_overdue)
+                break
+            if not item.done.done():
+                self.healthy = False
+                item.done.set_exception(
+                    AuditError(f"the audit record was not written within {self._write_timeout:g}s"))
 
-    def _rotate(self) -> None:
-        number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in log_files(self.path)[:-1]), default=0)
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.{number:06d}"))
-        _fsync_dir(self.path.parent)
-        self._durable_size = 0
+    def _fail_waiting(self, error: AuditError) -> None:
+        for item in [*self._writing, *self._waiting]:
+            if not item.done.done():
+                item.done.set_exception(error)
+        self._writing, self._waiting = [], []
 
-    async def _store_head(self, *, force: bool = False) -> None:
+    def _finish(self, batch: list[_Pending], head: Head | None, seconds: float, error: str | None) -> None:
+        """The writer's report on one batch, run on the event loop."""
+        self._writing = []
+        if head is None:
+            self.healthy = False
+            self.errors += len(batch)
+            log.error("audit write failed for %d record(s): %s", len(batch), error)
+            failure = AuditError("the audit record could not be written, so the request was refused")
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(failure)
+        else:
+            self._seq, self._hash = head.seq, head.hash
+            self.healthy = True
+            self.records_written += len(batch)
+            if self.on_batch:
+                self.on_batch(len(batch), seconds)
+            refused = [item.fields.get("request_id") for item in batch if item.done.done()]
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(None)
+            if refused and self._loop is not None:
+                # Sealed before the timeout, written after it: say so, since those records'
+                # outcomes are not what their clients were told.
+                self._queue_event({"action": "audit.late", "client": "system", "decision": "allow",
+                                   "outcome": "ok", "requests": refused})
+            if self._head_task is None or self._head_task.done():
+                assert self._loop is not None
+                self._head_task = self._loop.create_task(self._store_head_soon())
+        if self._waiting and not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+
+    def _queue_event(self, fields: dict[str, Any]) -> None:
+        assert self._loop is not None
+        item = _Pending(fields, self._loop.create_future(), time.time(), self._loop.time() + self._write_timeout)
+        item.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits on it
+        self._waiting.append(item)
+
+    async def _store_head_soon(self) -> None:
+        # At most every head_interval, and always a moment after the last batch of a burst.
+        assert self._loop is not None
+        wait = self._head_interval - (self._loop.time() - self._head_stored_at)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self._store_head()
+
+    async def _store_head(self) -> None:
         head = self.head
-        now = asyncio.get_running_loop().time()
         if head == self._head_stored:
-            return
-        wait = self._head_interval - (now - self._head_stored_at)
-        if not force and wait > 0:
-            # A burst followed by silence must not leave the stored head behind for long.
-            if self._head_timer is None or self._head_timer.done():
-                self._head_timer = asyncio.get_running_loop().create_task(self._store_head_later(wait))
             return
         try:
             await self._head_store(head)
         except Exception as exc:  # the records are durable; only the truncation check lags
             log.error("could not store the audit chain head: %s", exc)
             return
-        self._head_stored, self._head_stored_at = head, now
+        assert self._loop is not None
+        self._head_stored, self._head_stored_at = head, self._loop.time()
 
-    async def _store_head_later(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        await self._store_head(force=True)
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            data, head = self._seal(batch)  # inside: a record that cannot be encoded fails its batch only
-            await asyncio.to_thread(self._write, data)
-        except Exception as exc:  # any failure fails the batch closed; the next batch retries
-            self.healthy = False
-            self.errors += len(batch)
-            log.error("audit write failed for %d record(s): %s", len(batch), exc)
-            error = AuditError("the audit record could not be written, so the request was refused")
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(error)
-                    item.done.exception()  # mark retrieved: a timed-out waiter is gone
-            return
-        self._seq, self._hash = head.seq, head.hash
-        self._durable_size += len(data)
-        self.healthy = True
-        self.records_written += len(batch)
-        if self.on_batch:
-            self.on_batch(len(batch), loop.time() - started)
-        for item in batch:
-            if not item.done.done():
-                item.done.set_result(None)
-        await self._store_head()
-        if self._durable_size >= self._max_file_bytes:
+    # -- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            data, head, batch = job
+            started = time.monotonic()
+            error: str | None = None
             try:
-                await asyncio.to_thread(self._rotate)
-            except OSError as exc:
-                log.error("audit log rotation failed (will retry): %s", exc)
+                self._write(data)
+            except Exception as exc:  # any failure fails the batch closed; the next batch retries
+                error = str(exc) or type(exc).__name__
+            else:
+                if self._durable_size >= self._max_file_bytes:
+                    try:
+                        self._rotate()
+                    except OSError as exc:
+                        log.error("audit log rotation failed (will retry): %s", exc)
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is exiting
+                self._loop.call_soon_threadsafe(
+                    self._finish, batch, None if error else head, time.monotonic() - started, error)
+        self._close_file()
+
+    def _write(self, data: bytes) -> None:
+        fd = self._file()
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)  # O_DSYNC: durable when it returns, one call per batch
+                view = view[written:]
+        except OSError:
+            # Part of the batch may be on disk: reopening cuts the file back to its last record.
+            self._close_file()
+            raise
+        self._durable_size += len(data)
+        if self._mirror:
+            # In this thread, not on the event loop: a reader that stops reading makes the audit
+            # time out (and fail closed) instead of freezing the daemon.
+            for line in data.decode("utf-8").splitlines():
+                self._mirror(line)
+
+    def _file(self) -> int:
+        """The open log file, reopened when the path no longer names it (moved, replaced, removed)."""
+        try:
+            st = os.stat(self.path)
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = None
+        if self._fd is not None and current == self._fd_id:
+            return self._fd
+        self._close_file()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_DSYNC | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            if stat.S_ISREG(st.st_mode):
+                complete = _complete_size(self.path)
+                if complete != size:
+                    # A record torn by a crash or a failed write was never acknowledged: cut it off.
+                    os.ftruncate(fd, complete)
+                size = complete
+            if current is None:
+                _fsync_dir(self.path.parent)  # the new file's name must survive a crash too
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._fd_id, self._durable_size = fd, (st.st_dev, st.st_ino), size
+        return fd
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._fd_id = None
+
+    def _rotate(self) -> None:
+        self._close_file()
+        number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in log_files(self.path)[:-1]), default=0)
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.{number:06d}"))
+        _fsync_dir(self.path.parent)
+        self._durable_size = 0
 
 
 def stdout_mirror(line: str) -> None:
