@@ -285,8 +285,9 @@ async def test_stuck_audit_disk_times_out_instead_of_hanging(tmp_path: Path, mon
     # The refused read's record was already being written: it lands with the handler's outcome, and
     # a later record says its client was refused. Probes refused while the disk hung are marked late.
     recs = records(settings)
-    assert next(r for r in recs if r.get("request_id") == refused)["outcome"] == 200
-    assert any(r["action"] == "audit.late" and refused in r["requests"] for r in recs)
+    late = next(r for r in recs if r.get("request_id") == refused)
+    assert late["outcome"] == 200
+    assert any(r["action"] == "audit.late" and late["seq"] in r["records"] for r in recs)
     assert any(r["action"] == "audit.probe" and r.get("late") for r in recs)
     path = settings.audit.log_path(settings.require_data_dir())
     assert verify(log_files(path), pubkey(settings), from_start=True).ok
@@ -455,3 +456,25 @@ async def test_the_stored_head_catches_up_after_a_burst_then_silence(tmp_path: P
             if stored == last:
                 break
         assert stored == last
+
+
+async def test_close_writes_what_requests_are_waiting_for_and_stores_the_head(tmp_path: Path) -> None:
+    from secretsd.audit.log import AuditLog
+
+    stored: list[Head] = []
+
+    async def store(head: Head) -> None:
+        stored.append(head)
+
+    signer = Signer.generate()
+    log = AuditLog(tmp_path / "a.jsonl", signer, head_store=store, stored_head=None, max_file_bytes=10**6,
+                   write_timeout=5, head_interval=3600)
+    await log.open()
+    waiting = [asyncio.create_task(log.append({"action": "test", "n": i})) for i in range(50)]
+    await asyncio.sleep(0)  # all queued; most not yet written
+    await log.close()
+    assert all(t.done() and t.exception() is None for t in waiting)
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == list(range(50))
+    assert stored[-1] == Head(50, record_hash(json.loads(lines[-1])))
+    assert verify([tmp_path / "a.jsonl"], load_public_pem(signer.public_pem()), from_start=True).ok

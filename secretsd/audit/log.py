@@ -248,7 +248,7 @@ class AuditLog:
             record = {**item.fields, "time": datetime.fromtimestamp(item.wall, UTC).isoformat(),
                       "seq": seq, "prev_hash": prev}
             if item.done.done():
-                record["late"] = True  # its request was refused before the record was sealed
+                record["late"] = True  # its request had ended (refused, abandoned) before this was sealed
             if self._sign_every or i == last:
                 record["sig"] = self._signer.signature(canonical(record))
             line = canonical(record)
@@ -294,15 +294,16 @@ class AuditLog:
             self.records_written += len(batch)
             if self.on_batch:
                 self.on_batch(len(batch), seconds)
-            refused = [item.fields.get("request_id") for item in batch if item.done.done()]
+            first = head.seq - len(batch) + 1
+            ended = [first + i for i, item in enumerate(batch) if item.done.done()]
             for item in batch:
                 if not item.done.done():
                     item.done.set_result(None)
-            if refused and self._loop is not None:
-                # Sealed before the timeout, written after it: say so, since those records'
-                # outcomes are not what their clients were told.
+            if ended:
+                # Sealed in time, durable too late: their requests had already been refused (or
+                # abandoned), so those records' outcomes are not what the clients were told.
                 self._queue_event({"action": "audit.late", "client": "system", "decision": "allow",
-                                   "outcome": "ok", "requests": refused})
+                                   "outcome": "ok", "records": ended})
             if self._head_task is None or self._head_task.done():
                 assert self._loop is not None
                 self._head_task = self._loop.create_task(self._store_head_soon())
@@ -350,7 +351,7 @@ class AuditLog:
                 if self._durable_size >= self._max_file_bytes:
                     try:
                         self._rotate()
-                    except OSError as exc:
+                    except Exception as exc:  # the batch is durable; rotation is retried after the next one
                         log.error("audit log rotation failed (will retry): %s", exc)
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is exiting
