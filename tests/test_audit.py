@@ -478,3 +478,11 @@ async def test_close_writes_what_requests_are_waiting_for_and_stores_the_head(tm
     assert [json.loads(line)["n"] for line in lines] == list(range(50))
     assert stored[-1] == Head(50, record_hash(json.loads(lines[-1])))
     assert verify([tmp_path / "a.jsonl"], load_public_pem(signer.public_pem()), from_start=True).ok
+
+
+def test_canonical_form_is_the_documented_json_spelling() -> None:
+    # docs/audit.md defines it as json.dumps(sort_keys, compact separators, ensure_ascii=False) in
+    # UTF-8: verifiers in other languages rely on exactly these bytes.
+    record = {"z": 1, "a": "é\u2028\"x\"", "n": None, "t": True, "f": 1.5, "seq": 3}
+    expected = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert canonical(record) == expected == '{"a":"é\u2028\\"x\\"","f":1.5,"n":null,"seq":3,"t":true,"z":1}'.encode()

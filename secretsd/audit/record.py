@@ -27,8 +27,13 @@ GENESIS_HASH = "0" * 64
 FORMAT = 1
 
 
+# One encoder for every record: json.dumps with options builds a new one per call. Records are flat,
+# so the circular-reference check has nothing to find.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
 def canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(record).encode("utf-8")
 
 
 def record_hash(signed: dict[str, Any]) -> str:
