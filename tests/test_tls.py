@@ -96,6 +96,23 @@ async def test_async_client_over_tls_with_a_private_ca(tls_daemon) -> None:  # t
     async with AsyncSecretsClient(daemon.url, token, ca_file=ca_file) as client:
         await client.put("app/a", "async-tls")
         assert (await client.get("app/a"))["value"] == "async-tls"
+    async with AsyncSecretsClient(daemon.url, token, timeout=3) as untrusting:
+        with pytest.raises(UnreachableError, match="SECRETSD_CA_FILE"):  # the error says what to do
+            await untrusting.get("app/a")
+
+
+def test_cli_trusts_a_private_ca_by_flag_or_environment(tls_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon, token, ca_file = tls_daemon
+    env = {"SECRETSD_ADDR": daemon.url, "SECRETSD_TOKEN": token}
+    run_cli("--ca-file", str(ca_file), "set", "app/cli", "--stdin", env=env, input_text="v1", check=True)
+    got = run_cli("get", "app/cli", env=env | {"SECRETSD_CA_FILE": str(ca_file)}, check=True)
+    assert got.stdout.strip() == "v1"
+    refused = run_cli("get", "app/cli", env=env)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    assert "--ca-file" in refused.stderr
+    missing = run_cli("--ca-file", str(ca_file.with_name("nope.pem")), "get", "app/cli", env=env)
+    assert missing.returncode == 2 and "nope.pem" in missing.stderr and "does not exist" in missing.stderr
 
 
 def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:

@@ -75,12 +75,13 @@ def parse_versions(text: str | None) -> list[int] | None:
 
 
 class Ctx:
-    def __init__(self, addr: str | None, token: str | None) -> None:
+    def __init__(self, addr: str | None, token: str | None, ca_file: str | None = None) -> None:
         self.addr = addr
         self.token = token
+        self.ca_file = ca_file
 
     def client(self) -> SecretsClient:
-        return SecretsClient(self.addr, self.token)
+        return SecretsClient(self.addr, self.token, ca_file=self.ca_file)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -90,8 +91,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 @click.version_option(__version__, prog_name="secretsd")
 @click.option("--addr", envvar="SECRETSD_ADDR", help="Daemon address [env SECRETSD_ADDR].")
 @click.option("--token", envvar="SECRETSD_TOKEN", help="Bearer token [env SECRETSD_TOKEN].")
+@click.option("--ca-file", envvar="SECRETSD_CA_FILE", type=click.Path(exists=True, dir_okay=False),
+              help="PEM file of the CA that signed the daemon's certificate, for https:// addresses "
+                   "[env SECRETSD_CA_FILE]. Default: the system's trusted CAs.")
 @click.pass_context
-def main(ctx: click.Context, addr: str | None, token: str | None) -> None:
+def main(ctx: click.Context, addr: str | None, token: str | None, ca_file: str | None) -> None:
     """jarvis-secretsd: secrets over HTTP, master key in a file or an HSM.
 
     \b
@@ -101,4 +105,4 @@ def main(ctx: click.Context, addr: str | None, token: str | None) -> None:
       secretsd set app/db-password --stdin < password.txt
       secretsd get app/db-password
     """
-    ctx.obj = Ctx(addr, token)
+    ctx.obj = Ctx(addr, token, ca_file)

@@ -19,7 +19,7 @@ import aiohttp
 from secretsd.client import calls
 from secretsd.client.operations import Endpoint, Operations
 from secretsd.client.retry import RetryPolicy
-from secretsd.errors import SecretsdError, UnreachableError
+from secretsd.errors import SecretsdError
 
 
 class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
@@ -95,14 +95,10 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
                 break
             except aiohttp.ServerDisconnectedError as exc:
                 if attempt == 2 or not call.idempotent:
-                    raise self._unreachable(exc) from exc
+                    raise self.endpoint.unreachable(exc) from exc
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise self._unreachable(exc) from exc
+                raise self.endpoint.unreachable(exc) from exc
         return calls.decode(call, status, content_type, body)
-
-    def _unreachable(self, exc: BaseException) -> UnreachableError:
-        reason = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
-        return UnreachableError(f"cannot reach secretsd at {self.addr}: {exc.__class__.__name__}: {reason}")
 
     async def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
         """Every secret below ``prefix`` (all pages of ``list_secrets``)."""

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from secretsd.client import calls
 from secretsd.client.retry import DEFAULT_RETRY, RetryPolicy
 from secretsd.defaults import DEFAULT_ADDR
-from secretsd.errors import ConfigError
+from secretsd.errors import ConfigError, UnreachableError
 
 R = TypeVar("R")
 
@@ -50,10 +50,20 @@ class Endpoint:
         self.timeout = timeout
         self.retry = retry if retry is not None else DEFAULT_RETRY
         self.ssl_context: ssl.SSLContext | None = None
+        ca_file = ca_file or os.environ.get("SECRETSD_CA_FILE") or None
         if self.https:
             self.ssl_context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
             if client_cert:
                 self.ssl_context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+
+    def unreachable(self, exc: BaseException) -> UnreachableError:
+        """The error for a call that never got an HTTP answer, with a hint where one helps."""
+        reason = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
+        hint = ""
+        if _certificate_error(exc):
+            hint = (" (if the daemon's certificate comes from a private CA, trust that CA with ca_file, "
+                    "--ca-file or SECRETSD_CA_FILE)")
+        return UnreachableError(f"cannot reach secretsd at {self.addr}: {exc.__class__.__name__}: {reason}{hint}")
 
     def headers(self, call: calls.Call) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -62,6 +72,17 @@ class Endpoint:
         if call.body is not None:
             headers["Content-Type"] = "application/json"
         return headers
+
+
+def _certificate_error(exc: BaseException | None) -> bool:
+    # aiohttp wraps the ssl module's error (as .certificate_error); http.client raises it as is.
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLCertVerificationError) or isinstance(
+                getattr(exc, "certificate_error", None), ssl.SSLCertVerificationError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class Operations(ABC, Generic[R]):

@@ -10,13 +10,13 @@ from typing import Any, Self
 from secretsd.client import calls
 from secretsd.client.operations import Endpoint, Operations
 from secretsd.client.retry import RetryPolicy
-from secretsd.errors import SecretsdError, UnreachableError
+from secretsd.errors import SecretsdError
 
 
 class SecretsClient(Operations[dict[str, Any]]):
     """One keep-alive connection to a daemon; not thread-safe (make one per thread).
 
-    Configured from arguments or ``SECRETSD_ADDR`` / ``SECRETSD_TOKEN``. ``ca_file`` and
+    Configured from arguments or ``SECRETSD_ADDR`` / ``SECRETSD_TOKEN`` / ``SECRETSD_CA_FILE``. ``ca_file`` and
     ``client_cert`` (certificate, key) apply to ``https://`` addresses; ``timeout`` bounds each
     attempt; ``retry`` says how idempotent calls are retried on 503s and connection errors.
     """
@@ -87,9 +87,7 @@ class SecretsClient(Operations[dict[str, Any]]):
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if attempt == 2 or not reused or not call.idempotent:
-                    raise UnreachableError(
-                        f"cannot reach secretsd at {self.addr}: {exc.__class__.__name__}: {exc}"
-                    ) from exc
+                    raise self.endpoint.unreachable(exc) from exc
         return calls.decode(call, response.status, response.getheader("Content-Type", ""), body)
 
     def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
