@@ -21,6 +21,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
     token = init_store(data)
     daemon = DaemonProcess(data).start()
     acknowledged: dict[str, str] = {}
+    acks: list[str] = []  # every acknowledged write, as its request id
     stop = threading.Event()
     errors: list[str] = []
 
@@ -34,6 +35,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
                 return  # the daemon died mid-request: that write was never acknowledged
             if resp.status == 200:
                 acknowledged[path] = value
+                acks.append(resp.headers["x-request-id"])
             else:
                 errors.append(f"{resp.status}")
             i += 1
@@ -66,6 +68,15 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
                 assert int(resp.body["value"].rsplit("-", 1)[1]) > int(n)
     finally:
         restarted.stop()
+    # No write was acknowledged before its audit record was durable, and the log the kill cut
+    # off mid-stream still verifies once the restarted daemon has written after it.
+    logged = set()
+    for path in sorted((data / "audit").glob("*.jsonl*")):
+        logged |= {r["request_id"] for r in map(json.loads, path.read_text().splitlines())
+                   if r.get("action") == "secret.write" and r.get("outcome") == 200}
+    assert set(acks) <= logged
+    result = run_cli("audit", "verify", "--data-dir", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_no_secret_or_token_in_logs_or_database(tmp_path: Path) -> None:
