@@ -236,8 +236,17 @@ class Daemon:
         await audit.open()
         self.audit = audit
         self.value_hasher = ValueHasher(signer)
-        await self.record({"action": "daemon.unsealed", "client": "system", "decision": "allow",
-                           "outcome": "ok", "active_term": self.barrier.active_term})
+        try:
+            await self.record({"action": "daemon.unsealed", "client": "system", "decision": "allow",
+                               "outcome": "ok", "active_term": self.barrier.active_term})
+        except BaseException as exc:
+            # Let go of the log (and its lock), so that a retry opens it afresh.
+            self.audit = None
+            await audit.close()
+            if isinstance(exc, AuditError):
+                raise AuditError(f"cannot write the audit log {audit.path}, and the daemon does not serve "
+                                 "without it (the error logged above says why)") from exc
+            raise
 
     async def record(self, fields: dict[str, Any]) -> None:
         """Write one audit record and wait until it is durable.

@@ -241,7 +241,7 @@ async def test_unwritable_audit_log_refuses_requests_then_recovers(audited: Api)
     path = settings.audit.log_path(settings.require_data_dir())
     parked = path.with_name("parked")
     os.replace(path, parked)
-    os.symlink("/dev/full", path)  # every write now fails with ENOSPC: a full disk
+    os.symlink("/dev/full", path)  # the log is now a device: every batch fails (a short write: test_audit_writer)
     try:
         resp = await audited.client.get("/v1/secrets/app/k", headers=audited.auth())
         assert resp.status == 503
@@ -486,3 +486,14 @@ def test_canonical_form_is_the_documented_json_spelling() -> None:
     record = {"z": 1, "a": "é\u2028\"x\"", "n": None, "t": True, "f": 1.5, "seq": 3}
     expected = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     assert canonical(record) == expected == '{"a":"é\u2028\\"x\\"","f":1.5,"n":null,"seq":3,"t":true,"z":1}'.encode()
+
+
+def test_a_daemon_whose_audit_log_cannot_be_written_refuses_to_start(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    init_store(data)
+    (data / "audit").mkdir(exist_ok=True)
+    (data / "audit" / "main.jsonl").symlink_to("/dev/null")  # would swallow every record
+    result = run_cli("serve", "--data-dir", str(data), "--listen", "127.0.0.1:1", timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write the audit log")
+    assert "not a regular file" in result.stderr

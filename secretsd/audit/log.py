@@ -49,26 +49,38 @@ class _Pending:
     done: asyncio.Future[None]
     wall: float  # when the request was recorded (time.time())
     deadline: float  # loop time after which its request is refused
+    sealed_late: bool = False  # its request had ended before the record was sealed
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
-    """The last complete record of a file (a torn final line from a crash is ignored)."""
+    """The last complete record of a file.
+
+    Only newline-terminated lines count: a final line without its newline was torn by a crash
+    and never acknowledged, even if it happens to parse. Lines that do not parse (someone else's
+    bytes) are skipped here and reported by `audit verify`.
+    """
     try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            fh.seek(max(0, end - 65536))
-            lines = fh.read().split(b"\n")
+        fh = path.open("rb")
     except FileNotFoundError:
         return None
-    for raw in reversed(lines):
-        if raw.strip():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("seq"), int):
-                return record
+    with fh:
+        pos = fh.seek(0, os.SEEK_END)
+        carry = b""
+        while pos > 0:
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            lines = (fh.read(pos - start) + carry).split(b"\n")
+            pos = start
+            # lines[-1] follows the last newline; lines[0] may continue further back.
+            for raw in reversed(lines[1:-1] if start > 0 else lines[:-1]):
+                if raw.strip():
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("seq"), int):
+                        return record
+            carry = lines[0] + b"\n" if start > 0 else b""
     return None
 
 
@@ -130,6 +142,7 @@ class AuditLog:
         self._waiting: list[_Pending] = []
         self._writing: list[_Pending] = []
         self._flush_soon = False
+        self._closed = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._head_task: asyncio.Task[None] | None = None
         self._head_stored_at = float("-inf")
@@ -141,6 +154,8 @@ class AuditLog:
         self._fd: int | None = None
         self._fd_id: tuple[int, int] | None = None
         self._durable_size = 0
+        self._cut_to: tuple[tuple[int, int], int] | None = None  # (file, size) a failed write must be cut back to
+        self._mirror_failing = False
         self.healthy = True
         self.records_written = 0
         self.errors = 0
@@ -161,11 +176,18 @@ class AuditLog:
             # Two writers on one chain would fork it and cut each other's records off.
             raise AuditError(f"another process is writing the audit log {self.path}; give each daemon "
                              "process its own [audit] chain") from None
-        last = None
-        for candidate in reversed(log_files(self.path)):
-            last = await asyncio.to_thread(_last_record, candidate)
-            if last is not None:
-                break
+        try:
+            last = None
+            for candidate in reversed(log_files(self.path)):
+                last = await asyncio.to_thread(_last_record, candidate)
+                if last is not None:
+                    break
+        except BaseException as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            if isinstance(exc, OSError):
+                raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror or exc}") from exc
+            raise
         if last is not None:
             self._seq, self._hash = int(last["seq"]), record_hash(last)
         if self._stored_head is not None and self._stored_head.seq > self._seq:
@@ -191,6 +213,7 @@ class AuditLog:
             if self._thread.is_alive():
                 log.error("the audit writer is still stuck on a write; closing without it")
             self._thread = None
+            self._closed = True  # a stuck write that finishes later changes nothing any more
             self._fail_waiting(AuditError("the audit log was closed before the record was written"))
             if self._watchdog is not None:
                 self._watchdog.cancel()
@@ -227,34 +250,52 @@ class AuditLog:
         thread's share of the interpreter lock to a few calls per batch.
         """
         self._flush_soon = False
-        if self._writing or not self._waiting:
+        if self._writing or not self._waiting or self._closed:
             return
         batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-        try:
-            data, head = self._seal(batch)
-        except Exception as exc:  # a record that cannot be encoded fails its batch only
-            self._finish(batch, None, 0.0, str(exc) or type(exc).__name__)
+        data, head, sealed = self._seal(batch)
+        if not sealed:  # every record failed to encode: nothing to write
+            if self._waiting and self._loop is not None:
+                self._flush_soon = True
+                self._loop.call_soon(self._flush)
             return
-        self._writing = batch
-        self._queue.put((data, head, batch))
+        self._writing = sealed
+        self._queue.put((data, head, sealed))
 
-    def _seal(self, batch: list[_Pending]) -> tuple[bytes, Head]:
+    def _seal(self, batch: list[_Pending]) -> tuple[bytes, Head, list[_Pending]]:
+        """Chain and sign a batch; a record that cannot be encoded fails its own request only."""
         seq, prev = self._seq, self._hash
-        lines = []
-        last = len(batch) - 1
-        for i, item in enumerate(batch):
-            seq += 1
+        entries: list[tuple[_Pending, dict[str, Any], bytes]] = []
+        for item in batch:
             # The chain's own fields last, so no caller field can replace them.
             record = {**item.fields, "time": datetime.fromtimestamp(item.wall, UTC).isoformat(),
-                      "seq": seq, "prev_hash": prev}
+                      "seq": seq + 1, "prev_hash": prev}
             if item.done.done():
                 record["late"] = True  # its request had ended (refused, abandoned) before this was sealed
-            if self._sign_every or i == last:
-                record["sig"] = self._signer.signature(canonical(record))
-            line = canonical(record)
+                item.sealed_late = True
+            try:
+                line = canonical(record)
+                if self._sign_every:
+                    record["sig"] = self._signer.signature(line)
+                    line = canonical(record)
+            except Exception as exc:
+                self.errors += 1
+                log.error("audit record for %s could not be encoded: %s", record.get("action"), exc)
+                if not item.done.done():
+                    item.done.set_exception(AuditError("the audit record could not be encoded"))
+                continue
+            seq += 1
             prev = hashlib.sha256(line).hexdigest()  # = record_hash(record): the line is canonical
-            lines.append(line)
-        return b"\n".join(lines) + b"\n", Head(seq, prev)
+            entries.append((item, record, line))
+        if entries and not self._sign_every:
+            # One signature for the batch, on its last record: through prev_hash it covers the rest.
+            item, record, line = entries[-1]
+            record["sig"] = self._signer.signature(line)
+            line = canonical(record)
+            prev = hashlib.sha256(line).hexdigest()
+            entries[-1] = (item, record, line)
+        data = b"".join(line + b"\n" for _, _, line in entries)
+        return data, Head(seq, prev), [item for item, _, _ in entries]
 
     def _refuse_overdue(self) -> None:
         # One timer for all waiting requests instead of one per request. A refused record is still
@@ -267,6 +308,9 @@ class AuditLog:
                 self._watchdog = self._loop.call_at(item.deadline, self._refuse_overdue)
                 break
             if not item.done.done():
+                if self.healthy:
+                    log.error("the audit write to %s has not finished after %gs (stuck disk?): refusing "
+                              "requests until it does", self.path, self._write_timeout)
                 self.healthy = False
                 item.done.set_exception(
                     AuditError(f"the audit record was not written within {self._write_timeout:g}s"))
@@ -280,6 +324,8 @@ class AuditLog:
     def _finish(self, batch: list[_Pending], head: Head | None, seconds: float, error: str | None) -> None:
         """The writer's report on one batch, run on the event loop."""
         self._writing = []
+        if self._closed:
+            return
         if head is None:
             self.healthy = False
             self.errors += len(batch)
@@ -292,21 +338,25 @@ class AuditLog:
             self._seq, self._hash = head.seq, head.hash
             self.healthy = True
             self.records_written += len(batch)
-            if self.on_batch:
-                self.on_batch(len(batch), seconds)
             first = head.seq - len(batch) + 1
-            ended = [first + i for i, item in enumerate(batch) if item.done.done()]
+            # Sealed in time but durable too late: their requests had already been refused (or
+            # abandoned), so those records' outcomes are not what the clients were told.
+            ended = [first + i for i, item in enumerate(batch)
+                     if item.done.done() and not item.sealed_late and item.fields.get("action") != "audit.late"]
             for item in batch:
                 if not item.done.done():
                     item.done.set_result(None)
             if ended:
-                # Sealed in time, durable too late: their requests had already been refused (or
-                # abandoned), so those records' outcomes are not what the clients were told.
                 self._queue_event({"action": "audit.late", "client": "system", "decision": "allow",
                                    "outcome": "ok", "records": ended})
             if self._head_task is None or self._head_task.done():
                 assert self._loop is not None
                 self._head_task = self._loop.create_task(self._store_head_soon())
+            if self.on_batch:
+                try:
+                    self.on_batch(len(batch), seconds)
+                except Exception:  # metrics must never cost a request its answer
+                    log.exception("audit batch metrics failed")
         if self._waiting and not self._flush_soon and self._loop is not None:
             self._flush_soon = True
             self._loop.call_soon(self._flush)
@@ -318,24 +368,26 @@ class AuditLog:
         self._waiting.append(item)
 
     async def _store_head_soon(self) -> None:
-        # At most every head_interval, and always a moment after the last batch of a burst.
+        # At most every head_interval, and until the stored head has caught up with the log: a
+        # batch that lands while a store is running is stored by the next round.
         assert self._loop is not None
-        wait = self._head_interval - (self._loop.time() - self._head_stored_at)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        await self._store_head()
+        while self.head != self._head_stored and not self._closed:
+            await asyncio.sleep(max(0.0, self._head_interval - (self._loop.time() - self._head_stored_at)))
+            if not await self._store_head():
+                await asyncio.sleep(max(self._head_interval, 1.0))
 
-    async def _store_head(self) -> None:
+    async def _store_head(self) -> bool:
         head = self.head
         if head == self._head_stored:
-            return
+            return True
         try:
             await self._head_store(head)
         except Exception as exc:  # the records are durable; only the truncation check lags
             log.error("could not store the audit chain head: %s", exc)
-            return
+            return False
         assert self._loop is not None
         self._head_stored, self._head_stored_at = head, self._loop.time()
+        return True
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -346,7 +398,7 @@ class AuditLog:
             try:
                 self._write(data)
             except Exception as exc:  # any failure fails the batch closed; the next batch retries
-                error = str(exc) or type(exc).__name__
+                error = f"{self.path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
             else:
                 if self._durable_size >= self._max_file_bytes:
                     try:
@@ -361,21 +413,40 @@ class AuditLog:
 
     def _write(self, data: bytes) -> None:
         fd = self._file()
+        start = self._durable_size
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)  # O_DSYNC: durable when it returns, one call per batch
                 view = view[written:]
         except OSError:
-            # Part of the batch may be on disk: reopening cuts the file back to its last record.
-            self._close_file()
+            # Whole records of this batch may be in the file (a short write, a failed sync), and the
+            # chain goes on from the last durable record: cut the file back to where it stood.
+            self._cut_back(fd, start)
             raise
         self._durable_size += len(data)
         if self._mirror:
             # In this thread, not on the event loop: a reader that stops reading makes the audit
-            # time out (and fail closed) instead of freezing the daemon.
-            for line in data.decode("utf-8").splitlines():
-                self._mirror(line)
+            # time out (and fail closed) instead of freezing the daemon. The batch is durable
+            # either way, so a failing mirror is logged, never turned into a failed batch.
+            try:
+                for line in data.decode("utf-8").splitlines():
+                    self._mirror(line)
+            except Exception as exc:
+                if not self._mirror_failing:
+                    log.error("the audit mirror failed (records are still written to %s): %s", self.path, exc)
+                self._mirror_failing = True
+            else:
+                self._mirror_failing = False
+
+    def _cut_back(self, fd: int, size: int) -> None:
+        assert self._fd_id is not None
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError:
+            self._cut_to = (self._fd_id, size)  # done on reopen, before anything else is written
+        self._close_file()
 
     def _file(self) -> int:
         """The open log file, reopened when the path no longer names it (moved, replaced, removed)."""
@@ -387,22 +458,30 @@ class AuditLog:
         if self._fd is not None and current == self._fd_id:
             return self._fd
         self._close_file()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_DSYNC | os.O_CLOEXEC, 0o600)
+        # O_NONBLOCK only for the open: a FIFO in the log's place must not hang the writer.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_DSYNC | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(self.path, flags, 0o600)
         try:
             st = os.fstat(fd)
-            size = st.st_size
-            if stat.S_ISREG(st.st_mode):
-                complete = _complete_size(self.path)
-                if complete != size:
-                    # A record torn by a crash or a failed write was never acknowledged: cut it off.
-                    os.ftruncate(fd, complete)
-                size = complete
+            if not stat.S_ISREG(st.st_mode):
+                # A device such as /dev/null would swallow records and report success.
+                raise OSError("not a regular file; the audit log must be one")
+            os.set_blocking(fd, True)
+            identity = (st.st_dev, st.st_ino)
+            if self._cut_to is not None and self._cut_to[0] == identity:
+                size = min(self._cut_to[1], st.st_size)  # a failed write's records, cut back
+            else:
+                size = _complete_size(self.path)  # a record torn by a crash was never acknowledged
+            if size != st.st_size:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            self._cut_to = None
             if current is None:
                 _fsync_dir(self.path.parent)  # the new file's name must survive a crash too
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._fd_id, self._durable_size = fd, (st.st_dev, st.st_ino), size
+        self._fd, self._fd_id, self._durable_size = fd, identity, size
         return fd
 
     def _close_file(self) -> None:
@@ -412,7 +491,8 @@ class AuditLog:
 
     def _rotate(self) -> None:
         self._close_file()
-        number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in log_files(self.path)[:-1]), default=0)
+        rotated = [p for p in log_files(self.path) if p != self.path]
+        number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in rotated), default=0)
         os.replace(self.path, self.path.with_name(f"{self.path.name}.{number:06d}"))
         _fsync_dir(self.path.parent)
         self._durable_size = 0
