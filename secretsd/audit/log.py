@@ -231,17 +231,26 @@ class AuditLog:
         loop = self._loop
         if self._thread is None or loop is None:
             raise AuditError("the audit log is not open")
-        item = _Pending(fields, loop.create_future(), time.time(), loop.time() + self._write_timeout)
-        self._waiting.append(item)
-        if not self._writing and not self._flush_soon:
-            # Sealed at the loop's next turn, so one batch takes every request of this turn.
-            self._flush_soon = True
-            loop.call_soon(self._flush)
+        item = self._enqueue(fields)
         if self._watchdog is None:
             self._watchdog = loop.call_at(item.deadline, self._refuse_overdue)
         await item.done
 
     # -- event-loop side -----------------------------------------------------------------------
+    def _enqueue(self, fields: dict[str, Any]) -> _Pending:
+        assert self._loop is not None
+        item = _Pending(fields, self._loop.create_future(), time.time(), self._loop.time() + self._write_timeout)
+        self._waiting.append(item)
+        self._flush_later()
+        return item
+
+    def _flush_later(self) -> None:
+        """Seal at the loop's next turn, so one batch takes every record of this turn; while a batch
+        is being written, its completion calls this again."""
+        if self._waiting and not self._writing and not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         """Seal what is waiting into the next batch and hand it to the writer thread.
 
@@ -255,9 +264,7 @@ class AuditLog:
         batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
         data, head, sealed = self._seal(batch)
         if not sealed:  # every record failed to encode: nothing to write
-            if self._waiting and self._loop is not None:
-                self._flush_soon = True
-                self._loop.call_soon(self._flush)
+            self._flush_later()
             return
         self._writing = sealed
         self._queue.put((data, head, sealed))
@@ -347,8 +354,9 @@ class AuditLog:
                 if not item.done.done():
                     item.done.set_result(None)
             if ended:
-                self._queue_event({"action": "audit.late", "client": "system", "decision": "allow",
-                                   "outcome": "ok", "records": ended})
+                event = self._enqueue({"action": "audit.late", "client": "system", "decision": "allow",
+                                       "outcome": "ok", "records": ended})
+                event.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits on it
             if self._head_task is None or self._head_task.done():
                 assert self._loop is not None
                 self._head_task = self._loop.create_task(self._store_head_soon())
@@ -357,15 +365,7 @@ class AuditLog:
                     self.on_batch(len(batch), seconds)
                 except Exception:  # metrics must never cost a request its answer
                     log.exception("audit batch metrics failed")
-        if self._waiting and not self._flush_soon and self._loop is not None:
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
-
-    def _queue_event(self, fields: dict[str, Any]) -> None:
-        assert self._loop is not None
-        item = _Pending(fields, self._loop.create_future(), time.time(), self._loop.time() + self._write_timeout)
-        item.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits on it
-        self._waiting.append(item)
+        self._flush_later()
 
     async def _store_head_soon(self) -> None:
         # At most every head_interval, and until the stored head has caught up with the log: a
