@@ -151,6 +151,48 @@ async def test_tampering_is_detected_and_the_record_named(
         assert result.seq == seq, result.describe()
 
 
+def _reordered(line: str) -> str:
+    record = json.loads(line)
+    return json.dumps(dict(reversed(record.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+# Lines that parse to the very record that was signed, but are not its exact bytes. A reader that
+# keeps the first of two equal keys sees a forged client, so the bytes must be the canonical form.
+NON_CANONICAL = {
+    "duplicate-key-before-the-real-one": (lambda line: '{"client":"mallory",' + line[1:], "duplicate key"),
+    "duplicate-key-after-the-real-one": (lambda line: line[:-1] + ',"client":"mallory"}', "duplicate key"),
+    "whitespace": (lambda line: line.replace(",", ", ", 1), "canonical"),
+    "key-order": (_reordered, "canonical"),
+    "unicode-escape": (lambda line: line.replace('"secret.write"', '"secret.writ\\u0065"'), "canonical"),
+    "solidus-escape": (lambda line: line.replace('"app/3"', '"app\\/3"'), "canonical"),
+    "escaped-digit": (lambda line: line.replace('"app/3"', '"app/\\u0033"'), "canonical"),
+}
+
+
+def test_a_line_must_be_exactly_the_canonical_bytes_of_its_record_also_for_non_ascii() -> None:
+    from secretsd.audit.record import parse_line
+
+    line = canonical({"path": "caf\u00e9/\u2028", "seq": 1}) + b"\n"
+    assert parse_line(line) == ({"path": "caf\u00e9/\u2028", "seq": 1}, None)
+    for other in (b'{"path":"caf\\u00e9/\xe2\x80\xa8","seq":1}\n', b'{"path":"caf\xc3\xa9/\\u2028","seq":1}\n',
+                  b'{"path":"\\ud800","seq":1}\n'):
+        record, problem = parse_line(other)
+        assert problem is not None and "canonical" in problem, other
+
+
+@pytest.mark.parametrize("name", sorted(NON_CANONICAL))
+async def test_a_line_must_be_exactly_the_canonical_bytes_of_its_record(
+    log_copy: tuple[list[str], Any, Head], tmp_path: Path, name: str
+) -> None:
+    lines, key, head = log_copy
+    change, reason = NON_CANONICAL[name]
+    changed = change(lines[4])
+    assert changed != lines[4]
+    result = check(tmp_path, [*lines[:4], changed, *lines[5:]], key, head)
+    assert not result.ok and reason in (result.problem or ""), result.describe()
+    assert result.seq == 5 and result.line == 5, result.describe()
+
+
 async def test_resigning_with_another_key_is_detected(log_copy: tuple[list[str], Any, Head], tmp_path: Path) -> None:
     lines, key, head = log_copy
     forger = Signer.generate()

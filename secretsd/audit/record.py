@@ -40,6 +40,42 @@ def record_hash(signed: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(signed)).hexdigest()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """A log line's value, and why the line is not exactly the canonical bytes of it (None if it is).
+
+    The rule: a line must be byte for byte ``canonical(record) + b"\n"``. Signatures and hashes are
+    over the canonical form, so a line that merely parses to a signed record (extra whitespace,
+    other key order, escapes, a duplicate key) would verify while other readers see something
+    else: with ``{"client":"mallory","client":"admin",...}`` Python keeps the last value and a
+    reader that keeps the first sees "mallory". ``ValueError`` if the line is not JSON at all.
+    """
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                duplicates.append(key)
+            obj[key] = value
+        return obj
+
+    value = json.loads(raw, object_pairs_hook=pairs, parse_constant=_refuse_constant)
+    if duplicates:
+        return value, f"duplicate key {duplicates[0]!r}: readers disagree on its value (the line was edited)"
+    try:
+        exact = isinstance(value, dict) and canonical(value) + b"\n" == raw
+    except (ValueError, TypeError):  # a lone surrogate escape cannot be encoded back
+        exact = False
+    if not exact:
+        return value, ("the line is not the canonical form of its record (whitespace, key order or "
+                       "escapes differ): the line was edited")
+    return value, None
+
+
 class Signer:
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._key = private_key

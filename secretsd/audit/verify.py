@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from secretsd.audit.record import GENESIS_HASH, record_hash, signature_valid
+from secretsd.audit.record import GENESIS_HASH, parse_line, record_hash, signature_valid
 
 _ROTATED = re.compile(r"\.(\d{6,})$")
 
@@ -68,12 +67,14 @@ def verify(
                 if not raw.endswith(b"\n"):
                     return bad("truncated: the last record is incomplete")
                 try:
-                    record = json.loads(raw)
+                    record, not_canonical = parse_line(raw)
                 except ValueError:
                     return bad("not a JSON record (edited or corrupted)")
                 if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
                     return bad("not an audit record (edited or corrupted)")
                 seq = record["seq"]
+                if not_canonical:  # before the signature: a duplicate key can hide behind a valid one
+                    return bad(not_canonical, seq)
                 signed = "sig" in record
                 if signed and not signature_valid(key, record):
                     return bad("signature does not verify: the record was edited, or signed by another key", seq)
