@@ -176,7 +176,7 @@ def test_a_line_must_be_exactly_the_canonical_bytes_of_its_record_also_for_non_a
     assert parse_line(line) == ({"path": "caf\u00e9/\u2028", "seq": 1}, None)
     for other in (b'{"path":"caf\\u00e9/\xe2\x80\xa8","seq":1}\n', b'{"path":"caf\xc3\xa9/\\u2028","seq":1}\n',
                   b'{"path":"\\ud800","seq":1}\n'):
-        record, problem = parse_line(other)
+        _record, problem = parse_line(other)
         assert problem is not None and "canonical" in problem, other
 
 
