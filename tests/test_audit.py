@@ -539,3 +539,17 @@ def test_a_daemon_whose_audit_log_cannot_be_written_refuses_to_start(tmp_path: P
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write the audit log")
     assert "not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["verify", "pubkey"])
+def test_audit_commands_never_create_a_store_where_there_is_none(tmp_path: Path, command: str) -> None:
+    missing = tmp_path / "no-such-dir"
+    result = run_cli("audit", command, "--data-dir", str(missing))
+    assert result.returncode == 1 and not missing.exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "does not exist" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("audit", command, "--data-dir", str(empty))
+    assert result.returncode == 1 and list(empty.iterdir()) == [], result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "not initialised" in result.stderr

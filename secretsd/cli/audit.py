@@ -29,6 +29,7 @@ async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple
 
     settings = load_settings(config_file, data_dir=data_dir)
     storage = build_storage(settings)
+    _refuse_missing_store(settings.require_data_dir(), storage)
     await storage.open()
     try:
         if not await storage.is_initialized():
@@ -41,6 +42,16 @@ async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple
         return pem, head, settings.audit.log_path(settings.require_data_dir())
     finally:
         await storage.close()
+
+
+def _refuse_missing_store(data_dir: Path, storage: object) -> None:
+    """These commands only read: opening a store that is not there would create an empty one (a
+    database file, its directory) where an operator mistyped a path."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"{data_dir} does not exist or is not a directory: there is no store to read")
+    database = getattr(storage, "path", None)  # SQLite's file; other backends have no local file
+    if isinstance(database, Path) and not database.exists():
+        raise NotInitializedError(f"the store in {data_dir} is not initialised (no {database.name})")
 
 
 @audit.command(name="verify")
