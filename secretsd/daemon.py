@@ -170,6 +170,7 @@ class Daemon:
                 f"the store in {self.settings.data_dir} is not initialised; "
                 f"run 'secretsd init --data-dir {self.settings.data_dir}'"
             )
+        await self.tokens.warn_about_reserved_names()
         try:
             await self.barrier.unseal()
         except SecretsdError as exc:
@@ -231,6 +232,7 @@ class Daemon:
             stored_head=stored, max_file_bytes=conf.max_file_bytes,
             write_timeout=conf.write_timeout_seconds, mirror=mirror,
             sign_every_record=conf.sign == "record", head_interval=conf.head_interval_seconds,
+            failure_budget=conf.failure_budget(),
         )
         audit.on_batch = self.metrics.observe_audit_batch
         await audit.open()

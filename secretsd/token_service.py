@@ -2,19 +2,81 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from secretsd import tokens
 from secretsd.auth import Principal, TokenAuthenticator
 from secretsd.clock import Clock, utcnow
-from secretsd.errors import NotFoundError, PermissionDeniedError, RequestError
+from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
 from secretsd.events import Event, EventBus
 from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.storage import Storage, TokenRecord
 
+log = logging.getLogger("secretsd.tokens")
+
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+#: The client names the daemon itself writes into ``client`` and ``created_by``: ``system`` (its own
+#: records: unseal, rotation scheduler, hooks, policy reloads), ``admin`` (the tokens made by
+#: ``init`` and ``token create-root``), ``init`` and ``recovery`` (their ``created_by``), and
+#: ``root`` (the policy's name: a client so named reads as the superuser in any listing).
+RESERVED_CLIENTS = frozenset({"admin", "system", "root", "init", "recovery"})
+#: Name spaces kept for the daemon's own actors to come (``system.scheduler``, ``secretsd-worker``):
+#: ``system`` followed by a separator, and anything beginning with ``secretsd``.
+_RESERVED_PREFIX = re.compile(r"(?:system[._@-]|secretsd)")
+#: Who the daemon names as the creator of a token made offline by ``token create-root``.
+RECOVERY_CREATOR = "recovery"
+#: Tokens the daemon itself gives a reserved name: (client, created_by).
+_OWN_TOKENS = {("admin", "init"), ("admin", RECOVERY_CREATOR)}
+
+
+def is_reserved_client(client: str) -> bool:
+    # Case-folded: "Admin" and "SYSTEM" read the same as the real ones in an audit log.
+    name = client.lower()
+    return name in RESERVED_CLIENTS or _RESERVED_PREFIX.match(name) is not None
+
+
+def check_client_name(client: str) -> None:
+    """The rule for a client name given to a new token: well formed, and not one the daemon uses.
+
+    Without the reservation a delegated token admin could mint a token for ``admin`` or
+    ``system`` whose actions then read, in ``created_by`` and the audit log, as the store's own
+    administrator or the daemon itself.
+    """
+    if not _CLIENT.fullmatch(client):
+        raise RequestError("client names are 1-128 letters, digits, '.', '_', '@' or '-'")
+    if is_reserved_client(client):
+        raise RequestError(
+            f"the client name {client!r} is reserved for the daemon itself (reserved: "
+            f"{', '.join(sorted(RESERVED_CLIENTS))}, and names beginning with 'system.', 'system-', "
+            "'system_', 'system@' or 'secretsd', in any case); choose another name"
+        )
+
+
+def is_active_root(token: TokenRecord, now: datetime) -> bool:
+    return (ROOT_POLICY in token.policies and token.revoked_at is None
+            and (token.expires_at is None or token.expires_at > now))
+
+
+def refuse_revoking_the_last_root_token(target: TokenRecord, others: Sequence[TokenRecord], now: datetime) -> None:
+    """The rule: a revocation may not leave the store without an active (unexpired) root token.
+
+    Only a root token can mint another (see ``check_delegation``), and ``init`` refuses an
+    initialised store, so the last one gone would lock administration out for good. Storage
+    calls this inside the revoking transaction, so that two concurrent revocations of the last
+    two root tokens cannot both pass it.
+    """
+    if not is_active_root(target, now) or any(is_active_root(t, now) for t in others):
+        return
+    raise ConflictError(
+        f"{tokens.display_id(target.token_id)} is the last active token with the root policy; revoking "
+        "it would lock administration out: create another root token first ('secretsd token create "
+        "--client NAME --policy root'), then revoke this one ('secretsd token create-root' recovers "
+        "a store offline if every root token is lost)"
+    )
 
 
 def check_delegation(creator: Principal, policies: tuple[str, ...], *, verb: str = "grant") -> None:
@@ -62,8 +124,7 @@ class TokenService:
         self, creator: Principal, client: str, policies: list[str], ttl_seconds: int | None = None
     ) -> tuple[str, TokenRecord]:
         """Mint a token; returns the token string (shown once) and its stored record."""
-        if not _CLIENT.fullmatch(client):
-            raise RequestError("client names are 1-128 letters, digits, '.', '_', '@' or '-'")
+        check_client_name(client)
         if not policies:
             raise RequestError("a token needs at least one policy")
         unknown = self._policies.current.unknown(policies)
@@ -100,9 +161,26 @@ class TokenService:
         if target is None or target.revoked_at is not None:
             raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
         check_delegation(who, target.policies, verb="revoke")
-        if not await self._storage.revoke_token(token_id, self._clock()):
+        if not await self._storage.revoke_token(token_id, self._clock(),
+                                                guard=refuse_revoking_the_last_root_token):
             raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
         self._authenticator.invalidate(token_id)
         self._events.emit(Event("token.revoke", self._clock(), who.client,
                                 detail={"token": tokens.display_id(token_id)}))
         return token_id
+
+    async def warn_about_reserved_names(self) -> list[TokenRecord]:
+        """Log tokens stored (before names were reserved) under a reserved client name.
+
+        They keep working (stored data is never broken by an upgrade), but whatever they do reads
+        as the daemon's own identity, so the operator is told which to replace.
+        """
+        found = [t for t in await self._storage.list_tokens()
+                 if t.revoked_at is None and is_reserved_client(t.client)
+                 and (t.client, t.created_by) not in _OWN_TOKENS]
+        for t in found:
+            log.warning("token %s has the reserved client name %r (created by %r before such names were "
+                        "reserved); it still works, but its actions read as the daemon's own: create a "
+                        "token under another name and revoke this one",
+                        tokens.display_id(t.token_id), t.client, t.created_by)
+        return found

@@ -90,6 +90,10 @@ class TokenRecord:
     revoked_at: datetime | None = None
 
 
+#: Decides, inside the revoking transaction, whether a revocation may go ahead (raise to refuse).
+RevokeGuard = Callable[[TokenRecord, Sequence[TokenRecord], datetime], None]
+
+
 @dataclass(frozen=True)
 class WriteResult:
     secret: SecretRecord
@@ -322,8 +326,13 @@ class Storage(Protocol):
 
     async def list_tokens(self) -> list[TokenRecord]: ...
 
-    async def revoke_token(self, token_id: str, now: datetime) -> bool:
-        """Mark a token revoked; False if there is no such token or it was revoked already."""
+    async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
+        """Mark a token revoked; False if there is no such token or it was revoked already.
+
+        ``guard(target, others, now)`` runs inside the revoking transaction with the target and
+        every other unrevoked token, serialised against other guarded revocations (on every
+        replica); whatever it raises rolls the revocation back and passes through.
+        """
         ...
 
     # -- copying a whole store (``secretsd storage migrate``) ---------------------------------

@@ -71,6 +71,7 @@ from secretsd.storage.base import (
     ChangeSubscription,
     ExportRow,
     KeyringTerm,
+    RevokeGuard,
     SecretRecord,
     Storage,
     TokenRecord,
@@ -895,8 +896,20 @@ class PostgresStorage:
         rows = await self._fetch(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
         return [self._token(r) for r in rows]
 
-    async def revoke_token(self, token_id: str, now: datetime) -> bool:
+    async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         async def run(conn: asyncpg.Connection) -> bool:
+            if guard is not None:
+                # FOR UPDATE locks every unrevoked token row until COMMIT: a concurrent guarded
+                # revocation on any replica waits, then re-reads the rows (READ COMMITTED drops
+                # the one revoked meanwhile) and judges what is really left.
+                rows = await conn.fetch(
+                    f"SELECT {_TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id FOR UPDATE",  # noqa: S608
+                )
+                found = [self._token(r) for r in rows]
+                target = next((t for t in found if t.token_id == token_id), None)
+                if target is None:
+                    return False
+                guard(target, [t for t in found if t.token_id != token_id], now)
             hit = await conn.fetchval(
                 "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1",
                 token_id, now,

@@ -32,6 +32,7 @@ from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
     ExportRow,
     KeyringTerm,
+    RevokeGuard,
     SecretRecord,
     TokenRecord,
     VersionInfo,
@@ -641,8 +642,19 @@ class SQLiteStorage:
         rows = self._query(f"SELECT {self._TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
         return [self._token(r) for r in rows]
 
-    async def revoke_token(self, token_id: str, now: datetime) -> bool:
+    async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
+            # BEGIN IMMEDIATE holds the database's write lock from here to COMMIT: the guard's
+            # view cannot change under it, in this process or another one on the same file.
+            if guard is not None:
+                rows = conn.execute(
+                    f"SELECT {self._TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL",  # noqa: S608
+                ).fetchall()
+                found = [self._token(r) for r in rows]
+                target = next((t for t in found if t.token_id == token_id), None)
+                if target is None:
+                    return False
+                guard(target, [t for t in found if t.token_id != token_id], now)
             cur = conn.execute(
                 "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
                 (_ts(now), token_id),

@@ -303,6 +303,25 @@ class StorageConformance(CopyConformance):
         assert again is not None and again.revoked_at == T0
         assert len(await storage.list_tokens()) == 2
 
+    async def test_a_guarded_revocation_sees_the_other_active_tokens_and_can_refuse(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.create_token(token("00000000000000cc"))
+        await storage.create_token(token("00000000000000dd", revoked_at=T0))
+        seen: list[tuple[str, list[str]]] = []
+
+        def refuse(target: TokenRecord, others: Sequence[TokenRecord], now: datetime) -> None:
+            seen.append((target.token_id, sorted(t.token_id for t in others)))
+            raise ConflictError("refused")
+
+        with pytest.raises(ConflictError, match="refused"):
+            await storage.revoke_token("00000000000000cc", T0, guard=refuse)
+        assert seen == [("00000000000000cc", ["00000000000000ad"])]  # revoked tokens are not offered
+        still = await storage.get_token("00000000000000cc")
+        assert still is not None and still.revoked_at is None  # the refusal rolled it back
+        assert not await storage.revoke_token("00000000000000dd", T0, guard=refuse)  # revoked already
+        assert await storage.revoke_token("00000000000000cc", T0, guard=lambda *_: None)
+        assert len(seen) == 1
+
     # -- lifecycle: labels, pending versions, rotation schedule (docs/rotation.md) ---------------
     async def test_labels_grace_and_latest_version(self, storage: Storage) -> None:
         await initialized(storage)
