@@ -2,6 +2,7 @@
 
 from keyproviders.base import WRAPPED_KEY_FORMAT, KeyProvider, ProviderHealth, WrappedKey
 from keyproviders.errors import (
+    KeyMismatchError,
     KeyProviderError,
     ProviderAuthError,
     ProviderConfigError,
@@ -13,6 +14,7 @@ from keyproviders.registry import available_providers, create_provider, provider
 
 __all__ = [
     "WRAPPED_KEY_FORMAT",
+    "KeyMismatchError",
     "KeyProvider",
     "KeyProviderError",
     "ProviderAuthError",

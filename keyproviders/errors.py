@@ -8,6 +8,7 @@ these at its own boundary, with ``raise ... from``, so callers never match on me
     ├── ProviderUnavailableError  the key store cannot be reached now: retry later (retryable)
     ├── ProviderKeyNotFoundError  the named key does not exist in the key store
     ├── ProviderAuthError         the key store refused our credentials (bad PIN, bad passphrase)
+    ├── KeyMismatchError          the key found under the expected name is not the key it was before
     └── UnwrapError               a wrapped key failed its integrity check (wrong key, AAD or blob)
 """
 
@@ -36,6 +37,13 @@ class ProviderKeyNotFoundError(KeyProviderError):
 
 class ProviderAuthError(KeyProviderError):
     """The key store refused the credentials (PIN, passphrase)."""
+
+
+class KeyMismatchError(KeyProviderError):
+    """The key found under the expected name is a different key (a replaced token or key file).
+
+    Not retryable by waiting alone: it clears only when the genuine key comes back.
+    """
 
 
 class UnwrapError(KeyProviderError):

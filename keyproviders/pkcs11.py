@@ -7,6 +7,7 @@ Configuration (``[key_provider]`` with ``kind = "pkcs11"``)::
     key_label   = "secretsd-kek"                      # default
     pin_env     = "SECRETSD_PKCS11_PIN"               # or pin_file = "/run/secrets/hsm-pin" (mode 0600)
     mechanism   = "aes-gcm"                           # or "aes-key-wrap-pad"
+    allow_imported_keys = false                       # true accepts a KEK not generated in this token
 
 KEK versions share the key label and differ in CKA_ID (ASCII decimal "1", "2", ...); the highest
 version wraps, every version unwraps. ``key_id()`` is ``"<key_label>/v<version>"``.
@@ -29,6 +30,13 @@ How this module talks to the library, and why (measured with python-pkcs11 0.10.
 * SoftHSM reports a failed GCM tag or key-wrap integrity check as CKR_GENERAL_ERROR, the same code
   as a broken device. A GENERAL_ERROR while unwrapping is therefore resolved by probing the key: if
   the token still answers, the blob was bad (UnwrapError); otherwise the token is gone (recover).
+* Keys are found by label and version, and a replaced token (same label, same PIN, an attacker's
+  key) would answer to the same names. So every KEK version found is *pinned*: a random probe is
+  wrapped under it when it is first found, and whenever the keys are found again (after an outage,
+  a re-initialisation, a refresh) each pinned version must open its probe. One that does not is a
+  different key: the provider refuses every operation (``KeyMismatchError``) until the genuine
+  token is back. Binding to the *store* (that these are the keys the store was sealed with) is the
+  caller's proof, by unwrapping what the store holds.
 * python-pkcs11 exceptions carry no message. They are mapped by class, at this boundary, to
   ``keyproviders.errors`` with messages that say what to do.
 """
@@ -38,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import statistics
@@ -55,6 +64,7 @@ from pkcs11.mechanisms import GCMParams
 
 from keyproviders.base import ProviderHealth, WrappedKey
 from keyproviders.errors import (
+    KeyMismatchError,
     KeyProviderError,
     ProviderAuthError,
     ProviderConfigError,
@@ -78,6 +88,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("keyproviders.pkcs11")
 
 DEFAULT_KEY_LABEL = "secretsd-kek"
 KEK_BITS = 256
@@ -105,7 +116,9 @@ _REQUIRED_ATTRIBUTES = {
     RECORD_KWP: (Attribute.WRAP, Attribute.UNWRAP),
 }
 
-OPTIONS = frozenset({"module", "token_label", "key_label", "pin_env", "pin_file", "mechanism"})
+OPTIONS = frozenset({"module", "token_label", "key_label", "pin_env", "pin_file", "mechanism", "allow_imported_keys"})
+#: The associated data of the identity probes (see the module docstring); never used for a DEK.
+_PROBE_AAD = b"keyproviders/pkcs11/identity-probe/v1"
 
 # The token, session or handle went away (or was never there): re-initialise and retry. A bare
 # PKCS11Error is how python-pkcs11 reports unmapped codes such as CRYPTOKI_NOT_INITIALIZED.
@@ -121,7 +134,9 @@ _GONE = (
     p11.SessionHandleInvalid,
     p11.TokenNotPresent,
     p11.TokenNotRecognised,
+    p11.UnwrappingKeyHandleInvalid,  # key-wrap mechanism's way of saying the handle died
     p11.UserNotLoggedIn,
+    p11.WrappingKeyHandleInvalid,
 )
 _BAD_BLOB = (
     p11.EncryptedDataInvalid,
@@ -147,6 +162,7 @@ class Pkcs11Options:
     mechanism: str
     pin_env: str | None
     pin_file: Path | None
+    allow_imported_keys: bool = False
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], *, base_dir: Path) -> Pkcs11Options:
@@ -182,6 +198,9 @@ class Pkcs11Options:
         pin_file = _string(options, "pin_file")
         if bool(pin_env) == bool(pin_file):
             raise ProviderConfigError("pkcs11 key provider: set exactly one of pin_env and pin_file")
+        allow_imported = options.get("allow_imported_keys", False)
+        if not isinstance(allow_imported, bool):
+            raise ProviderConfigError("pkcs11 key provider: option 'allow_imported_keys' must be true or false")
         return cls(
             module=module,
             token_label=_string(options, "token_label", required=True),
@@ -189,6 +208,7 @@ class Pkcs11Options:
             mechanism=mechanism,
             pin_env=pin_env or None,
             pin_file=(base_dir / pin_file) if pin_file else None,
+            allow_imported_keys=allow_imported,
         )
 
     def read_pin(self) -> str:
@@ -407,8 +427,27 @@ def check_kek_attributes(attrs: Mapping[Attribute, Any], *, what: str) -> None:
         )
 
 
+def check_generated_in_token(attrs: Mapping[Attribute, Any], *, what: str, allow_imported: bool) -> None:
+    """The rule: a KEK was generated inside its token (CKA_LOCAL), unless imports are allowed.
+
+    A key that was imported existed outside the HSM at some point, so someone may hold a copy; an
+    attacker who plants a token brings exactly such a key. Cloning a key between HSMs of one
+    deployment is legitimate, hence the explicit option, and even then it is logged.
+    """
+    if attrs.get(Attribute.LOCAL) is True:
+        return
+    if not allow_imported:
+        raise ProviderConfigError(
+            f"{what} was not generated inside the token (CKA_LOCAL is false): it existed outside the HSM "
+            f"and may have been copied or planted. Create the KEK in the token with 'secretsd hsm create-key', "
+            f"or, if it was cloned between your own HSMs on purpose, set allow_imported_keys = true"
+        )
+    log.warning("%s was imported into the token (CKA_LOCAL false); accepted because allow_imported_keys = true", what)
+
+
 _READ_ATTRIBUTES = (
     Attribute.ID,
+    Attribute.LOCAL,
     Attribute.KEY_TYPE,
     Attribute.VALUE_LEN,
     Attribute.TOKEN,
@@ -434,6 +473,15 @@ class _Kek:
     attrs: Mapping[Attribute, Any]
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """A random value wrapped under one KEK version when first found: opening it again proves the key."""
+
+    nonce: bytes
+    blob: bytes
+    digest: bytes
+
+
 def _version_of(cka_id: bytes) -> int | None:
     text = cka_id.decode("ascii", "replace")
     return int(text) if text.isdigit() and text[0] != "0" else None
@@ -452,7 +500,9 @@ def _find_keks(session: Any, opts: Pkcs11Options) -> dict[int, _Kek]:
             raise ProviderConfigError(
                 f"key {opts.key_label!r} version {version} exists twice in {opts.where()}; destroy the newer copy"
             )
-        check_kek_attributes(attrs, what=f"key {opts.key_label!r} v{version} in {opts.where()}")
+        what = f"key {opts.key_label!r} v{version} in {opts.where()}"
+        check_kek_attributes(attrs, what=what)
+        check_generated_in_token(attrs, what=what, allow_imported=opts.allow_imported_keys)
         found[version] = _Kek(version, obj, attrs)
     if not found:
         extra = f" ({foreign} object(s) have that label but no secretsd version CKA_ID)" if foreign else ""
@@ -483,6 +533,11 @@ def _generate_kek(session: Any, opts: Pkcs11Options, version: int) -> None:
     )
 
 
+def _probe_mechanism(kek: _Kek) -> str:
+    """The mechanism a key's own capabilities allow (the configured one may differ for old keys)."""
+    return RECORD_GCM if kek.attrs.get(Attribute.ENCRYPT) is True else RECORD_KWP
+
+
 def _kwp_header(nonce: bytes, aad: bytes) -> bytes:
     """The AAD binding for CKM_AES_KEY_WRAP_PAD, which has no AAD input of its own.
 
@@ -509,6 +564,7 @@ class Pkcs11KeyProvider:
         self._lib = _library(opts.module)
         self._session: Any = None  # shared with other providers on the same token
         self._keks: dict[int, _Kek] = {}
+        self._probes: dict[int, _Probe] = {}  # the identity pin of each version ever found
         self._generation = -1  # library generation our session and handles belong to
         self._seen_token = False
         self._closed = False
@@ -609,7 +665,7 @@ class Pkcs11KeyProvider:
         def op() -> int:
             version = max(self._keks) + 1
             _generate_kek(self._session, self._opts, version)
-            self._keks = _find_keks(self._session, self._opts)
+            self._keks = self._pinned(_find_keks(self._session, self._opts))
             return version
 
         # No automatic retry: if the token vanished mid-way the key may exist already, and a retry
@@ -618,7 +674,7 @@ class Pkcs11KeyProvider:
 
     def refresh(self) -> None:
         def op() -> None:
-            self._keks = _find_keks(self._session, self._opts)
+            self._keks = self._pinned(_find_keks(self._session, self._opts))
 
         self._run(op)
 
@@ -643,7 +699,7 @@ class Pkcs11KeyProvider:
 
     def _kek(self, version: int) -> _Kek:
         if version not in self._keks:
-            self._keks = _find_keks(self._session, self._opts)  # rotated by another process?
+            self._keks = self._pinned(_find_keks(self._session, self._opts))  # rotated by another process?
         try:
             return self._keks[version]
         except KeyError:
@@ -670,10 +726,56 @@ class Pkcs11KeyProvider:
             session = self._lib.session(self._opts, rescan=rescan)
             generation = self._lib.generation
             keks = _find_keks(session, self._opts)
+            self._session = session  # the probes run in it; the keys are adopted only once they pass
+            keks = self._pinned(keks)
         except p11.PKCS11Error as exc:
             raise _map_error(exc, self._opts, seen_token=self._seen_token) from exc
-        self._session, self._keks, self._generation = session, keks, generation
+        self._keks, self._generation = keks, generation
         self._seen_token = True
+
+    def _pinned(self, keks: dict[int, _Kek]) -> dict[int, _Kek]:
+        """``keks`` once every version found before opens its probe; new versions get one. Lock held.
+
+        Raises ``KeyMismatchError`` when a version answers to its name but is another key, which
+        is what a token replaced by one holding an attacker's key under the same label looks like.
+        """
+        for version, kek in keks.items():
+            probe = self._probes.get(version)
+            if probe is not None and not self._opens(kek, probe):
+                raise KeyMismatchError(
+                    f"key {self._key_id(version)} in {self._opts.where()} is not the key this provider found "
+                    f"there before: the token was replaced or its key re-created. Refusing to use it; put the "
+                    f"genuine token back (the daemon recovers by itself) and investigate"
+                )
+        for version, kek in keks.items():
+            if version not in self._probes:
+                self._probes[version] = self._probe(kek)
+        return keks
+
+    def _probe(self, kek: _Kek) -> _Probe:
+        value, nonce = secrets.token_bytes(32), secrets.token_bytes(GCM_NONCE_BYTES)
+        if _probe_mechanism(kek) == RECORD_GCM:
+            blob = kek.handle.encrypt(value, mechanism=Mechanism.AES_GCM,
+                                      mechanism_param=GCMParams(nonce, _PROBE_AAD, GCM_TAG_BITS))
+        else:
+            blob = self._kwp_wrap(kek, value)
+        return _Probe(nonce, bytes(blob), hashlib.sha256(value).digest())
+
+    def _opens(self, kek: _Kek, probe: _Probe) -> bool:
+        try:
+            if _probe_mechanism(kek) == RECORD_GCM:
+                value = bytes(kek.handle.decrypt(probe.blob, mechanism=Mechanism.AES_GCM,
+                                                 mechanism_param=GCMParams(probe.nonce, _PROBE_AAD, GCM_TAG_BITS)))
+            else:
+                value = self._kwp_unwrap(kek, probe.blob)
+        except _BAD_BLOB:
+            return False
+        except p11.GeneralError:
+            # SoftHSM's answer to a failed tag; a token that is really gone fails the next call too.
+            if self._token_answers(kek):
+                return False
+            raise
+        return hmac.compare_digest(hashlib.sha256(value).digest(), probe.digest)
 
     def _kwp_wrap(self, kek: _Kek, plaintext: bytes) -> bytes:
         # A session object lives in the library's memory only (CKA_TOKEN false), never on disk.
@@ -772,13 +874,14 @@ class Pkcs11KeyProvider:
             except p11.PKCS11Error as exc:
                 raise _map_error(exc, self._opts, seen_token=True) from exc
             self._connect()
-        except ProviderUnavailableError as error:
+        except (ProviderUnavailableError, KeyMismatchError) as error:
+            # A replaced token is retried like a missing one: it clears when the genuine one is back.
             self._back_off(error)
             raise
         self._backoff = 0.0
         self._last_error = ""
 
-    def _back_off(self, error: ProviderUnavailableError) -> None:
+    def _back_off(self, error: KeyProviderError) -> None:
         self._backoff = min(self._retry_max, self._backoff * 2) if self._backoff else self._retry_initial
         self._next_attempt = time.monotonic() + self._backoff
         self._last_error = str(error)

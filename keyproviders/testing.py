@@ -11,6 +11,13 @@ a ready provider (and closes it afterwards)::
             p.close()
 
 Providers that cannot rotate their own KEK set ``supports_rotation = False``.
+
+The suite also needs an ``impostor`` fixture: a provider configured exactly like ``provider`` (same
+name, same options, so the same key id where ids are names) but holding a *different* key, as an
+attacker would leave behind by replacing a token, a key file or a passphrase. The store-binding rule
+of secretsd (a provider proves custody by unwrapping what the store holds before it may wrap) rests
+on what these cases check: an impostor never opens a genuine record, and a genuine provider never
+opens an impostor's.
 """
 
 from __future__ import annotations
@@ -80,6 +87,32 @@ class KeyProviderConformance:
         wrapped = provider.wrap(secrets.token_bytes(32), AAD)
         with pytest.raises(KeyProviderError):
             provider.unwrap(dataclasses.replace(wrapped, provider="someone-else"), AAD)
+
+    def test_impostor_cannot_unwrap_a_genuine_record(
+        self, provider: KeyProvider, impostor: KeyProvider
+    ) -> None:
+        key = secrets.token_bytes(32)
+        wrapped = provider.wrap(key, AAD)
+        with pytest.raises(KeyProviderError):
+            opened = impostor.unwrap(wrapped, AAD)
+            assert opened != key, "the impostor opened a genuine record"
+
+    def test_genuine_provider_cannot_unwrap_an_impostor_record(
+        self, provider: KeyProvider, impostor: KeyProvider
+    ) -> None:
+        planted = impostor.wrap(secrets.token_bytes(32), AAD)
+        with pytest.raises(KeyProviderError):
+            provider.unwrap(planted, AAD)
+
+    def test_impostor_key_id_never_claims_a_genuine_record_silently(
+        self, provider: KeyProvider, impostor: KeyProvider
+    ) -> None:
+        # Ids may collide (pkcs11 names keys by label and version), so the only safe signal of
+        # custody is a successful unwrap; this pins that a colliding id still fails to unwrap.
+        wrapped = provider.wrap(secrets.token_bytes(32), AAD)
+        if impostor.key_id() != wrapped.key_id:
+            with pytest.raises(KeyProviderError):
+                impostor.unwrap(dataclasses.replace(wrapped, key_id=impostor.key_id()), AAD)
 
     def test_health_reports_ok(self, provider: KeyProvider) -> None:
         health = provider.health()

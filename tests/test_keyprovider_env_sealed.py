@@ -56,6 +56,14 @@ class TestEnvSealedConformance(KeyProviderConformance):
         yield p
         p.close()
 
+    @pytest.fixture
+    def impostor(self, provider: KeyProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyProvider]:
+        # The same variable, holding a passphrase someone else chose.
+        monkeypatch.setenv(ENV, "an entirely different passphrase, chosen by someone else")
+        p = make(tmp_path)
+        yield p
+        p.close()
+
 
 # -- registry and configuration ------------------------------------------------------------------
 def test_registry_finds_env_sealed(tmp_path: Path) -> None:

@@ -20,6 +20,15 @@ class TestFileProviderConformance(KeyProviderConformance):
         yield p
         p.close()
 
+    @pytest.fixture
+    def impostor(self, provider: KeyProvider, tmp_path: Path) -> Iterator[KeyProvider]:
+        # The genuine file replaced by one an attacker made: same path, same configuration.
+        FileKeyProvider.create(tmp_path / "planted.key")
+        os.replace(tmp_path / "planted.key", tmp_path / "master.key")
+        p = FileKeyProvider.load(tmp_path / "master.key")
+        yield p
+        p.close()
+
 
 def test_created_key_file_is_owner_only(tmp_path: Path) -> None:
     FileKeyProvider.create(tmp_path / "k")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import secrets
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 
 from keyproviders.errors import (
+    KeyMismatchError,
     KeyProviderError,
     ProviderAuthError,
     ProviderConfigError,
@@ -64,6 +68,17 @@ def kek(make_softhsm_kek: MakeKek, mechanism: str) -> SoftHSMKek:
 @pytest.fixture
 def provider(kek: SoftHSMKek) -> Iterator[Pkcs11KeyProvider]:
     with opened_kek(kek) as p:
+        yield p
+
+
+@pytest.fixture
+def impostor(kek: SoftHSMKek, softhsm_removable_token: tuple[SoftHSMToken, Path]) -> Iterator[Pkcs11KeyProvider]:
+    """Another token holding a key under the very same label and version: the same key id."""
+    other, _ = softhsm_removable_token
+    options = {**kek.options, "token_label": other.label}
+    create_key(options, base_dir=kek.token.conf.parent)
+    with opened(options, base_dir=kek.token.conf.parent) as p:
+        assert p.key_id() == kek.key_id
         yield p
 
 
@@ -339,3 +354,100 @@ def _eventually(call: Callable[[], bytes], timeout: float = 15.0) -> bytes:
             if not exc.retryable or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+# -- the key is pinned: a replaced token or an imported key is refused --------------------------------
+def plant_impostor_token(genuine: SoftHSMToken, token_dir: Path, parked: Path, key_label: str) -> Path:
+    """Swap the genuine token for one with the same label and PIN holding another key of that label."""
+    shutil.move(token_dir, parked)
+    before = set(genuine.token_dir.iterdir())
+    subprocess.run(
+        [*("softhsm2-util", "--init-token", "--free", "--label", genuine.label),
+         *("--so-pin", genuine.so_pin, "--pin", genuine.user_pin)],
+        check=True, capture_output=True,
+    )
+    (planted,) = set(genuine.token_dir.iterdir()) - before
+    # The attacker's key is made by another process, as it would be (this one holds a session).
+    code = ("import sys, json; from keyproviders.pkcs11 import create_key; "
+            "create_key(json.loads(sys.argv[1]), base_dir=sys.argv[2])")
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(genuine.provider_options(key_label)), str(parked.parent)],
+        check=True, capture_output=True,
+    )
+    return planted
+
+
+@pytest.mark.parametrize("mechanism_name", [MECHANISM_GCM, MECHANISM_KWP])
+def test_rule_a_replaced_token_is_refused_until_the_genuine_one_returns(
+    softhsm_removable_token: tuple[SoftHSMToken, Path], tmp_path: Path, mechanism_name: str
+) -> None:
+    token, token_dir = softhsm_removable_token
+    options = token.provider_options("kek", mechanism_name)
+    create_key(options, base_dir=tmp_path)
+    key = secrets.token_bytes(32)
+    with opened(options, base_dir=tmp_path) as p:
+        genuine = p.wrap(key, AAD)
+        planted = plant_impostor_token(token, token_dir, tmp_path / "parked", "kek")
+        try:
+            # Same token label, same PIN, same key label and version: only the key differs.
+            deadline = time.monotonic() + 15
+            while True:  # first the outage (retryable, backing off), then the planted key is found
+                with pytest.raises(KeyProviderError) as info:
+                    p.wrap(key, AAD)  # never succeeds: that would be a wrap under the planted key
+                if isinstance(info.value, KeyMismatchError) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            error = info.value
+            assert isinstance(error, KeyMismatchError), error
+            assert "not the key this provider found" in str(error)
+            assert not p.health().ok
+            with pytest.raises(KeyProviderError):
+                p.unwrap(genuine, AAD)
+            with pytest.raises(KeyProviderError):
+                p.rotate()
+            with pytest.raises(KeyProviderError):
+                p.refresh()
+        finally:
+            shutil.rmtree(planted)
+            shutil.move(tmp_path / "parked", token_dir)
+        assert _eventually(lambda: p.unwrap(genuine, AAD)) == key
+        assert p.health().ok
+        assert p.unwrap(p.wrap(key, AAD), AAD) == key
+
+
+_IMPORT_KEK = """
+import secrets, sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+module, label, pin, key_label = sys.argv[1:5]
+with pkcs11.lib(module).get_token(token_label=label).open(rw=True, user_pin=pin) as session:
+    session.create_object({
+        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.VALUE: secrets.token_bytes(32), Attribute.LABEL: key_label, Attribute.ID: b"1",
+        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+    })
+"""
+
+
+def _import_kek(token: SoftHSMToken, key_label: str) -> None:
+    """Put an AES key whose value existed outside the token into it (CKA_LOCAL false)."""
+    subprocess.run(
+        [sys.executable, "-c", _IMPORT_KEK, token.module, token.label, token.user_pin, key_label],
+        check=True, capture_output=True,
+    )
+
+
+def test_rule_kek_must_be_generated_in_the_token(
+    softhsm_removable_token: tuple[SoftHSMToken, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token, _ = softhsm_removable_token
+    options = token.provider_options("imported")
+    _import_kek(token, "imported")
+    with pytest.raises(ProviderConfigError, match="CKA_LOCAL is false"):
+        Pkcs11KeyProvider.from_config(options, base_dir=tmp_path)
+    with opened({**options, "allow_imported_keys": True}, base_dir=tmp_path) as p:
+        assert p.unwrap(p.wrap(b"k" * 32, AAD), AAD) == b"k" * 32
+    assert "imported into the token" in caplog.text
+    with pytest.raises(ProviderConfigError, match="must be true or false"):
+        Pkcs11KeyProvider.from_config({**options, "allow_imported_keys": "yes"}, base_dir=tmp_path)
