@@ -21,7 +21,8 @@ token or key material::
     │   └── StorageUnavailableError    the database cannot be reached (retryable)
     ├── RequestError                   the request itself is malformed
     │   ├── InvalidPathError
-    │   └── PayloadTooLargeError
+    │   ├── PayloadTooLargeError
+    │   └── UnsupportedMediaTypeError  a body that is not application/json
     ├── AuthError
     │   ├── UnauthenticatedError       no valid credential
     │   └── PermissionDeniedError      a policy denies the operation
@@ -129,6 +130,10 @@ class InvalidPathError(RequestError):
 
 class PayloadTooLargeError(RequestError):
     """The request body is too large."""
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The request body is not application/json."""
 
 
 class AuthError(SecretsdError):

@@ -30,6 +30,7 @@ class ProblemType:
 PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
     errors.InvalidPathError: ProblemType("invalid-path", 400, "Invalid secret path"),
     errors.PayloadTooLargeError: ProblemType("payload-too-large", 413, "Request body too large"),
+    errors.UnsupportedMediaTypeError: ProblemType("unsupported-media-type", 415, "Unsupported media type"),
     errors.RequestError: ProblemType("invalid-request", 400, "Invalid request"),
     errors.UnauthenticatedError: ProblemType("unauthenticated", 401, "Authentication required"),
     errors.PermissionDeniedError: ProblemType("permission-denied", 403, "Permission denied"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, PRINCIPAL
 from secretsd.api.handlers import metrics_response, routes
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
-from secretsd.errors import AuditError, SealedError, SecretsdError
+from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
 
 log = logging.getLogger("secretsd.http")
@@ -48,6 +50,8 @@ _HTTP_PROBLEMS = {
     405: ProblemType("method-not-allowed", 405, "Method not allowed"),
     413: ProblemType("payload-too-large", 413, "Request body too large"),
 }
+# What a request whose client left before the answer is recorded as (nginx's 499): nobody reads it.
+CLIENT_GONE = ProblemType("client-closed-request", 499, "Client closed request")
 
 
 def problem_response(ptype: ProblemType, detail: str, request_id: str) -> web.Response:
@@ -59,7 +63,15 @@ def problem_response(ptype: ProblemType, detail: str, request_id: str) -> web.Re
 
 
 def _credentials(request: web.Request) -> Credentials:
-    header = request.headers.get("Authorization", "")
+    """The request's credentials: one Authorization header at most.
+
+    Two are refused (400), never one of them picked: a proxy, a log or an auditor could each take
+    a different one than we did, and RFC 9110 does not allow a list here.
+    """
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise RequestError("send one Authorization header, not several")
+    header = headers[0] if headers else ""
     scheme, _, value = header.partition(" ")
     bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
     return Credentials(bearer=bearer)
@@ -92,12 +104,29 @@ def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[st
     }
 
 
+def _request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id if it sent exactly one well-formed one, else a fresh id.
+
+    Two are not refused (the id correlates, it grants nothing), but neither is used: a proxy may
+    log the other one, and a record must not be tied to a request it does not name.
+    """
+    incoming = request.headers.getall("X-Request-Id", [])
+    if len(incoming) == 1 and _REQUEST_ID_RE.fullmatch(incoming[0]):
+        return incoming[0]
+    return uuid.uuid4().hex
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The peer closed (or reset) the connection: an answer can no longer reach it."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication, error-to-problem conversion and one log line per request."""
     started = time.perf_counter()
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = _request_id(request)
     request[REQUEST_ID] = request_id
     d = request.app[DAEMON]
     audited = request.path not in PUBLIC_ROUTES
@@ -116,11 +145,28 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         ptype = _HTTP_PROBLEMS.get(exc.status) or ProblemType("http-error", exc.status, exc.reason)
         response = problem_response(ptype, exc.reason, request_id)
+        if "Allow" in exc.headers:
+            # Only a caller past authentication gets here, so the methods of a route are no news.
+            response.headers["Allow"] = exc.headers["Allow"]
+    except asyncio.CancelledError:
+        # The handler was cancelled (the client left, with handler cancellation on, or shutdown):
+        # the request still gets its record, then the cancellation goes on.
+        if audited:
+            # A record that cannot be written is the audit log's own failure to report; there is
+            # no answer left to refuse.
+            with contextlib.suppress(AuditError):
+                await asyncio.shield(d.record(_audit_fields(request, request_id, CLIENT_GONE.status)))
+        raise
     except Exception as exc:
-        # Frames only: an exception's message may quote data, and data may be a secret.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s (request %s)\n%s", type(exc).__name__, request_id, frames)
-        response = problem_response(INTERNAL, INTERNAL.title, request_id)
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            # A client that hangs up mid-body is the network, not our fault: no error, no traceback.
+            log.info("client left before the answer (request %s)", request_id)
+            response = problem_response(CLIENT_GONE, CLIENT_GONE.title, request_id)
+        else:
+            # Frames only: an exception's message may quote data, and data may be a secret.
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("unhandled %s (request %s)\n%s", type(exc).__name__, request_id, frames)
+            response = problem_response(INTERNAL, INTERNAL.title, request_id)
     if audited:
         # Fail closed: nothing leaves before its record is durable.
         try:

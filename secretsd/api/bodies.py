@@ -1,28 +1,57 @@
-"""Request bodies: parsed strictly, and described without ever echoing what was sent."""
+"""Request bodies: parsed strictly, and described without ever echoing what was sent.
+
+The rules a body must pass, each in one function: JSON media type (``require_json_media_type``),
+UTF-8 text without a byte-order mark (``body_text``), strict JSON with one value per key
+(``parse_json_object``), then a strict model whose every integer is bounded (``read_body``).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, TypeVar
+from datetime import datetime
+from typing import Annotated, Any, NoReturn, TypeVar
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from secretsd.api.context import DAEMON
-from secretsd.errors import PayloadTooLargeError, RequestError
+from secretsd.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
 from secretsd.rotation import RotationPolicy
+from secretsd.token_service import MAX_TTL_SECONDS
 
 M = TypeVar("M", bound=BaseModel)
 
+#: Versions (and check-and-set expectations) are PostgreSQL ``integer`` columns: a larger number
+#: would be an overflow in the database, not "no such version".
+MAX_VERSION = 2**31 - 1
+JSON_MEDIA_TYPE = "application/json"
 
-def _rfc3339_text(value: object) -> object:
+_AWARE = TypeAdapter(AwareDatetime)
+_RFC3339_MESSAGE = "expected an RFC 3339 date-time string with a UTC offset"
+
+
+def _rfc3339(value: object) -> datetime:
     # JSON numbers would be read as Unix times (1.5 = 1970-01-01T00:00:01.5): only strings are dates.
+    # A plain validator, so strict validation of the body does not also refuse the string form.
     if not isinstance(value, str):
-        raise ValueError("expected an RFC 3339 date-time string with a UTC offset")
-    return value
+        raise ValueError(_RFC3339_MESSAGE)
+    try:
+        return _AWARE.validate_python(value)
+    except ValidationError:
+        raise ValueError(_RFC3339_MESSAGE) from None
 
 
-Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), Field(strict=False)]
+Rfc3339 = Annotated[datetime, PlainValidator(_rfc3339), WithJsonSchema({"type": "string", "format": "date-time"})]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 
 
 class _Body(BaseModel):
@@ -31,7 +60,7 @@ class _Body(BaseModel):
 
 class PutSecretBody(_Body):
     value: str
-    cas: int | None = Field(None, ge=0)
+    cas: int | None = Field(None, ge=0, le=MAX_VERSION)
     metadata: dict[str, str] | None = None
     #: RFC 3339 with a UTC offset; from then on the version is not served (docs/rotation.md).
     expires_at: Rfc3339 | None = None
@@ -49,13 +78,13 @@ class SetMetadataBody(_Body):
 
 
 class VersionsBody(_Body):
-    versions: list[int] = Field(min_length=1, max_length=1000)
+    versions: list[Version] = Field(min_length=1, max_length=1000)
 
 
 class CreateTokenBody(_Body):
     client: str
     policies: list[str] = Field(min_length=1, max_length=64)
-    ttl_seconds: int | None = Field(None, ge=1)
+    ttl_seconds: int | None = Field(None, ge=1, le=MAX_TTL_SECONDS)
 
 
 class PolicyCheckBody(_Body):
@@ -74,7 +103,67 @@ def describe(exc: ValidationError) -> str:
     return "invalid request body: " + "; ".join(parts)
 
 
+def require_json_media_type(request: web.Request) -> None:
+    """A body is ``application/json``, in UTF-8 if a charset is named; anything else is a 415.
+
+    A form, text or multipart body is never guessed at: a browser can send those cross-site without
+    a preflight, and a body read under another charset than the sender meant is another body.
+    """
+    charset = (request.charset or "utf-8").lower()
+    if request.content_type != JSON_MEDIA_TYPE or charset != "utf-8":
+        raise UnsupportedMediaTypeError("the request body must be application/json in UTF-8")
+
+
+def body_text(raw: bytes) -> str:
+    """The body as UTF-8 text: no byte-order mark, no other encoding (RFC 8259 section 8.1).
+
+    ``json.loads`` on bytes would guess UTF-16 or UTF-32 and skip a BOM, so a body could mean one
+    thing to us and another to a proxy or a log that reads it as UTF-8.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not UTF-8 text") from None
+    if text.startswith("\ufeff"):
+        raise RequestError("the request body starts with a byte-order mark; send plain UTF-8")
+    return text
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """Strict JSON: one object, each key once at any depth (readers disagree on which of two
+    values wins), no NaN or Infinity, no lone surrogates."""
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        # JSON may spell lone surrogates (\ud800), which are not text: refuse them here, once.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except _DuplicateKey:
+        raise RequestError("the request body has a duplicate key") from None
+    except (ValueError, UnicodeError):
+        raise RequestError("the request body is not valid JSON text") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    return data
+
+
 async def read_body(request: web.Request, model: type[M]) -> M:
+    require_json_media_type(request)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -83,17 +172,11 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         ) from exc
     if not raw:
         raise RequestError("the request needs a JSON body")
+    text = body_text(raw)
+    parse_json_object(text)
     try:
-        data = json.loads(raw)
-        # JSON may spell lone surrogates (\ud800), which are not text: refuse them here, once.
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeError):
-        raise RequestError("the request body is not valid JSON text") from None
-    except RecursionError:
-        raise RequestError("the request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
+        # Strict, nested models included: "true" is not a boolean, "60" not a number. JSON mode,
+        # so an array may fill a tuple field and a string an enum.
+        return model.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise RequestError(describe(exc)) from None

@@ -62,10 +62,16 @@ def list_prefix(request: web.Request) -> str:
     return validate_prefix(request.query.get("prefix", ""))
 
 
+# No query integer of the API (a version, a page size) exceeds a PostgreSQL ``integer``; a larger one
+# must be a 400 here, not an overflow in the database.
+MAX_QUERY_INT = 2**31 - 1
+
+
 def int_query(request: web.Request, name: str, default: int | None = None) -> int | None:
+    """A query integer in 0..MAX_QUERY_INT (each handler applies its own narrower rule after)."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
-        raise RequestError(f"query parameter {name!r} must be a non-negative integer")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_QUERY_INT:
+        raise RequestError(f"query parameter {name!r} must be an integer from 0 to {MAX_QUERY_INT}")
     return int(raw)
