@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from keyproviders.pkcs11 import create_key
 from secretsd import tokens
 from secretsd.clock import utcnow
 from secretsd.config import load_settings
@@ -18,9 +22,11 @@ from secretsd.daemon import build_storage, initialize_store
 from secretsd.errors import ConflictError, RequestError
 from secretsd.policy import ROOT_POLICY
 from secretsd.storage import TokenRecord
+from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running
-from tests.helpers import DaemonProcess, run_cli
+from tests.helpers import DaemonProcess, http, init_store, run_cli
 from tests.test_api import problem
+from tests.test_hsm import write_config
 
 POLICY_FILE = """
 [policies.ops]
@@ -217,3 +223,116 @@ async def test_two_processes_revoking_the_last_two_root_tokens_at_once_leave_one
     finally:
         for s in stores:
             await s.close()
+
+
+# -- item 6: offline recovery, `secretsd token create-root` ---------------------------------------
+def audit_records(data_dir: Path, chain: str = "main") -> list[dict[str, object]]:
+    path = data_dir / "audit" / f"{chain}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_create_root_with_the_daemon_stopped_makes_a_working_audited_admin_token(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    first = init_store(data)
+    daemon = DaemonProcess(data).start()  # the first unseal makes the audit key
+    daemon.stop()
+    result = run_cli("token", "create-root", "--data-dir", str(data), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    new = doc["token"]
+    assert new.startswith("sdt_") and doc["client"] == "admin" and doc["audit_chain"] == "main"
+    records = [r for r in audit_records(data) if r.get("action") == "token.create-root"]
+    assert len(records) == 1 and records[0]["subject_token"] == doc["token_id"]
+    assert new not in (data / "audit" / "main.jsonl").read_text()
+    verified = run_cli("audit", "verify", "--data-dir", str(data))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    daemon = DaemonProcess(data).start()
+    try:
+        listing = http("GET", f"{daemon.url}/v1/auth/tokens", token=new)
+        assert listing.status == 200
+        first_id = next(t["token_id"] for t in listing.body["tokens"]
+                        if t["client"] == "admin" and t["token_id"] != doc["token_id"])
+        assert http("DELETE", f"{daemon.url}/v1/auth/tokens/{first_id}", token=new).status == 200
+        assert http("GET", f"{daemon.url}/v1/auth/whoami", token=first).status == 401
+    finally:
+        daemon.stop()
+    verified = run_cli("audit", "verify", "--data-dir", str(data))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.e2e
+def test_create_root_while_the_daemon_serves_writes_its_own_chain(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    init_store(data)
+    daemon = DaemonProcess(data).start()
+    try:
+        result = run_cli("token", "create-root", "--data-dir", str(data))
+        assert result.returncode == 0, result.stderr
+        new = next(line.strip() for line in result.stdout.splitlines() if line.strip().startswith("sdt_"))
+        assert "main-offline" in result.stdout
+        assert http("GET", f"{daemon.url}/v1/auth/tokens", token=new).status == 200
+    finally:
+        daemon.stop()
+    assert [r["action"] for r in audit_records(data, "main-offline")] == ["token.create-root"]
+    for env in ({}, {"SECRETSD_AUDIT__CHAIN": "main-offline"}):
+        verified = run_cli("audit", "verify", "--data-dir", str(data), env=env)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.e2e
+def test_create_root_with_a_wrong_key_file_fails_and_creates_nothing(tmp_path: Path) -> None:
+    data, other = tmp_path / "d", tmp_path / "other"
+    init_store(data)
+    init_store(other)
+    DaemonProcess(data).start().stop()
+    shutil.copy2(other / "master.key", data / "master.key")
+    before_rows, before_log = token_rows(data), (data / "audit" / "main.jsonl").read_bytes()
+    result = run_cli("token", "create-root", "--data-dir", str(data), "--json")
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert token_rows(data) == before_rows
+    assert (data / "audit" / "main.jsonl").read_bytes() == before_log
+
+
+@pytest.mark.e2e
+def test_create_root_on_a_store_that_is_not_initialised_fails_cleanly(tmp_path: Path) -> None:
+    result = run_cli("token", "create-root", "--data-dir", str(tmp_path / "none"))
+    assert result.returncode == 1 and "not initialised" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.e2e
+def test_create_root_with_a_softhsm_key_needs_the_token(softhsm_token: SoftHSMToken, tmp_path: Path) -> None:
+    label = f"kek-{secrets.token_hex(4)}"
+    create_key(softhsm_token.provider_options(label), base_dir=softhsm_token.conf.parent)
+    spec = {"kind": "pkcs11", **softhsm_token.provider_options(label)}
+    config = write_config(tmp_path / "hsm.toml", spec, data_dir=str(tmp_path / "d"))
+    run_cli("init", "--config", str(config), "--json", check=True)
+    # The token without its PIN is as good as absent: refused, one line, nothing stored.
+    bad = write_config(tmp_path / "bad.toml", spec | {"pin_env": "SECRETSD_TEST_BAD_PIN"},
+                       data_dir=str(tmp_path / "d"))
+    before = token_rows(tmp_path / "d")
+    refused = run_cli("token", "create-root", "--config", str(bad), env={"SECRETSD_TEST_BAD_PIN": "000000"})
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert token_rows(tmp_path / "d") == before and not (tmp_path / "d" / "audit").exists()
+    # Another key under another label is not the store's key either.
+    other = f"kek-{secrets.token_hex(4)}"
+    create_key(softhsm_token.provider_options(other), base_dir=softhsm_token.conf.parent)
+    impostor = write_config(tmp_path / "other.toml", spec | {"key_label": other}, data_dir=str(tmp_path / "d"))
+    refused = run_cli("token", "create-root", "--config", str(impostor))
+    assert refused.returncode == 1 and token_rows(tmp_path / "d") == before
+
+    result = run_cli("token", "create-root", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["providers"] == ["pkcs11"]
+    verified = run_cli("audit", "verify", "--config", str(config))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    daemon = DaemonProcess(tmp_path / "d", extra_args=["--config", str(config)]).start()
+    try:
+        assert http("POST", f"{daemon.url}/v1/sys/keyring/rotate", token=doc["token"]).status == 200
+    finally:
+        daemon.stop()

@@ -12,8 +12,8 @@ import sys
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-from secretsd.cli import audit, env, local, masterkey, secrets, storage, system
+from secretsd.cli import audit, env, local, masterkey, recovery, secrets, storage, system
 from secretsd.cli import rotation as rotation  # registers rotate and rotation …
 from secretsd.cli.common import main
 
-__all__ = ["audit", "env", "local", "main", "masterkey", "secrets", "storage", "system"]
+__all__ = ["audit", "env", "local", "main", "masterkey", "recovery", "secrets", "storage", "system"]

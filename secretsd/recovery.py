@@ -1,0 +1,155 @@
+"""Offline recovery of administration: ``secretsd token create-root``.
+
+The API refuses to revoke the last root token, but every root token can still be lost (expired,
+leaked and revoked, forgotten), and ``init`` refuses an initialised store. Vault answers this with
+generate-root and its unseal or recovery keys; we answer it with custody of the key provider: this
+command unseals the keyring with the configured provider (the HSM, the key file or a recovery
+provider), which only someone who holds the master key can do, and only then mints a root token,
+with a ``token.create-root`` record in the signed audit chain.
+
+It may run while the daemon serves. The store takes concurrent writers (SQLite in WAL with
+``BEGIN IMMEDIATE``; PostgreSQL), and the audit log has one writer per chain: when the daemon holds
+the configured chain, the record goes to a chain of this command's own, ``<chain>-offline`` (the
+one-chain-per-process rule of docs/audit.md), verified like any other chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from secretsd import tokens
+from secretsd.audit.keys import load_signer
+from secretsd.audit.log import AuditLog, syslog_mirror
+from secretsd.audit.verify import Head
+from secretsd.barrier import Barrier
+from secretsd.clock import Clock, utcnow
+from secretsd.config import AuditSettings, Settings
+from secretsd.daemon import ADMIN_CLIENT, build_storage, provider_set
+from secretsd.errors import NotInitializedError
+from secretsd.policy import ROOT_POLICY
+from secretsd.storage import Storage, TokenRecord
+from secretsd.token_service import RECOVERY_CREATOR
+
+ACTION = "token.create-root"
+OFFLINE_SUFFIX = "-offline"
+
+
+@dataclass(frozen=True)
+class RootToken:
+    token: str  # shown once
+    record: TokenRecord
+    audit_chain: str
+    audit_file: Path
+    providers: tuple[str, ...]
+
+
+def _chain_is_free(log_path: Path) -> bool:
+    """Whether no process (a serving daemon) holds the chain's writer lock right now."""
+    lock = log_path.with_name(log_path.name + ".lock")
+    if not lock.exists():
+        return True
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the probe's lock: the audit log takes it for itself
+    return True
+
+
+def audit_chain_for(settings: Settings) -> AuditSettings:
+    """The configured chain if no daemon writes it now, else ``<chain>-offline`` beside it."""
+    conf = settings.audit
+    data_dir = settings.require_data_dir()
+    if _chain_is_free(conf.log_path(data_dir)):
+        return conf
+    chain = conf.chain[: 64 - len(OFFLINE_SUFFIX)] + OFFLINE_SUFFIX
+    path = conf.log_path(data_dir).with_name(f"{chain}.jsonl")
+    return conf.model_copy(update={"chain": chain, "path": path})
+
+
+async def _open_audit(settings: Settings, conf: AuditSettings, storage: Storage, barrier: Barrier) -> AuditLog:
+    signer = await load_signer(storage, barrier)
+    head_key = f"audit_head:{conf.chain}"
+    raw_head = await storage.get_meta(head_key)
+
+    async def store_head(head: Head) -> None:
+        await storage.put_meta(head_key, json.dumps({"seq": head.seq, "hash": head.hash}))
+
+    # No stdout mirror: stdout carries the token (and --json); syslog gets its copy as configured.
+    audit = AuditLog(
+        conf.log_path(settings.require_data_dir()), signer, head_store=store_head,
+        stored_head=Head(**json.loads(raw_head)) if raw_head else None,
+        max_file_bytes=conf.max_file_bytes, write_timeout=conf.write_timeout_seconds,
+        mirror=syslog_mirror() if conf.mirror == "syslog" else None,
+        sign_every_record=True, head_interval=0,
+    )
+    await audit.open()
+    return audit
+
+
+async def create_root_token(settings: Settings, *, clock: Clock = utcnow) -> RootToken:
+    """Prove custody of the master key by unsealing, then mint a root token and audit it.
+
+    Nothing is written unless the keyring unseals. The record is durable before the token is
+    returned; if it cannot be written the new token is revoked again (it was never shown).
+    """
+    data_dir = settings.require_data_dir()
+    if not data_dir.is_dir():
+        raise NotInitializedError(f"the store in {data_dir} is not initialised (no such directory); "
+                                  "nothing was changed")
+    storage = build_storage(settings)
+    await storage.open()
+    try:
+        if not await storage.is_initialized():
+            raise NotInitializedError(f"the store in {data_dir} is not initialised; nothing was changed")
+        # create=False: a missing key file or HSM key is an error here, never a new key.
+        barrier = Barrier(storage, provider_set(settings),
+                          max_encryptions_per_term=settings.max_encryptions_per_term, clock=clock)
+        try:
+            await barrier.unseal()  # the proof of custody: every keyring term must unwrap
+            providers = tuple(s.kind for s in barrier.providers.states() if s.ok)
+            conf = audit_chain_for(settings)
+            audit = await _open_audit(settings, conf, storage, barrier) if settings.audit.enabled else None
+            try:
+                new = tokens.generate_token()
+                record = TokenRecord(
+                    token_id=new.token_id, secret_hash=new.secret_hash, client=ADMIN_CLIENT,
+                    policies=(ROOT_POLICY,), created_at=clock(), created_by=RECOVERY_CREATOR,
+                )
+                await storage.create_token(record)
+                if audit is not None:
+                    try:
+                        await audit.append({
+                            "action": ACTION, "client": RECOVERY_CREATOR, "decision": "allow", "outcome": "ok",
+                            "subject_token": tokens.display_id(record.token_id), "subject_client": ADMIN_CLIENT,
+                            "providers": ",".join(providers), "host": platform.node(),
+                            "os_user": _os_user(),
+                        })
+                    except BaseException:
+                        await storage.revoke_token(record.token_id, clock())
+                        raise
+            finally:
+                if audit is not None:
+                    await audit.close()
+        finally:
+            barrier.close()
+    finally:
+        await storage.close()
+    return RootToken(new.token, record, conf.chain, conf.log_path(data_dir), providers)
+
+
+def _os_user() -> str:
+    # Who ran it, as the operating system knows them: the record's only trace of a person.
+    with contextlib.suppress(KeyError, OSError):
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    return str(os.getuid())
