@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     allow_plaintext: bool = False
     log_level: str = "INFO"
     log_format: str = Field("console", pattern="^(console|json)$")
+    #: mlockall the daemon's memory so key material never reaches swap (secretsd.process_hardening).
+    #: Needs CAP_IPC_LOCK or an unlimited RLIMIT_MEMLOCK; off by default, a warning when it fails.
+    lock_memory: bool = False
 
     @field_validator("listen")
     @classmethod

@@ -3,9 +3,16 @@ Authorization header, 405 with Allow, a client that leaves mid-body, and a harde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +24,7 @@ from pydantic import BaseModel
 from secretsd.api import bodies
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 from tests.conftest import Api
-from tests.helpers import DaemonProcess, http
+from tests.helpers import DaemonProcess, free_port, http, init_store
 
 
 async def problem(resp: Any, status: int, slug: str) -> dict[str, Any]:
@@ -313,3 +320,83 @@ async def test_a_cancelled_handler_of_a_gone_client_is_still_audited(api: Api,
         await asyncio.sleep(0.05)
     assert [(r["client"], r["action"], r["outcome"]) for r in gone] == [("admin", "secret.write", 499)]
     assert "unhandled" not in caplog.text
+
+
+# -- item 9: no core dump, not dumpable, optionally no swap ----------------------------------------
+NOBODY = 65534
+
+
+def _as_nobody(*args: str) -> list[str]:
+    # A core limit the daemon must lower itself, and a memlock limit too small to lock anything.
+    return ["prlimit", "--core=unlimited:unlimited", "--memlock=65536:65536",
+            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-m", "secretsd",
+            *args]
+
+
+def _proc_status(pid: int, field: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("prlimit")),
+                    reason="starts the daemon as another user: needs root, setpriv and prlimit")
+def test_the_daemon_writes_no_core_dump_and_is_not_dumpable() -> None:
+    base = Path(tempfile.mkdtemp(prefix="secretsd-dumpable-"))
+    os.chown(base, NOBODY, NOBODY)
+    data = base / "data"
+    env = os.environ.copy() | {"HOME": str(base), "SECRETSD_LOCK_MEMORY": "true"}
+    port = free_port()
+    proc = None
+    try:
+        subprocess.run(_as_nobody("init", "--data-dir", str(data), "--json"), env=env, check=True,
+                       capture_output=True, timeout=60)
+        log_path = base / "daemon.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(_as_nobody("serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"),
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if http("GET", f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, log_path.read_text()
+        pid = proc.pid  # prlimit and setpriv exec, so this is the daemon
+        assert _proc_status(pid, "Uid").split()[0] == str(NOBODY)
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.MULTILINE), limits
+        # Not dumpable: the kernel gives its /proc entries to root, out of reach of the same uid.
+        assert os.stat(f"/proc/{pid}/environ").st_uid == 0
+        # lock_memory could not be honoured under a 64 KiB memlock limit: a warning, and it serves.
+        text = log_path.read_text()
+        assert "memory is NOT locked" in text and _proc_status(pid, "VmLck") == "0 kB", text
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=15)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.geteuid() != 0, reason="mlockall without a memlock limit needs CAP_IPC_LOCK")
+def test_lock_memory_keeps_the_daemon_out_of_swap(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    init_store(data)
+    daemon = DaemonProcess(data, env={"SECRETSD_LOCK_MEMORY": "true"}).start()
+    try:
+        assert daemon.proc is not None
+        locked_kb = int(_proc_status(daemon.proc.pid, "VmLck").split()[0])
+        assert locked_kb > 1024 and locked_kb * 2 > int(_proc_status(daemon.proc.pid, "VmRSS").split()[0])
+        assert "memory locked" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+def test_hardening_functions_in_a_fresh_process() -> None:
+    code = ("from secretsd.process_hardening import disable_core_dumps, is_dumpable; import resource; "
+            "assert is_dumpable(); disable_core_dumps(); "
+            "print(is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))")
+    out = subprocess.run(["prlimit", "--core=unlimited:unlimited", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    assert out.strip() == "False (0, 0)"

@@ -82,6 +82,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     """
     from secretsd.config import load_settings
     from secretsd.logs import configure_logging
+    from secretsd.process_hardening import harden_process
     from secretsd.server import serve as run_server
 
     # SIGHUP means "reload policies"; until the daemon's handler is installed it must not mean
@@ -93,6 +94,8 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     kwargs: dict[str, Any] = {"data_dir": data_dir, "listen": listen}
     settings = load_settings(config_file, **kwargs)
     configure_logging(settings.log_level, settings.log_format)
+    # Before any key is unwrapped (each --workers process comes through here too).
+    harden_process(lock=settings.lock_memory)
     banner = None
     if dev:
         root = settings.require_data_dir()
