@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from secretsd.audit.failures import FailureBudget
 from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.errors import ConfigError
 from secretsd.rotation_settings import RotationSettings
@@ -65,10 +66,26 @@ class AuditSettings(BaseModel):
     sign: Literal["batch", "record"] = "batch"
     #: How often the chain head is copied to storage (0: after every batch).
     head_interval_seconds: float = Field(default=1.0, ge=0, le=60)
+    #: Requests that fail authentication (401): each remote address gets this many records of its
+    #: own, refilled at auth_failure_per_second, and all remotes together auth_failure_total_per_second;
+    #: beyond that they are counted and written as one ``auth.failures`` summary per remote every
+    #: auth_failure_summary_seconds (docs/audit.md).
+    auth_failure_burst: int = Field(default=20, ge=0, le=100_000)
+    auth_failure_per_second: float = Field(default=1.0, ge=0, le=100_000)
+    auth_failure_total_per_second: float = Field(default=50.0, ge=0, le=100_000)
+    auth_failure_summary_seconds: float = Field(default=10.0, gt=0, le=3600)
+    #: Retention of rotated files (None: keep all). The oldest are removed first, after an
+    #: ``audit.pruned`` record names them; ship them elsewhere before that (docs/audit.md).
+    keep_rotated_files: int | None = Field(default=None, ge=1)
+    keep_rotated_bytes: int | None = Field(default=None, ge=4096)
 
     def log_path(self, data_dir: Path) -> Path:
         path = self.path or Path("audit") / f"{self.chain}.jsonl"
         return path if path.is_absolute() else data_dir / path
+
+    def failure_budget(self) -> FailureBudget:
+        return FailureBudget(self.auth_failure_burst, self.auth_failure_per_second,
+                             self.auth_failure_total_per_second, self.auth_failure_summary_seconds)
 
 
 class MetricsSettings(BaseModel):

@@ -124,6 +124,10 @@ class _StateCollector(Collector):
                                   value=audit.records_written if audit else 0)
         yield CounterMetricFamily("secretsd_audit_errors", "Audit records that could not be written",
                                   value=audit.errors if audit else 0)
+        yield CounterMetricFamily("secretsd_audit_auth_failures_summarised",
+                                  "Requests that failed authentication beyond their budget: counted in an "
+                                  "auth.failures summary record instead of a record of their own",
+                                  value=audit.failures_summarised if audit else 0)
         yield GaugeMetricFamily("secretsd_secrets", "Secrets stored", value=self._gauges["secrets"])
         yield GaugeMetricFamily("secretsd_tokens", "Active tokens", value=self._gauges["tokens"])
 

@@ -18,6 +18,7 @@ from secretsd import tokens
 from secretsd.api import openapi
 from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, PRINCIPAL
 from secretsd.api.handlers import metrics_response, routes
+from secretsd.audit import fields
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
@@ -43,7 +44,6 @@ ACTIONS = {
     "whoami": "auth.whoami", "metrics": "sys.metrics",
     "rotate_secret": "secret.rotate", "put_metadata": "secret.policy", "rotation_status": "rotation.status",
 }
-MAX_AUDIT_PATH = 1024
 
 _HTTP_PROBLEMS = {
     404: ProblemType("not-found", 404, "Not found"),
@@ -90,16 +90,20 @@ def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[st
         action += request.match_info.get("action", "unknown")
     decision = "deny" if status in (401, 403) else "allow" if request.get(AUTHORIZED) else "none"
     path = request.match_info.get("path") or request.query.get("prefix")
+    cut = False
+    if path is not None:  # anyone may send a path: an unauthenticated one gets less room
+        path, cut = fields.clip(path, fields.MAX_PATH_BYTES if who else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
     return {
         "request_id": request_id,
         "client": who.client if who else None,
         "auth": who.method if who else None,
         "token": tokens.display_id(who.token_id) if who and who.token_id else None,
         "action": action,
-        "path": path[:MAX_AUDIT_PATH] if path is not None else None,
+        "path": path,
+        **({"path_truncated": True} if cut else {}),
         "decision": decision,
         "outcome": status,
-        "remote": request.remote,
+        "remote": fields.clip(request.remote, fields.MAX_REMOTE_BYTES)[0] if request.remote else request.remote,
         **request.get(AUDIT_NOTES, {}),
     }
 
@@ -170,7 +174,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     if audited:
         # Fail closed: nothing leaves before its record is durable.
         try:
-            await d.record(_audit_fields(request, request_id, response.status))
+            record = _audit_fields(request, request_id, response.status)
+            if d.audit is None or not d.audit.summarised(record):  # a 401 beyond its budget is only counted
+                await d.record(record)
         except AuditError as exc:
             response = problem_response(problem_for(exc), exc.message, request_id)
     response.headers["X-Request-Id"] = request_id

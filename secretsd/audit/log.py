@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from secretsd.audit.failures import FailureBudget, FailureCounter
 from secretsd.audit.record import GENESIS_HASH, Signer, canonical, record_hash
 from secretsd.audit.verify import Head, log_files
 from secretsd.errors import AuditError
@@ -124,6 +125,7 @@ class AuditLog:
         mirror: Callable[[str], None] | None = None,
         sign_every_record: bool = False,
         head_interval: float = 1.0,
+        failure_budget: FailureBudget | None = None,
     ) -> None:
         self.path = path
         self._signer = signer
@@ -160,6 +162,10 @@ class AuditLog:
         self.records_written = 0
         self.errors = 0
         self.on_batch: Callable[[int, float], None] | None = None  # (records, write seconds), for metrics
+        # Unauthenticated failures beyond their budget: counted here, written as summaries.
+        self._failures = FailureCounter(failure_budget) if failure_budget is not None else None
+        self._summary_timer: asyncio.TimerHandle | None = None
+        self.failures_summarised = 0
 
     @property
     def head(self) -> Head:
@@ -204,6 +210,9 @@ class AuditLog:
 
     async def close(self) -> None:
         if self._thread is not None and self._loop is not None:
+            if self._summary_timer is not None:
+                self._summary_timer.cancel()
+            self._write_summaries()  # counted failures reach the log before it closes
             # Write what requests are still waiting for, unless the disk is stuck.
             deadline = self._loop.time() + self._write_timeout
             while (self._writing or self._waiting) and self._loop.time() < deadline:
@@ -235,6 +244,29 @@ class AuditLog:
         if self._watchdog is None:
             self._watchdog = loop.call_at(item.deadline, self._refuse_overdue)
         await item.done
+
+    def summarised(self, fields: dict[str, Any]) -> bool:
+        """For a request's record: True if it is an unauthenticated failure beyond its budget, now
+        counted for an ``auth.failures`` summary instead of written (see ``failures.py``); False if
+        the caller must write it as usual."""
+        if (self._failures is None or self._loop is None or self._closed or fields.get("outcome") != 401
+                or fields.get("client") is not None):
+            return False
+        if self._failures.admit(str(fields.get("remote")), str(fields.get("action"))):
+            return False
+        self.failures_summarised += 1
+        if self._summary_timer is None:
+            self._summary_timer = self._loop.call_later(self._failures.budget.summary_seconds,
+                                                        self._write_summaries)
+        return True
+
+    def _write_summaries(self) -> None:
+        self._summary_timer = None
+        if self._failures is None or not self._failures.pending:
+            return
+        for record in self._failures.summaries():
+            event = self._enqueue(record)
+            event.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits on it
 
     # -- event-loop side -----------------------------------------------------------------------
     def _enqueue(self, fields: dict[str, Any]) -> _Pending:
