@@ -14,6 +14,11 @@ MAX_SEGMENT_LENGTH = 128
 RESERVED_FIRST_SEGMENTS = frozenset({"sys"})
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+# The rule as one regular expression, for the OpenAPI document: the characters, the separators, no
+# '.' or '..' segment and the depth. Length limits and the reserved first segment it leaves to
+# validate_path, which stays the one decision (a test checks the two agree).
+_SEGMENT_NOT_DOTS = r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
+PATH_PATTERN = rf"^{_SEGMENT_NOT_DOTS}(?:/{_SEGMENT_NOT_DOTS}){{0,{MAX_DEPTH - 1}}}$"
 
 
 def validate_path(path: str) -> str:

@@ -400,3 +400,68 @@ def test_hardening_functions_in_a_fresh_process() -> None:
     out = subprocess.run(["prlimit", "--core=unlimited:unlimited", sys.executable, "-c", code],
                          capture_output=True, text=True, check=True, timeout=30).stdout
     assert out.strip() == "False (0, 0)"
+
+
+# -- item 9: the OpenAPI document describes the real contract ---------------------------------------
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            elif key == "mapping" and isinstance(value, dict):
+                yield from (v for v in value.values() if isinstance(v, str))
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
+
+
+async def test_openapi_references_all_resolve(api: Api) -> None:
+    doc = await (await api.client.get("/v1/openapi.json")).json()
+    refs = set(_refs(doc))
+    assert "#/components/schemas/RotationPolicy" in refs
+    for ref in refs:
+        assert ref.startswith("#/"), ref
+        node: Any = doc
+        for part in ref[2:].split("/"):
+            assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
+            node = node[part]
+    assert "$defs" not in json.dumps(doc)
+
+
+async def test_openapi_path_parameter_carries_the_path_rule(api: Api) -> None:
+    import random
+
+    from secretsd.errors import InvalidPathError
+    from secretsd.paths import validate_path
+
+    doc = await (await api.client.get("/v1/openapi.json")).json()
+    params = [p for item in doc["paths"].values() for p in item.get("parameters", []) if p["name"] == "path"]
+    assert params and all(p["schema"] == params[0]["schema"] for p in params)
+    schema = params[0]["schema"]
+    pattern = re.compile(schema["pattern"])
+    # Every path the daemon takes matches the pattern; a path that does not match is refused.
+    rng = random.Random(12)
+    samples = ["app/db", "a", ".x", "..x", "...", "a/./b", "a/../b", ".", "..", "a//b", "/a", "a/", "sys/x",
+               "a b", "a/" * 16 + "a", "a/" * 15 + "a", "x" * 129, "é", "a\nb"]
+    samples += ["".join(rng.choice("ab._-/") for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    for sample in samples:
+        try:
+            validate_path(sample)
+        except InvalidPathError:
+            continue
+        assert pattern.search(sample) and len(sample) <= schema["maxLength"], sample
+    for sample in samples:
+        if not pattern.search(sample):
+            with pytest.raises(InvalidPathError):
+                validate_path(sample)
+    for bad in (".", "..", "a/./b", "a/..", "a//b", "/a", "a/", "a b", "a/" * 16 + "a"):
+        assert not pattern.search(bad), bad
+
+
+async def test_openapi_documents_each_status_an_operation_can_answer(api: Api) -> None:
+    doc = await (await api.client.get("/v1/openapi.json")).json()
+    assert "415" in doc["paths"]["/v1/secrets/{path}"]["put"]["responses"]
+    assert "410" in doc["paths"]["/v1/secrets/{path}"]["get"]["responses"]
+    assert "502" in doc["paths"]["/v1/secrets/{path}/rotate"]["post"]["responses"]

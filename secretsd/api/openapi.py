@@ -5,8 +5,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from pydantic.json_schema import models_json_schema
+
 from secretsd import __version__
 from secretsd.api.bodies import (
+    MAX_VERSION,
     CreateTokenBody,
     PolicyCheckBody,
     PutSecretBody,
@@ -14,22 +17,27 @@ from secretsd.api.bodies import (
     SetMetadataBody,
     VersionsBody,
 )
+from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 
 _PATH_PARAM = {
     "name": "path", "in": "path", "required": True,
-    "description": "Secret path: segments of letters, digits, '.', '_', '-' separated by '/'",
-    "schema": {"type": "string", "maxLength": 512},
+    "description": "Secret path: segments of letters, digits, '.', '_', '-' separated by '/' (no '.' or '..' "
+                   "segment, at most 128 characters a segment, not under 'sys/')",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH, "pattern": PATH_PATTERN},
 }
+_BODY_MODELS = (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody, RotateBody, SetMetadataBody)
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 
 
 def _op(summary: str, capability: str | None, *, body: str | None = None,
-        params: list[dict[str, Any]] | None = None, ok: int = 200) -> dict[str, Any]:
+        params: list[dict[str, Any]] | None = None, ok: int = 200, more: tuple[str, ...] = ()) -> dict[str, Any]:
+    # 415: a body that is not application/json; ``more``: what only this operation answers.
+    problems = ("400", "401", "403", "404", "409", "413", *(("415",) if body else ()), "503", *more)
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {str(ok): {"description": "OK", "content": {"application/json": {}}}}
-        | {code: _PROBLEM for code in ("400", "401", "403", "404", "409", "413", "503")},
+        | {code: _PROBLEM for code in sorted(problems)},
     }
     if capability:
         op["description"] = f"Requires the `{capability}` capability."
@@ -43,15 +51,23 @@ def _op(summary: str, capability: str | None, *, body: str | None = None,
     return op
 
 
-def _query(name: str, kind: str, description: str) -> dict[str, Any]:
+def _query(name: str, kind: str, description: str, **bounds: Any) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": kind}}
+            "schema": {"type": kind, **bounds}}
+
+
+def _schemas() -> dict[str, Any]:
+    """The body models and every model they nest, all under components/schemas (one namespace:
+    pydantic's own ``#/$defs/...`` would not resolve from an operation)."""
+    _, top = models_json_schema([(m, "validation") for m in _BODY_MODELS],
+                                ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    return schemas
 
 
 @cache
 def document() -> dict[str, Any]:
-    schemas = {m.__name__: m.model_json_schema() for m in
-               (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody, RotateBody, SetMetadataBody)}
+    schemas = _schemas()
     schemas["Problem"] = {
         "type": "object",
         "properties": {k: {"type": "string"} for k in ("type", "title", "detail", "request_id")}
@@ -68,14 +84,14 @@ def document() -> dict[str, Any]:
             "/v1/secrets": {"get": _op("List secret paths (never values)", "list on the prefix", params=[
                 _query("prefix", "string", "list this path and everything below it"),
                 _query("after", "string", "continue after this path (pagination)"),
-                _query("limit", "integer", "at most this many (1-1000)"),
+                _query("limit", "integer", "at most this many (1-1000)", minimum=1, maximum=1000),
             ])},
             "/v1/secrets/{path}": {
                 "parameters": [_PATH_PARAM],
                 "get": _op("Read a secret (current version, ?version=N or ?label=current|previous|pending); "
                            "410 once expired or past its grace period (docs/rotation.md)", "read",
-                           params=[_query("version", "integer", "a version number"),
-                                   _query("label", "string", "current, previous or pending")]),
+                           params=[_query("version", "integer", "a version number", minimum=1, maximum=MAX_VERSION),
+                                   _query("label", "string", "current, previous or pending")], more=("410",)),
                 "put": _op("Write a new version; `cas` makes it check-and-set", "write", body="PutSecretBody"),
                 "delete": _op("Soft-delete the current version", "delete"),
             },
@@ -89,7 +105,8 @@ def document() -> dict[str, Any]:
             "/v1/secrets/{path}/rotate": {
                 "parameters": [_PATH_PARAM],
                 "post": _op("Rotate now: a generated (or the supplied) value becomes current, the old one "
-                            "previous; 502 rotation-failed when the hook fails", "rotate", body="RotateBody"),
+                            "previous; 502 rotation-failed when the hook fails", "rotate", body="RotateBody",
+                            more=("502",)),
             },
             "/v1/metadata/{path}": {"parameters": [_PATH_PARAM],
                                     "get": _op("Versions, labels, timestamps, creators, states, rotation", "read"),
