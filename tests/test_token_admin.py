@@ -8,7 +8,7 @@ import logging
 import secrets
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,15 +16,19 @@ import pytest
 
 from keyproviders.pkcs11 import create_key
 from secretsd import tokens
+from secretsd.auth import Principal, TokenAuthenticator
 from secretsd.clock import utcnow
 from secretsd.config import load_settings
 from secretsd.daemon import build_storage, initialize_store
 from secretsd.errors import ConflictError, RequestError
-from secretsd.policy import ROOT_POLICY
-from secretsd.storage import TokenRecord
+from secretsd.policy import ROOT_POLICY, PolicyStore
+from secretsd.storage import KeyringTerm, TokenRecord
+from secretsd.storage.postgres import PostgresStorage
+from secretsd.token_service import TokenService, check_client_name, refuse_revoking_the_last_root_token
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, init_store, run_cli
+from tests.postgres_fixture import PostgresServer, fresh_database, start_or_skip
 from tests.test_api import problem
 from tests.test_hsm import write_config
 
@@ -71,16 +75,12 @@ ALLOWED = ["billing", "admin-bob", "ops-admin", "systems-team", "rooted", "svc@e
 
 @pytest.mark.parametrize("name", RESERVED)
 def test_reserved_client_names_cannot_be_given_to_tokens(name: str) -> None:
-    from secretsd.token_service import check_client_name
-
     with pytest.raises(RequestError, match="reserved"):
         check_client_name(name)
 
 
 @pytest.mark.parametrize("name", ALLOWED)
 def test_ordinary_client_names_are_not_reserved(name: str) -> None:
-    from secretsd.token_service import check_client_name
-
     check_client_name(name)
 
 
@@ -138,8 +138,6 @@ def _record(token_id: str, *policies: str, expires_in: float | None = None,
 
 
 def test_refuse_revoking_the_last_root_token() -> None:
-    from secretsd.token_service import refuse_revoking_the_last_root_token
-
     now = utcnow()
     target = _record("a" * 16, ROOT_POLICY)
     with pytest.raises(ConflictError, match="create another"):
@@ -196,9 +194,6 @@ async def test_two_concurrent_revocations_of_the_last_two_root_tokens_do_not_bot
 
 async def test_two_processes_revoking_the_last_two_root_tokens_at_once_leave_one(tmp_path: Path) -> None:
     """The check and the revocation are one storage transaction: two stores on one file race safely."""
-    from secretsd.auth import Principal, TokenAuthenticator
-    from secretsd.policy import PolicyStore
-    from secretsd.token_service import TokenService  # the service, without HTTP in the way
 
     settings = load_settings(None, data_dir=tmp_path / "data")
     await initialize_store(settings)
@@ -334,3 +329,35 @@ def test_create_root_with_a_softhsm_key_needs_the_token(softhsm_token: SoftHSMTo
         assert http("POST", f"{daemon.url}/v1/sys/keyring/rotate", token=doc["token"]).status == 200
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PostgresServer]:
+    server = start_or_skip()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_two_replicas_revoking_the_last_two_root_tokens_at_once_leave_one(pg_server: PostgresServer) -> None:
+    """PostgreSQL HA: the guard reads the unrevoked tokens FOR UPDATE, so replicas queue behind each other."""
+    async with fresh_database(pg_server) as name:
+        replicas = [PostgresStorage(pg_server.dsn(name), pool_max=2) for _ in range(2)]
+        for r in replicas:
+            await r.open()
+        try:
+            first, second = tokens.generate_token(), tokens.generate_token()
+            await replicas[0].initialize({"format": "1"}, KeyringTerm(1, (), utcnow()),
+                                         _record(first.token_id, ROOT_POLICY))
+            await replicas[0].create_token(_record(second.token_id, ROOT_POLICY))
+            services = [TokenService(r, PolicyStore(None), TokenAuthenticator(r, cache_seconds=0))
+                        for r in replicas]
+            root = Principal("admin", (ROOT_POLICY,), "token")
+            results = await asyncio.gather(services[0].revoke(root, second.token_id),
+                                           services[1].revoke(root, first.token_id), return_exceptions=True)
+            assert sorted(type(r).__name__ for r in results) == ["ConflictError", "str"], results
+            assert len([t for t in await replicas[1].list_tokens() if t.revoked_at is None]) == 1
+        finally:
+            for r in replicas:
+                await r.close()
