@@ -232,7 +232,8 @@ class Daemon:
             stored_head=stored, max_file_bytes=conf.max_file_bytes,
             write_timeout=conf.write_timeout_seconds, mirror=mirror,
             sign_every_record=conf.sign == "record", head_interval=conf.head_interval_seconds,
-            failure_budget=conf.failure_budget(),
+            failure_budget=conf.failure_budget(), keep_rotated_files=conf.keep_rotated_files,
+            keep_rotated_bytes=conf.keep_rotated_bytes,
         )
         audit.on_batch = self.metrics.observe_audit_batch
         await audit.open()

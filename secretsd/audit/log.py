@@ -85,6 +85,33 @@ def _last_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Rotated:
+    path: Path
+    first_seq: int
+    last_seq: int
+    last_hash: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.path.name, "first_seq": self.first_seq, "last_seq": self.last_seq,
+                "last_hash": self.last_hash}
+
+
+def _first_record(path: Path) -> dict[str, Any] | None:
+    with path.open("rb") as fh:
+        line = fh.readline()
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("seq"), int) else None
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def _complete_size(path: Path) -> int:
     """Bytes up to and including the last newline."""
     try:
@@ -126,6 +153,8 @@ class AuditLog:
         sign_every_record: bool = False,
         head_interval: float = 1.0,
         failure_budget: FailureBudget | None = None,
+        keep_rotated_files: int | None = None,
+        keep_rotated_bytes: int | None = None,
     ) -> None:
         self.path = path
         self._signer = signer
@@ -166,6 +195,12 @@ class AuditLog:
         self._failures = FailureCounter(failure_budget) if failure_budget is not None else None
         self._summary_timer: asyncio.TimerHandle | None = None
         self.failures_summarised = 0
+        # Retention of rotated files: None keeps them all.
+        self._keep_files = keep_rotated_files
+        self._keep_bytes = keep_rotated_bytes
+        self._prune_task: asyncio.Task[None] | None = None
+        self._prune_again = False
+        self._closing = False
 
     @property
     def head(self) -> Head:
@@ -207,11 +242,16 @@ class AuditLog:
         # one queue put and one wake-up, and a stuck disk stalls this thread, never the loop.
         self._thread = threading.Thread(target=self._run, name=f"audit-{self.path.name}", daemon=True)
         self._thread.start()
+        self._start_pruning()  # a retention lowered since the last run applies now
 
     async def close(self) -> None:
         if self._thread is not None and self._loop is not None:
             if self._summary_timer is not None:
                 self._summary_timer.cancel()
+            self._closing = True
+            if self._prune_task is not None:  # a file named by audit.pruned but not yet removed is harmless
+                self._prune_task.cancel()
+                await asyncio.gather(self._prune_task, return_exceptions=True)
             self._write_summaries()  # counted failures reach the log before it closes
             # Write what requests are still waiting for, unless the disk is stuck.
             deadline = self._loop.time() + self._write_timeout
@@ -267,6 +307,52 @@ class AuditLog:
         for record in self._failures.summaries():
             event = self._enqueue(record)
             event.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits on it
+
+    # -- retention -----------------------------------------------------------------------------
+    def _start_pruning(self) -> None:
+        if (self._keep_files is None and self._keep_bytes is None) or self._closing or self._loop is None:
+            return
+        if self._prune_task is not None and not self._prune_task.done():
+            self._prune_again = True  # rotated again meanwhile: look once more when done
+            return
+        self._prune_task = self._loop.create_task(self._prune())
+
+    async def _prune(self) -> None:
+        """Remove the oldest rotated files beyond retention, each only once a durable ``audit.pruned``
+        record names it (its last record's sequence and hash), so `audit verify` can tell pruning
+        from deletion: a log that starts after record 1 must be accounted for by such a record."""
+        while True:
+            self._prune_again = False
+            try:
+                for victim in await asyncio.to_thread(self._beyond_retention):
+                    await self.append({"action": "audit.pruned", "client": "system", "decision": "allow",
+                                       "outcome": "ok", **victim.describe()})
+                    await asyncio.to_thread(_remove, victim.path)
+                    log.info("audit retention removed %s (records %d to %d)", victim.path, victim.first_seq,
+                             victim.last_seq)
+            except (AuditError, OSError) as exc:  # kept, and tried again after the next rotation
+                log.error("audit retention could not prune rotated files: %s", exc)
+                return
+            if not self._prune_again:
+                return
+
+    def _beyond_retention(self) -> list[_Rotated]:
+        """The oldest rotated files that keep_rotated_files / keep_rotated_bytes leave no room for.
+
+        The newest rotated file is always kept: rotation numbers the next file after it, so numbers
+        never repeat and a shipper copying files by name never overwrites an older one."""
+        rotated = [p for p in log_files(self.path) if p != self.path]
+        sizes = [p.stat().st_size for p in rotated]
+        victims: list[_Rotated] = []
+        while len(rotated) > 1 and ((self._keep_files is not None and len(rotated) > self._keep_files)
+                           or (self._keep_bytes is not None and sum(sizes) > self._keep_bytes)):
+            path = rotated.pop(0)
+            sizes.pop(0)
+            first, last = _first_record(path), _last_record(path)
+            if first is None or last is None:
+                raise AuditError(f"{path} holds no readable record; it is kept for `audit verify` to report")
+            victims.append(_Rotated(path, int(first["seq"]), int(last["seq"]), record_hash(last)))
+        return victims
 
     # -- event-loop side -----------------------------------------------------------------------
     def _enqueue(self, fields: dict[str, Any]) -> _Pending:
@@ -437,6 +523,10 @@ class AuditLog:
                         self._rotate()
                     except Exception as exc:  # the batch is durable; rotation is retried after the next one
                         log.error("audit log rotation failed (will retry): %s", exc)
+                    else:
+                        assert self._loop is not None
+                        with contextlib.suppress(RuntimeError):
+                            self._loop.call_soon_threadsafe(self._start_pruning)
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is exiting
                 self._loop.call_soon_threadsafe(

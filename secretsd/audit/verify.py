@@ -28,10 +28,14 @@ class VerifyResult:
     file: str | None = None
     line: int | None = None
     seq: int | None = None
+    #: Records 1 to this were removed by retention, as an ``audit.pruned`` record in the chain says.
+    pruned_through: int | None = None
 
     def describe(self) -> str:
         if self.ok:
-            return f"OK: {self.records} record(s) verified"
+            pruned = (f"; records 1 to {self.pruned_through} were pruned by retention (audit.pruned)"
+                      if self.pruned_through else "")
+            return f"OK: {self.records} record(s) verified{pruned}"
         where = f"{self.file}:{self.line}" if self.file and self.line else (self.file or "log")
         seq = f" (record {self.seq})" if self.seq is not None else ""
         return f"FAILED at {where}{seq}: {self.problem}"
@@ -58,6 +62,10 @@ def verify(
     prev_hash: str | None = None
     count = 0
     unsigned_from: int | None = None  # the first record since the last signature
+    # A whole log that starts after record 1: acceptable only if a later record of the chain says
+    # retention removed exactly the records before it (see pruned_by_retention).
+    unanchored: tuple[VerifyResult, int, str] | None = None  # (the failure to report, seq, prev_hash)
+    pruned_through: int | None = None
     for path in files:
         with path.open("rb") as fh:
             for line_no, raw in enumerate(fh, start=1):
@@ -81,7 +89,11 @@ def verify(
                 if expected_seq is None:
                     starts = record.get("prev_hash") == GENESIS_HASH
                     if (starts or from_start) and (seq != 1 or not starts):
-                        return bad(f"the log starts at record {seq}, not 1: records were removed", seq)
+                        removed = bad(f"the log starts at record {seq}, not 1: records were removed (no "
+                                      "audit.pruned record accounts for them)", seq)
+                        if starts or not isinstance(record.get("prev_hash"), str):
+                            return removed
+                        unanchored = (removed, seq, record["prev_hash"])
                 elif seq < expected_seq:
                     return bad(f"record {seq} appears after record {expected_seq - 1}: records were "
                                "reordered or duplicated", seq)
@@ -94,10 +106,15 @@ def verify(
                 expected_seq = seq + 1
                 prev_hash = record_hash(record)
                 count += 1
+                if unanchored is not None and pruned_by_retention(record, unanchored[1], unanchored[2]):
+                    pruned_through = unanchored[1] - 1
+                    unanchored = None
                 if signed:
                     unsigned_from = None
                 elif unsigned_from is None:
                     unsigned_from = seq
+    if unanchored is not None:
+        return unanchored[0]
     if unsigned_from is not None:
         last_seq = (expected_seq or 1) - 1
         return VerifyResult(False, count, f"records {unsigned_from} to {last_seq} carry no signature: the log "
@@ -112,4 +129,14 @@ def verify(
                                 "(replaced tail)", str(files[-1]) if files else None, None, last)
     if count == 0 and (head is None or head.seq == 0):
         return VerifyResult(True, 0)
-    return VerifyResult(True, count)
+    return VerifyResult(True, count, pruned_through=pruned_through)
+
+
+def pruned_by_retention(record: dict[str, object], first_seq: int, first_prev_hash: str) -> bool:
+    """The rule "a log may start after record 1 only where retention says it pruned": ``record``
+    (a verified record of the same chain, later than the first one present) is an ``audit.pruned``
+    record naming a removed file whose last record is the one just before the first present, by
+    sequence and by hash. Someone who deletes files by hand has no such record to show, and
+    cannot forge one without the signing key."""
+    return (record.get("action") == "audit.pruned" and record.get("client") == "system"
+            and record.get("last_seq") == first_seq - 1 and record.get("last_hash") == first_prev_hash)

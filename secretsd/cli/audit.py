@@ -99,7 +99,8 @@ def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool,
         result = verify(log_files(log_path), stored, head=head, from_start=True)
     if as_json:
         emit_json({"ok": result.ok, "records": result.records, "problem": result.problem,
-                   "file": result.file, "line": result.line, "seq": result.seq})
+                   "file": result.file, "line": result.line, "seq": result.seq,
+                   "pruned_through": result.pruned_through})
     else:
         click.echo(result.describe())
     if not result.ok:
