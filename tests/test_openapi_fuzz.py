@@ -19,6 +19,12 @@ import pytest
 from tests.helpers import DaemonProcess
 
 FUZZ_SECONDS = int(os.environ.get("SECRETSD_FUZZ_SECONDS", "45"))
+# A document schemathesis cannot fully use is a failure too: a $ref it cannot resolve, a pattern it
+# cannot generate from, or a token that never got past 401/403.
+CONFIG = """
+[warnings]
+fail-on = ["unresolvable_reference", "unsupported_regex", "missing_auth"]
+"""
 CHECKS = ",".join([
     "not_a_server_error", "status_code_conformance", "content_type_conformance",
     "response_headers_conformance", "response_schema_conformance",
@@ -33,9 +39,12 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(
     daemon, token = daemon_process
     schemathesis = Path(sys.executable).parent / "schemathesis"
     assert schemathesis.exists(), "schemathesis comes with the test extras: pip install -e '.[test]'"
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
     # cwd: schemathesis and hypothesis keep their state (.hypothesis/) there, not in the checkout.
     result = subprocess.run(
-        [str(schemathesis), "run", f"{daemon.url}/v1/openapi.json", "--header", f"Authorization: Bearer {token}",
+        [str(schemathesis), "--config-file", str(config), "run", f"{daemon.url}/v1/openapi.json",
+         "--header", f"Authorization: Bearer {token}",
          "--checks", CHECKS, "--phases", "coverage,fuzzing", "--max-time", str(FUZZ_SECONDS), "--workers", "1",
          "--request-timeout", "10"],
         cwd=tmp_path, capture_output=True, text=True, timeout=FUZZ_SECONDS + 120,
