@@ -8,6 +8,7 @@ Run by hand::
 It makes a temporary store (``secretsd init``), starts ``secretsd serve`` on a free loopback port,
 and sends, over one keep-alive connection, as many ``GET /v1/secrets/<1,000-character path>`` with a
 well-formed but unknown bearer token as it can for ``--duration`` seconds. Every answer must be 401.
+``--remotes N`` spreads them over N source addresses (loopback 127.0.x.y, one connection each).
 Printed: requests/s, the audit directory's growth in bytes/s, and the largest single record. The
 daemon is stopped with SIGTERM (so pending summaries are flushed) before the bytes are counted.
 """
@@ -50,6 +51,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--path-chars", type=int, default=1000)
     parser.add_argument("--config", type=Path, help="a TOML config for the daemon")
+    parser.add_argument("--remotes", type=int, default=1,
+                        help="spread the requests over this many source addresses 127.0.0.2... (one "
+                             "connection each, used in turn), as many attackers would")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "d"
@@ -71,12 +75,15 @@ def main() -> int:
                     pass
                 time.sleep(0.05)
             before = audit_bytes(data)
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                                source_address=(f"127.0.{2 + i // 250}.{2 + i % 250}", 0))
+                     for i in range(args.remotes)]
             path = "/v1/secrets/" + "a" * args.path_chars
             headers = {"Authorization": "Bearer sdt_0000000000000000_" + "A" * 43}
             sent = 0
             started = time.monotonic()
             while time.monotonic() - started < args.duration:
+                conn = conns[sent % len(conns)]
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
                 resp.read()
@@ -90,7 +97,7 @@ def main() -> int:
             daemon.wait(timeout=30)
         after = audit_bytes(data)
         grown, recs = after[0] - before[0], after[1] - before[1]
-        print(json.dumps({"requests": sent, "seconds": round(elapsed, 2),
+        print(json.dumps({"remotes": args.remotes, "requests": sent, "seconds": round(elapsed, 2),
                           "requests_per_second": round(sent / elapsed), "audit_records": recs,
                           "audit_bytes": grown, "audit_bytes_per_second": round(grown / elapsed),
                           "largest_record_bytes": after[2], "cpus": os.cpu_count()}))

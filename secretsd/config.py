@@ -72,7 +72,7 @@ class AuditSettings(BaseModel):
     #: auth_failure_summary_seconds (docs/audit.md).
     auth_failure_burst: int = Field(default=20, ge=0, le=100_000)
     auth_failure_per_second: float = Field(default=1.0, ge=0, le=100_000)
-    auth_failure_total_per_second: float = Field(default=50.0, ge=0, le=100_000)
+    auth_failure_total_per_second: float = Field(default=10.0, ge=0, le=100_000)
     auth_failure_summary_seconds: float = Field(default=10.0, gt=0, le=3600)
     #: Retention of rotated files (None: keep all). The oldest are removed first, after an
     #: ``audit.pruned`` record names them; ship them elsewhere before that (docs/audit.md).
