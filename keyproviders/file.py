@@ -214,9 +214,11 @@ class FileKeyProvider:
         return kid
 
     def refresh(self) -> None:
+        # The file is the truth: keys it no longer holds are forgotten, so a replaced file cannot
+        # hide behind the genuine keys still in memory (the store-binding proof would pass on them).
         fresh = FileKeyProvider.load(self._path)
         with self._lock:
-            self._keys.update(fresh._keys)
+            self._keys = dict(fresh._keys)
             self._active = fresh._active
 
     def close(self) -> None:

@@ -147,6 +147,12 @@ _BAD_BLOB = (
 )
 
 
+# What re-finding the keys after an outage may meet while the genuine token is not back: nothing, a
+# token without our key (a cached session of a token deleted since), or a planted one. Each is cured
+# only by re-initialising the library once the genuine token returns, so each is retried with backoff.
+_LOST = (ProviderUnavailableError, ProviderKeyNotFoundError, KeyMismatchError)
+
+
 def _is_gone(exc: BaseException) -> bool:
     return isinstance(exc, _GONE) or type(exc) is p11.PKCS11Error
 
@@ -573,6 +579,7 @@ class Pkcs11KeyProvider:
         self._backoff = 0.0  # 0 while healthy
         self._next_attempt = 0.0
         self._last_error = ""
+        self._last_mismatch = False
         with self._lib.lock:
             self._lib.acquire(opts.token_label)
             try:
@@ -855,15 +862,15 @@ class Pkcs11KeyProvider:
         if self._backoff:
             wait = self._next_attempt - time.monotonic()
             if wait > 0:
-                raise ProviderUnavailableError(
-                    f"{self._opts.where()} is unavailable ({self._last_error}); next attempt in {wait:.1f}s"
-                )
+                # A planted token stays a mismatch while we wait: never a mere "unavailable".
+                error = KeyMismatchError if self._last_mismatch else ProviderUnavailableError
+                raise error(f"{self._opts.where()} is unavailable ({self._last_error}); next attempt in {wait:.1f}s")
             self._recover()
         elif self._generation != self._lib.generation:
             # Another provider re-initialised the library: our session and handles died with it.
             try:
                 self._connect()
-            except ProviderUnavailableError:
+            except _LOST:
                 self._recover()
 
     def _recover(self) -> None:
@@ -874,7 +881,7 @@ class Pkcs11KeyProvider:
             except p11.PKCS11Error as exc:
                 raise _map_error(exc, self._opts, seen_token=True) from exc
             self._connect()
-        except (ProviderUnavailableError, KeyMismatchError) as error:
+        except _LOST as error:
             # A replaced token is retried like a missing one: it clears when the genuine one is back.
             self._back_off(error)
             raise
@@ -882,9 +889,15 @@ class Pkcs11KeyProvider:
         self._last_error = ""
 
     def _back_off(self, error: KeyProviderError) -> None:
-        self._backoff = min(self._retry_max, self._backoff * 2) if self._backoff else self._retry_initial
+        if isinstance(error, KeyMismatchError):
+            # A token that answers is not hammered by a retry, and the genuine one must be taken
+            # back as soon as it returns: no exponential growth for a mismatch.
+            self._backoff = self._retry_initial
+        else:
+            self._backoff = min(self._retry_max, self._backoff * 2) if self._backoff else self._retry_initial
         self._next_attempt = time.monotonic() + self._backoff
         self._last_error = str(error)
+        self._last_mismatch = isinstance(error, KeyMismatchError)
 
 
 # -- operator helpers: create-key and doctor ------------------------------------------------------

@@ -105,8 +105,13 @@ class Barrier:
         # Built lazily: a key file or token that is missing at start is a sealed daemon that keeps
         # retrying, not a daemon that refuses to start.
         providers = await self._providers.ready_any()
-        self._keyring = await unseal(providers, await self._storage.keyring_terms())
+        terms = await self._storage.keyring_terms()
+        self._keyring = await unseal(providers, terms)
         self.last_error = None
+        # Every provider, not only the one that unsealed, must show it holds the store's key; one
+        # that does not is reported (degraded) and never wraps.
+        self._providers.bind(terms, self._keyring.keys)
+        await asyncio.to_thread(self._providers.prove_built)
         log.info("unsealed: %d keyring term(s), active term %d",
                  len(self._keyring.keys), self._keyring.active_term)
         self._events.emit(Event("barrier.unseal", self._clock(), "system",
@@ -202,6 +207,9 @@ class Barrier:
             check_coverage(providers, terms[-1])
             with provider_errors():
                 await asyncio.to_thread(_refresh_all, providers)
+            # After the refresh, right before wrapping: a key re-read or re-found may be another key.
+            self._providers.bind(terms, ring.keys)
+            providers = await asyncio.to_thread(self._providers.prove_all)
             number = max(t.term for t in terms) + 1
             with provider_errors():
                 record, dek = await make_term(providers, number, self._clock())
@@ -214,6 +222,7 @@ class Barrier:
             ring.keys[number] = DataKey(dek)
             ring.encryptions[number] = 0
             ring.active_term = number
+            self._providers.bind([*terms, record], ring.keys)
         log.info("keyring rotated to term %d (%s)", number, reason)
         self._events.emit(Event("keyring.rotate", self._clock(), client,
                                 detail={"term": number, "reason": reason}))

@@ -7,6 +7,8 @@ version and keyring term: a ciphertext copied to another row or path fails to op
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import struct
 
@@ -39,6 +41,10 @@ def blob_aad(purpose: str, term: int) -> bytes:
     return b"secretsd/blob\x00" + struct.pack(">BI", FORMAT_VERSION, term) + purpose.encode()
 
 
+def _fingerprint(key: bytes) -> bytes:
+    return hashlib.sha256(b"secretsd/dek-fingerprint\x00" + key).digest()
+
+
 def new_dek() -> bytes:
     return secrets.token_bytes(DEK_BYTES)
 
@@ -46,12 +52,19 @@ def new_dek() -> bytes:
 class DataKey:
     """One DEK, ready to seal and open values; the AESGCM object is built once per key."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_fingerprint")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != DEK_BYTES:
             raise ValueError("a data key must be 256 bits")
         self._aead = AESGCM(key)
+        # Lets a key provider's unwrap be checked against the key in memory without keeping a
+        # second copy of the key; a hash of 256 random bits reveals nothing about them.
+        self._fingerprint = _fingerprint(key)
+
+    def matches(self, key: bytes) -> bool:
+        """Whether ``key`` is this data key (constant-time)."""
+        return hmac.compare_digest(self._fingerprint, _fingerprint(key))
 
     def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         nonce = secrets.token_bytes(NONCE_BYTES)

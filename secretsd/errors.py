@@ -13,6 +13,7 @@ token or key material::
     ├── KeyProviderFailure
     │   ├── ProviderUnavailable        the key provider cannot be reached (retryable)
     │   ├── ProviderKeyNotFound        the provider has no such key
+    │   ├── ProviderKeyMismatch        the provider's key is not the one the store was sealed with
     │   └── ProviderAuthFailed         the provider refused our credentials (bad PIN)
     ├── StorageError
     │   ├── NotFoundError              no such secret, version or token
@@ -22,7 +23,8 @@ token or key material::
     ├── RequestError                   the request itself is malformed
     │   ├── InvalidPathError
     │   ├── PayloadTooLargeError
-    │   └── UnsupportedMediaTypeError  a body that is not application/json
+    │   ├── UnsupportedMediaTypeError  a body that is not application/json
+    │   └── RequestTimeoutError        the body did not arrive in time
     ├── AuthError
     │   ├── UnauthenticatedError       no valid credential
     │   └── PermissionDeniedError      a policy denies the operation
@@ -94,6 +96,11 @@ class ProviderKeyNotFound(KeyProviderFailure):
     """The key provider does not hold the requested key."""
 
 
+class ProviderKeyMismatch(KeyProviderFailure):
+    """The provider holds a key under the expected name that is not the store's key (a replaced
+    token or key file, a changed passphrase): it is never used to wrap anything."""
+
+
 class ProviderAuthFailed(KeyProviderFailure):
     """The key provider refused the credentials."""
 
@@ -134,6 +141,10 @@ class PayloadTooLargeError(RequestError):
 
 class UnsupportedMediaTypeError(RequestError):
     """The request body is not application/json."""
+
+
+class RequestTimeoutError(RequestError):
+    """The request body did not arrive within the body deadline ([http] body_timeout_seconds)."""
 
 
 class AuthError(SecretsdError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +30,8 @@ def convert_provider_error(exc: keyproviders.KeyProviderError) -> errors.Secrets
         return errors.ProviderKeyNotFound(message)
     if isinstance(exc, keyproviders.ProviderAuthError):
         return errors.ProviderAuthFailed(message)
+    if isinstance(exc, keyproviders.KeyMismatchError):
+        return errors.ProviderKeyMismatch(message)
     if isinstance(exc, keyproviders.ProviderConfigError):
         return errors.ConfigError(message)
     if isinstance(exc, keyproviders.UnwrapError):
@@ -76,7 +78,8 @@ async def unwrap_term(providers: Sequence[KeyProvider], term: KeyringTerm) -> by
             try:
                 return await asyncio.to_thread(provider.unwrap, wrapped, dek_aad(term.term))
             except keyproviders.KeyProviderError as exc:
-                failure = convert_provider_error(exc)
+                failure = (_not_the_store_key(provider, wrapped) if isinstance(exc, keyproviders.UnwrapError)
+                           else convert_provider_error(exc))
                 failure.__cause__ = exc
                 log.warning("provider %s could not unwrap term %d: %s", provider.name, term.term, failure)
     if failure is not None:
@@ -85,6 +88,65 @@ async def unwrap_term(providers: Sequence[KeyProvider], term: KeyringTerm) -> by
     raise errors.ProviderKeyNotFound(
         f"keyring term {term.term} is wrapped only by provider(s) {kinds}, none of which is configured"
     )
+
+
+def _not_the_store_key(provider: KeyProvider, wrapped: WrappedKey) -> errors.ProviderKeyMismatch:
+    return errors.ProviderKeyMismatch(
+        f"key provider {provider.name} holds a key named {wrapped.key_id} that does not open the store's "
+        "wrapping made with that name: it is not the key this store was sealed with (a replaced token or "
+        "key file, a changed passphrase), or the stored wrapping was altered. It will not be used"
+    )
+
+
+def prove_custody(
+    provider: KeyProvider,
+    terms: Sequence[KeyringTerm],
+    known: Mapping[int, DataKey] | None = None,
+    *,
+    same_key_id_only: bool = False,
+) -> None:
+    """The rule: a provider wraps for a store only once it has opened one of the store's wrappings.
+
+    Blocking (one unwrap per key version tried). Each of the provider's key versions found in the
+    store is tried once, its current version first; the unwrapped DEK must also equal the one in
+    memory when ``known`` is given. Ids are names, not keys (pkcs11 names keys by label and version,
+    which a planted token can copy), so only an unwrap proves anything. Raises
+    ``ProviderKeyMismatch`` if nothing opens; ``same_key_id_only`` (for a provider an operator is
+    adding) asks only that a wrapping under its current id, if the store holds one, opens.
+    """
+    current = provider.key_id()
+    newest_per_id: dict[str, tuple[KeyringTerm, WrappedKey]] = {}
+    for term in sorted(terms, key=lambda t: t.term):
+        for wrapped in term.wrappings:
+            if wrapped.provider == provider.name and (wrapped.key_id == current or not same_key_id_only):
+                newest_per_id[wrapped.key_id] = (term, wrapped)
+    unknown = errors.ProviderKeyMismatch(
+        f"key provider {provider.name} (key {current}) holds no key this store was sealed with: it opens none "
+        "of the store's wrappings. If it is a new provider, add it with 'secretsd keyring migrate --to CONFIG'; "
+        "if it should be the store's key, its token or key file was replaced or its passphrase changed"
+    )
+    if not newest_per_id:
+        if same_key_id_only:
+            return
+        raise unknown
+    candidates = sorted(newest_per_id.values(), key=lambda tw: tw[1].key_id != current)
+    mismatch: errors.ProviderKeyMismatch | None = None
+    for term, wrapped in candidates:
+        try:
+            dek = provider.unwrap(wrapped, dek_aad(term.term))
+        except keyproviders.ProviderKeyNotFoundError:
+            continue  # a version this provider does not hold (another provider of the same kind)
+        except (keyproviders.UnwrapError, keyproviders.KeyMismatchError):
+            mismatch = _not_the_store_key(provider, wrapped)
+            continue
+        except keyproviders.KeyProviderError as exc:
+            raise convert_provider_error(exc) from exc
+        expected = None if known is None else known.get(term.term)
+        if expected is not None and not expected.matches(dek):
+            mismatch = _not_the_store_key(provider, wrapped)
+            continue
+        return
+    raise mismatch or unknown
 
 
 async def unseal(providers: Sequence[KeyProvider], terms: Sequence[KeyringTerm]) -> Keyring:

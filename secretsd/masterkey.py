@@ -5,6 +5,10 @@ while the daemon serves: it holds its DEKs in memory and never re-reads wrapping
 unseals again. Each step swaps one term's wrappings atomically and only ever *adds* a way to open
 a term before it removes one, so a run interrupted at any point leaves a store that the old or the
 new configuration (or both) can open, never neither.
+
+Neither ever wraps with, or creates a key version in, a provider that has not first proved it holds
+the store's key (``keyring.prove_custody``): a replaced token or key file is refused before it can
+capture a new term. New custody enters only through ``migrate``, whose targets the operator names.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from keyproviders import KeyProvider, WrappedKey
 from secretsd.config import Settings
 from secretsd.daemon import build_storage, provider_set
-from secretsd.keyring import provider_errors, unwrap_term, wrap_for_all
+from secretsd.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
 from secretsd.storage import KeyringTerm, Storage
 
 Progress = Callable[[int, int], None]
@@ -77,6 +81,10 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
     await storage.open()
     try:
         providers = await group.ready_all()
+        terms = await storage.keyring_terms()
+        for provider in providers:
+            # Before rotate(): never create a key version in a planted token.
+            await asyncio.to_thread(prove_custody, provider, terms)
         if rotate:
             with provider_errors():
                 for provider in providers:
@@ -108,6 +116,11 @@ async def migrate(old: Settings, new: Settings, *, progress: Progress | None = N
     try:
         openers = await old_group.ready_any()
         targets = await new_group.ready_all()
+        terms = await storage.keyring_terms()
+        for target in targets:
+            # A target may be new custody, but one that reuses a stored key id must hold that key:
+            # otherwise its wrappings would replace the genuine ones (a planted token under the same label).
+            await asyncio.to_thread(prove_custody, target, terms, same_key_id_only=True)
         target_ids = {(p.name, p.key_id()) for p in targets}
 
         def add(term: KeyringTerm, fresh: tuple[WrappedKey, ...]) -> tuple[WrappedKey, ...]:

@@ -3,6 +3,11 @@
 Every keyring term is wrapped once per configured provider, so any one of them can unseal; a new
 term can only be made while all of them are reachable, or a recovery path would silently lapse.
 A provider that cannot be built or is unhealthy is recorded with its error, and retried.
+
+Once the store is unsealed the set is *bound* to it: a provider counts as usable only after it has
+proved, by opening one of the store's wrappings, that it holds a key the store was sealed with
+(``keyring.prove_custody``). A provider that answers to the right names with another key (a
+replaced token or key file) is reported as mismatched, degraded, and never wraps.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 
 from keyproviders import KeyProvider, KeyProviderError, create_provider
 from secretsd import errors
-from secretsd.keyring import convert_provider_error
+from secretsd.crypto import DataKey
+from secretsd.keyring import convert_provider_error, prove_custody
+from secretsd.storage import KeyringTerm
 
 log = logging.getLogger("secretsd.providers")
 
@@ -52,6 +59,8 @@ class ProviderSet:
         self._decorate = decorate  # e.g. a latency-measuring wrapper
         self._built: dict[int, KeyProvider] = {}
         self._errors: dict[int, str] = {}
+        self._mismatched: set[int] = set()
+        self._binding: tuple[list[KeyringTerm], dict[int, DataKey]] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -117,10 +126,64 @@ class ProviderSet:
             if missing:
                 names = ", ".join(f"{self._specs[i].get('kind')} ({self._errors.get(i, 'not built')})"
                                   for i in missing)
+                mismatched = sorted(self._mismatched.intersection(missing))
+                if mismatched:
+                    raise errors.ProviderKeyMismatch(
+                        "refusing to wrap new keys: " + "; ".join(self._errors[i] for i in mismatched))
                 raise errors.ProviderUnavailable(
-                    f"new keys must be wrapped for every configured key provider; unavailable: {names}"
-                )
+                    f"new keys must be wrapped for every configured key provider; unavailable: {names}")
             return [self._built[i] for i in sorted(self._built)]
+
+    # -- binding to the store ---------------------------------------------------------------------
+    def bind(self, terms: list[KeyringTerm], keys: dict[int, DataKey]) -> None:
+        """Remember the store's keyring (wrappings and the DEKs in memory) to prove providers against."""
+        with self._lock:
+            self._binding = (list(terms), dict(keys))
+
+    def prove_built(self) -> None:
+        """Prove every built provider against the bound store now; record the outcome (blocking)."""
+        with self._lock:
+            built = list(self._built.items())
+        for index, provider in built:
+            self._prove(index, provider)
+
+    def prove_all(self) -> list[KeyProvider]:
+        """Every configured provider, each proven against the bound store just now, or raise (blocking).
+
+        What must run right before anything is wrapped: a key file re-read or a token re-found
+        since the last proof may hold another key by now.
+        """
+        self.all_or_raise()
+        self.prove_built()
+        return self.all_or_raise()
+
+    def _prove(self, index: int, provider: KeyProvider) -> None:
+        with self._lock:
+            binding = self._binding
+        if binding is None:
+            with self._lock:
+                if index not in self._mismatched:
+                    self._errors.pop(index, None)
+            return
+        terms, keys = binding
+        try:
+            prove_custody(provider, terms, keys)
+        except errors.ProviderKeyMismatch as exc:
+            with self._lock:
+                if index not in self._mismatched:
+                    log.error("key provider %s: %s", provider.name, exc)
+                self._mismatched.add(index)
+                self._errors[index] = str(exc)
+            return
+        except errors.SecretsdError as exc:
+            with self._lock:
+                self._errors[index] = str(exc)
+            return
+        with self._lock:
+            if index in self._mismatched:
+                log.warning("key provider %s holds the store's key again", provider.name)
+            self._mismatched.discard(index)
+            self._errors.pop(index, None)
 
     def check_health(self) -> list[ProviderState]:
         """Build what is missing, ask every built provider for its health (blocking)."""
@@ -130,13 +193,14 @@ class ProviderSet:
             log.error("key provider configuration: %s", exc)
         for index, provider in list(self._built.items()):
             health = provider.health()
+            # Reachable is not enough: it must still hold the store's key (one unwrap per check).
+            self._prove(index, provider)
             with self._lock:
-                if health.ok:
-                    self._errors.pop(index, None)
-                else:
-                    if index not in self._errors:
-                        log.warning("key provider %s degraded: %s", provider.name, health.detail)
-                    self._errors[index] = health.detail
+                if health.ok or index in self._mismatched:
+                    continue
+                if index not in self._errors:
+                    log.warning("key provider %s degraded: %s", provider.name, health.detail)
+                self._errors[index] = health.detail
         return self.states()
 
     def states(self) -> list[ProviderState]:
