@@ -54,6 +54,7 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(
     assert result.returncode == 0, out[-8000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", out)
     assert counts and int(counts[1]) > 100 and counts[1] == counts[2], out[-4000:]
+    print(f"schemathesis: {counts[0]} in {FUZZ_SECONDS} s")  # pytest -s shows the figure
     logs = daemon.logs()
     assert "unhandled" not in logs and "Traceback" not in logs, logs[-4000:]
     assert not re.search(r"secretsd\.http: \S+ \S+ 5\d\d ", logs), logs[-4000:]
