@@ -104,6 +104,30 @@ class MetricsSettings(BaseModel):
         return value
 
 
+class HttpSettings(BaseModel):
+    """``[http]``: what one peer may hold before it has said who it is (docs/operations.md).
+
+    Every phase of a request has a deadline, and the number of connections is capped below the
+    process's file-descriptor limit, so idle or trickling peers cannot starve real clients.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    #: Open connections at most; at the cap the connection that has gone longest without sending a
+    #: complete request head is closed to make room. Default: derived from RLIMIT_NOFILE, leaving
+    #: headroom for the store, the audit log and the key provider.
+    max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
+    #: From connection (or from the first byte of a later request) to a complete request head;
+    #: also the TLS handshake deadline.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    #: From a complete head to the last byte of its body.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: A keep-alive connection waiting for its next request is closed after this long.
+    idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: Errors a peer can cause over and over (accept failures, malformed requests) are logged at
+    #: most once per this many seconds each, with a count of what was not logged.
+    error_log_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SECRETSD_", env_nested_delimiter="__", extra="forbid"
@@ -121,6 +145,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     rotation: RotationSettings = Field(default_factory=RotationSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     max_versions: int = Field(10, ge=1, le=1000)
     max_value_bytes: int = Field(512 * 1024, ge=1, le=16 * 1024 * 1024)
@@ -225,6 +250,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "audit": AuditSettings(**data["audit"]),
         "rotation": RotationSettings(**data["rotation"]),
         "metrics": MetricsSettings(**data["metrics"]),
+        "http": HttpSettings(**data["http"]),
     })
 
 

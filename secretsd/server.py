@@ -13,6 +13,9 @@ from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
 from secretsd.config import Settings, parse_listen
 from secretsd.daemon import Daemon
+from secretsd.edge import Edge, EdgeCollector
+from secretsd.edge_listener import EdgeSite
+from secretsd.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
 from secretsd.errors import ConfigError
 from secretsd.events import Event
 
@@ -49,14 +52,20 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
     port (SO_REUSEPORT) and only worker 0 serves the separate metrics listener.
     """
     context = tls_context(settings)
+    # Before anything can fail: no log line quotes what a peer sent, and what a peer can make
+    # happen over and over (accept failures, malformed requests) is logged at a bounded rate.
+    bounded = BoundedLog(settings.http.error_log_interval_seconds)
+    install_log_scrubbing()
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+    edge = Edge(settings.http, bounded=bounded)
     daemon = Daemon(settings)
     await daemon.start()
+    daemon.metrics.registry.register(EdgeCollector(edge))
     runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_listen(settings.listen)
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True,
-                           reuse_port=worker is not None)
+        site = EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=worker is not None)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
@@ -69,7 +78,7 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         await metrics_runner.setup()
         m_host, m_port = parse_listen(settings.metrics.listen)
         try:
-            await web.TCPSite(metrics_runner, m_host, m_port, reuse_address=True).start()
+            await EdgeSite(metrics_runner, m_host, m_port, edge).start()
         except OSError as exc:
             await metrics_runner.cleanup()
             await runner.cleanup()
@@ -97,8 +106,8 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     scheme = "https" if context else "http"
-    log.info("listening on %s://%s:%d (%s)", scheme, host, port,
-             "sealed" if daemon.barrier.sealed else "unsealed")
+    log.info("listening on %s://%s:%d (%s; at most %d connections)", scheme, host, port,
+             "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
     if on_ready:
         print(on_ready, flush=True)
     try:

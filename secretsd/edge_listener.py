@@ -1,0 +1,147 @@
+"""Accepting connections: only when the connection gate has room, and never in a tight error loop.
+
+asyncio's own accept loop takes a backlog's worth of connections per wake-up before any is looked
+at, and on EMFILE logs a traceback per attempt (issue 12, item 3). This listener asks
+``ConnectionGate.make_room`` before each accept (closing the stalest waiting connection at the cap,
+or pausing until one closes), counts TLS handshakes in progress against the cap, and reports
+accept failures through ``BoundedLog``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+
+from aiohttp import web
+
+from secretsd.edge import Edge, EdgeHandler
+
+#: Connections taken per wake-up of the listening socket: at most this many descriptors are in
+#: flight beyond the cap (closing connections release theirs on the next loop iteration).
+ACCEPT_BATCH = 16
+#: After the process runs out of descriptors, accepting resumes this much later (as asyncio does).
+RETRY_SECONDS = 1.0
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class EdgeListener:
+    """One listening socket whose accepted connections are ``EdgeHandler``s admitted by the gate."""
+
+    def __init__(self, sock: socket.socket, edge: Edge, site: EdgeSite) -> None:
+        self._sock = sock
+        self._edge = edge
+        self._site = site
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._resume()
+
+    def close(self) -> None:
+        self._closed = True
+        self._pause()
+        self._sock.close()
+
+    def _resume(self) -> None:
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if not self._edge.gate.make_room():
+                # Every connection is busy answering: new ones wait in the kernel's backlog.
+                self._pause()
+                self._edge.gate.when_room(self._resume)
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._edge.bounded.note(
+                    "accept", "cannot accept connections: %s; raise the file-descriptor limit or lower "
+                    "[http] max_connections", exc.strerror or "out of resources")
+                self._pause()
+                self._loop.call_later(RETRY_SECONDS, self._resume)
+                return
+            conn.setblocking(False)
+            handler = self._site.make_handler()
+            handler.sock = conn
+            self._edge.gate.add(handler)
+            task = self._loop.create_task(self._connect(handler, conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, handler: EdgeHandler, conn: socket.socket) -> None:
+        context = self._site.ssl_context
+        try:
+            if context is None:
+                await self._loop.connect_accepted_socket(lambda: handler, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    lambda: handler, conn, ssl=context,
+                    # A TLS handshake is part of the head: the same deadline.
+                    ssl_handshake_timeout=self._edge.settings.header_timeout_seconds)
+        except OSError:
+            # A failed or timed-out TLS handshake (SSLError, TimeoutError), or a peer already gone.
+            self._edge.gate.release(handler)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class EdgeSite(web.BaseSite):
+    """A TCP listener whose connections go through the edge (aiohttp's TCPSite, plus the gate)."""
+
+    __slots__ = ("_edge", "_host", "_listener", "_port", "_reuse_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, edge: Edge, *,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._edge = edge
+        self._reuse_port = reuse_port
+        self._listener: EdgeListener | None = None
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
+
+    def make_handler(self) -> EdgeHandler:
+        server = self._runner.server
+        assert server is not None
+        return self._edge.handler(server)
+
+    async def start(self) -> None:
+        await super().start()
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.create_server((self._host, self._port), family=family, backlog=ACCEPT_BATCH * 8,
+                                    reuse_port=self._reuse_port)
+        sock.setblocking(False)
+        self._listener = EdgeListener(sock, self._edge, self)
+        self._listener.start()
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        await super().stop()
