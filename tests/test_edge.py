@@ -301,3 +301,182 @@ def test_accept_errors_are_logged_at_a_bounded_rate(tmp_path: Path) -> None:
     lines = daemon.logs().splitlines()
     assert len(lines) < 40, f"{len(lines)} log lines:\n" + "\n".join(lines[:60])
     assert any("cannot accept connections" in line for line in lines)
+
+
+# -- the rules, one function each ---------------------------------------------------------------------
+
+FAKE_TOKEN = "sdt_0123456789abcdef_" + "S3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS"
+
+
+def test_edge_relies_on_aiohttp_internals() -> None:
+    """secretsd/edge.py subclasses aiohttp's RequestHandler and reads these; an upgrade that
+    renames them must fail here, not silently disable a deadline."""
+    import inspect
+
+    from aiohttp.web_protocol import RequestHandler
+
+    slots = set().union(*(getattr(cls, "__slots__", ()) for cls in RequestHandler.__mro__))
+    for name in ("_waiter", "_messages", "_request_count", "_request_in_progress", "_force_close",
+                 "_close", "_keepalive_handle"):
+        assert name in slots, name
+    for method in ("_process_keepalive", "handle_error", "log_exception", "data_received",
+                   "connection_made", "connection_lost", "force_close", "close"):
+        assert callable(getattr(RequestHandler, method)), method
+    assert list(inspect.signature(RequestHandler.handle_error).parameters) == [
+        "self", "request", "status", "exc", "message"]
+    source = inspect.getsource(RequestHandler.data_received)
+    assert "self._request_count += 1" in source and "self._messages.append" in source
+    assert "self.log_exception(" in inspect.getsource(RequestHandler.start)
+
+
+def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from secretsd.edge_log import install_log_scrubbing
+    from secretsd.logs import configure_logging
+
+    configure_logging("DEBUG")
+    install_log_scrubbing()
+    try:
+        raise BadHttpMessage(f"Invalid header value char:\n\n  b'Authorization: Bearer {FAKE_TOKEN}\\x00'")
+    except BadHttpMessage as exc:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", FAKE_TOKEN, exc_info=exc)
+        logging.getLogger("aiohttp.server").debug(f"got {FAKE_TOKEN!r}")
+    out = capsys.readouterr().err
+    assert "Error handling request from (BadHttpMessage)" in out
+    assert not leaks(out.encode(), FAKE_TOKEN)
+
+
+def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    from secretsd.edge_log import loop_exception_handler
+    from secretsd.logs import configure_logging
+
+    configure_logging("INFO")
+    loop = asyncio.new_event_loop()
+    try:
+        loop_exception_handler(loop, {"message": f"Exception in callback feed(b'Bearer {FAKE_TOKEN}')",
+                                      "exception": ValueError(FAKE_TOKEN), "protocol": FAKE_TOKEN})
+    finally:
+        loop.close()
+    out = capsys.readouterr().err
+    assert "Exception in callback feed (ValueError)" in out
+    assert not leaks(out.encode(), FAKE_TOKEN)
+
+
+def test_bounded_log_writes_one_line_per_interval_and_counts_the_rest() -> None:
+    import logging
+
+    from secretsd.edge_log import BoundedLog
+
+    now = [0.0]
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test.bounded")
+    logger.addHandler(Collect())
+    logger.propagate = False
+    bounded = BoundedLog(10, logger=logger, clock=lambda: now[0])
+    for _ in range(10_000):
+        bounded.note("accept", "cannot accept: %s", "EMFILE")
+        now[0] += 0.001  # 10 s of failures, one a millisecond
+    now[0] += 1
+    bounded.note("accept", "cannot accept: %s", "EMFILE")
+    bounded.note("malformed", "malformed request")
+    assert lines[0] == "cannot accept: EMFILE"
+    assert lines[1].startswith("cannot accept: EMFILE (") and "more like it" in lines[1]
+    assert lines[2] == "malformed request"
+    assert len(lines) == 3
+    assert bounded.counts == {"accept": 10_001, "malformed": 1}
+
+
+class FakeConnection:
+    def __init__(self, waiting: bool) -> None:
+        self.waiting = waiting
+        self.evicted = False
+
+    def is_waiting_on_peer(self) -> bool:
+        return self.waiting
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_make_room_closes_the_stalest_waiting_connection() -> None:
+    from secretsd.edge import ConnectionGate, EdgeStats
+
+    gate = ConnectionGate(3, EdgeStats())
+    busy, idle_old, idle_new = FakeConnection(False), FakeConnection(True), FakeConnection(True)
+    for conn in (busy, idle_old, idle_new):
+        assert gate.make_room()
+        gate.add(conn)  # type: ignore[arg-type]
+    gate.touch(idle_old)  # type: ignore[arg-type]  # it just delivered a request head: the freshest
+    assert gate.make_room()
+    assert idle_new.evicted and not idle_old.evicted and not busy.evicted
+    assert gate.stats.closed["evicted"] == 1
+
+
+def test_make_room_never_closes_a_connection_being_answered() -> None:
+    from secretsd.edge import ConnectionGate, EdgeStats
+
+    gate = ConnectionGate(2, EdgeStats())
+    conns = [FakeConnection(False), FakeConnection(False)]
+    for conn in conns:
+        gate.add(conn)  # type: ignore[arg-type]
+    resumed: list[bool] = []
+    assert not gate.make_room()
+    gate.when_room(lambda: resumed.append(True))
+    assert not any(c.evicted for c in conns) and gate.stats.deferred == 1
+    gate.release(conns[0])  # type: ignore[arg-type]
+    assert resumed == [True] and gate.make_room()
+
+
+def test_default_max_connections_leaves_descriptors_free() -> None:
+    from secretsd.edge import default_max_connections
+
+    assert default_max_connections(1024) == 896
+    assert default_max_connections(192) == 128
+    assert default_max_connections(65536) == 57344
+    assert default_max_connections(resource.RLIM_INFINITY) == 10_000
+    assert default_max_connections(8) == 1
+
+
+def test_tls_handshake_has_the_header_deadline_and_counts_against_the_cap(tmp_path: Path) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.test_tls import TlsDaemon, make_pki
+
+    ca_file, cert_file, key_file = make_pki(tmp_path)
+    config = tmp_path / "tls.toml"
+    config.write_text(f'tls_cert_file = "{cert_file}"\ntls_key_file = "{key_file}"\n'
+                      "[http]\nmax_connections = 8\nheader_timeout_seconds = 1\n")
+    data = tmp_path / "d"
+    token = init_store(data)
+    daemon = TlsDaemon(data, extra_args=["--config", str(config)]).start()
+    try:
+        # A peer that never starts its handshake is cut at the header deadline.
+        with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+            elapsed = closed_after(sock, 5)
+        assert elapsed is not None and elapsed < 1.6, f"a silent TLS peer was kept {elapsed}s"
+        # Twenty silent peers hold more than the cap; a real TLS client is still served.
+        held = hold_connections(daemon.port, 20)
+        try:
+            context = ssl.create_default_context(cafile=str(ca_file))
+            request = urllib.request.Request(daemon.url + "/v1/auth/whoami",
+                                             headers={"Authorization": f"Bearer {token}"})
+            started = time.monotonic()
+            with urllib.request.urlopen(request, context=context, timeout=5) as answer:
+                assert answer.status == 200
+            assert time.monotonic() - started < 1
+        finally:
+            for sock in held:
+                sock.close()
+    finally:
+        daemon.stop()
