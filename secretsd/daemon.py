@@ -39,6 +39,11 @@ from secretsd.token_service import TokenService
 log = logging.getLogger("secretsd")
 
 ADMIN_CLIENT = "admin"
+# While the audit log fails, the daemon probes it itself, at first after this many seconds, then
+# twice as long each time up to the cap: readiness must come back when the disk does, without a
+# client request (a load balancer sends none to a replica whose /readyz says 503).
+AUDIT_PROBE_FIRST_SECONDS = 0.5
+AUDIT_PROBE_MAX_SECONDS = 5.0
 
 
 def build_storage(settings: Settings) -> Storage:
@@ -180,6 +185,7 @@ class Daemon:
         else:
             await self._open_audit()
         self._tasks.append(asyncio.create_task(self._watch_providers()))
+        self._tasks.append(asyncio.create_task(self._watch_audit()))
         self._tasks.append(asyncio.create_task(self.replication.run()))
         self.leadership.start()
         if self.settings.rotation.scheduler:
@@ -280,6 +286,21 @@ class Daemon:
         if self.audit is not None and not self.audit.healthy and self.settings.audit.fail_closed:
             await self.record({"action": "audit.probe", "client": "system", "decision": "allow",
                                "outcome": "ok"})
+
+    async def _watch_audit(self) -> None:
+        """Probe a failing audit log until it heals, so that /readyz recovers with the disk."""
+        delay = AUDIT_PROBE_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            if self.audit is None or self.audit.healthy:
+                delay = AUDIT_PROBE_FIRST_SECONDS
+                continue
+            try:
+                await self.audit_ready()  # one audit.probe record; a success marks the log healthy
+            except Exception as exc:  # the watcher must outlive any one failed probe
+                if not isinstance(exc, AuditError):  # the log already says why an audit write failed
+                    log.error("audit probe failed: %s", type(exc).__name__)
+                delay = min(delay * 2, AUDIT_PROBE_MAX_SECONDS)  # a full disk: one failed write per delay
 
     def _audit_event(self, event: Event) -> None:
         # Requests are recorded by the HTTP layer; here only what happens on the daemon's own
