@@ -465,3 +465,36 @@ async def test_openapi_documents_each_status_an_operation_can_answer(api: Api) -
     assert "415" in doc["paths"]["/v1/secrets/{path}"]["put"]["responses"]
     assert "410" in doc["paths"]["/v1/secrets/{path}"]["get"]["responses"]
     assert "502" in doc["paths"]["/v1/secrets/{path}/rotate"]["post"]["responses"]
+
+
+@pytest.mark.e2e
+def test_two_authorization_headers_cannot_flood_the_audit_log(tmp_path: Path) -> None:
+    # Refused before authentication, like a 401: within the same per-remote budget, then only counted.
+    from http.client import HTTPConnection
+
+    data = tmp_path / "d"
+    token = init_store(data)
+    config = tmp_path / "c.toml"
+    config.write_text("[audit]\nauth_failure_burst = 3\nauth_failure_per_second = 0\n"
+                      "auth_failure_summary_seconds = 0.5\n")
+    daemon = DaemonProcess(data, extra_args=["--config", str(config)]).start()
+    sent = 60
+    try:
+        conn = HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        for i in range(sent):
+            conn.putrequest("GET", f"/v1/secrets/app/k{i}")
+            conn.putheader("Authorization", f"Bearer {token}")
+            conn.putheader("Authorization", "Bearer x")
+            conn.endheaders()
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 400
+        time.sleep(1.0)  # a summary is due after auth_failure_summary_seconds
+    finally:
+        assert daemon.stop() == 0
+    recs = audit_records(data)
+    own = [r for r in recs if r.get("path", "").startswith("app/k")]
+    summaries = [r for r in recs if r["action"] == "auth.failures"]
+    assert len(own) == 3, own
+    assert len(own) + sum(s["count"] for s in summaries) == sent
+    assert token not in json.dumps(recs)

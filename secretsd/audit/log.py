@@ -289,7 +289,8 @@ class AuditLog:
         """For a request's record: True if it is an unauthenticated failure beyond its budget, now
         counted for an ``auth.failures`` summary instead of written (see ``failures.py``); False if
         the caller must write it as usual."""
-        if (self._failures is None or self._loop is None or self._closed or fields.get("outcome") != 401
+        # Refused before authentication: 401, or 400 for two Authorization headers (api/app.py).
+        if (self._failures is None or self._loop is None or self._closed or fields.get("outcome") not in (400, 401)
                 or fields.get("client") is not None):
             return False
         if self._failures.admit(str(fields.get("remote")), str(fields.get("action"))):
