@@ -24,6 +24,8 @@ from secretsd.edge import Edge, EdgeHandler
 ACCEPT_BATCH = 16
 #: After the process runs out of descriptors, accepting resumes this much later (as asyncio does).
 RETRY_SECONDS = 1.0
+#: At the cap with every connection busy, accepting is retried this often.
+FULL_RETRY_SECONDS = 0.05
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -60,9 +62,11 @@ class EdgeListener:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             if not self._edge.gate.make_room():
-                # Every connection is busy answering: new ones wait in the kernel's backlog.
+                # Every connection is busy answering: new ones wait in the kernel's backlog until
+                # one closes, or one finishes its request and turns idle (hence the retry too).
                 self._pause()
                 self._edge.gate.when_room(self._resume)
+                self._loop.call_later(FULL_RETRY_SECONDS, self._resume)
                 return
             try:
                 conn, _ = self._sock.accept()

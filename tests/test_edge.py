@@ -96,10 +96,9 @@ def malformed_requests(token: str) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def edge_daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, str]]:
+def start_edge_daemon(where: Path) -> tuple[DaemonProcess, str]:
     """A daemon logging at DEBUG (aiohttp's parser errors are debug lines there) with short timeouts."""
-    data = tmp_path / "data"
+    data = where / "data"
     token = init_store(data)
     proc = DaemonProcess(data, env={
         "SECRETSD_LOG_LEVEL": "DEBUG",
@@ -107,10 +106,26 @@ def edge_daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, str]]:
         "SECRETSD_HTTP__BODY_TIMEOUT_SECONDS": "1",
         "SECRETSD_HTTP__IDLE_TIMEOUT_SECONDS": "1.5",
     })
+    return proc.start(), token
+
+
+@pytest.fixture
+def edge_daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, str]]:
+    daemon, token = start_edge_daemon(tmp_path)
     try:
-        yield proc.start(), token
+        yield daemon, token
     finally:
-        proc.stop()
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_edge_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, str]]:
+    """One daemon for the deadline tests, which leave nothing behind."""
+    daemon, token = start_edge_daemon(tmp_path_factory.mktemp("edge"))
+    try:
+        yield daemon, token
+    finally:
+        daemon.stop()
 
 
 def test_no_token_part_in_parser_error_bodies_logs_or_audit(edge_daemon: tuple[DaemonProcess, str]) -> None:
@@ -154,8 +169,8 @@ def closed_after(sock: socket.socket, limit: float) -> float | None:
     return None
 
 
-def test_header_timeout_cuts_a_trickled_head(edge_daemon: tuple[DaemonProcess, str]) -> None:
-    daemon, _ = edge_daemon
+def test_header_timeout_cuts_a_trickled_head(shared_edge_daemon: tuple[DaemonProcess, str]) -> None:
+    daemon, _ = shared_edge_daemon
     head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 200
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
         started = time.monotonic()
@@ -180,8 +195,8 @@ def test_header_timeout_cuts_a_trickled_head(edge_daemon: tuple[DaemonProcess, s
     assert closed and elapsed < 1.45, f"a trickled head was kept {elapsed:.1f}s"
 
 
-def test_body_timeout_cuts_a_body_that_never_arrives(edge_daemon: tuple[DaemonProcess, str]) -> None:
-    daemon, token = edge_daemon
+def test_body_timeout_cuts_a_body_that_never_arrives(shared_edge_daemon: tuple[DaemonProcess, str]) -> None:
+    daemon, token = shared_edge_daemon
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
         sock.sendall(b"PUT /v1/secrets/app/slow HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
                      + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
@@ -196,8 +211,8 @@ def test_body_timeout_cuts_a_body_that_never_arrives(edge_daemon: tuple[DaemonPr
     assert http("GET", daemon.url + "/v1/secrets/app/slow", token=token).status == 404
 
 
-def test_idle_timeout_cuts_a_keepalive_connection(edge_daemon: tuple[DaemonProcess, str]) -> None:
-    daemon, _ = edge_daemon
+def test_idle_timeout_cuts_a_keepalive_connection(shared_edge_daemon: tuple[DaemonProcess, str]) -> None:
+    daemon, _ = shared_edge_daemon
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         sock.settimeout(2)
@@ -206,8 +221,8 @@ def test_idle_timeout_cuts_a_keepalive_connection(edge_daemon: tuple[DaemonProce
     assert elapsed is not None and elapsed < 2.5, f"an idle keep-alive connection was kept {elapsed}s"
 
 
-def test_silent_connection_is_cut_after_the_header_timeout(edge_daemon: tuple[DaemonProcess, str]) -> None:
-    daemon, _ = edge_daemon
+def test_silent_connection_is_cut_after_the_header_timeout(shared_edge_daemon: tuple[DaemonProcess, str]) -> None:
+    daemon, _ = shared_edge_daemon
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
         elapsed = closed_after(sock, 5)
     assert elapsed is not None and elapsed < 1.45, f"a connection that sent nothing was kept {elapsed}s"
@@ -237,19 +252,20 @@ def limited_daemon(tmp_path: Path, nofile: int, env: dict[str, str] | None = Non
     return Limited(data, env=env or {}).start(), token
 
 
-def hold_connections(port: int, count: int) -> list[socket.socket]:
-    """``count`` attacker connections: half silent, half with a partial request head."""
+def hold_connections(port: int, count: int, connect_timeout: float = 1.0) -> list[socket.socket]:
+    """Up to ``count`` attacker connections, half silent, half with a partial request head; stops
+    at the first that cannot connect (the daemon's backlog is full)."""
     held = []
     for i in range(count):
         sock = socket.socket()
-        sock.settimeout(1)
+        sock.settimeout(connect_timeout)
         try:
             sock.connect(("127.0.0.1", port))
             if i % 2:
                 sock.sendall(b"GET /v1/secrets/app/x HTTP/1.1\r\nHost: ")
         except OSError:
             sock.close()
-            continue
+            break
         held.append(sock)
     return held
 
@@ -291,7 +307,7 @@ def test_accept_errors_are_logged_at_a_bounded_rate(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and len(held) < 600:
-            held += hold_connections(daemon.port, 50)
+            held += hold_connections(daemon.port, 50, connect_timeout=0.2)
     finally:
         for sock in held:
             sock.close()
