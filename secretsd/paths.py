@@ -18,7 +18,10 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 # '.' or '..' segment and the depth. Length limits and the reserved first segment it leaves to
 # validate_path, which stays the one decision (a test checks the two agree).
 _SEGMENT_NOT_DOTS = r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
-PATH_PATTERN = rf"^{_SEGMENT_NOT_DOTS}(?:/{_SEGMENT_NOT_DOTS}){{0,{MAX_DEPTH - 1}}}$"
+_PATH_BODY = rf"{_SEGMENT_NOT_DOTS}(?:/{_SEGMENT_NOT_DOTS}){{0,{MAX_DEPTH - 1}}}"
+PATH_PATTERN = rf"^{_PATH_BODY}$"
+#: validate_prefix's rule the same way: empty, '/', or a path with one optional trailing '/'.
+PREFIX_PATTERN = rf"^(?:/?|{_PATH_BODY}/?)$"
 
 
 def validate_path(path: str) -> str:

@@ -498,3 +498,30 @@ def test_two_authorization_headers_cannot_flood_the_audit_log(tmp_path: Path) ->
     assert len(own) == 3, own
     assert len(own) + sum(s["count"] for s in summaries) == sent
     assert token not in json.dumps(recs)
+
+
+async def test_openapi_prefix_and_after_carry_the_path_rule(api: Api) -> None:
+    import random
+
+    from secretsd.errors import InvalidPathError
+    from secretsd.paths import validate_path, validate_prefix
+
+    doc = await (await api.client.get("/v1/openapi.json")).json()
+    params = {p["name"]: p["schema"] for p in doc["paths"]["/v1/secrets"]["get"]["parameters"]}
+    status = {p["name"]: p["schema"] for p in doc["paths"]["/v1/rotation/status"]["get"]["parameters"]}
+    assert status["prefix"] == params["prefix"]
+    rng = random.Random(7)
+    samples = ["", "/", "app", "app/", "app//", "//", "a/./", "a/../b/", ".", "sys/", "a b"]
+    samples += ["".join(rng.choice("ab._-/") for _ in range(rng.randint(0, 10))) for _ in range(5000)]
+    for rule, check in ((params["prefix"], validate_prefix), (params["after"], validate_path)):
+        pattern = re.compile(rule["pattern"])
+        for sample in samples:
+            try:
+                check(sample)
+            except InvalidPathError:
+                continue
+            assert pattern.search(sample), (check.__name__, sample)
+        for sample in samples:
+            if not pattern.search(sample) and not (check is validate_path and sample == ""):
+                with pytest.raises(InvalidPathError):
+                    check(sample)

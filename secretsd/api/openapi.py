@@ -17,7 +17,7 @@ from secretsd.api.bodies import (
     SetMetadataBody,
     VersionsBody,
 )
-from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN
+from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN, PREFIX_PATTERN
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 
 _PATH_PARAM = {
@@ -82,8 +82,8 @@ def document() -> dict[str, Any]:
             "/healthz": {"get": _op("Liveness", None)},
             "/readyz": {"get": _op("Readiness: unsealed and storage reachable", None)},
             "/v1/secrets": {"get": _op("List secret paths (never values)", "list on the prefix", params=[
-                _query("prefix", "string", "list this path and everything below it"),
-                _query("after", "string", "continue after this path (pagination)"),
+                _query("prefix", "string", "list this path and everything below it", pattern=PREFIX_PATTERN),
+                _query("after", "string", "continue after this path (pagination)", pattern="^$|" + PATH_PATTERN),
                 _query("limit", "integer", "at most this many (1-1000)", minimum=1, maximum=1000),
             ])},
             "/v1/secrets/{path}": {
@@ -114,7 +114,8 @@ def document() -> dict[str, Any]:
                                                body="SetMetadataBody")},
             "/v1/rotation/status": {"get": _op("Rotation policy, next due and last result per secret",
                                                "list on the prefix",
-                                               params=[_query("prefix", "string", "this path and below")])},
+                                               params=[_query("prefix", "string", "this path and below",
+                                                              pattern=PREFIX_PATTERN)])},
             "/v1/sys/status": {"get": _op("Seal state, provider, keyring term, version",
                                           "read on sys/status")},
             "/v1/sys/keyring/rotate": {"post": _op("Add a keyring term", "admin on sys/keyring")},
