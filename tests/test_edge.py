@@ -345,6 +345,21 @@ def test_edge_relies_on_aiohttp_internals() -> None:
     assert "self.log_exception(" in inspect.getsource(RequestHandler.start)
 
 
+@pytest.fixture
+def daemon_logging() -> Iterator[None]:
+    """The daemon's log configuration in this process, undone afterwards for the other tests."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("daemon_logging")
 def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
@@ -365,6 +380,7 @@ def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture
     assert not leaks(out.encode(), FAKE_TOKEN)
 
 
+@pytest.mark.usefixtures("daemon_logging")
 def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
