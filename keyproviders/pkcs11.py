@@ -732,7 +732,15 @@ class Pkcs11KeyProvider:
         try:
             session = self._lib.session(self._opts, rescan=rescan)
             generation = self._lib.generation
-            keks = _find_keks(session, self._opts)
+            try:
+                keks = _find_keks(session, self._opts)
+            except ProviderConfigError as exc:
+                if not self._probes:
+                    raise
+                # It held fit keys before: unfit ones now (imported, extractable) mean another token.
+                raise KeyMismatchError(
+                    f"{self._opts.where()} now holds a key unfit to be ours ({exc}); the token was replaced"
+                ) from exc
             self._session = session  # the probes run in it; the keys are adopted only once they pass
             keks = self._pinned(keks)
         except p11.PKCS11Error as exc:
@@ -746,6 +754,15 @@ class Pkcs11KeyProvider:
         Raises ``KeyMismatchError`` when a version answers to its name but is another key, which
         is what a token replaced by one holding an attacker's key under the same label looks like.
         """
+        if self._probes and not self._probes.keys() & keks.keys():
+            # None of the versions we held is there: a token holding only "new" versions is not
+            # ours (a genuine token keeps the versions it had; they are destroyed only after a restart).
+            held = ", ".join(self._key_id(v) for v in sorted(self._probes))
+            found = ", ".join(self._key_id(v) for v in sorted(keks))
+            raise KeyMismatchError(
+                f"none of the key versions this provider held ({held}) is in {self._opts.where()} any more, only "
+                f"{found}: the token was replaced. Refusing to use it; put the genuine token back and investigate"
+            )
         for version, kek in keks.items():
             probe = self._probes.get(version)
             if probe is not None and not self._opens(kek, probe):

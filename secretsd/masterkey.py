@@ -117,10 +117,12 @@ async def migrate(old: Settings, new: Settings, *, progress: Progress | None = N
         openers = await old_group.ready_any()
         targets = await new_group.ready_all()
         terms = await storage.keyring_terms()
-        for target in targets:
-            # A target may be new custody, but one that reuses a stored key id must hold that key:
-            # otherwise its wrappings would replace the genuine ones (a planted token under the same label).
-            await asyncio.to_thread(prove_custody, target, terms, same_key_id_only=True)
+        old_specs = old.provider_specs()
+        for target, spec in zip(targets, new.provider_specs(), strict=True):
+            # A target configured as before (the HSM kept while a recovery key is added) is the
+            # store's custody and must prove it in full. A new one may be new custody, but one that
+            # reuses a stored key id must hold that key, or its wrappings would replace the genuine ones.
+            await asyncio.to_thread(prove_custody, target, terms, same_key_id_only=spec not in old_specs)
         target_ids = {(p.name, p.key_id()) for p in targets}
 
         def add(term: KeyringTerm, fresh: tuple[WrappedKey, ...]) -> tuple[WrappedKey, ...]:
