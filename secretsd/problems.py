@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from secretsd import errors
+from secretsd import errors, tokens
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:jarvis-secretsd:problem:"
@@ -78,7 +78,8 @@ def problem_document(
         "type": ptype.uri,
         "title": ptype.title,
         "status": ptype.status,
-        "detail": ptype.title if ptype.slug in _OPAQUE else detail,
+        # A detail may quote what the caller sent (a path): a token pasted there is not sent back.
+        "detail": ptype.title if ptype.slug in _OPAQUE else tokens.redact_secrets(detail),
     }
     if instance:
         doc["instance"] = instance

@@ -69,6 +69,22 @@ def is_token_id(text: str) -> bool:
     return _ID_RE.fullmatch(text) is not None
 
 
+# Anything shaped like the start of a token's secret: a token pasted (whole or cut) where a path or a
+# request id goes. Deliberately loose (any length of secret characters) so a cut token is caught too.
+_SECRET_IN_TEXT_RE = re.compile(r"sdt_([0-9a-fA-F]{16})_[A-Za-z0-9_-]+")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the secret part of anything token-shaped replaced: the rule for whatever a caller
+    sends that is copied into a record or a log (a path, a prefix). The public id stays, so an
+    operator can still tell whose token was pasted there and revoke it."""
+    return _SECRET_IN_TEXT_RE.sub(lambda m: f"{TOKEN_PREFIX}{m.group(1)}_[redacted]", text)
+
+
+def looks_like_token(text: str) -> bool:
+    return _SECRET_IN_TEXT_RE.search(text) is not None
+
+
 def display_id(token_id: str) -> str:
     """How a token is named in lists, logs and audit records: never the secret part."""
     return f"{TOKEN_PREFIX}{token_id}"

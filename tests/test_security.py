@@ -481,6 +481,25 @@ async def test_revoking_with_a_whole_token_never_echoes_its_secret(papi: Api) ->
     assert secret_part not in log
 
 
+async def test_rule_a_token_pasted_into_a_path_or_request_id_is_never_recorded(
+    papi: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = await papi.token("svc", "reader")
+    token_id, secret_part = token.split("_", 2)[1:]
+    cut = token[:40]  # part of a token is still part of a token
+    for path in (f"app/{token}", f"app/{cut}", f"{token}/x"):
+        for headers in (papi.auth(), {}):  # by an admin, and by nobody
+            resp = await papi.client.get(f"/v1/secrets/{path}", headers=headers)
+            assert resp.status in (401, 404), await resp.text()
+            assert secret_part[:8] not in await resp.text()
+    resp = await papi.client.get("/v1/secrets/app/x", headers={**papi.auth(), "X-Request-Id": token})
+    assert resp.headers["X-Request-Id"] != token and secret_part[:8] not in str(resp.headers)
+    log = papi.daemon.settings.audit.log_path(papi.daemon.settings.require_data_dir()).read_text()
+    for text in (log, caplog.text):
+        assert secret_part[:8] not in text and cut[-8:] not in text
+    assert f"sdt_{token_id}_[redacted]" in log  # whose token it was stays visible, to revoke it
+
+
 def test_a_malformed_client_token_is_refused_without_echoing_it() -> None:
     from secretsd.client import SecretsClient
     from secretsd.errors import ConfigError

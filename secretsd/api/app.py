@@ -92,6 +92,7 @@ def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[st
     path = request.match_info.get("path") or request.query.get("prefix")
     cut = False
     if path is not None:  # anyone may send a path: an unauthenticated one gets less room
+        path = tokens.redact_secrets(path)  # a token pasted into a URL never reaches the log
         path, cut = fields.clip(path, fields.MAX_PATH_BYTES if who else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
     return {
         "request_id": request_id,
@@ -115,7 +116,8 @@ def _request_id(request: web.Request) -> str:
     log the other one, and a record must not be tied to a request it does not name.
     """
     incoming = request.headers.getall("X-Request-Id", [])
-    if len(incoming) == 1 and _REQUEST_ID_RE.fullmatch(incoming[0]):
+    # A token fits the id's alphabet and length: one sent as an id is neither echoed nor recorded.
+    if len(incoming) == 1 and _REQUEST_ID_RE.fullmatch(incoming[0]) and not tokens.looks_like_token(incoming[0]):
         return incoming[0]
     return uuid.uuid4().hex
 
