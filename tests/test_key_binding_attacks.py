@@ -32,6 +32,7 @@ from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import running
 from tests.test_hsm import _terms, pkcs11_spec, write_config
 from tests.test_key_binding import replace_key_file, status
+from tests.test_keyprovider_pkcs11 import swap_in_blank_token
 
 AAD = b"secretsd:test:binding-attack"
 
@@ -91,14 +92,7 @@ def plant_token_with_version(genuine: SoftHSMToken, token_dir: Path, parked: Pat
     The key is generated in the planted token (CKA_LOCAL true): the attacker's own SoftHSM, whose
     files and PINs they hold, so they know its value.
     """
-    shutil.move(token_dir, parked)
-    before = set(genuine.token_dir.iterdir())
-    subprocess.run(
-        [*("softhsm2-util", "--init-token", "--free", "--label", genuine.label),
-         *("--so-pin", genuine.so_pin, "--pin", genuine.user_pin)],
-        check=True, capture_output=True,
-    )
-    (planted,) = set(genuine.token_dir.iterdir()) - before
+    planted = swap_in_blank_token(genuine, token_dir, parked)
     subprocess.run(
         [sys.executable, "-c", _PLANT_V2, json.dumps(genuine.provider_options(key_label)),
          str(parked.parent), str(version)],
@@ -279,12 +273,7 @@ def test_a_planted_token_with_an_imported_key_is_reported_as_a_mismatch(
 
     token, token_dir = softhsm_removable_token
     config, admin = _hsm_store(token, tmp_path)
-    shutil.move(token_dir, tmp_path / "parked")
-    subprocess.run(
-        [*("softhsm2-util", "--init-token", "--free", "--label", token.label),
-         *("--so-pin", token.so_pin, "--pin", token.user_pin)],
-        check=True, capture_output=True,
-    )
+    swap_in_blank_token(token, token_dir, tmp_path / "parked")
     subprocess.run([sys.executable, "-c", _IMPORT_V2.replace('b"2"', 'b"1"'), token.module, token.label,
                     token.user_pin, "kek", secrets.token_bytes(32).hex()], check=True, capture_output=True)
     settings = load_settings(config, data_dir=tmp_path / "d")

@@ -357,8 +357,8 @@ def _eventually(call: Callable[[], bytes], timeout: float = 15.0) -> bytes:
 
 
 # -- the key is pinned: a replaced token or an imported key is refused --------------------------------
-def plant_impostor_token(genuine: SoftHSMToken, token_dir: Path, parked: Path, key_label: str) -> Path:
-    """Swap the genuine token for one with the same label and PIN holding another key of that label."""
+def swap_in_blank_token(genuine: SoftHSMToken, token_dir: Path, parked: Path) -> Path:
+    """Park the genuine token's directory and put an empty token with the same label and PINs in its place."""
     shutil.move(token_dir, parked)
     before = set(genuine.token_dir.iterdir())
     subprocess.run(
@@ -367,6 +367,12 @@ def plant_impostor_token(genuine: SoftHSMToken, token_dir: Path, parked: Path, k
         check=True, capture_output=True,
     )
     (planted,) = set(genuine.token_dir.iterdir()) - before
+    return planted
+
+
+def plant_impostor_token(genuine: SoftHSMToken, token_dir: Path, parked: Path, key_label: str) -> Path:
+    """Swap the genuine token for one with the same label and PIN holding another key of that label."""
+    planted = swap_in_blank_token(genuine, token_dir, parked)
     # The attacker's key is made by another process, as it would be (this one holds a session).
     code = ("import sys, json; from keyproviders.pkcs11 import create_key; "
             "create_key(json.loads(sys.argv[1]), base_dir=sys.argv[2])")
