@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from secretsd.auth import Principal
 from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
 from secretsd.errors import (
@@ -37,6 +36,7 @@ from secretsd.errors import (
 from secretsd.events import Event, EventBus
 from secretsd.generators import BytesGenerator, GeneratorSpec
 from secretsd.hooks import Hook, HookCall, HookFailed
+from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.rotation_settings import RotationSettings
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
@@ -297,10 +297,10 @@ class RotationService:
                 ) from None
         now = self._clock()
         grace_until = now + policy.grace
-        status = dict(secret.rotation_status) | {
-            "last_result": "succeeded", "last_reason": "", "last_attempt_at": _iso(now), "last_success_at": _iso(now),
-            "failures": 0, "last_version": version, "trigger": trigger,
-        }
+        status = secret.rotation_status.replace(
+            last_result="succeeded", last_reason="", last_attempt_at=_iso(now), last_success_at=_iso(now),
+            failures=0, last_version=version, trigger=trigger,
+        )
         try:
             done = await self._storage.finish_pending(
                 path, version, expected_current=expected, now=now, grace_until=grace_until,
@@ -320,11 +320,10 @@ class RotationService:
     async def _discard(self, who: Principal, secret: SecretRecord, version: int, policy: RotationPolicy,
                        reason: str, trigger: str, *, result: str) -> None:
         now = self._clock()
-        failures = int(secret.rotation_status.get("failures", 0) or 0) + 1
-        status = dict(secret.rotation_status) | {
-            "last_result": result, "last_reason": reason, "last_attempt_at": _iso(now), "failures": failures,
-            "trigger": trigger,
-        }
+        failures = secret.rotation_status.failure_count + 1
+        status = secret.rotation_status.replace(
+            last_result=result, last_reason=reason, last_attempt_at=_iso(now), failures=failures, trigger=trigger,
+        )
         due = now + backoff(failures, self.settings) if policy.enabled else secret.rotation_due
         discarded = await self._storage.discard_pending(path := secret.path, version, now=now, rotation_due=due,
                                                         rotation_status=status)
@@ -357,15 +356,15 @@ class RotationService:
         if not policy.enabled:
             await self._storage.record_rotation(path, None, secret.rotation_status)
             return Outcome(path, "rescheduled", "scheduled rotation is off")
-        last_failed = secret.rotation_status.get("last_result") in ("failed", "conflict", "blocked")
+        last_failed = secret.rotation_status.last_result in ("failed", "conflict", "blocked")
         if not last_failed and secret.updated_at + policy.period > now:
             # Written since it was scheduled (a write is a manual rotation): due one period later.
             await self._storage.record_rotation(path, secret.updated_at + policy.period, secret.rotation_status)
             return Outcome(path, "rescheduled", "written since")
         if policy.generator.kind == "supplied":
             reason = "the generator is 'supplied': an operator must rotate it with a value"
-            status = dict(secret.rotation_status) | {"last_result": "blocked", "last_reason": reason,
-                                                     "last_attempt_at": _iso(now), "trigger": "schedule"}
+            status = secret.rotation_status.replace(last_result="blocked", last_reason=reason,
+                                                    last_attempt_at=_iso(now), trigger="schedule")
             due = now + timedelta(seconds=self.settings.retry_max_seconds)
             await self._storage.record_rotation(path, due, status)
             self._events.emit(Event("rotation.failed", now, SYSTEM.client, path, secret.current_version,
@@ -384,11 +383,10 @@ class RotationService:
                               trigger: str) -> None:
         """A failure before any pending version existed (a hook missing from the configuration)."""
         now = self._clock()
-        failures = int(secret.rotation_status.get("failures", 0) or 0) + 1
+        failures = secret.rotation_status.failure_count + 1
         due = now + backoff(failures, self.settings) if policy.enabled else secret.rotation_due
-        status = dict(secret.rotation_status) | {"last_result": "failed", "last_reason": reason,
-                                                 "last_attempt_at": _iso(now), "failures": failures,
-                                                 "trigger": trigger}
+        status = secret.rotation_status.replace(last_result="failed", last_reason=reason,
+                                                last_attempt_at=_iso(now), failures=failures, trigger=trigger)
         await self._storage.record_rotation(secret.path, due, status)
         self._events.emit(Event("rotation.failed", now, who.client, secret.path, None,
                                 {"outcome": "failed", "result": "failed", "reason": reason,

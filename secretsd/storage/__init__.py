@@ -10,6 +10,7 @@ from typing import Any
 from secretsd.errors import ConfigError
 from secretsd.storage.base import (
     KeyringTerm,
+    RotationStatus,
     SecretRecord,
     Storage,
     TokenRecord,
@@ -23,6 +24,7 @@ ENTRY_POINT_GROUP = "secretsd.storage"
 
 __all__ = [
     "KeyringTerm",
+    "RotationStatus",
     "SecretRecord",
     "Storage",
     "TokenRecord",

@@ -72,6 +72,7 @@ from secretsd.storage.base import (
     ExportRow,
     KeyringTerm,
     RevokeGuard,
+    RotationStatus,
     SecretRecord,
     Storage,
     TokenRecord,
@@ -569,7 +570,7 @@ class PostgresStorage:
             metadata=codec.metadata_from_json(row[4]),
             latest_version=row[5], previous_version=row[6], pending_version=row[7],
             rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
-            rotation_due=row[9], rotation_status=codec.metadata_from_json(row[10]),
+            rotation_due=row[9], rotation_status=RotationStatus.of(codec.metadata_from_json(row[10])),
         )
 
     @staticmethod
@@ -729,7 +730,7 @@ class PostgresStorage:
         grace_until: datetime | None,
         max_versions: int,
         rotation_due: datetime | None,
-        rotation_status: Mapping[str, Any],
+        rotation_status: RotationStatus,
     ) -> SecretRecord:
         async def run(conn: asyncpg.Connection) -> SecretRecord:
             locked = await conn.fetchrow(
@@ -762,7 +763,7 @@ class PostgresStorage:
         *,
         now: datetime,
         rotation_due: datetime | None,
-        rotation_status: Mapping[str, Any],
+        rotation_status: RotationStatus,
     ) -> bool:
         async def run(conn: asyncpg.Connection) -> bool:
             hit = await conn.fetchval(
@@ -795,7 +796,7 @@ class PostgresStorage:
         return await self._run(run)
 
     async def record_rotation(
-        self, path: str, rotation_due: datetime | None, rotation_status: Mapping[str, Any]
+        self, path: str, rotation_due: datetime | None, rotation_status: RotationStatus
     ) -> None:
         async def run(conn: asyncpg.Connection) -> None:
             await conn.execute(

@@ -33,6 +33,7 @@ from secretsd.storage.base import (
     ExportRow,
     KeyringTerm,
     RevokeGuard,
+    RotationStatus,
     SecretRecord,
     TokenRecord,
     VersionInfo,
@@ -310,7 +311,7 @@ class SQLiteStorage:
             updated_at=_req_dt(row[3]), metadata=codec.metadata_from_json(row[4]),
             latest_version=row[5], previous_version=row[6], pending_version=row[7],
             rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
-            rotation_due=_dt(row[9]), rotation_status=codec.metadata_from_json(row[10]),
+            rotation_due=_dt(row[9]), rotation_status=RotationStatus.of(codec.metadata_from_json(row[10])),
         )
 
     @staticmethod
@@ -467,7 +468,7 @@ class SQLiteStorage:
         grace_until: datetime | None,
         max_versions: int,
         rotation_due: datetime | None,
-        rotation_status: Mapping[str, Any],
+        rotation_status: RotationStatus,
     ) -> SecretRecord:
         def run(conn: sqlite3.Connection) -> SecretRecord:
             row = conn.execute(
@@ -499,7 +500,7 @@ class SQLiteStorage:
         *,
         now: datetime,
         rotation_due: datetime | None,
-        rotation_status: Mapping[str, Any],
+        rotation_status: RotationStatus,
     ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
@@ -534,7 +535,7 @@ class SQLiteStorage:
         return await self._write(run)
 
     async def record_rotation(
-        self, path: str, rotation_due: datetime | None, rotation_status: Mapping[str, Any]
+        self, path: str, rotation_due: datetime | None, rotation_status: RotationStatus
     ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(

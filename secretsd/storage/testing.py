@@ -15,7 +15,7 @@ import pytest
 
 from keyproviders import WrappedKey
 from secretsd.errors import AlreadyInitializedError, ConflictError
-from secretsd.storage.base import KeyringTerm, Storage, TokenRecord, VersionRecord, VersionState
+from secretsd.storage.base import KeyringTerm, RotationStatus, Storage, TokenRecord, VersionRecord, VersionState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -372,7 +372,7 @@ class StorageConformance(CopyConformance):
         pending = await storage.read_version("p", label="pending")
         assert pending is not None and pending[1].ciphertext == b"p" * 20
         due = T0 + timedelta(days=90)
-        status = {"last_result": "succeeded"}
+        status = RotationStatus(last_result="succeeded")
         grace = T0 + timedelta(days=14)
         with pytest.raises(ConflictError):
             await storage.finish_pending("p", 2, expected_current=0, now=T0, grace_until=grace,
@@ -398,9 +398,10 @@ class StorageConformance(CopyConformance):
         assert (w.secret.current_version, w.secret.pending_version, w.secret.latest_version) == (3, 2, 3)
         with pytest.raises(ConflictError):
             await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=None, max_versions=10,
-                                         rotation_due=None, rotation_status={})
-        assert await storage.discard_pending("p", 2, now=T0, rotation_due=T0, rotation_status={"failures": 1})
-        assert not await storage.discard_pending("p", 2, now=T0, rotation_due=T0, rotation_status={})
+                                         rotation_due=None, rotation_status=RotationStatus())
+        assert await storage.discard_pending("p", 2, now=T0, rotation_due=T0,
+                                             rotation_status=RotationStatus(failures=1))
+        assert not await storage.discard_pending("p", 2, now=T0, rotation_due=T0, rotation_status=RotationStatus())
         secret = await storage.get_secret("p")
         assert secret is not None and secret.pending_version is None and secret.current_version == 3
         assert secret.rotation_status == {"failures": 1}
@@ -417,7 +418,7 @@ class StorageConformance(CopyConformance):
         await storage.set_version_state("p", [2], VersionState.DESTROYED, T0)
         with pytest.raises(ConflictError):
             await storage.finish_pending("p", 2, expected_current=1, now=T0, grace_until=None, max_versions=10,
-                                         rotation_due=None, rotation_status={})
+                                         rotation_due=None, rotation_status=RotationStatus())
 
     async def test_concurrent_rotations_one_pending(self, storage: Storage) -> None:
         await initialized(storage)
@@ -438,7 +439,8 @@ class StorageConformance(CopyConformance):
         assert [v.version for v in await storage.list_versions("p")] == [1, 2]  # 1 is previous
         await storage.create_pending(version("p", 3), expected_current=2)
         await storage.finish_pending("p", 3, expected_current=2, now=T0 + timedelta(days=1),
-                                     grace_until=grace, max_versions=1, rotation_due=None, rotation_status={})
+                                     grace_until=grace, max_versions=1, rotation_due=None,
+                                     rotation_status=RotationStatus())
         # 1 is still in grace, 2 is previous.
         assert [v.version for v in await storage.list_versions("p")] == [1, 2, 3]
         await storage.write_version(version("p", 4), expected_current=3, metadata=None, max_versions=1)
@@ -465,9 +467,31 @@ class StorageConformance(CopyConformance):
         assert [s.path for s in await storage.rotation_candidates(T0 + timedelta(days=5), limit=1)] == ["a"]
         await storage.create_pending(version("c", 2), expected_current=1)  # pending: always a candidate
         assert [s.path for s in await storage.rotation_candidates(T0)] == ["c"]
-        await storage.record_rotation("a", T0 + timedelta(days=9), {"last_result": "failed", "failures": 2})
+        await storage.record_rotation("a", T0 + timedelta(days=9), RotationStatus(last_result="failed", failures=2))
         got = await storage.get_secret("a")
         assert got is not None and got.rotation_status == {"last_result": "failed", "failures": 2}
         assert got.rotation_due == T0 + timedelta(days=9)
         cleared = await storage.set_rotation("a", None, None)
         assert cleared is not None and cleared.rotation is None and cleared.rotation_due is None
+
+    async def test_rotation_status_is_typed_and_keeps_the_stored_json(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=5)
+        fresh = await storage.get_secret("p")
+        assert fresh is not None and fresh.rotation_status == RotationStatus() and not fresh.rotation_status
+        # A key a newer release wrote, and a known key holding another type, survive a read and a write.
+        stored = RotationStatus.of({"last_result": "failed", "failures": 3, "from_the_future": [1, 2],
+                                    "last_version": "7"})
+        await storage.record_rotation("p", None, stored)
+        got = await storage.get_secret("p")
+        assert got is not None and isinstance(got.rotation_status, RotationStatus)
+        assert got.rotation_status.last_result == "failed" and got.rotation_status.failure_count == 3
+        assert dict(got.rotation_status) == {"last_result": "failed", "failures": 3, "from_the_future": [1, 2],
+                                             "last_version": "7"}
+        again = got.rotation_status.replace(failures=4, last_version=2)
+        await storage.record_rotation("p", None, again)
+        got = await storage.get_secret("p")
+        assert got is not None and dict(got.rotation_status) == {
+            "last_result": "failed", "failures": 4, "from_the_future": [1, 2], "last_version": 2}
+        exported = await export_all(storage)
+        assert exported["secrets"][0]["rotation_status"] == dict(got.rotation_status)
