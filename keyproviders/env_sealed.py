@@ -63,36 +63,25 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cryptography.exceptions import InternalError, InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
+from keyproviders import _crypto
 from keyproviders.base import ProviderHealth, WrappedKey
 from keyproviders.errors import ProviderConfigError, ProviderUnavailableError, UnwrapError
 
-_Argon2id: Callable[..., Any] | None
-try:
-    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id as _Argon2id
-except ImportError:  # cryptography < 44
-    _Argon2id = None
-    logging.getLogger("keyproviders.env_sealed").warning(
-        "env-sealed key provider: cryptography has no Argon2id; new KEK versions use scrypt")
-
 log = logging.getLogger("keyproviders.env_sealed")
+if not _crypto.HAVE_ARGON2ID:  # cryptography < 44
+    log.warning("env-sealed key provider: cryptography has no Argon2id; new KEK versions use scrypt")
 
 NAME = "env-sealed"
 MECHANISM = "AES-256-GCM"
 SCHEME = 1
 KEY_BYTES = 32
-NONCE_BYTES = 12
+NONCE_BYTES = _crypto.GCM_NONCE_BYTES
 SALT_BYTES = 16
 KEY_ID_PREFIX = "env-sealed-"
 _KEK_INFO = b"secretsd env-sealed v1 aes-256-gcm kek"
@@ -260,14 +249,10 @@ def _bounded_int(value: object, name: str, lo: int, hi: int) -> int:
 @cache
 def argon2id_available() -> bool:
     """Whether this build of cryptography/OpenSSL can compute Argon2id (probed once, cheaply)."""
-    if _Argon2id is None:
-        return False
-    try:
-        _Argon2id(salt=b"\x00" * SALT_BYTES, length=KEY_BYTES, iterations=1, lanes=1, memory_cost=8).derive(b"probe")
-    except UnsupportedAlgorithm:
-        log.warning("env-sealed key provider: no Argon2id in this cryptography/OpenSSL; new KEK versions use scrypt")
-        return False
-    return True
+    if _crypto.argon2id_available():
+        return True
+    log.warning("env-sealed key provider: no Argon2id in this cryptography/OpenSSL; new KEK versions use scrypt")
+    return False
 
 
 def new_params(memory_kib: int, iterations: int, lanes: int) -> KdfParams:
@@ -282,19 +267,15 @@ def derive_root_key(passphrase: bytes, params: KdfParams) -> bytes:
     """The memory-hard step: passphrase + params -> 32-byte root key. Slow by design."""
     try:
         if params.kdf == ARGON2ID:
-            if _Argon2id is None:
-                raise UnsupportedAlgorithm("argon2id")
-            return bytes(_Argon2id(
-                salt=params.salt, length=KEY_BYTES, iterations=params.iterations,
-                lanes=params.lanes, memory_cost=params.memory_kib,
-            ).derive(passphrase))
-        return Scrypt(salt=params.salt, length=KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(passphrase)
-    except UnsupportedAlgorithm as exc:
+            return _crypto.argon2id(passphrase, params.salt, memory_kib=params.memory_kib,
+                                    iterations=params.iterations, lanes=params.lanes, length=KEY_BYTES)
+        return _crypto.scrypt(passphrase, params.salt, n=params.n, r=params.r, p=params.p, length=KEY_BYTES)
+    except _crypto.KdfUnsupportedError as exc:
         raise ProviderConfigError(
             f"env-sealed key provider: this build of cryptography/OpenSSL cannot compute {params.kdf}; "
             f"install cryptography with OpenSSL 3.2 or newer"
         ) from exc
-    except (MemoryError, InternalError) as exc:
+    except _crypto.KdfFailedError as exc:
         raise ProviderUnavailableError(
             f"env-sealed key provider: could not derive the KEK ({params.describe()}); "
             f"is there enough free memory?"
@@ -303,8 +284,8 @@ def derive_root_key(passphrase: bytes, params: KdfParams) -> bytes:
 
 def _subkeys(root: bytes) -> tuple[bytes, str]:
     """Split a root key into the AES-256-GCM wrapping key and the public key id (see module doc)."""
-    kek = HKDFExpand(SHA256(), KEY_BYTES, _KEK_INFO).derive(root)
-    kid = KEY_ID_PREFIX + HKDFExpand(SHA256(), 8, _KEY_ID_INFO).derive(root).hex()
+    kek = _crypto.hkdf_expand(root, _KEK_INFO, KEY_BYTES)
+    kid = KEY_ID_PREFIX + _crypto.hkdf_expand(root, _KEY_ID_INFO, 8).hex()
     return kek, kid
 
 
@@ -447,7 +428,7 @@ class EnvSealedKeyProvider:
             key_id=kid,
             mechanism=MECHANISM,
             nonce=nonce,
-            ciphertext=AESGCM(kek).encrypt(nonce, key, aad),
+            ciphertext=_crypto.aead_seal(kek, nonce, key, aad),
             params=params.to_record(),
         )
 
@@ -468,10 +449,7 @@ class EnvSealedKeyProvider:
                 f"wrapped key {wrapped.key_id} was sealed with a different passphrase than the one in "
                 f"{self._source}, or the record is damaged (a changed passphrase needs 'secretsd keyring migrate')"
             )
-        try:
-            return AESGCM(kek).decrypt(wrapped.nonce, wrapped.ciphertext, aad)
-        except (InvalidTag, ValueError) as exc:
-            raise UnwrapError("wrapped key failed authentication") from exc
+        return _crypto.aead_open(kek, wrapped.nonce, wrapped.ciphertext, aad)
 
     def health(self) -> ProviderHealth:
         try:

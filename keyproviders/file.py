@@ -20,9 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from keyproviders._crypto import GCM_NONCE_BYTES, aead_open, aead_seal
 from keyproviders.base import ProviderHealth, WrappedKey
 from keyproviders.errors import (
     ProviderConfigError,
@@ -32,7 +30,7 @@ from keyproviders.errors import (
 )
 
 KEY_BYTES = 32
-NONCE_BYTES = 12
+NONCE_BYTES = GCM_NONCE_BYTES
 MECHANISM = "AES-256-GCM"
 FILE_FORMAT = 1
 DEFAULT_FILENAME = "master.key"
@@ -174,7 +172,7 @@ class FileKeyProvider:
             key_id=kek_id,
             mechanism=MECHANISM,
             nonce=nonce,
-            ciphertext=AESGCM(kek).encrypt(nonce, key, aad),
+            ciphertext=aead_seal(kek, nonce, key, aad),
         )
 
     def unwrap(self, wrapped: WrappedKey, aad: bytes) -> bytes:
@@ -186,10 +184,7 @@ class FileKeyProvider:
             kek = self._keys.get(wrapped.key_id)
         if kek is None:
             raise ProviderKeyNotFoundError(f"key {wrapped.key_id} is not in key file {self._path}")
-        try:
-            return AESGCM(kek).decrypt(wrapped.nonce, wrapped.ciphertext, aad)
-        except (InvalidTag, ValueError) as exc:
-            raise UnwrapError("wrapped key failed authentication") from exc
+        return aead_open(kek, wrapped.nonce, wrapped.ciphertext, aad)
 
     def health(self) -> ProviderHealth:
         try:

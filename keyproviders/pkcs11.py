@@ -62,6 +62,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
+from keyproviders._crypto import kwp_header
 from keyproviders.base import ProviderHealth, WrappedKey
 from keyproviders.errors import (
     KeyMismatchError,
@@ -100,7 +101,7 @@ MECHANISM_GCM = "aes-gcm"
 MECHANISM_KWP = "aes-key-wrap-pad"
 
 # What a WrappedKey record says about how it was made. The key-wrap record names its AAD binding
-# too (see _kwp_header), so that a future binding is a new name rather than a silent change.
+# too (keyproviders._crypto.kwp_header), so that a future binding is a new name, not a silent change.
 RECORD_GCM = "CKM_AES_GCM"
 RECORD_KWP = "CKM_AES_KEY_WRAP_PAD+sha256-aad-v1"
 _RECORD_FOR = {MECHANISM_GCM: RECORD_GCM, MECHANISM_KWP: RECORD_KWP}
@@ -544,21 +545,6 @@ def _probe_mechanism(kek: _Kek) -> str:
     return RECORD_GCM if kek.attrs.get(Attribute.ENCRYPT) is True else RECORD_KWP
 
 
-def _kwp_header(nonce: bytes, aad: bytes) -> bytes:
-    """The AAD binding for CKM_AES_KEY_WRAP_PAD, which has no AAD input of its own.
-
-    Refusing AAD would make the mechanism useless (secretsd always binds the DEK's term and
-    purpose), and ignoring it would silently let a wrapped DEK be replayed in another context.
-    Instead the wrapped plaintext is ``SHA-256(domain, nonce, aad) || DEK``: RFC 5649 key wrap is a
-    deterministic authenticated cipher over the whole plaintext, so a blob unwraps to the right
-    header only in the context it was made for, and any other AAD is caught by a constant-time
-    compare after unwrapping. The random nonce makes each wrap of the same DEK differ (KWP alone
-    is deterministic and would reveal equal DEKs). The header also makes the plaintext 32 + 32
-    bytes, a multiple of 8, which sidesteps SoftHSM's wrong RFC 5649 padding for other lengths.
-    """
-    return hashlib.sha256(b"secretsd/pkcs11/kwp-aad/v1\x00" + len(nonce).to_bytes(1, "big") + nonce + aad).digest()
-
-
 # -- the provider --------------------------------------------------------------------------------
 class Pkcs11KeyProvider:
     """KEK versions in a PKCS#11 token; every library call serialised under the library's lock."""
@@ -618,7 +604,7 @@ class Pkcs11KeyProvider:
             if mechanism == RECORD_GCM:
                 params = GCMParams(nonce, aad, GCM_TAG_BITS)
                 return kek.version, kek.handle.encrypt(key, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-            return kek.version, self._kwp_wrap(kek, _kwp_header(nonce, aad) + key)
+            return kek.version, self._kwp_wrap(kek, kwp_header(nonce, aad) + key)
 
         version, blob = self._run(op)
         return WrappedKey(
@@ -652,7 +638,7 @@ class Pkcs11KeyProvider:
                 if self._token_answers(kek):
                     raise UnwrapError("wrapped key failed authentication") from exc
                 raise
-            header = _kwp_header(wrapped.nonce, aad)
+            header = kwp_header(wrapped.nonce, aad)
             if len(value) <= len(header) or not hmac.compare_digest(value[: len(header)], header):
                 raise UnwrapError("wrapped key failed authentication")
             return value[len(header) :]

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from keyproviders import WrappedKey
+from keyproviders import UnwrapError, WrappedKey, _crypto
 from keyproviders.env_sealed import EnvSealedKeyProvider, KdfParams, _subkeys, derive_root_key
 from keyproviders.file import FILE_FORMAT, FileKeyProvider, _key_id
-from keyproviders.pkcs11 import _kwp_header
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "keyprovider_vectors.json").read_text())
 
@@ -47,6 +46,16 @@ def test_file_key_id(vector: dict[str, str]) -> None:
     key = _x(vector["key"])
     assert _key_id(key) == vector["key_id"]
     assert vector["key_id"] == "file-" + hashlib.sha256(b"secretsd-file-kek-id\x00" + key).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("vector", VECTORS["file_wrap"] + VECTORS["env_sealed_wrap"], ids=lambda v: v["nonce"])
+def test_aead_seal_and_open(vector: dict[str, Any]) -> None:
+    """AES-256-GCM as both providers wrap with it: the vector's ciphertext, byte for byte."""
+    kek, nonce, aad, key = (_x(vector[f]) for f in ("kek", "nonce", "aad", "key"))
+    assert _crypto.aead_seal(kek, nonce, key, aad) == _x(vector["ciphertext"])
+    assert _crypto.aead_open(kek, nonce, _x(vector["ciphertext"]), aad) == key
+    with pytest.raises(UnwrapError):
+        _crypto.aead_open(kek, nonce, _x(vector["ciphertext"]), aad + b"x")
 
 
 @pytest.mark.parametrize("vector", VECTORS["file_wrap"], ids=lambda v: v["nonce"])
@@ -81,6 +90,7 @@ def test_env_sealed_kdf(vector: dict[str, Any]) -> None:
     root = derive_root_key(_x(vector["passphrase"]), params)
     assert root == _x(vector["root"])
     assert _subkeys(root) == (_x(vector["kek"]), vector["key_id"])
+    assert _crypto.hkdf_expand(root, b"secretsd env-sealed v1 aes-256-gcm kek", 32) == _x(vector["kek"])
 
 
 @pytest.mark.parametrize("vector", VECTORS["env_sealed_kdf"], ids=lambda v: v["key_id"])
@@ -112,6 +122,6 @@ def test_env_sealed_provider_opens_the_vector_records(vector: dict[str, Any]) ->
 @pytest.mark.parametrize("vector", VECTORS["pkcs11_kwp_header"], ids=lambda v: v["nonce"])
 def test_pkcs11_kwp_header(vector: dict[str, str]) -> None:
     nonce, aad = _x(vector["nonce"]), _x(vector["aad"])
-    assert _kwp_header(nonce, aad) == _x(vector["header"])
+    assert _crypto.kwp_header(nonce, aad) == _x(vector["header"])
     documented = hashlib.sha256(b"secretsd/pkcs11/kwp-aad/v1\x00" + bytes([len(nonce)]) + nonce + aad).digest()
     assert documented == _x(vector["header"])
