@@ -76,7 +76,9 @@ async def test_a_term_planted_in_storage_does_not_vouch_for_a_replaced_key(tmp_p
 # -- 2. the pkcs11 pin is only checked for versions that are still there -------------------------------
 _PLANT_V2 = """
 import json, sys
-from keyproviders.pkcs11 import Pkcs11Options, _generate_kek, _library
+from keyproviders.pkcs11 import Pkcs11Options
+from keyproviders.pkcs11.kek import _generate_kek
+from keyproviders.pkcs11.library import _library
 opts = Pkcs11Options.parse(json.loads(sys.argv[1]), base_dir=__import__('pathlib').Path(sys.argv[2]))
 lib = _library(opts.module)
 with lib.lock:
