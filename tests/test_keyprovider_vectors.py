@@ -14,14 +14,19 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from keyproviders import UnwrapError, WrappedKey, _crypto
 from keyproviders.env_sealed import EnvSealedKeyProvider, KdfParams, _subkeys, derive_root_key
 from keyproviders.file import FILE_FORMAT, FileKeyProvider, _key_id
+from keyproviders.pkcs11 import Pkcs11KeyProvider
+from softhsm.pytest_plugin import SoftHSMToken
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "keyprovider_vectors.json").read_text())
 
@@ -36,7 +41,8 @@ def _hkdf_expand_one_block(prk: bytes, info: bytes, length: int) -> bytes:
 
 
 def test_every_construction_has_vectors() -> None:
-    for section in ("file_key_id", "file_wrap", "env_sealed_kdf", "env_sealed_wrap", "pkcs11_kwp_header"):
+    for section in ("file_key_id", "file_wrap", "env_sealed_kdf", "env_sealed_wrap", "pkcs11_kwp_header",
+                    "pkcs11_wrap"):
         assert len(VECTORS[section]) >= 2, section
 
 
@@ -125,3 +131,66 @@ def test_pkcs11_kwp_header(vector: dict[str, str]) -> None:
     assert _crypto.kwp_header(nonce, aad) == _x(vector["header"])
     documented = hashlib.sha256(b"secretsd/pkcs11/kwp-aad/v1\x00" + bytes([len(nonce)]) + nonce + aad).digest()
     assert documented == _x(vector["header"])
+
+
+# -- pkcs11 wrapped keys -----------------------------------------------------------------------------
+def _standard_unwrap(vector: dict[str, Any], ciphertext: bytes, nonce: bytes, aad: bytes) -> bytes:
+    """What a verifier with any AES library does: GCM, or RFC 5649 key wrap and the header check."""
+    kek = _x(vector["kek"])
+    if vector["mechanism"] == "CKM_AES_GCM":
+        return _crypto.aead_open(kek, nonce, ciphertext, aad)
+    assert vector["mechanism"] == "CKM_AES_KEY_WRAP_PAD+sha256-aad-v1"
+    plaintext = aes_key_unwrap_with_padding(kek, ciphertext)
+    header = _crypto.kwp_header(nonce, aad)
+    assert plaintext[: len(header)] == header
+    return plaintext[len(header) :]
+
+
+@pytest.mark.parametrize("vector", VECTORS["pkcs11_wrap"], ids=lambda v: f"{v['mechanism']}-{v['nonce']}")
+def test_pkcs11_records_are_the_standard_constructions(vector: dict[str, Any]) -> None:
+    record = WrappedKey.from_dict(vector["record"])
+    assert (record.nonce, record.ciphertext) == (_x(vector["nonce"]), _x(vector["ciphertext"]))
+    assert _standard_unwrap(vector, record.ciphertext, record.nonce, _x(vector["aad"])) == _x(vector["key"])
+
+
+# A KEK with a known value, imported (CKA_LOCAL false) the way test_keyprovider_pkcs11 imports one: in
+# another process, so this process's library state is not disturbed.
+_IMPORT_KEK = """
+import sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+module, label, pin, key_label, value, mechanism = sys.argv[1:7]
+gcm = mechanism == "CKM_AES_GCM"
+with pkcs11.lib(module).get_token(token_label=label).open(rw=True, user_pin=pin) as session:
+    session.create_object({
+        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.VALUE: bytes.fromhex(value), Attribute.LABEL: key_label, Attribute.ID: b"1",
+        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: gcm, Attribute.DECRYPT: gcm,
+        Attribute.WRAP: not gcm, Attribute.UNWRAP: not gcm,
+    })
+"""
+
+
+def test_pkcs11_provider_opens_the_vector_records_and_writes_the_same_construction(
+    softhsm_removable_token: tuple[SoftHSMToken, Path], tmp_path: Path
+) -> None:
+    token, _ = softhsm_removable_token
+    for label in sorted({v["key_label"] for v in VECTORS["pkcs11_wrap"]}):
+        vectors = [v for v in VECTORS["pkcs11_wrap"] if v["key_label"] == label]
+        first = vectors[0]
+        subprocess.run([sys.executable, "-c", _IMPORT_KEK, token.module, token.label, token.user_pin, label,
+                        first["kek"], first["mechanism"]], check=True, capture_output=True)
+        mechanism = "aes-gcm" if first["mechanism"] == "CKM_AES_GCM" else "aes-key-wrap-pad"
+        options = {**token.provider_options(label, mechanism), "allow_imported_keys": True}
+        provider = Pkcs11KeyProvider.from_config(options, base_dir=tmp_path)
+        try:
+            for vector in vectors:
+                aad = _x(vector["aad"])
+                assert provider.unwrap(WrappedKey.from_dict(vector["record"]), aad) == _x(vector["key"])
+                # The other direction: what the provider writes today opens with the standard construction.
+                fresh = provider.wrap(_x(vector["key"]), aad)
+                assert (fresh.mechanism, fresh.key_id) == (vector["mechanism"], vector["key_id"])
+                assert _standard_unwrap(vector, fresh.ciphertext, fresh.nonce, aad) == _x(vector["key"])
+        finally:
+            provider.close()
