@@ -7,16 +7,16 @@ calls it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from secretsd.auth import Principal
 from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
+from secretsd.auth import Principal
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
@@ -29,6 +29,17 @@ MAX_METADATA_VALUE = 1024
 # version; after this many losses something is hammering one path and the caller should hear so.
 WRITE_ATTEMPTS = 8
 MAX_LIST_LIMIT = 1000
+#: Storage pages scanned at most to fill one listing page when policies hide many paths.
+MAX_LIST_SCANS = 20
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of a listing: the secrets the caller may see, and the cursor of the next page."""
+
+    secrets: list[SecretRecord]
+    #: Always one of ``secrets`` (never a hidden path); None on the last page.
+    next_after: str | None
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,34 @@ class SecretsService:
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise RequestError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
         return await self._storage.list_secrets(prefix, after=after, limit=limit)
+
+    async def list_page(self, who: Principal, prefix: str, *, after: str = "", limit: int = MAX_LIST_LIMIT,
+                        visible: Callable[[list[str]], set[str]]) -> ListPage:
+        """A page of at most ``limit`` secrets below ``prefix``, after ``after``, of those ``visible``
+        lets the caller see (the policy filter: a deny on one path hides it).
+
+        Storage pages are scanned until the page is full, the store ends or MAX_LIST_SCANS pages
+        were read; the cursor is always a shown path, so it never names a hidden one.
+        """
+        if after:
+            validate_path(after)
+        shown: list[SecretRecord] = []
+        more = False
+        for _ in range(MAX_LIST_SCANS):
+            found = await self.list_secrets(who, prefix, after=after, limit=limit)
+            seen = visible([s.path for s in found])
+            left_over = False
+            for record in found:
+                if record.path in seen:
+                    if len(shown) < limit:
+                        shown.append(record)
+                    else:
+                        left_over = True
+            more = len(found) == limit or left_over
+            if len(shown) == limit or not more:
+                break
+            after = found[-1].path
+        return ListPage(shown, shown[-1].path if shown and more else None)
 
     async def metadata(self, who: Principal, path: str) -> tuple[SecretRecord, list[VersionInfo]]:
         validate_path(path)

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from secretsd import tokens
-from secretsd.api import openapi
-from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, PRINCIPAL
-from secretsd.api.handlers import metrics_response, routes
+from secretsd.api import openapi, routes
+from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, OPENAPI, PRINCIPAL
+from secretsd.api.handlers import metrics_response
 from secretsd.audit import fields
 from secretsd.auth import Credentials, authenticate
 from secretsd.daemon import Daemon
@@ -29,21 +29,9 @@ log = logging.getLogger("secretsd.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Routes anyone may call: liveness, readiness and the API description reveal no secret state.
-PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
-# While sealed the API answers 503 `sealed` (after authentication), except where an operator looks
-# to learn why it is sealed.
-SEALED_ROUTES = frozenset({"/v1/sys/status", "/v1/auth/whoami"})
-
-# The audit action of each handler; version actions add their verb.
-ACTIONS = {
-    "put_secret": "secret.write", "get_secret": "secret.read", "list_secrets": "secret.list",
-    "delete_secret": "secret.delete", "version_action": "secret.", "get_metadata": "secret.metadata",
-    "status": "sys.status", "rotate_keyring": "keyring.rotate", "policy_check": "policy.check",
-    "create_token": "token.create", "list_tokens": "token.list", "revoke_token": "token.revoke",
-    "whoami": "auth.whoami", "metrics": "sys.metrics",
-    "rotate_secret": "secret.rotate", "put_metadata": "secret.policy", "rotation_status": "rotation.status",
-}
+# Both derived from the route table (secretsd/api/routes.py); the middleware decides by path.
+PUBLIC_ROUTES = routes.PUBLIC_PATHS
+SEALED_ROUTES = routes.SEALED_PATHS
 
 _HTTP_PROBLEMS = {
     404: ProblemType("not-found", 404, "Not found"),
@@ -84,10 +72,7 @@ def _route_name(request: web.Request) -> str:
 
 def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[str, object]:
     who = request.get(PRINCIPAL)
-    handler = getattr(request.match_info, "handler", None)
-    action = ACTIONS.get(getattr(handler, "__name__", ""), "http.unknown")
-    if action == "secret.":
-        action += request.match_info.get("action", "unknown")
+    action = routes.action_of(request)
     decision = "deny" if status in (401, 403) else "allow" if request.get(AUTHORIZED) else "none"
     path = request.match_info.get("path") or request.query.get("prefix")
     cut = False
@@ -195,10 +180,6 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-async def _openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document())
-
-
 def create_metrics_app(daemon: Daemon) -> web.Application:
     """The separate, unauthenticated metrics listener ([metrics] listen): /metrics and nothing else."""
 
@@ -213,6 +194,6 @@ def create_metrics_app(daemon: Daemon) -> web.Application:
 def create_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[request_middleware], client_max_size=daemon.settings.max_body_bytes)
     app[DAEMON] = daemon
-    app.router.add_get("/v1/openapi.json", _openapi)
-    app.router.add_routes(routes)
+    app[OPENAPI] = openapi.document()
+    routes.register(app)
     return app

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from secretsd.auth import Principal
 from secretsd.daemon import Daemon
 from secretsd.errors import PermissionDeniedError, RequestError
+from secretsd.auth import Principal
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.policy import Capability
 
 DAEMON = web.AppKey("daemon", Daemon)
+#: The OpenAPI document, built from the route table once per app.
+OPENAPI = web.AppKey("openapi", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUTHORIZED = web.RequestKey("authorized", bool)
 AUDIT_NOTES = web.RequestKey("audit_notes", dict)

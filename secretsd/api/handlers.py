@@ -1,4 +1,8 @@
-"""HTTP handlers: thin adapters from requests to the domain services and back to JSON."""
+"""HTTP handlers: thin adapters from requests to the domain services and back to JSON.
+
+Each handler parses its request, calls a service and answers; which method and path reach it,
+its audit action and its place in the OpenAPI document are declared in `secretsd.api.routes`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from secretsd.api.bodies import (
     read_body,
 )
 from secretsd.api.context import (
+    OPENAPI,
     allowed_paths,
     audit_note,
     authorize,
@@ -33,11 +38,8 @@ from secretsd.metrics import CONTENT_TYPE
 from secretsd.paths import validate_path
 from secretsd.policy import Capability
 from secretsd.rotation import RotationPolicy, labels_of
+from secretsd.service import MAX_LIST_LIMIT
 from secretsd.storage import SecretRecord, TokenRecord, VersionInfo
-
-routes = web.RouteTableDef()
-#: Storage pages scanned at most to fill one listing page when policies hide many paths.
-MAX_LIST_SCANS = 20
 
 
 def _t(value: datetime | None) -> str | None:
@@ -88,12 +90,14 @@ def _token(record: TokenRecord) -> dict[str, Any]:
 
 
 # -- health -----------------------------------------------------------------------------------
-@routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-@routes.get("/metrics")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
 async def metrics(request: web.Request) -> web.Response:
     authorize(request, Capability.READ, "sys/metrics")
     return await metrics_response(daemon(request))
@@ -106,14 +110,12 @@ async def metrics_response(d: Daemon) -> web.Response:
     return web.Response(body=d.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-@routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     ready, checks = await daemon(request).readiness()
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 # -- secrets ----------------------------------------------------------------------------------
-@routes.put("/v1/secrets/{path:.+}")
 async def put_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.WRITE, path)
@@ -125,7 +127,6 @@ async def put_secret(request: web.Request) -> web.Response:
     return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
 
 
-@routes.get("/v1/secrets/{path:.+}")
 async def get_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.READ, path)
@@ -143,7 +144,6 @@ async def get_secret(request: web.Request) -> web.Response:
                              | _version(found.info))
 
 
-@routes.post("/v1/secrets/{path:.+}/rotate")
 async def rotate_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.ROTATE, path)
@@ -166,7 +166,6 @@ async def rotate_secret(request: web.Request) -> web.Response:
     })
 
 
-@routes.put("/v1/metadata/{path:.+}")
 async def put_metadata(request: web.Request) -> web.Response:
     # The rotation policy decides a secret's lifecycle, like rotating it does: `rotate` (and an
     # explicit deny of `rotate` wins). Hooks are named, never defined, here (docs/rotation.md).
@@ -179,7 +178,6 @@ async def put_metadata(request: web.Request) -> web.Response:
     return web.json_response({"path": path, "rotation": _rotation(secret)})
 
 
-@routes.get("/v1/rotation/status")
 async def rotation_status(request: web.Request) -> web.Response:
     prefix = list_prefix(request)
     authorize(request, Capability.LIST, prefix)
@@ -192,44 +190,24 @@ async def rotation_status(request: web.Request) -> web.Response:
     })
 
 
-@routes.get("/v1/secrets")
 async def list_secrets(request: web.Request) -> web.Response:
     prefix = list_prefix(request)
     who = authorize(request, Capability.LIST, prefix)
     limit = int_query(request, "limit")
-    limit = 1000 if limit is None else limit
-    after = request.query.get("after", "")
-    if after:
-        validate_path(after)
-    shown: list[SecretRecord] = []
-    more = False
-    # Fill the page with paths the caller may list; the cursor is always one of those, so it
-    # never names a hidden path (pages are scanned until the page is full or the store ends).
-    for _ in range(MAX_LIST_SCANS):
-        found = await daemon(request).secrets.list_secrets(who, prefix, after=after, limit=limit)
-        visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
-        left_over = False
-        for record in found:
-            if record.path in visible:
-                if len(shown) < limit:
-                    shown.append(record)
-                else:
-                    left_over = True
-        more = len(found) == limit or left_over
-        if len(shown) == limit or not more:
-            break
-        after = found[-1].path
+    page = await daemon(request).secrets.list_page(
+        who, prefix, after=request.query.get("after", ""), limit=MAX_LIST_LIMIT if limit is None else limit,
+        visible=lambda paths: allowed_paths(request, Capability.LIST, paths),
+    )
     return web.json_response({
         "prefix": prefix,
         "secrets": [
             {"path": s.path, "current_version": s.current_version, "updated_at": _t(s.updated_at)}
-            for s in shown
+            for s in page.secrets
         ],
-        "next_after": shown[-1].path if shown and more else None,
+        "next_after": page.next_after,
     })
 
 
-@routes.delete("/v1/secrets/{path:.+}")
 async def delete_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.DELETE, path)
@@ -238,7 +216,6 @@ async def delete_secret(request: web.Request) -> web.Response:
     return web.json_response({"path": path, "deleted": changed})
 
 
-@routes.post("/v1/secrets/{path:.+}/{action:delete|undelete|destroy}")
 async def version_action(request: web.Request) -> web.Response:
     path = secret_path(request)
     action = request.match_info["action"]
@@ -257,7 +234,6 @@ async def version_action(request: web.Request) -> web.Response:
     return web.json_response({"path": path, key: changed})
 
 
-@routes.get("/v1/metadata/{path:.+}")
 async def get_metadata(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.READ, path)
@@ -277,13 +253,11 @@ async def get_metadata(request: web.Request) -> web.Response:
 
 
 # -- system -----------------------------------------------------------------------------------
-@routes.get("/v1/sys/status")
 async def status(request: web.Request) -> web.Response:
     authorize(request, Capability.READ, "sys/status")
     return web.json_response(await daemon(request).status())
 
 
-@routes.post("/v1/sys/keyring/rotate")
 async def rotate_keyring(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/keyring")
     term = await daemon(request).barrier.rekey(reason="requested", client=who.client)
@@ -291,7 +265,6 @@ async def rotate_keyring(request: web.Request) -> web.Response:
     return web.json_response({"active_term": term})
 
 
-@routes.post("/v1/sys/policy/check")
 async def policy_check(request: web.Request) -> web.Response:
     authorize(request, Capability.ADMIN, "sys/policy")
     body = await read_body(request, PolicyCheckBody)
@@ -328,7 +301,6 @@ async def policy_check(request: web.Request) -> web.Response:
 
 
 # -- tokens -----------------------------------------------------------------------------------
-@routes.post("/v1/auth/tokens")
 async def create_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     body = await read_body(request, CreateTokenBody)
@@ -337,13 +309,11 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token} | _token(record), status=201)
 
 
-@routes.get("/v1/auth/tokens")
 async def list_tokens(request: web.Request) -> web.Response:
     authorize(request, Capability.ADMIN, "sys/tokens")
     return web.json_response({"tokens": [_token(t) for t in await daemon(request).tokens.list_tokens()]})
 
 
-@routes.delete("/v1/auth/tokens/{token_id}")
 async def revoke_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     token_id = await daemon(request).tokens.revoke(who, request.match_info["token_id"])
@@ -351,7 +321,6 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"revoked": tokens.display_id(token_id)})
 
 
-@routes.get("/v1/auth/whoami")
 async def whoami(request: web.Request) -> web.Response:
     # Every caller may ask who it is: it reveals only what its own token already carries.
     who = principal(request)

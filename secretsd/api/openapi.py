@@ -1,46 +1,45 @@
-"""The OpenAPI 3.1 description served at ``/v1/openapi.json``."""
+"""The OpenAPI 3.1 description served at ``/v1/openapi.json``, generated from the route table."""
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
 from secretsd import __version__
-from secretsd.api.bodies import (
-    MAX_VERSION,
-    CreateTokenBody,
-    PolicyCheckBody,
-    PutSecretBody,
-    RotateBody,
-    SetMetadataBody,
-    VersionsBody,
-)
-from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN, PREFIX_PATTERN
+from secretsd.api.routes import OPERATIONS, Operation, Query
+from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 
-_PATH_PARAM = {
-    "name": "path", "in": "path", "required": True,
-    "description": "Secret path: segments of letters, digits, '.', '_', '-' separated by '/' (no '.' or '..' "
-                   "segment, at most 128 characters a segment, not under 'sys/')",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH, "pattern": PATH_PATTERN},
+# The path parameters the routes use, by name; a route with another one fails `document` (and
+# the test that compares the router with the document).
+_PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "path": {
+        "name": "path", "in": "path", "required": True,
+        "description": "Secret path: segments of letters, digits, '.', '_', '-' separated by '/' (no '.' or '..' "
+                       "segment, at most 128 characters a segment, not under 'sys/')",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH, "pattern": PATH_PATTERN},
+    },
+    "token_id": {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}},
 }
-_BODY_MODELS = (PutSecretBody, VersionsBody, CreateTokenBody, PolicyCheckBody, RotateBody, SetMetadataBody)
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
+_TEMPLATE_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
 
 
-def _op(summary: str, capability: str | None, *, body: str | None = None,
-        params: list[dict[str, Any]] | None = None, ok: int = 200, more: tuple[str, ...] = ()) -> dict[str, Any]:
+def _op(summary: str, requires: str | None, *, body: str | None = None,
+        params: list[dict[str, Any]] | None = None, ok: int = 200, ok_type: str = "application/json",
+        more: tuple[str, ...] = ()) -> dict[str, Any]:
     # 415: a body that is not application/json; ``more``: what only this operation answers.
     problems = ("400", "401", "403", "404", "409", "413", *(("415",) if body else ()), "503", *more)
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {str(ok): {"description": "OK", "content": {"application/json": {}}}}
+        "responses": {str(ok): {"description": "OK", "content": {ok_type: {}}}}
         | {code: _PROBLEM for code in sorted(problems)},
     }
-    if capability:
-        op["description"] = f"Requires the `{capability}` capability."
+    if requires:
+        op["description"] = f"Requires {requires}."
     else:
         op["security"] = []
     if params:
@@ -51,23 +50,57 @@ def _op(summary: str, capability: str | None, *, body: str | None = None,
     return op
 
 
-def _query(name: str, kind: str, description: str, **bounds: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": kind, **bounds}}
+def _query(q: Query) -> dict[str, Any]:
+    return {"name": q.name, "in": "query", "required": False, "description": q.description,
+            "schema": {"type": q.kind, **dict(q.bounds)}}
 
 
-def _schemas() -> dict[str, Any]:
+def _schemas(operations: tuple[Operation, ...]) -> dict[str, Any]:
     """The body models and every model they nest, all under components/schemas (one namespace:
     pydantic's own ``#/$defs/...`` would not resolve from an operation)."""
-    _, top = models_json_schema([(m, "validation") for m in _BODY_MODELS],
+    models = list(dict.fromkeys(op.body for op in operations if op.body is not None))
+    _, top = models_json_schema([(m, "validation") for m in models],
                                 ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     return schemas
 
 
-@cache
-def document() -> dict[str, Any]:
-    schemas = _schemas()
+def _requires(op: Operation, capability: str | None) -> str | None:
+    if op.public:
+        return None
+    if capability is None:
+        return "any valid token (no capability)"
+    return f"the `{capability}{' ' + op.scope if op.scope else ''}` capability"
+
+
+def _path_items(op: Operation) -> list[tuple[str, dict[str, Any]]]:
+    """(document path, operation object) for ``op``: one per variant of its ``{action}`` segment."""
+    template = _TEMPLATE_PARAM.sub(r"{\1}", op.path)
+    params = [_query(q) for q in op.query]
+    body = op.body.__name__ if op.body else None
+    if not op.variants:
+        cap = op.capability.value if op.capability else None
+        return [(template, _op(op.summary, _requires(op, cap), body=body, params=params, ok=op.ok,
+                               ok_type=op.ok_type, more=op.more))]
+    return [(template.replace("{action}", v.value),
+             _op(v.summary, _requires(op, v.capability.value), body=body, params=params, ok=op.ok,
+                 ok_type=op.ok_type, more=op.more))
+            for v in op.variants]
+
+
+def build(operations: tuple[Operation, ...]) -> dict[str, Any]:
+    """The document of ``operations``: every one of them, nothing else."""
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        for path, item in _path_items(op):
+            entry = paths.setdefault(path, {})
+            names = _TEMPLATE_PARAM.findall(path)
+            if names:
+                entry.setdefault("parameters", [_PATH_PARAMS[name] for name in names])
+            if op.method.lower() in entry:
+                raise ValueError(f"{op.method} {path} is declared twice")
+            entry[op.method.lower()] = item
+    schemas = _schemas(operations)
     schemas["Problem"] = {
         "type": "object",
         "properties": {k: {"type": "string"} for k in ("type", "title", "detail", "request_id")}
@@ -78,60 +111,7 @@ def document() -> dict[str, Any]:
         "info": {"title": "jarvis-secretsd", "version": __version__,
                  "description": "Secrets over HTTP. Errors are RFC 9457 problem documents."},
         "security": [{"bearer": []}],
-        "paths": {
-            "/healthz": {"get": _op("Liveness", None)},
-            "/readyz": {"get": _op("Readiness: unsealed and storage reachable", None)},
-            "/v1/secrets": {"get": _op("List secret paths (never values)", "list on the prefix", params=[
-                _query("prefix", "string", "list this path and everything below it", pattern=PREFIX_PATTERN),
-                _query("after", "string", "continue after this path (pagination)", pattern="^$|" + PATH_PATTERN),
-                _query("limit", "integer", "at most this many (1-1000)", minimum=1, maximum=1000),
-            ])},
-            "/v1/secrets/{path}": {
-                "parameters": [_PATH_PARAM],
-                "get": _op("Read a secret (current version, ?version=N or ?label=current|previous|pending); "
-                           "410 once expired or past its grace period (docs/rotation.md)", "read",
-                           params=[_query("version", "integer", "a version number", minimum=1, maximum=MAX_VERSION),
-                                   _query("label", "string", "current, previous or pending")], more=("410",)),
-                "put": _op("Write a new version; `cas` makes it check-and-set", "write", body="PutSecretBody"),
-                "delete": _op("Soft-delete the current version", "delete"),
-            },
-            **{
-                f"/v1/secrets/{{path}}/{action}": {
-                    "parameters": [_PATH_PARAM],
-                    "post": _op(f"{action.capitalize()} the given versions", "delete", body="VersionsBody"),
-                }
-                for action in ("delete", "undelete", "destroy")
-            },
-            "/v1/secrets/{path}/rotate": {
-                "parameters": [_PATH_PARAM],
-                "post": _op("Rotate now: a generated (or the supplied) value becomes current, the old one "
-                            "previous; 502 rotation-failed when the hook fails", "rotate", body="RotateBody",
-                            more=("502",)),
-            },
-            "/v1/metadata/{path}": {"parameters": [_PATH_PARAM],
-                                    "get": _op("Versions, labels, timestamps, creators, states, rotation", "read"),
-                                    "put": _op("Set or remove the rotation policy", "rotate",
-                                               body="SetMetadataBody")},
-            "/v1/rotation/status": {"get": _op("Rotation policy, next due and last result per secret",
-                                               "list on the prefix",
-                                               params=[_query("prefix", "string", "this path and below",
-                                                              pattern=PREFIX_PATTERN)])},
-            "/v1/sys/status": {"get": _op("Seal state, provider, keyring term, version",
-                                          "read on sys/status")},
-            "/v1/sys/keyring/rotate": {"post": _op("Add a keyring term", "admin on sys/keyring")},
-            "/v1/sys/policy/check": {"post": _op("Which rule decides a client's request",
-                                                 "admin on sys/policy", body="PolicyCheckBody")},
-            "/v1/auth/tokens": {
-                "get": _op("List tokens (never the token itself)", "admin on sys/tokens"),
-                "post": _op("Create a token for a client", "admin on sys/tokens",
-                            body="CreateTokenBody", ok=201),
-            },
-            "/v1/auth/tokens/{token_id}": {
-                "parameters": [{"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "delete": _op("Revoke a token", "admin on sys/tokens"),
-            },
-            "/v1/auth/whoami": {"get": _op("The calling token's client and policies", "any valid token")},
-        },
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": schemas,
@@ -139,3 +119,9 @@ def document() -> dict[str, Any]:
                 PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
         },
     }
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The document of the route table, built once."""
+    return build(OPERATIONS)
