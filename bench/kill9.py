@@ -3,7 +3,7 @@
 
 Run by hand (this is not a pytest test)::
 
-    python bench/kill9.py                      # 30 cycles, about 2-3 minutes on 2 cores
+    python bench/kill9.py                      # 30 cycles, 3-5 minutes on a busy 2-core VM
     python bench/kill9.py --cycles 60 --writers 8 --json > kill9.json
 
 What it does, with ``bench/load.py``'s daemon helpers (127.0.0.1 only, temporary data dir):
