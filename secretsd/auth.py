@@ -1,112 +1,142 @@
-"""Authentication: who is calling. One pluggable step in front of every request.
+"""Authentication: who is calling. The ``Authenticator`` seam, its registry and the one decision step.
 
-An ``Authenticator`` turns the credentials a transport saw (a bearer token today; a verified TLS
-client certificate or Unix-socket peer credentials later) into a ``Principal``, or says the
-credentials are not its kind. Authorisation is separate: see ``secretsd.policy``.
+An authenticator turns what a request presented (``Credentials``) into a ``Principal``; both types
+are domain identity (``secretsd.identity``). Authorisation is separate: see ``secretsd.policy``.
+
+Authenticators are found by method name in the entry-point group ``secretsd.authenticators``; the
+built-in token authenticator (``secretsd.token_auth``) registers there exactly as a third party
+would. The daemon builds the ones named in ``[[authenticators]]`` (default: ``token`` alone) and
+asks them in order. Every authenticator passes one conformance suite (``secretsd.auth_testing``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from importlib.metadata import entry_points
+from typing import Any, Protocol, cast
 
-from secretsd import tokens
 from secretsd.clock import Clock, utcnow
-from secretsd.errors import UnauthenticatedError
-from secretsd.storage import Storage, TokenRecord
+from secretsd.errors import ConfigError, UnauthenticatedError
+from secretsd.identity import CredentialCache, Credentials, Principal
+from secretsd.storage import Storage
 
-_NO_HASH = bytes(32)
-
-
-@dataclass(frozen=True)
-class Principal:
-    client: str
-    policies: tuple[str, ...]
-    method: str  # "token", later "mtls", "peer"
-    token_id: str | None = None
-    expires_at: datetime | None = None
-
-    @property
-    def display(self) -> str:
-        return f"{self.client} ({tokens.display_id(self.token_id)})" if self.token_id else self.client
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the transport saw. Fields stay None when that kind of credential was not presented."""
-
-    bearer: str | None = None
-    peer_cert_subject: str | None = None
-    peer_uid: int | None = None
+ENTRY_POINT_GROUP = "secretsd.authenticators"
 
 
 class Authenticator(Protocol):
+    """One authentication method.
+
+    ``authenticate`` answers in one of three ways:
+
+    * a ``Principal`` (with ``method`` set to this authenticator's ``method``): the credentials are
+      of its kind and valid;
+    * ``None``: "not mine" -- the fields of ``Credentials`` this method reads were not presented,
+      so the next authenticator is asked;
+    * ``UnauthenticatedError()``, always without a message of its own: the credentials are of its
+      kind but unknown, wrong, revoked or expired. Which of these it was is never said (to the
+      caller, in the error, or in a chained exception), so a caller learns nothing, not even
+      whether an identity exists.
+
+    Where a presented secret is compared with a stored one the comparison is constant-time, and it
+    is made even when the identity is unknown. Nothing secret reaches the ``Principal``.
+
+    ``Credentials`` grows a keyword-only field (default None) for each new kind of evidence -- a
+    verified TLS client certificate, the Unix-socket peer's uid/gid/pid -- so a new method is a new
+    module plus an entry point, and the methods already registered do not change: they read only
+    their own fields.
+    """
+
     method: str
 
-    async def authenticate(self, credentials: Credentials) -> Principal | None:
-        """A principal; None if these credentials are not this authenticator's kind.
-
-        Raises ``UnauthenticatedError`` when the credentials are of its kind but invalid.
-        """
-        ...
+    async def authenticate(self, credentials: Credentials) -> Principal | None: ...
 
 
-class TokenAuthenticator:
-    """Bearer tokens, verified against their stored hash, with a short-lived cache."""
+@dataclass(frozen=True)
+class AuthenticatorContext:
+    """What the daemon lends an authenticator it builds. New fields get defaults (the seam stays stable)."""
 
-    method = "token"
+    storage: Storage
+    clock: Clock = utcnow
+    #: The longest a verification may be reused without re-reading its source (``token_cache_seconds``):
+    #: the bound on how late a revocation made by another replica or worker takes effect here.
+    cache_seconds: float = 0.0
 
-    def __init__(self, storage: Storage, *, cache_seconds: float, clock: Clock = utcnow) -> None:
-        self._storage = storage
-        self._cache_seconds = cache_seconds
-        self._clock = clock
-        self._cache: dict[str, tuple[float, TokenRecord | None]] = {}
+
+class AuthenticatorFactory(Protocol):
+    """What an entry point in ``secretsd.authenticators`` names (usually the authenticator class)."""
+
+    def from_config(self, options: Mapping[str, Any], context: AuthenticatorContext) -> Authenticator: ...
+
+
+class Authenticators:
+    """The configured authenticators, in the order they are asked; one ``CredentialCache`` for all."""
+
+    def __init__(self, members: Sequence[Authenticator]) -> None:
+        self._members = tuple(members)
+        self._caches = tuple(m for m in self._members if isinstance(m, CredentialCache))
+
+    def __iter__(self) -> Iterator[Authenticator]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(m.method for m in self._members)
 
     def invalidate(self, token_id: str) -> None:
-        self._cache.pop(token_id, None)
+        for cache in self._caches:
+            cache.invalidate(token_id)
 
     def invalidate_all(self) -> None:
-        """Forget every cached token (after revocations may have been missed, e.g. a lost feed)."""
-        self._cache.clear()
-
-    async def _record(self, token_id: str) -> TokenRecord | None:
-        now = time.monotonic()
-        hit = self._cache.get(token_id)
-        if hit is not None and now - hit[0] < self._cache_seconds:
-            return hit[1]
-        record = await self._storage.get_token(token_id)
-        if len(self._cache) > 10_000:
-            self._cache.clear()  # bounded: a flood of unknown ids must not grow memory
-        self._cache[token_id] = (now, record)
-        return record
-
-    async def authenticate(self, credentials: Credentials) -> Principal | None:
-        if credentials.bearer is None:
-            return None
-        parsed = tokens.parse_token(credentials.bearer)
-        if parsed is None:
-            raise UnauthenticatedError()
-        token_id, secret = parsed
-        record = await self._record(token_id)
-        # Compare even when the id is unknown, and give one message for every failure: a caller
-        # must not learn whether an id exists.
-        matches = tokens.secret_matches(secret, record.secret_hash if record else _NO_HASH)
-        if record is None or not matches:
-            raise UnauthenticatedError()
-        if record.revoked_at is not None:
-            raise UnauthenticatedError()
-        if record.expires_at is not None and record.expires_at <= self._clock():
-            raise UnauthenticatedError()
-        return Principal(record.client, record.policies, self.method, token_id, record.expires_at)
+        for cache in self._caches:
+            cache.invalidate_all()
 
 
-async def authenticate(authenticators: Sequence[Authenticator], credentials: Credentials) -> Principal:
+async def authenticate(authenticators: Iterable[Authenticator], credentials: Credentials) -> Principal:
     """The first authenticator that recognises the credentials decides; none means 401."""
     for authenticator in authenticators:
         principal = await authenticator.authenticate(credentials)
         if principal is not None:
             return principal
     raise UnauthenticatedError()
+
+
+# -- the registry ---------------------------------------------------------------------------------
+def available_authenticators() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def authenticator_factory(method: str) -> AuthenticatorFactory:
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == method]
+    if not matches:
+        known = ", ".join(available_authenticators()) or "none (is jarvis-secretsd installed?)"
+        raise ConfigError(f"unknown authenticator method {method!r}; available: {known}")
+    try:
+        factory = matches[0].load()
+    except ImportError as exc:
+        raise ConfigError(f"authenticator {method!r} could not be loaded ({exc}); is its extra installed?") from exc
+    return cast(AuthenticatorFactory, factory)
+
+
+def create_authenticators(specs: Sequence[Mapping[str, Any]], context: AuthenticatorContext) -> Authenticators:
+    """Build the authenticators named by ``specs`` (each: ``method`` plus that method's options), in order."""
+    if not specs:
+        raise ConfigError("no authenticators configured: every request would be refused (add "
+                          "[[authenticators]] method = \"token\", or leave the setting out)")
+    built: list[Authenticator] = []
+    for spec in specs:
+        method = spec.get("method")
+        if not isinstance(method, str) or not method:
+            raise ConfigError("each [[authenticators]] entry needs a method, e.g. method = \"token\"")
+        if method in (a.method for a in built):
+            raise ConfigError(f"authenticator {method!r} is configured twice")
+        options = {k: v for k, v in spec.items() if k != "method"}
+        authenticator = authenticator_factory(method).from_config(options, context)
+        if authenticator.method != method:
+            raise ConfigError(f"the entry point {method!r} built an authenticator of method "
+                              f"{authenticator.method!r}; they must agree (it names the principal's method)")
+        built.append(authenticator)
+    return Authenticators(built)

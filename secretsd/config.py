@@ -38,6 +38,21 @@ class KeyProviderSettings(BaseModel):
         return self.model_dump()
 
 
+class AuthenticatorSettings(BaseModel):
+    """One ``[[authenticators]]`` entry: ``method`` names an entry point in ``secretsd.authenticators``,
+    the other keys are that method's own options. Asked in the order listed."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str = Field(min_length=1)
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def _default_authenticators() -> list[AuthenticatorSettings]:
+    return [AuthenticatorSettings(method="token")]
+
+
 class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
     backend: str = "sqlite"
@@ -146,6 +161,8 @@ class Settings(BaseSettings):
     rotation: RotationSettings = Field(default_factory=RotationSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    #: How requests authenticate (secretsd.auth): without this setting, bearer tokens, as always.
+    authenticators: list[AuthenticatorSettings] = Field(default_factory=_default_authenticators, min_length=1)
 
     max_versions: int = Field(10, ge=1, le=1000)
     max_value_bytes: int = Field(512 * 1024, ge=1, le=16 * 1024 * 1024)
@@ -196,6 +213,9 @@ class Settings(BaseSettings):
 
     def provider_specs(self) -> list[dict[str, Any]]:
         return [self.key_provider.options(), *(p.options() for p in self.recovery_providers)]
+
+    def authenticator_specs(self) -> list[dict[str, Any]]:
+        return [a.options() for a in self.authenticators]
 
     def require_data_dir(self) -> Path:
         if self.data_dir is None:
@@ -251,6 +271,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "rotation": RotationSettings(**data["rotation"]),
         "metrics": MetricsSettings(**data["metrics"]),
         "http": HttpSettings(**data["http"]),
+        "authenticators": [AuthenticatorSettings(**a) for a in data["authenticators"]],
     })
 
 

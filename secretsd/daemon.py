@@ -17,7 +17,7 @@ from secretsd import __version__, tokens
 from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
 from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
-from secretsd.auth import Authenticator, TokenAuthenticator
+from secretsd.auth import AuthenticatorContext, create_authenticators
 from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
 from secretsd.config import Settings
@@ -135,18 +135,19 @@ class Daemon:
             max_encryptions_per_term=settings.max_encryptions_per_term,
             events=self.events, clock=clock,
         )
-        self.token_auth = TokenAuthenticator(
-            self.storage, cache_seconds=settings.token_cache_seconds, clock=clock
+        # Authentication (secretsd.auth): the methods configured, built through their entry points.
+        self.authenticators = create_authenticators(
+            settings.authenticator_specs(),
+            AuthenticatorContext(self.storage, clock=clock, cache_seconds=settings.token_cache_seconds),
         )
-        self.authenticators: list[Authenticator] = [self.token_auth]
         self.secrets = SecretsService(
             self.storage, self.barrier, max_versions=settings.max_versions,
             max_value_bytes=settings.max_value_bytes, events=self.events, clock=clock,
         )
-        self.tokens = TokenService(self.storage, self.policies, self.token_auth,
+        self.tokens = TokenService(self.storage, self.policies, self.authenticators,
                                    events=self.events, clock=clock)
         # Replicas (docs/ha.md): other processes' keyring changes and revocations; singleton work.
-        self.replication = ReplicaSync(self.storage, self.barrier, self.token_auth,
+        self.replication = ReplicaSync(self.storage, self.barrier, self.authenticators,
                                        poll_seconds=settings.change_poll_seconds)
         self.leadership = Leadership(self.storage, retry_seconds=settings.leader_retry_seconds)
         # Secret lifecycle (docs/rotation.md): rotation, and its scheduler (leader only).
@@ -198,10 +199,7 @@ class Daemon:
         """Counts that need a storage query: taken when metrics are scraped, not per request."""
         now = self.clock()
         self.metrics.gauges["secrets"] = await self.storage.count_secrets()
-        self.metrics.gauges["tokens"] = sum(
-            1 for t in await self.storage.list_tokens()
-            if t.revoked_at is None and (t.expires_at is None or t.expires_at > now)
-        )
+        self.metrics.gauges["tokens"] = sum(1 for t in await self.storage.list_tokens() if t.is_active(now))
 
     async def _unseal_in_background(self) -> None:
         await self.barrier.unseal_until_done(self.settings.unseal_retry_max_seconds)

@@ -34,9 +34,9 @@ import logging
 from typing import Any
 
 from keyproviders import WrappedKey
-from secretsd.auth import TokenAuthenticator
 from secretsd.barrier import Barrier
 from secretsd.errors import SecretsdError
+from secretsd.identity import CredentialCache
 from secretsd.storage import Storage
 from secretsd.storage.base import KEYRING_CHANNEL, TOKENS_CHANNEL, ChangeFeed, ChangeSubscription
 
@@ -49,7 +49,7 @@ class ReplicaSync:
     """A background task that applies other replicas' keyring changes and token revocations here."""
 
     def __init__(
-        self, storage: Storage, barrier: Barrier, tokens: TokenAuthenticator, *, poll_seconds: float
+        self, storage: Storage, barrier: Barrier, tokens: CredentialCache, *, poll_seconds: float
     ) -> None:
         self._storage = storage
         self._barrier = barrier

@@ -16,7 +16,7 @@ from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
-from secretsd.auth import Principal
+from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState

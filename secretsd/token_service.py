@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from secretsd import tokens
-from secretsd.auth import Principal, TokenAuthenticator
 from secretsd.clock import Clock, utcnow
 from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
 from secretsd.events import Event, EventBus
+from secretsd.identity import CredentialCache, Principal
 from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.storage import Storage, TokenRecord
 
@@ -57,8 +57,7 @@ def check_client_name(client: str) -> None:
 
 
 def is_active_root(token: TokenRecord, now: datetime) -> bool:
-    return (ROOT_POLICY in token.policies and token.revoked_at is None
-            and (token.expires_at is None or token.expires_at > now))
+    return ROOT_POLICY in token.policies and token.is_active(now)
 
 
 def refuse_revoking_the_last_root_token(target: TokenRecord, others: Sequence[TokenRecord], now: datetime) -> None:
@@ -109,14 +108,14 @@ class TokenService:
         self,
         storage: Storage,
         policies: PolicyStore,
-        authenticator: TokenAuthenticator,
+        credential_cache: CredentialCache,
         *,
         events: EventBus | None = None,
         clock: Clock = utcnow,
     ) -> None:
         self._storage = storage
         self._policies = policies
-        self._authenticator = authenticator
+        self._credential_cache = credential_cache  # told of each revocation, so it takes effect at once
         self._events = events or EventBus()
         self._clock = clock
 
@@ -164,7 +163,7 @@ class TokenService:
         if not await self._storage.revoke_token(token_id, self._clock(),
                                                 guard=refuse_revoking_the_last_root_token):
             raise NotFoundError(f"no active token {tokens.display_id(token_id)}")
-        self._authenticator.invalidate(token_id)
+        self._credential_cache.invalidate(token_id)
         self._events.emit(Event("token.revoke", self._clock(), who.client,
                                 detail={"token": tokens.display_id(token_id)}))
         return token_id
@@ -175,8 +174,9 @@ class TokenService:
         They keep working (stored data is never broken by an upgrade), but whatever they do reads
         as the daemon's own identity, so the operator is told which to replace.
         """
+        now = self._clock()  # an expired or revoked one no longer works: nothing to warn about
         found = [t for t in await self._storage.list_tokens()
-                 if t.revoked_at is None and is_reserved_client(t.client)
+                 if t.is_active(now) and is_reserved_client(t.client)
                  and (t.client, t.created_by) not in _OWN_TOKENS]
         for t in found:
             log.warning("token %s has the reserved client name %r (created by %r before such names were "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from secretsd.problems import PROBLEM_CONTENT_TYPE
+from secretsd.token_auth import TokenAuthenticator
 from tests.conftest import Api
 
 
@@ -199,8 +200,9 @@ async def test_expired_token_is_refused(api: Api) -> None:
     token = (await resp.json())["token"]
     from datetime import timedelta
 
-    real = api.daemon.token_auth._clock
-    api.daemon.token_auth._clock = lambda: real() + timedelta(seconds=5)
+    token_auth = next(a for a in api.daemon.authenticators if isinstance(a, TokenAuthenticator))
+    real = token_auth._clock
+    token_auth._clock = lambda: real() + timedelta(seconds=5)
     await problem(await api.client.get("/v1/auth/whoami", headers=api.auth(token)), 401, "unauthenticated")
 
 

@@ -255,7 +255,7 @@ async def _assert_opens(settings: Settings, values: dict[str, str] | None = None
     await daemon.start()
     try:
         assert not daemon.barrier.sealed, daemon.barrier.last_error
-        from secretsd.auth import Principal
+        from secretsd.identity import Principal
 
         who = Principal("test", ("root",), "token")
         for path, value in (values or {}).items():
@@ -277,7 +277,7 @@ async def _store_with_terms(settings: Settings, n_terms: int) -> dict[str, str]:
     await initialize_store(settings)
     daemon = Daemon(settings)
     await daemon.start()
-    from secretsd.auth import Principal
+    from secretsd.identity import Principal
 
     who = Principal("test", ("root",), "token")
     values = {}

@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from secretsd.api import openapi, routes
 from secretsd.api.app import PUBLIC_ROUTES, SEALED_ROUTES
 from secretsd.api.routes import OPERATIONS, Operation, Variant
-from secretsd.auth import Principal
 from secretsd.config import load_settings
 from secretsd.daemon import initialize_store
+from secretsd.identity import Principal
 from secretsd.policy import Capability
 from secretsd.service import MAX_LIST_SCANS
 from tests.conftest import Api, running

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from secretsd import tokens
-from secretsd.auth import Principal
 from secretsd.errors import ConfigError, InvalidPathError, PermissionDeniedError
+from secretsd.identity import Principal
 from secretsd.paths import MAX_DEPTH, MAX_PATH_LENGTH, validate_path, validate_prefix
 from secretsd.policy import Capability, PolicySet, compile_glob
 from secretsd.token_service import check_delegation
@@ -131,3 +131,22 @@ def test_token_cannot_grant_policies_it_does_not_hold() -> None:
     with pytest.raises(PermissionDeniedError, match="root"):
         check_delegation(ops, ("ops", "root"))
     check_delegation(Principal("admin", ("root",), "token", "y"), ("anything",))
+
+
+def test_a_token_is_active_until_revoked_or_expired() -> None:
+    """``TokenRecord.is_active``: the one rule authentication, policy check, metrics and guards ask."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from secretsd.storage import TokenRecord
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    token = TokenRecord("00000000000000aa", b"h" * 32, "svc", ("p",), now - timedelta(days=1), "admin")
+    assert token.is_active(now)
+    assert replace(token, expires_at=now + timedelta(microseconds=1)).is_active(now)
+    # The expiry instant itself is already past it.
+    assert not replace(token, expires_at=now).is_active(now)
+    assert not replace(token, expires_at=now - timedelta(seconds=1)).is_active(now)
+    # Revoked is revoked, whatever its expiry, even a revocation stamped in the future.
+    assert not replace(token, revoked_at=now + timedelta(days=1)).is_active(now)
+    assert not replace(token, revoked_at=now, expires_at=now + timedelta(days=1)).is_active(now)

@@ -16,14 +16,15 @@ import pytest
 
 from keyproviders.pkcs11 import create_key
 from secretsd import tokens
-from secretsd.auth import Principal, TokenAuthenticator
 from secretsd.clock import utcnow
 from secretsd.config import load_settings
 from secretsd.daemon import build_storage, initialize_store
 from secretsd.errors import ConflictError, RequestError
+from secretsd.identity import Principal
 from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.storage import KeyringTerm, TokenRecord
 from secretsd.storage.postgres import PostgresStorage
+from secretsd.token_auth import TokenAuthenticator
 from secretsd.token_service import TokenService, check_client_name, refuse_revoking_the_last_root_token
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running

@@ -19,9 +19,10 @@ from secretsd.api import openapi, routes
 from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, OPENAPI, PRINCIPAL
 from secretsd.api.handlers import metrics_response
 from secretsd.audit import fields
-from secretsd.auth import Credentials, authenticate
+from secretsd.auth import authenticate
 from secretsd.daemon import Daemon
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
+from secretsd.identity import Credentials
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
 
 log = logging.getLogger("secretsd.http")

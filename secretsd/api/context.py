@@ -6,7 +6,7 @@ from aiohttp import web
 
 from secretsd.daemon import Daemon
 from secretsd.errors import PermissionDeniedError, RequestError
-from secretsd.auth import Principal
+from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.policy import Capability
 

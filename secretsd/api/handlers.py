@@ -278,8 +278,7 @@ async def policy_check(request: web.Request) -> web.Response:
     now = d.clock()
     held = sorted({
         p for t in await d.tokens.list_tokens()
-        if t.client == body.client and t.revoked_at is None
-        and (t.expires_at is None or t.expires_at > now)
+        if t.client == body.client and t.is_active(now)
         for p in t.policies
     })
     if not held:

@@ -1,0 +1,59 @@
+"""Identity, a domain notion: who is calling (``Principal``) and what a request presented (``Credentials``).
+
+Both live here, below the HTTP layer, so that the domain services (``service``, ``rotation``,
+``token_service``) name a caller without importing the transport or the authenticators. How
+credentials become a principal is the ``Authenticator`` seam (``secretsd.auth``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from secretsd import tokens
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. Carries no secret: it is logged, audited and shown to the caller."""
+
+    client: str
+    policies: tuple[str, ...]
+    method: str  # the authenticator's method ("token"), or "internal" for the daemon's own actors
+    token_id: str | None = None  # the public id of the token used, never its secret part
+    expires_at: datetime | None = None  # the credential's own end: what it may delegate is bounded by it
+
+    @property
+    def display(self) -> str:
+        return f"{self.client} ({tokens.display_id(self.token_id)})" if self.token_id else self.client
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credentials:
+    """What one request presented, as the transport saw it; a field stays None when not presented.
+
+    Growing this type is how a new authentication method arrives without breaking the seam: a
+    verified TLS client certificate or the Unix-socket peer's credentials become new keyword-only
+    fields with a None default, filled in by the transport. Every authenticator reads only the
+    fields of its own kind and answers "not mine" when they are None, so existing authenticators,
+    and third-party ones built against an older version of this type, keep working unchanged.
+
+    Secret fields are kept out of ``repr`` (a credential that reaches a log line or a traceback
+    must not carry the secret with it).
+    """
+
+    bearer: str | None = field(default=None, repr=False)
+
+
+@runtime_checkable
+class CredentialCache(Protocol):
+    """Whatever remembers verified credentials, and so must hear of each revocation.
+
+    The token service calls it when it revokes a token, the replica sync when another process did;
+    an authenticator that caches implements it (``secretsd.auth.Authenticators`` fans out to all).
+    """
+
+    def invalidate(self, token_id: str) -> None: ...
+
+    def invalidate_all(self) -> None: ...
