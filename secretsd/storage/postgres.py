@@ -64,10 +64,8 @@ from secretsd.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from secretsd.storage import codec, rows
+from secretsd.storage import codec, engine, rows
 from secretsd.storage.base import (
-    KEYRING_CHANNEL,
-    TOKENS_CHANNEL,
     ChangeSubscription,
     ExportRow,
     KeyringTerm,
@@ -98,12 +96,159 @@ MIGRATION_LOCK_KEY = 0x5EC2E75D  # "secretsd"
 MIGRATION_TIMEOUT_S = 3600.0
 _SCHEMES = ("postgresql://", "postgres://")
 
-_SECRET_COLS = ("path, current_version, created_at, updated_at, metadata::text, latest_version, "  # noqa: S105
-                "previous_version, pending_version, rotation::text, rotation_due, rotation_status::text")
-_VERSION_COLS = ("v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, v.ciphertext, "
-                 "v.expires_at, v.grace_until")
-_LABELS = ("current", "previous", "pending")
-_TOKEN_COLS = "token_id, secret_hash, client, policies::text, created_at, created_by, expires_at, revoked_at"  # noqa: S105
+def _select(table: str, columns: Sequence[str], alias: str = "") -> str:
+    """Column list for a SELECT: JSON columns as text, which the engine's row codecs decode."""
+    return ", ".join(f"{alias}{c}::text" if rows.kind(table, c) == "json" else f"{alias}{c}" for c in columns)
+
+
+_SECRET_COLS = _select("secrets", engine.SECRET_COLUMNS)
+_VERSION_COLS = _select("secret_versions", engine.VERSION_COLUMNS, "v.")
+_TOKEN_COLS = _select("tokens", engine.TOKEN_COLUMNS)
+_SELECT_SECRET = f"SELECT {_SECRET_COLS} FROM secrets WHERE path = $1"  # noqa: S608 - constant columns
+_SELECT_VERSION = f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = $1 AND v.version = $2"  # noqa: S608
+_SELECT_CURRENT_VERSION = (f"SELECT {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608
+                           "ON v.path = s.path AND v.version = s.current_version WHERE s.path = $1")
+_READ_COLS = _select("secrets", engine.SECRET_COLUMNS, "s.") + ", " + _VERSION_COLS
+#: One indexed lookup per read: the label's column (engine.label_column) names the version.
+_READ_BY_LABEL = {
+    column: f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
+            f"ON v.path = s.path AND v.version = s.{column} WHERE s.path = $1"
+    for column in engine.LABEL_COLUMNS.values()
+}
+_READ_BY_NUMBER = (f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
+                   "ON v.path = s.path AND v.version = $2 WHERE s.path = $1")
+
+
+def _as_is(value: Any) -> Any:
+    """asyncpg already returns aware datetimes for timestamptz columns."""
+    return value
+
+
+def _assignments(table: str, values: Mapping[str, Any], first: int) -> list[str]:
+    """``column = $n`` (cast to jsonb for JSON columns, which the engine passes as text)."""
+    kinds = rows.COLUMN_KINDS[table][1]
+    out = []
+    for i, column in enumerate(values, start=first):
+        if column not in kinds:  # names come from the engine, never from a caller; refuse all the same
+            raise ValueError(f"unknown column {table}.{column}")
+        out.append(f"{column} = ${i}::jsonb" if kinds[column] == "json" else f"{column} = ${i}")
+    return out
+
+
+class _Ops:
+    """The engine's row operations (``engine.RowOps``, as coroutines) on one connection in a transaction.
+
+    The ``lock_*`` reads take row locks (``FOR UPDATE``) held until commit: that is how writers on
+    different replicas take turns on a secret, a keyring term or the set of active tokens.
+    """
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def lock_secret(self, path: str) -> SecretRecord | None:
+        row = await self.conn.fetchrow(f"{_SELECT_SECRET} FOR UPDATE", path)
+        return engine.secret_from_row(row, _as_is) if row is not None else None
+
+    async def insert_secret(self, values: Mapping[str, Any]) -> None:
+        marks = [a.split(" = ", 1)[1] for a in _assignments("secrets", values, 1)]
+        await self.conn.execute(f"INSERT INTO secrets ({', '.join(values)}) "  # noqa: S608 - checked columns
+                                f"VALUES ({', '.join(marks)})", *values.values())
+
+    async def update_secret(self, path: str, values: Mapping[str, Any]) -> None:
+        sets = ", ".join(_assignments("secrets", values, 2))
+        await self.conn.execute(f"UPDATE secrets SET {sets} WHERE path = $1", path, *values.values())  # noqa: S608
+
+    async def lock_versions(self, path: str, versions: Sequence[int]) -> list[tuple[int, str, datetime | None]]:
+        found = await self.conn.fetch(
+            "SELECT version, state, deleted_at FROM secret_versions "
+            "WHERE path = $1 AND version = ANY($2::integer[]) FOR UPDATE",
+            path, list(versions),
+        )
+        return [(r[0], r[1], r[2]) for r in found]
+
+    async def insert_version(self, record: VersionRecord) -> None:
+        await self.conn.execute(
+            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
+            "created_by, state, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            record.path, record.version, record.term, record.nonce, record.ciphertext,
+            record.created_at, record.created_by, record.state.value, record.expires_at,
+        )
+
+    async def update_version(self, path: str, version: int, values: Mapping[str, Any]) -> None:
+        sets = ", ".join(_assignments("secret_versions", values, 3))
+        await self.conn.execute(f"UPDATE secret_versions SET {sets} WHERE path = $1 AND version = $2",  # noqa: S608
+                                path, version, *values.values())
+
+    async def prunable_versions(self, path: str, upto: int) -> list[tuple[int, datetime | None]]:
+        found = await self.conn.fetch(
+            "SELECT version, grace_until FROM secret_versions WHERE path = $1 AND version <= $2", path, upto,
+        )
+        return [(r[0], r[1]) for r in found]
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        await self.conn.execute("DELETE FROM secret_versions WHERE path = $1 AND version = ANY($2::integer[])",
+                                path, list(versions))
+
+    async def count_encryption(self, term: int) -> int | None:
+        count = await self.conn.fetchval(
+            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions", term,
+        )
+        return None if count is None else int(count)
+
+    async def claim_initialized(self, at: datetime) -> bool:
+        # ON CONFLICT: of two replicas initialising at once, the second waits on the key, then
+        # sees it taken, instead of failing with a bare unique violation.
+        claimed = await self.conn.fetchval(
+            "INSERT INTO meta (key, value) VALUES ('initialized_at', $1) ON CONFLICT (key) DO NOTHING RETURNING key",
+            at.astimezone(UTC).isoformat(),
+        )
+        return claimed is not None
+
+    async def insert_meta(self, items: Sequence[tuple[str, str]]) -> None:
+        await self.conn.executemany("INSERT INTO meta (key, value) VALUES ($1, $2)", items)
+
+    async def insert_term(self, term: KeyringTerm) -> None:
+        await self.conn.execute(
+            "INSERT INTO keyring_terms (term, wrappings, created_at, encryptions) VALUES ($1, $2::jsonb, $3, $4)",
+            term.term, codec.wrappings_to_json(term.wrappings), term.created_at, term.encryptions,
+        )
+
+    async def lock_term_wrappings(self, term: int) -> str | None:
+        # The row lock orders concurrent re-wraps from several replicas: the second sees the
+        # first's wrappings, not the ones it expected, and fails.
+        found = await self.conn.fetchval("SELECT wrappings::text FROM keyring_terms WHERE term = $1 FOR UPDATE", term)
+        return None if found is None else str(found)
+
+    async def update_term_wrappings(self, term: int, wrappings_json: str) -> None:
+        await self.conn.execute("UPDATE keyring_terms SET wrappings = $2::jsonb WHERE term = $1", term, wrappings_json)
+
+    async def insert_token(self, token: TokenRecord) -> None:
+        await self.conn.execute(
+            "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
+            "expires_at, revoked_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)",
+            token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
+            token.created_at, token.created_by, token.expires_at, token.revoked_at,
+        )
+
+    async def lock_active_tokens(self) -> list[TokenRecord]:
+        # FOR UPDATE locks every unrevoked token row until COMMIT: a concurrent guarded revocation
+        # on any replica waits, then re-reads the rows (READ COMMITTED drops the one revoked
+        # meanwhile) and judges what is really left.
+        found = await self.conn.fetch(
+            f"SELECT {_TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id FOR UPDATE",  # noqa: S608
+        )
+        return [engine.token_from_row(r, _as_is) for r in found]
+
+    async def revoke_token(self, token_id: str, now: datetime) -> bool:
+        hit = await self.conn.fetchval(
+            "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1", token_id, now,
+        )
+        return hit is not None
+
+    async def notify(self, channel: str, payload: str) -> None:
+        # Delivered to listeners when (and only if) the transaction commits.
+        # portability: CockroachDB has no LISTEN/NOTIFY; see docs/ha.md.
+        await self.conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 
 @dataclass(frozen=True)
@@ -471,6 +616,10 @@ class PostgresStorage:
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
 
+    async def _plan(self, make: Callable[[], engine.Plan[T]]) -> T:
+        """Run one of the engine's plans in a transaction; a retried transaction gets a fresh plan."""
+        return await self._run(lambda conn: engine.run_async(make(), _Ops(conn)))
+
     # -- initialisation -----------------------------------------------------------------------
     async def is_initialized(self) -> bool:
         return bool(await self._fetch("SELECT 1 FROM meta WHERE key = 'initialized_at'"))
@@ -478,21 +627,8 @@ class PostgresStorage:
     async def initialize(
         self, meta: Mapping[str, str], first_term: KeyringTerm, admin_token: TokenRecord
     ) -> None:
-        async def run(conn: asyncpg.Connection) -> None:
-            # ON CONFLICT: of two replicas initialising at once, the second waits on the key, then
-            # sees it taken, instead of failing with a bare unique violation.
-            claimed = await conn.fetchval(
-                "INSERT INTO meta (key, value) VALUES ('initialized_at', $1) "
-                "ON CONFLICT (key) DO NOTHING RETURNING key",
-                datetime.now(UTC).isoformat(),
-            )
-            if claimed is None:
-                raise AlreadyInitializedError(f"the store {self._target.description} is already initialised")
-            await conn.executemany("INSERT INTO meta (key, value) VALUES ($1, $2)", list(meta.items()))
-            await self._insert_term(conn, first_term)
-            await self._insert_token(conn, admin_token)
-
-        await self._run(run)
+        where = self._target.description
+        await self._plan(lambda: engine.initialize(meta, first_term, admin_token, datetime.now(UTC), where))
 
     async def get_meta(self, key: str) -> str | None:
         rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
@@ -511,13 +647,6 @@ class PostgresStorage:
         return await self._run(run)
 
     # -- keyring ------------------------------------------------------------------------------
-    @staticmethod
-    async def _insert_term(conn: asyncpg.Connection, term: KeyringTerm) -> None:
-        await conn.execute(
-            "INSERT INTO keyring_terms (term, wrappings, created_at, encryptions) VALUES ($1, $2::jsonb, $3, $4)",
-            term.term, codec.wrappings_to_json(term.wrappings), term.created_at, term.encryptions,
-        )
-
     async def keyring_terms(self) -> list[KeyringTerm]:
         rows = await self._fetch(
             "SELECT term, wrappings::text, created_at, encryptions FROM keyring_terms ORDER BY term"
@@ -527,95 +656,39 @@ class PostgresStorage:
             for r in rows
         ]
 
-    @staticmethod
-    async def _notify(conn: asyncpg.Connection, channel: str, payload: str) -> None:
-        # Delivered to listeners when (and only if) the transaction commits.
-        # portability: CockroachDB has no LISTEN/NOTIFY; see docs/ha.md.
-        await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
-
     async def add_keyring_term(self, term: KeyringTerm) -> None:
-        async def run(conn: asyncpg.Connection) -> None:
-            await self._insert_term(conn, term)
-            await self._notify(conn, KEYRING_CHANNEL, str(term.term))
-
-        await self._run(run)
+        await self._plan(lambda: engine.add_keyring_term(term))
 
     async def replace_keyring_wrappings(
         self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
     ) -> None:
         if not wrappings:
             raise ValueError("a keyring term needs at least one wrapping")
-
-        async def run(conn: asyncpg.Connection) -> None:
-            # The row lock orders concurrent re-wraps from several replicas: the second sees the
-            # first's wrappings, not the ones it expected, and fails.
-            current = await conn.fetchval(
-                "SELECT wrappings::text FROM keyring_terms WHERE term = $1 FOR UPDATE", term
-            )
-            if current is None or codec.wrappings_from_json(current) != expected:
-                raise ConflictError(f"keyring term {term} changed while it was being re-wrapped")
-            await conn.execute(
-                "UPDATE keyring_terms SET wrappings = $2::jsonb WHERE term = $1",
-                term, codec.wrappings_to_json(wrappings),
-            )
-            await self._notify(conn, KEYRING_CHANNEL, str(term))
-
-        await self._run(run)
+        await self._plan(lambda: engine.replace_keyring_wrappings(term, expected, wrappings))
 
     # -- secrets --------------------------------------------------------------------------------
-    @staticmethod
-    def _secret(row: asyncpg.Record) -> SecretRecord:
-        return SecretRecord(
-            path=row[0], current_version=row[1], created_at=row[2], updated_at=row[3],
-            metadata=codec.metadata_from_json(row[4]),
-            latest_version=row[5], previous_version=row[6], pending_version=row[7],
-            rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
-            rotation_due=row[9], rotation_status=RotationStatus.of(codec.metadata_from_json(row[10])),
-        )
-
-    @staticmethod
-    def _version_record(r: asyncpg.Record | Sequence[Any]) -> VersionRecord:
-        return VersionRecord(
-            path=r[0], version=r[1], created_at=r[2], created_by=r[3], state=VersionState(r[4]),
-            deleted_at=r[5], term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]), expires_at=r[9],
-            grace_until=r[10],
-        )
-
     async def get_secret(self, path: str) -> SecretRecord | None:
-        rows = await self._fetch(f"SELECT {_SECRET_COLS} FROM secrets WHERE path = $1", path)  # noqa: S608
-        return self._secret(rows[0]) if rows else None
+        rows = await self._fetch(_SELECT_SECRET, path)
+        return engine.secret_from_row(rows[0], _as_is) if rows else None
 
     async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
         if version is None:
-            rows = await self._fetch(
-                f"SELECT {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-                "ON v.path = s.path AND v.version = s.current_version WHERE s.path = $1",
-                path,
-            )
+            rows = await self._fetch(_SELECT_CURRENT_VERSION, path)
         else:
-            rows = await self._fetch(
-                f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = $1 AND v.version = $2",  # noqa: S608
-                path, version,
-            )
-        return self._version_record(rows[0]) if rows else None
+            rows = await self._fetch(_SELECT_VERSION, path, version)
+        return engine.version_from_row(rows[0], _as_is) if rows else None
 
     async def read_version(
         self, path: str, *, version: int | None = None, label: str = "current"
     ) -> tuple[SecretRecord, VersionRecord] | None:
-        if version is None and label not in _LABELS:
-            raise ValueError(f"unknown label {label!r}")
-        scols = ", ".join(f"s.{c.strip()}" for c in _SECRET_COLS.split(","))
-        rows = await self._fetch(
-            f"SELECT {scols}, {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constants
-            "ON v.path = s.path AND v.version = CASE WHEN $2::integer IS NOT NULL THEN $2::integer "
-            "WHEN $3 = 'previous' THEN s.previous_version WHEN $3 = 'pending' THEN s.pending_version "
-            "ELSE s.current_version END WHERE s.path = $1",
-            path, version, label,
-        )
+        if version is None:
+            rows = await self._fetch(_READ_BY_LABEL[engine.label_column(label)], path)
+        else:
+            rows = await self._fetch(_READ_BY_NUMBER, path, version)
         if not rows:
             return None
         values = list(rows[0].values())
-        return self._secret(values[:11]), self._version_record(values[11:])
+        return engine.secret_from_row(values[:11], _as_is), engine.version_from_row(values[11:], _as_is)
 
     async def write_version(
         self,
@@ -628,97 +701,15 @@ class PostgresStorage:
     ) -> WriteResult:
         if max_versions < 1:
             raise ValueError("max_versions must be at least 1")
-        meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
-
-        async def run(conn: asyncpg.Connection) -> WriteResult:
-            # The row lock makes concurrent writers of one path (on any replica) take turns; READ
-            # COMMITTED then shows each the version its predecessor committed.
-            locked = await conn.fetchrow(
-                "SELECT current_version, latest_version FROM secrets WHERE path = $1 FOR UPDATE", record.path
-            )
-            current = locked[0] if locked else 0
-            latest = locked[1] if locked else 0
-            if current != expected_current or record.version != latest + 1:
-                raise ConflictError(
-                    f"check-and-set failed: current version of {record.path} is {current}, "
-                    f"expected {expected_current}"
-                )
-            if current == 0:
-                # No row to lock yet: of concurrent creators, the primary key lets one insert and
-                # makes the others wait for its commit, then fail with a unique violation.
-                row = await conn.fetchrow(
-                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata, "  # noqa: S608
-                    "latest_version) "
-                    f"VALUES ($1, $2, $3, $3, COALESCE($4::jsonb, '{{}}'::jsonb), $2) RETURNING {_SECRET_COLS}",
-                    record.path, record.version, record.created_at, meta_json,
-                )
-            else:
-                row = await conn.fetchrow(
-                    "UPDATE secrets SET current_version = $2, updated_at = $3, latest_version = $2, "  # noqa: S608
-                    "previous_version = $5, metadata = COALESCE($4::jsonb, metadata) "
-                    f"WHERE path = $1 RETURNING {_SECRET_COLS}",
-                    record.path, record.version, record.created_at, meta_json, current,
-                )
-                if grace_until is not None:
-                    await conn.execute(
-                        "UPDATE secret_versions SET grace_until = $3 WHERE path = $1 AND version = $2",
-                        record.path, current, grace_until,
-                    )
-            await self._insert_version(conn, record)
-            await self._prune(conn, record.path, record.version - max_versions, record.created_at)
-            # Last, so the term's row lock (which every writer needs) is held only until commit.
-            count = await self._count_encryption(conn, record.term)
-            return WriteResult(self._secret(row), count)
-
-        return await self._run(run)
-
-    @staticmethod
-    async def _insert_version(conn: asyncpg.Connection, record: VersionRecord) -> None:
-        await conn.execute(
-            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
-            "created_by, state, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            record.path, record.version, record.term, record.nonce, record.ciphertext,
-            record.created_at, record.created_by, record.state.value, record.expires_at,
-        )
-
-    @staticmethod
-    async def _prune(conn: asyncpg.Connection, path: str, upto: int, now: datetime) -> None:
-        """Drop versions numbered <= ``upto``, but never a labelled one or one still in grace."""
-        await conn.execute(
-            "DELETE FROM secret_versions v USING secrets s WHERE s.path = $1 AND v.path = $1 "
-            "AND v.version <= $2 AND v.version IS DISTINCT FROM s.previous_version "
-            "AND v.version IS DISTINCT FROM s.pending_version AND (v.grace_until IS NULL OR v.grace_until <= $3)",
-            path, upto, now,
-        )
-
-    @staticmethod
-    async def _count_encryption(conn: asyncpg.Connection, term: int) -> int:
-        count = await conn.fetchval(
-            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions", term,
-        )
-        if count is None:
-            raise ConflictError(f"keyring term {term} does not exist")
-        return int(count)
+        # The row lock (lock_secret: FOR UPDATE) makes concurrent writers of one path, on any
+        # replica, take turns; READ COMMITTED then shows each the version its predecessor committed.
+        return await self._plan(lambda: engine.write_version(
+            record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
+            grace_until=grace_until,
+        ))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
-        async def run(conn: asyncpg.Connection) -> WriteResult:
-            locked = await conn.fetchrow(
-                "SELECT current_version, latest_version, pending_version FROM secrets WHERE path = $1 FOR UPDATE",
-                record.path,
-            )
-            if (locked is None or locked[0] != expected_current or locked[2] is not None
-                    or record.version != locked[1] + 1):
-                raise ConflictError(f"{record.path} changed, or a rotation of it is in progress")
-            row = await conn.fetchrow(
-                "UPDATE secrets SET pending_version = $2, latest_version = $2 "  # noqa: S608 - constant columns
-                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
-                record.path, record.version,
-            )
-            await self._insert_version(conn, record)
-            count = await self._count_encryption(conn, record.term)
-            return WriteResult(self._secret(row), count)
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.create_pending(record, expected_current=expected_current))
 
     async def finish_pending(
         self,
@@ -732,29 +723,10 @@ class PostgresStorage:
         rotation_due: datetime | None,
         rotation_status: RotationStatus,
     ) -> SecretRecord:
-        async def run(conn: asyncpg.Connection) -> SecretRecord:
-            locked = await conn.fetchrow(
-                "SELECT s.current_version FROM secrets s JOIN secret_versions v ON v.path = s.path "
-                "AND v.version = s.pending_version WHERE s.path = $1 AND s.pending_version = $2 "
-                "AND v.state = 'active' FOR UPDATE OF s",
-                path, version,
-            )
-            if locked is None or locked[0] != expected_current:
-                raise ConflictError(f"{path} changed while it was being rotated")
-            row = await conn.fetchrow(
-                "UPDATE secrets SET current_version = $2, previous_version = $3, pending_version = NULL, "  # noqa: S608
-                "updated_at = $4, rotation_due = $5, rotation_status = $6::jsonb "
-                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
-                path, version, expected_current, now, rotation_due, codec.metadata_to_json(rotation_status),
-            )
-            await conn.execute(
-                "UPDATE secret_versions SET grace_until = $3 WHERE path = $1 AND version = $2",
-                path, expected_current, grace_until,
-            )
-            await self._prune(conn, path, version - max_versions, now)
-            return self._secret(row)
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.finish_pending(
+            path, version, expected_current=expected_current, now=now, grace_until=grace_until,
+            max_versions=max_versions, rotation_due=rotation_due, rotation_status=rotation_status,
+        ))
 
     async def discard_pending(
         self,
@@ -765,46 +737,19 @@ class PostgresStorage:
         rotation_due: datetime | None,
         rotation_status: RotationStatus,
     ) -> bool:
-        async def run(conn: asyncpg.Connection) -> bool:
-            hit = await conn.fetchval(
-                "UPDATE secrets SET pending_version = NULL, rotation_due = $3, rotation_status = $4::jsonb "
-                "WHERE path = $1 AND pending_version = $2 RETURNING 1",
-                path, version, rotation_due, codec.metadata_to_json(rotation_status),
-            )
-            if hit is None:
-                return False
-            await conn.execute(
-                "UPDATE secret_versions SET state = 'destroyed', nonce = ''::bytea, ciphertext = ''::bytea, "
-                "deleted_at = COALESCE(deleted_at, $3) WHERE path = $1 AND version = $2",
-                path, version, now,
-            )
-            return True
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.discard_pending(
+            path, version, now=now, rotation_due=rotation_due, rotation_status=rotation_status,
+        ))
 
     async def set_rotation(
         self, path: str, policy: Mapping[str, Any] | None, rotation_due: datetime | None
     ) -> SecretRecord | None:
-        async def run(conn: asyncpg.Connection) -> SecretRecord | None:
-            row = await conn.fetchrow(
-                "UPDATE secrets SET rotation = $2::jsonb, rotation_due = $3 "  # noqa: S608 - constant columns
-                f"WHERE path = $1 RETURNING {_SECRET_COLS}",
-                path, codec.metadata_to_json(policy) if policy is not None else None, rotation_due,
-            )
-            return self._secret(row) if row is not None else None
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.set_rotation(path, policy, rotation_due))
 
     async def record_rotation(
         self, path: str, rotation_due: datetime | None, rotation_status: RotationStatus
     ) -> None:
-        async def run(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "UPDATE secrets SET rotation_due = $2, rotation_status = $3::jsonb WHERE path = $1",
-                path, rotation_due, codec.metadata_to_json(rotation_status),
-            )
-
-        await self._run(run)
+        await self._plan(lambda: engine.record_rotation(path, rotation_due, rotation_status))
 
     async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
         rows = await self._fetch(
@@ -813,7 +758,7 @@ class PostgresStorage:
             "ORDER BY rotation_due NULLS FIRST, path LIMIT $2",
             now, limit,
         )
-        return [self._secret(r) for r in rows]
+        return [engine.secret_from_row(r, _as_is) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
@@ -822,7 +767,7 @@ class PostgresStorage:
             "WHERE ((path >= $1 AND path < $2) OR path = $3) AND path > $4 ORDER BY path LIMIT $5",
             low, high, prefix, after, limit,
         )
-        return [self._secret(r) for r in rows]
+        return [engine.secret_from_row(r, _as_is) for r in rows]
 
     async def count_secrets(self) -> int:
         rows = await self._fetch("SELECT count(*) FROM secrets")
@@ -843,83 +788,22 @@ class PostgresStorage:
     async def set_version_state(
         self, path: str, versions: Sequence[int], state: VersionState, now: datetime
     ) -> list[int]:
-        wanted = sorted(set(versions))
-        if state is VersionState.DESTROYED:
-            sql = (
-                "UPDATE secret_versions SET state = 'destroyed', nonce = ''::bytea, ciphertext = ''::bytea, "
-                "deleted_at = COALESCE(deleted_at, $3) "
-                "WHERE path = $1 AND version = ANY($2::integer[]) AND state <> 'destroyed' RETURNING version"
-            )
-            args: tuple[Any, ...] = (path, wanted, now)
-        elif state is VersionState.DELETED:
-            sql = (
-                "UPDATE secret_versions SET state = 'deleted', deleted_at = $3 "
-                "WHERE path = $1 AND version = ANY($2::integer[]) AND state = 'active' RETURNING version"
-            )
-            args = (path, wanted, now)
-        else:
-            sql = (
-                "UPDATE secret_versions SET state = 'active', deleted_at = NULL "
-                "WHERE path = $1 AND version = ANY($2::integer[]) AND state = 'deleted' RETURNING version"
-            )
-            args = (path, wanted)
-
-        async def run(conn: asyncpg.Connection) -> list[int]:
-            return sorted(int(r[0]) for r in await conn.fetch(sql, *args))
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.set_version_state(path, versions, state, now))
 
     # -- tokens -------------------------------------------------------------------------------
-    @staticmethod
-    async def _insert_token(conn: asyncpg.Connection, token: TokenRecord) -> None:
-        await conn.execute(
-            "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
-            "expires_at, revoked_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)",
-            token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
-            token.created_at, token.created_by, token.expires_at, token.revoked_at,
-        )
-
-    @staticmethod
-    def _token(r: asyncpg.Record) -> TokenRecord:
-        return TokenRecord(
-            token_id=r[0], secret_hash=bytes(r[1]), client=r[2], policies=codec.policies_from_json(r[3]),
-            created_at=r[4], created_by=r[5], expires_at=r[6], revoked_at=r[7],
-        )
-
     async def create_token(self, token: TokenRecord) -> None:
-        await self._run(lambda conn: self._insert_token(conn, token))
+        await self._plan(lambda: engine.create_token(token))
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
         rows = await self._fetch(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = $1", token_id)  # noqa: S608
-        return self._token(rows[0]) if rows else None
+        return engine.token_from_row(rows[0], _as_is) if rows else None
 
     async def list_tokens(self) -> list[TokenRecord]:
         rows = await self._fetch(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
-        return [self._token(r) for r in rows]
+        return [engine.token_from_row(r, _as_is) for r in rows]
 
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
-        async def run(conn: asyncpg.Connection) -> bool:
-            if guard is not None:
-                # FOR UPDATE locks every unrevoked token row until COMMIT: a concurrent guarded
-                # revocation on any replica waits, then re-reads the rows (READ COMMITTED drops
-                # the one revoked meanwhile) and judges what is really left.
-                rows = await conn.fetch(
-                    f"SELECT {_TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id FOR UPDATE",  # noqa: S608
-                )
-                found = [self._token(r) for r in rows]
-                target = next((t for t in found if t.token_id == token_id), None)
-                if target is None:
-                    return False
-                guard(target, [t for t in found if t.token_id != token_id], now)
-            hit = await conn.fetchval(
-                "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1",
-                token_id, now,
-            )
-            if hit is not None:
-                await self._notify(conn, TOKENS_CHANNEL, token_id)
-            return hit is not None
-
-        return await self._run(run)
+        return await self._plan(lambda: engine.revoke_token(token_id, now, guard))
 
     # -- change feed (LISTEN/NOTIFY) ------------------------------------------------------------
     async def subscribe(

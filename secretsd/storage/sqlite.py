@@ -27,7 +27,7 @@ from secretsd.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from secretsd.storage import codec
+from secretsd.storage import codec, engine
 from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
     ExportRow,
@@ -45,12 +45,22 @@ from secretsd.storage.migrations import load_migrations
 
 T = TypeVar("T")
 DEFAULT_FILENAME = "secretsd.db"
-_SECRET_COLS = ("path, current_version, created_at, updated_at, metadata, latest_version, "  # noqa: S105
-                "previous_version, pending_version, rotation, rotation_due, rotation_status")
-_VERSION_COLS = ("v.path, v.version, v.created_at, v.created_by, v.state, v.deleted_at, v.term, v.nonce, "
-                 "v.ciphertext, v.expires_at, v.grace_until")
-_LABELS = ("current", "previous", "pending")
+_SECRET_COLS = ", ".join(engine.SECRET_COLUMNS)
+_VERSION_COLS = ", ".join(f"v.{c}" for c in engine.VERSION_COLUMNS)
+_TOKEN_COLS = ", ".join(engine.TOKEN_COLUMNS)
 _SELECT_SECRET = f"SELECT {_SECRET_COLS} FROM secrets WHERE path = ?"  # noqa: S608 - constant columns
+_SELECT_VERSION = f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = ? AND v.version = ?"  # noqa: S608
+_SELECT_CURRENT_VERSION = (f"SELECT {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608
+                           "ON v.path = s.path AND v.version = s.current_version WHERE s.path = ?")
+_READ_COLS = ", ".join(f"s.{c}" for c in engine.SECRET_COLUMNS) + ", " + _VERSION_COLS
+#: One indexed lookup per read: the label's column (engine.label_column) names the version.
+_READ_BY_LABEL = {
+    column: f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
+            f"ON v.path = s.path AND v.version = s.{column} WHERE s.path = ?"
+    for column in engine.LABEL_COLUMNS.values()
+}
+_READ_BY_NUMBER = (f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
+                   "ON v.path = s.path AND v.version = ? WHERE s.path = ?")
 
 
 def _ts(value: datetime) -> str:
@@ -106,6 +116,122 @@ class FileLeaderLock:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the descriptor drops the lock
+
+
+def _param(value: Any) -> Any:
+    return _ts(value) if isinstance(value, datetime) else value
+
+
+def _assignments(table: str, values: Mapping[str, Any]) -> str:
+    # Column names come from the engine, never from a caller; refuse anything else all the same.
+    for column in values:
+        if column not in rowcodec.COLUMN_KINDS[table][1]:
+            raise ValueError(f"unknown column {table}.{column}")
+    return ", ".join(f"{column} = ?" for column in values)
+
+
+class _Ops:
+    """The engine's row operations (``engine.RowOps``) on the writer connection, inside BEGIN IMMEDIATE.
+
+    No locking reads: BEGIN IMMEDIATE already holds the database's only write lock until COMMIT.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def lock_secret(self, path: str) -> SecretRecord | None:
+        row = self.conn.execute(_SELECT_SECRET, (path,)).fetchone()
+        return engine.secret_from_row(row, _dt) if row else None
+
+    def insert_secret(self, values: Mapping[str, Any]) -> None:
+        _assignments("secrets", values)
+        self.conn.execute(f"INSERT INTO secrets ({', '.join(values)}) "  # noqa: S608 - checked columns
+                          f"VALUES ({', '.join('?' for _ in values)})", [_param(v) for v in values.values()])
+
+    def update_secret(self, path: str, values: Mapping[str, Any]) -> None:
+        self.conn.execute(f"UPDATE secrets SET {_assignments('secrets', values)} WHERE path = ?",  # noqa: S608
+                          [*map(_param, values.values()), path])
+
+    def lock_versions(self, path: str, versions: Sequence[int]) -> list[tuple[int, str, datetime | None]]:
+        marks = ", ".join("?" for _ in versions)
+        rows = self.conn.execute(
+            f"SELECT version, state, deleted_at FROM secret_versions WHERE path = ? AND version IN ({marks})",  # noqa: S608
+            (path, *versions),
+        ).fetchall()
+        return [(r[0], r[1], _dt(r[2])) for r in rows]
+
+    def insert_version(self, record: VersionRecord) -> None:
+        self.conn.execute(
+            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
+            "created_by, state, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.path, record.version, record.term, record.nonce, record.ciphertext,
+             _ts(record.created_at), record.created_by, record.state.value,
+             _ts(record.expires_at) if record.expires_at else None),
+        )
+
+    def update_version(self, path: str, version: int, values: Mapping[str, Any]) -> None:
+        self.conn.execute(
+            f"UPDATE secret_versions SET {_assignments('secret_versions', values)} "  # noqa: S608
+            "WHERE path = ? AND version = ?",
+            [*map(_param, values.values()), path, version],
+        )
+
+    def prunable_versions(self, path: str, upto: int) -> list[tuple[int, datetime | None]]:
+        rows = self.conn.execute("SELECT version, grace_until FROM secret_versions WHERE path = ? AND version <= ?",
+                                 (path, upto)).fetchall()
+        return [(r[0], _dt(r[1])) for r in rows]
+
+    def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.conn.executemany("DELETE FROM secret_versions WHERE path = ? AND version = ?",
+                              [(path, v) for v in versions])
+
+    def count_encryption(self, term: int) -> int | None:
+        row = self.conn.execute(
+            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = ? RETURNING encryptions", (term,),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def claim_initialized(self, at: datetime) -> bool:
+        cur = self.conn.execute("INSERT INTO meta (key, value) VALUES ('initialized_at', ?) "
+                                "ON CONFLICT (key) DO NOTHING", (_ts(at),))
+        return cur.rowcount == 1
+
+    def insert_meta(self, items: Sequence[tuple[str, str]]) -> None:
+        self.conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", items)
+
+    def insert_term(self, term: KeyringTerm) -> None:
+        self.conn.execute(
+            "INSERT INTO keyring_terms (term, wrappings, created_at, encryptions) VALUES (?, ?, ?, ?)",
+            (term.term, codec.wrappings_to_json(term.wrappings), _ts(term.created_at), term.encryptions),
+        )
+
+    def lock_term_wrappings(self, term: int) -> str | None:
+        row = self.conn.execute("SELECT wrappings FROM keyring_terms WHERE term = ?", (term,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def update_term_wrappings(self, term: int, wrappings_json: str) -> None:
+        self.conn.execute("UPDATE keyring_terms SET wrappings = ? WHERE term = ?", (wrappings_json, term))
+
+    def insert_token(self, token: TokenRecord) -> None:
+        self.conn.execute(
+            f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant columns
+            (token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
+             _ts(token.created_at), token.created_by,
+             _ts(token.expires_at) if token.expires_at else None,
+             _ts(token.revoked_at) if token.revoked_at else None),
+        )
+
+    def lock_active_tokens(self) -> list[TokenRecord]:
+        rows = self.conn.execute(f"SELECT {_TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL").fetchall()  # noqa: S608
+        return [engine.token_from_row(r, _dt) for r in rows]
+
+    def revoke_token(self, token_id: str, now: datetime) -> bool:
+        cur = self.conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                                (_ts(now), token_id))
+        return cur.rowcount == 1
+
+    def notify(self, channel: str, payload: str) -> None:
+        """No change feed on one host: other workers poll (``secretsd.replication``)."""
 
 
 class SQLiteStorage:
@@ -232,6 +358,10 @@ class SQLiteStorage:
     async def ping(self) -> None:
         self._query("SELECT 1")
 
+    async def _plan(self, plan: engine.Plan[T]) -> T:
+        """Run one of the engine's plans in a write transaction on the writer thread."""
+        return await self._write(lambda conn: engine.run_sync(plan, _Ops(conn)))
+
     # -- initialisation -----------------------------------------------------------------------
     async def is_initialized(self) -> bool:
         return bool(self._query("SELECT 1 FROM meta WHERE key = 'initialized_at'"))
@@ -239,17 +369,7 @@ class SQLiteStorage:
     async def initialize(
         self, meta: Mapping[str, str], first_term: KeyringTerm, admin_token: TokenRecord
     ) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            if conn.execute("SELECT 1 FROM meta WHERE key = 'initialized_at'").fetchone():
-                raise AlreadyInitializedError(f"the store {self.path} is already initialised")
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-            conn.execute(
-                "INSERT INTO meta VALUES ('initialized_at', ?)", (_ts(datetime.now(UTC)),)
-            )
-            self._insert_term(conn, first_term)
-            self._insert_token(conn, admin_token)
-
-        await self._write(run)
+        await self._plan(engine.initialize(meta, first_term, admin_token, datetime.now(UTC), str(self.path)))
 
     async def get_meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -268,13 +388,6 @@ class SQLiteStorage:
         return await self._write(run)
 
     # -- keyring ------------------------------------------------------------------------------
-    @staticmethod
-    def _insert_term(conn: sqlite3.Connection, term: KeyringTerm) -> None:
-        conn.execute(
-            "INSERT INTO keyring_terms (term, wrappings, created_at, encryptions) VALUES (?, ?, ?, ?)",
-            (term.term, codec.wrappings_to_json(term.wrappings), _ts(term.created_at), term.encryptions),
-        )
-
     async def keyring_terms(self) -> list[KeyringTerm]:
         rows = self._query(
             "SELECT term, wrappings, created_at, encryptions FROM keyring_terms ORDER BY term"
@@ -286,80 +399,35 @@ class SQLiteStorage:
         ]
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
-        await self._write(lambda conn: self._insert_term(conn, term))
+        await self._plan(engine.add_keyring_term(term))
 
     async def replace_keyring_wrappings(
         self, term: int, expected: tuple[WrappedKey, ...], wrappings: tuple[WrappedKey, ...]
     ) -> None:
-        if not wrappings:
-            raise ValueError("a keyring term needs at least one wrapping")
-
-        def run(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT wrappings FROM keyring_terms WHERE term = ?", (term,)).fetchone()
-            if row is None or codec.wrappings_from_json(row[0]) != expected:
-                raise ConflictError(f"keyring term {term} changed while it was being re-wrapped")
-            conn.execute("UPDATE keyring_terms SET wrappings = ? WHERE term = ?",
-                         (codec.wrappings_to_json(wrappings), term))
-
-        await self._write(run)
+        await self._plan(engine.replace_keyring_wrappings(term, expected, wrappings))
 
     # -- secrets --------------------------------------------------------------------------------
-    @staticmethod
-    def _secret(row: Sequence[Any]) -> SecretRecord:
-        return SecretRecord(
-            path=row[0], current_version=row[1], created_at=_req_dt(row[2]),
-            updated_at=_req_dt(row[3]), metadata=codec.metadata_from_json(row[4]),
-            latest_version=row[5], previous_version=row[6], pending_version=row[7],
-            rotation=codec.metadata_from_json(row[8]) if row[8] is not None else None,
-            rotation_due=_dt(row[9]), rotation_status=RotationStatus.of(codec.metadata_from_json(row[10])),
-        )
-
-    @staticmethod
-    def _version_record(r: Sequence[Any]) -> VersionRecord:
-        return VersionRecord(
-            path=r[0], version=r[1], created_at=_req_dt(r[2]), created_by=r[3],
-            state=VersionState(r[4]), deleted_at=_dt(r[5]), term=r[6], nonce=bytes(r[7]),
-            ciphertext=bytes(r[8]), expires_at=_dt(r[9]), grace_until=_dt(r[10]),
-        )
-
     async def get_secret(self, path: str) -> SecretRecord | None:
-        rows = self._query(
-            _SELECT_SECRET,
-            (path,),
-        )
-        return self._secret(rows[0]) if rows else None
+        rows = self._query(_SELECT_SECRET, (path,))
+        return engine.secret_from_row(rows[0], _dt) if rows else None
 
     async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
-        cols = _VERSION_COLS
         if version is None:
-            rows = self._query(
-                f"SELECT {cols} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-                "ON v.path = s.path AND v.version = s.current_version WHERE s.path = ?",
-                (path,),
-            )
+            rows = self._query(_SELECT_CURRENT_VERSION, (path,))
         else:
-            rows = self._query(
-                f"SELECT {cols} FROM secret_versions v WHERE v.path = ? AND v.version = ?",  # noqa: S608
-                (path, version),
-            )
-        return self._version_record(rows[0]) if rows else None
+            rows = self._query(_SELECT_VERSION, (path, version))
+        return engine.version_from_row(rows[0], _dt) if rows else None
 
     async def read_version(
         self, path: str, *, version: int | None = None, label: str = "current"
     ) -> tuple[SecretRecord, VersionRecord] | None:
-        if version is None and label not in _LABELS:
-            raise ValueError(f"unknown label {label!r}")
-        scols = ", ".join(f"s.{c.strip()}" for c in _SECRET_COLS.split(","))
-        rows = self._query(
-            f"SELECT {scols}, {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constants
-            "ON v.path = s.path AND v.version = CASE WHEN ? IS NOT NULL THEN ? WHEN ? = 'previous' "
-            "THEN s.previous_version WHEN ? = 'pending' THEN s.pending_version ELSE s.current_version END "
-            "WHERE s.path = ?",
-            (version, version, label, label, path),
-        )
+        if version is None:
+            rows = self._query(_READ_BY_LABEL[engine.label_column(label)], (path,))
+        else:
+            rows = self._query(_READ_BY_NUMBER, (version, path))
         if not rows:
             return None
-        return self._secret(rows[0][:11]), self._version_record(rows[0][11:])
+        return engine.secret_from_row(rows[0][:11], _dt), engine.version_from_row(rows[0][11:], _dt)
 
     async def write_version(
         self,
@@ -370,93 +438,13 @@ class SQLiteStorage:
         max_versions: int,
         grace_until: datetime | None = None,
     ) -> WriteResult:
-        if max_versions < 1:
-            raise ValueError("max_versions must be at least 1")
-
-        def run(conn: sqlite3.Connection) -> WriteResult:
-            row = conn.execute(
-                _SELECT_SECRET,
-                (record.path,),
-            ).fetchone()
-            current = row[1] if row else 0
-            latest = row[5] if row else 0
-            if current != expected_current or record.version != latest + 1:
-                raise ConflictError(
-                    f"check-and-set failed: current version of {record.path} is {current}, "
-                    f"expected {expected_current}"
-                )
-            created = _ts(record.created_at)
-            meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
-            if row is None:
-                conn.execute(
-                    "INSERT INTO secrets (path, current_version, created_at, updated_at, metadata, "
-                    "latest_version) VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.path, record.version, created, created, meta_json or "{}", record.version),
-                )
-            else:
-                conn.execute(
-                    "UPDATE secrets SET current_version = ?, updated_at = ?, latest_version = ?, "
-                    "previous_version = ?, metadata = COALESCE(?, metadata) WHERE path = ?",
-                    (record.version, created, record.version, current, meta_json, record.path),
-                )
-                if grace_until is not None:
-                    conn.execute("UPDATE secret_versions SET grace_until = ? WHERE path = ? AND version = ?",
-                                 (_ts(grace_until), record.path, current))
-            self._insert_version(conn, record)
-            self._prune(conn, record.path, record.version - max_versions, created)
-            count = self._count_encryption(conn, record.term)
-            out = conn.execute(
-                _SELECT_SECRET,
-                (record.path,),
-            ).fetchone()
-            return WriteResult(self._secret(out), count)
-
-        return await self._write(run)
-
-    @staticmethod
-    def _insert_version(conn: sqlite3.Connection, record: VersionRecord) -> None:
-        conn.execute(
-            "INSERT INTO secret_versions (path, version, term, nonce, ciphertext, created_at, "
-            "created_by, state, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.path, record.version, record.term, record.nonce, record.ciphertext,
-             _ts(record.created_at), record.created_by, record.state.value,
-             _ts(record.expires_at) if record.expires_at else None),
-        )
-
-    @staticmethod
-    def _prune(conn: sqlite3.Connection, path: str, upto: int, now: str) -> None:
-        """Drop versions numbered <= ``upto``, but never a labelled one or one still in grace."""
-        conn.execute(
-            "DELETE FROM secret_versions WHERE path = ? AND version <= ? "
-            "AND version NOT IN (SELECT COALESCE(previous_version, 0) FROM secrets WHERE path = ? "
-            "UNION SELECT COALESCE(pending_version, 0) FROM secrets WHERE path = ?) "
-            "AND (grace_until IS NULL OR grace_until <= ?)",
-            (path, upto, path, path, now),
-        )
-
-    @staticmethod
-    def _count_encryption(conn: sqlite3.Connection, term: int) -> int:
-        count = conn.execute(
-            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = ? RETURNING encryptions",
-            (term,),
-        ).fetchone()
-        if count is None:
-            raise ConflictError(f"keyring term {term} does not exist")
-        return int(count[0])
+        return await self._plan(engine.write_version(
+            record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
+            grace_until=grace_until,
+        ))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
-        def run(conn: sqlite3.Connection) -> WriteResult:
-            row = conn.execute(_SELECT_SECRET, (record.path,)).fetchone()
-            if row is None or row[1] != expected_current or row[7] is not None or record.version != row[5] + 1:
-                raise ConflictError(f"{record.path} changed, or a rotation of it is in progress")
-            conn.execute("UPDATE secrets SET pending_version = ?, latest_version = ? WHERE path = ?",
-                         (record.version, record.version, record.path))
-            self._insert_version(conn, record)
-            count = self._count_encryption(conn, record.term)
-            out = conn.execute(_SELECT_SECRET, (record.path,)).fetchone()
-            return WriteResult(self._secret(out), count)
-
-        return await self._write(run)
+        return await self._plan(engine.create_pending(record, expected_current=expected_current))
 
     async def finish_pending(
         self,
@@ -470,28 +458,10 @@ class SQLiteStorage:
         rotation_due: datetime | None,
         rotation_status: RotationStatus,
     ) -> SecretRecord:
-        def run(conn: sqlite3.Connection) -> SecretRecord:
-            row = conn.execute(
-                "SELECT s.current_version FROM secrets s JOIN secret_versions v ON v.path = s.path "
-                "AND v.version = s.pending_version WHERE s.path = ? AND s.pending_version = ? "
-                "AND v.state = 'active'",
-                (path, version),
-            ).fetchone()
-            if row is None or row[0] != expected_current:
-                raise ConflictError(f"{path} changed while it was being rotated")
-            conn.execute(
-                "UPDATE secrets SET current_version = ?, previous_version = ?, pending_version = NULL, "
-                "updated_at = ?, rotation_due = ?, rotation_status = ? WHERE path = ?",
-                (version, expected_current, _ts(now), _ts(rotation_due) if rotation_due else None,
-                 codec.metadata_to_json(rotation_status), path),
-            )
-            conn.execute("UPDATE secret_versions SET grace_until = ? WHERE path = ? AND version = ?",
-                         (_ts(grace_until) if grace_until else None, path, expected_current))
-            self._prune(conn, path, version - max_versions, _ts(now))
-            out = conn.execute(_SELECT_SECRET, (path,)).fetchone()
-            return self._secret(out)
-
-        return await self._write(run)
+        return await self._plan(engine.finish_pending(
+            path, version, expected_current=expected_current, now=now, grace_until=grace_until,
+            max_versions=max_versions, rotation_due=rotation_due, rotation_status=rotation_status,
+        ))
 
     async def discard_pending(
         self,
@@ -502,48 +472,19 @@ class SQLiteStorage:
         rotation_due: datetime | None,
         rotation_status: RotationStatus,
     ) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE secrets SET pending_version = NULL, rotation_due = ?, rotation_status = ? "
-                "WHERE path = ? AND pending_version = ?",
-                (_ts(rotation_due) if rotation_due else None, codec.metadata_to_json(rotation_status),
-                 path, version),
-            )
-            if cur.rowcount != 1:
-                return False
-            conn.execute(
-                "UPDATE secret_versions SET state = 'destroyed', nonce = x'', ciphertext = x'', "
-                "deleted_at = COALESCE(deleted_at, ?) WHERE path = ? AND version = ?",
-                (_ts(now), path, version),
-            )
-            return True
-
-        return await self._write(run)
+        return await self._plan(engine.discard_pending(
+            path, version, now=now, rotation_due=rotation_due, rotation_status=rotation_status,
+        ))
 
     async def set_rotation(
         self, path: str, policy: Mapping[str, Any] | None, rotation_due: datetime | None
     ) -> SecretRecord | None:
-        def run(conn: sqlite3.Connection) -> SecretRecord | None:
-            conn.execute(
-                "UPDATE secrets SET rotation = ?, rotation_due = ? WHERE path = ?",
-                (codec.metadata_to_json(policy) if policy is not None else None,
-                 _ts(rotation_due) if rotation_due else None, path),
-            )
-            out = conn.execute(_SELECT_SECRET, (path,)).fetchone()
-            return self._secret(out) if out else None
-
-        return await self._write(run)
+        return await self._plan(engine.set_rotation(path, policy, rotation_due))
 
     async def record_rotation(
         self, path: str, rotation_due: datetime | None, rotation_status: RotationStatus
     ) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE secrets SET rotation_due = ?, rotation_status = ? WHERE path = ?",
-                (_ts(rotation_due) if rotation_due else None, codec.metadata_to_json(rotation_status), path),
-            )
-
-        await self._write(run)
+        await self._plan(engine.record_rotation(path, rotation_due, rotation_status))
 
     async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
         rows = self._query(
@@ -552,7 +493,7 @@ class SQLiteStorage:
             "ORDER BY rotation_due, path LIMIT ?",
             (_ts(now), limit),
         )
-        return [self._secret(r) for r in rows]
+        return [engine.secret_from_row(r, _dt) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
@@ -561,7 +502,7 @@ class SQLiteStorage:
             "WHERE ((path >= ? AND path < ?) OR path = ?) AND path > ? ORDER BY path LIMIT ?",
             (low, high, prefix, after, limit),
         )
-        return [self._secret(r) for r in rows]
+        return [engine.secret_from_row(r, _dt) for r in rows]
 
     async def count_secrets(self) -> int:
         return int(self._query("SELECT count(*) FROM secrets")[0][0])
@@ -582,87 +523,24 @@ class SQLiteStorage:
     async def set_version_state(
         self, path: str, versions: Sequence[int], state: VersionState, now: datetime
     ) -> list[int]:
-        def run(conn: sqlite3.Connection) -> list[int]:
-            changed = []
-            for version in sorted(set(versions)):
-                if state is VersionState.DESTROYED:
-                    cur = conn.execute(
-                        "UPDATE secret_versions SET state = 'destroyed', nonce = x'', ciphertext = x'', "
-                        "deleted_at = COALESCE(deleted_at, ?) "
-                        "WHERE path = ? AND version = ? AND state != 'destroyed'",
-                        (_ts(now), path, version),
-                    )
-                elif state is VersionState.DELETED:
-                    cur = conn.execute(
-                        "UPDATE secret_versions SET state = 'deleted', deleted_at = ? "
-                        "WHERE path = ? AND version = ? AND state = 'active'",
-                        (_ts(now), path, version),
-                    )
-                else:
-                    cur = conn.execute(
-                        "UPDATE secret_versions SET state = 'active', deleted_at = NULL "
-                        "WHERE path = ? AND version = ? AND state = 'deleted'",
-                        (path, version),
-                    )
-                if cur.rowcount:
-                    changed.append(version)
-            return changed
-
-        return await self._write(run)
+        return await self._plan(engine.set_version_state(path, versions, state, now))
 
     # -- tokens -------------------------------------------------------------------------------
-    @staticmethod
-    def _insert_token(conn: sqlite3.Connection, token: TokenRecord) -> None:
-        conn.execute(
-            "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
-            "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
-             _ts(token.created_at), token.created_by,
-             _ts(token.expires_at) if token.expires_at else None,
-             _ts(token.revoked_at) if token.revoked_at else None),
-        )
-
-    @staticmethod
-    def _token(r: Sequence[Any]) -> TokenRecord:
-        return TokenRecord(
-            token_id=r[0], secret_hash=bytes(r[1]), client=r[2],
-            policies=codec.policies_from_json(r[3]), created_at=_req_dt(r[4]), created_by=r[5],
-            expires_at=_dt(r[6]), revoked_at=_dt(r[7]),
-        )
-
-    _TOKEN_COLS = "token_id, secret_hash, client, policies, created_at, created_by, expires_at, revoked_at"  # noqa: S105
-
     async def create_token(self, token: TokenRecord) -> None:
-        await self._write(lambda conn: self._insert_token(conn, token))
+        await self._plan(engine.create_token(token))
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._query(f"SELECT {self._TOKEN_COLS} FROM tokens WHERE token_id = ?", (token_id,))  # noqa: S608
-        return self._token(rows[0]) if rows else None
+        rows = self._query(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = ?", (token_id,))  # noqa: S608
+        return engine.token_from_row(rows[0], _dt) if rows else None
 
     async def list_tokens(self) -> list[TokenRecord]:
-        rows = self._query(f"SELECT {self._TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
-        return [self._token(r) for r in rows]
+        rows = self._query(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
+        return [engine.token_from_row(r, _dt) for r in rows]
 
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            # BEGIN IMMEDIATE holds the database's write lock from here to COMMIT: the guard's
-            # view cannot change under it, in this process or another one on the same file.
-            if guard is not None:
-                rows = conn.execute(
-                    f"SELECT {self._TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL",  # noqa: S608
-                ).fetchall()
-                found = [self._token(r) for r in rows]
-                target = next((t for t in found if t.token_id == token_id), None)
-                if target is None:
-                    return False
-                guard(target, [t for t in found if t.token_id != token_id], now)
-            cur = conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
-                (_ts(now), token_id),
-            )
-            return cur.rowcount == 1
-
-        return await self._write(run)
+        # BEGIN IMMEDIATE holds the database's write lock from here to COMMIT: the guard's view
+        # cannot change under it, in this process or another one on the same file.
+        return await self._plan(engine.revoke_token(token_id, now, guard))
 
     # -- copying a whole store ----------------------------------------------------------------
     def _copy_columns(self, conn: sqlite3.Connection, table: str) -> list[str]:

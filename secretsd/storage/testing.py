@@ -495,3 +495,63 @@ class StorageConformance(CopyConformance):
             "last_result": "failed", "failures": 4, "from_the_future": [1, 2], "last_version": 2}
         exported = await export_all(storage)
         assert exported["secrets"][0]["rotation_status"] == dict(got.rotation_status)
+
+    # -- the engine's results are what a reader then finds (secretsd.storage.engine) -------------
+    async def test_what_a_write_returns_is_what_is_stored(self, storage: Storage) -> None:
+        await initialized(storage)
+        made = await storage.write_version(version("p", 1), expected_current=0, metadata={"k": ["v", 1]},
+                                           max_versions=2)
+        assert made.secret == await storage.get_secret("p")
+        kept = await storage.write_version(version("p", 2), expected_current=1, metadata=None, max_versions=2,
+                                           grace_until=T0 + timedelta(days=1))
+        assert kept.secret == await storage.get_secret("p")
+        changed = await storage.write_version(version("p", 3), expected_current=2, metadata={"n": 3},
+                                              max_versions=2)
+        assert changed.secret == await storage.get_secret("p")
+        policy = {"enabled": True, "period_seconds": 60}
+        assert await storage.set_rotation("p", policy, T0) == await storage.get_secret("p")
+        pending = await storage.create_pending(version("p", 4), expected_current=3)
+        assert pending.secret == await storage.get_secret("p")
+        done = await storage.finish_pending("p", 4, expected_current=3, now=T0 + timedelta(hours=1),
+                                            grace_until=None, max_versions=2, rotation_due=T0 + timedelta(days=2),
+                                            rotation_status=RotationStatus(last_result="succeeded", failures=0))
+        assert done == await storage.get_secret("p")
+
+    async def test_a_destroyed_version_keeps_its_first_deletion_time(self, storage: Storage) -> None:
+        await initialized(storage)
+        for n in (1, 2):
+            await storage.write_version(version("p", n), expected_current=n - 1, metadata=None, max_versions=5)
+        deleted_at, later = T0 + timedelta(days=1), T0 + timedelta(days=2)
+        assert await storage.set_version_state("p", [1], VersionState.DELETED, deleted_at) == [1]
+        assert await storage.set_version_state("p", [1, 2, 9], VersionState.DESTROYED, later) == [1, 2]
+        assert await storage.set_version_state("p", [1], VersionState.DESTROYED, later) == []
+        v1, v2 = await storage.get_version("p", 1), await storage.get_version("p", 2)
+        assert v1 is not None and v1.deleted_at == deleted_at and v1.nonce == b"" and v1.ciphertext == b""
+        assert v2 is not None and v2.deleted_at == later and v2.state is VersionState.DESTROYED
+
+    async def test_pruning_counts_deleted_and_destroyed_versions(self, storage: Storage) -> None:
+        await initialized(storage)
+        for n in (1, 2):
+            await storage.write_version(version("p", n), expected_current=n - 1, metadata=None, max_versions=2)
+        await storage.set_version_state("p", [1], VersionState.DELETED, T0)
+        await storage.write_version(version("p", 3), expected_current=2, metadata=None, max_versions=2)
+        # 1 is beyond the newest two and not previous (2 is): pruned, whatever its state.
+        assert [v.version for v in await storage.list_versions("p")] == [2, 3]
+
+    async def test_rotation_bookkeeping_of_a_missing_secret_changes_nothing(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.record_rotation("nope", T0, RotationStatus(failures=1))
+        assert await storage.get_secret("nope") is None
+        assert not await storage.discard_pending("nope", 1, now=T0, rotation_due=None,
+                                                 rotation_status=RotationStatus())
+        with pytest.raises(ConflictError):
+            await storage.finish_pending("nope", 1, expected_current=0, now=T0, grace_until=None, max_versions=2,
+                                         rotation_due=None, rotation_status=RotationStatus())
+
+    async def test_reading_by_an_unknown_label_is_a_programming_error(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=2)
+        with pytest.raises(ValueError, match="unknown label"):
+            await storage.read_version("p", label="latest")
+        by_number = await storage.read_version("p", version=1, label="ignored-with-a-number")
+        assert by_number is not None and by_number[1].version == 1
