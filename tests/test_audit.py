@@ -553,3 +553,11 @@ def test_audit_commands_never_create_a_store_where_there_is_none(tmp_path: Path,
     result = run_cli("audit", command, "--data-dir", str(empty))
     assert result.returncode == 1 and list(empty.iterdir()) == [], result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "not initialised" in result.stderr
+
+
+def test_a_store_that_has_recorded_nothing_yet_verifies(tmp_path: Path) -> None:
+    """`init` writes no audit record: an empty log with the store's head at 0 is intact, not a replaced tail."""
+    data = tmp_path / "d"
+    run_cli("init", "--data-dir", str(data), "--json", check=True)
+    result = run_cli("audit", "verify", "--data-dir", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -124,7 +124,8 @@ def verify(
         if last < head.seq:
             return VerifyResult(False, count, f"truncated: the log ends at record {last} but the store's "
                                 f"head is record {head.seq}", str(files[-1]) if files else None, None, last)
-        if last == head.seq and prev_hash != head.hash:
+        # Head 0 is a store that has recorded nothing yet: an empty log is then the whole truth.
+        if last == head.seq and head.seq > 0 and prev_hash != head.hash:
             return VerifyResult(False, count, "the last record does not match the store's head "
                                 "(replaced tail)", str(files[-1]) if files else None, None, last)
     if count == 0 and (head is None or head.seq == 0):
