@@ -30,6 +30,15 @@ class SealedValue:
     ciphertext: bytes
 
 
+def seal_blob(key: DataKey, term: int, purpose: str, plaintext: bytes) -> SealedValue:
+    """The one way a daemon-internal secret is sealed: under a keyring term, bound to its purpose.
+
+    The barrier uses it with its active term; ``init`` with term 1 before any barrier exists.
+    """
+    nonce, ciphertext = key.seal(plaintext, blob_aad(purpose, term))
+    return SealedValue(term, nonce, ciphertext)
+
+
 def _refresh_all(providers: list[KeyProvider]) -> None:
     for provider in providers:
         provider.refresh()
@@ -150,9 +159,7 @@ class Barrier:
     def seal_blob(self, purpose: str, plaintext: bytes) -> SealedValue:
         """Seal a daemon-internal secret (not a secret version) under the active term."""
         ring = self._ring()
-        term = ring.active_term
-        nonce, ciphertext = ring.keys[term].seal(plaintext, blob_aad(purpose, term))
-        return SealedValue(term, nonce, ciphertext)
+        return seal_blob(ring.keys[ring.active_term], ring.active_term, purpose, plaintext)
 
     def open_blob(self, purpose: str, sealed: SealedValue) -> bytes:
         key = self._ring().key(sealed.term)

@@ -1,8 +1,13 @@
-"""Data encryption: the only module of secretsd that touches ``cryptography.hazmat``.
+"""Every cryptographic construction of secretsd: the only module that touches ``cryptography.hazmat``.
 
-Secret values are sealed with AES-256-GCM under a data-encryption key (DEK) of the keyring, with
-a fresh 96-bit random nonce each time and associated data that binds the ciphertext to its path,
-version and keyring term: a ciphertext copied to another row or path fails to open.
+* Secret values are sealed with AES-256-GCM under a data-encryption key (DEK) of the keyring, with a
+  fresh 96-bit random nonce each time and associated data that binds the ciphertext to its path,
+  version and keyring term: a ciphertext copied to another row or path fails to open.
+* Audit records are signed with Ed25519 (``SigningKey``, ``VerifyKey``).
+* Keys derived from other keys use HKDF-SHA256 with a label of their own (``derive_key``), so no two
+  purposes ever share key material.
+
+Known-answer vectors for each construction are in ``tests/data/secretsd_vectors.json``.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import hmac
 import secrets
 import struct
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secretsd.errors import CryptoError
 
@@ -76,3 +84,76 @@ class DataKey:
         except (InvalidTag, ValueError) as exc:
             # Opaque on purpose: which check failed is nobody's business but the tamperer's.
             raise CryptoError("stored value failed authentication") from exc
+
+
+# -- derived keys -----------------------------------------------------------------------------
+def derive_key(secret: bytes, label: str, length: int = 32) -> bytes:
+    """HKDF-SHA256 of ``secret`` (no salt: it is already a uniformly random key) for one purpose.
+
+    ``label`` names the purpose and goes into HKDF's info, so keys derived for different purposes
+    from one secret are independent.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label.encode("utf-8")).derive(secret)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+# -- signatures ---------------------------------------------------------------------------------
+class VerifyKey:
+    """An Ed25519 public key: checks signatures, and travels as PEM (SubjectPublicKeyInfo)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self._key = key
+
+    @classmethod
+    def from_pem(cls, text: str) -> VerifyKey:
+        try:
+            key = serialization.load_pem_public_key(text.encode("ascii"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise ValueError("not a PEM public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("the audit public key must be an Ed25519 key")
+        return cls(key)
+
+    def pem(self) -> str:
+        pem = self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return pem.decode("ascii")
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        try:
+            self._key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class SigningKey:
+    """An Ed25519 private key. Its raw 32 bytes are what gets sealed under the keyring."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> SigningKey:
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def private_bytes(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    def verify_key(self) -> VerifyKey:
+        return VerifyKey(self._key.public_key())
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)

@@ -61,7 +61,7 @@ async def test_one_record_per_request_with_every_field_and_never_a_value(audited
         assert {"seq", "time", "request_id", "client", "auth", "action", "path", "decision", "outcome",
                 "remote", "prev_hash", "sig"} <= set(r)
     assert write["client"] == "admin" and write["auth"] == "token" and write["version"] == 1
-    assert write["value_hmac"].startswith("hmac-sha256:") and write["decision"] == "allow"
+    assert write["value_hmac"].startswith("hmac-sha256-v2:") and write["decision"] == "allow"
     assert read["outcome"] == 200 and read["path"] == "app/k" and read["version"] == 1
     assert denied["decision"] == "deny" and denied["outcome"] == 401 and denied["client"] is None
     assert created["subject_client"] == "svc"

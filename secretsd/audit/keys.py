@@ -2,19 +2,17 @@
 
 The public half is stored beside it in clear, so ``secretsd audit verify`` and ``audit pubkey``
 need no unseal. The per-log HMAC key (to correlate values without recording them) is derived from
-the private key, so it exists exactly where signing does.
+the private key (HKDF, its own label), so it exists exactly where signing does.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 
 from secretsd.audit.record import Signer
-from secretsd.barrier import Barrier, SealedValue
-from secretsd.crypto import DataKey, blob_aad
+from secretsd.barrier import Barrier, SealedValue, seal_blob
+from secretsd.crypto import DataKey, derive_key, hmac_sha256
 from secretsd.storage import Storage
 
 AUDIT_KEY_META = "audit_key"
@@ -33,8 +31,7 @@ def sealed_key_document(signer: Signer, sealed: SealedValue) -> str:
 def new_key_document(dek: DataKey, term: int) -> tuple[Signer, str]:
     """At init: a fresh signing key sealed under the first keyring term."""
     signer = Signer.generate()
-    nonce, ciphertext = dek.seal(signer.private_bytes(), blob_aad(PURPOSE, term))
-    return signer, sealed_key_document(signer, SealedValue(term, nonce, ciphertext))
+    return signer, sealed_key_document(signer, seal_blob(dek, term, PURPOSE, signer.private_bytes()))
 
 
 async def load_signer(storage: Storage, barrier: Barrier) -> Signer:
@@ -57,12 +54,18 @@ async def public_key_pem(storage: Storage) -> str | None:
     return None if raw is None else str(json.loads(raw)["public_key"])
 
 
+#: The scheme tag of ``value_hmac``: v2 keys come from HKDF. Records written before it say
+#: ``hmac-sha256:`` (the key was SHA-256 of a label and the private key); both are in the same logs.
+VALUE_HMAC_SCHEME = "hmac-sha256-v2"
+VALUE_HMAC_LABEL = "secretsd/audit/value-hmac/v2"
+
+
 class ValueHasher:
     """HMAC-SHA256 of values, keyed per audit log: lets an auditor check "was this value stored?"
     against the log without the log ever holding the value."""
 
     def __init__(self, signer: Signer) -> None:
-        self._key = hashlib.sha256(b"secretsd audit value hmac\x00" + signer.private_bytes()).digest()
+        self._key = derive_key(signer.private_bytes(), VALUE_HMAC_LABEL)
 
     def __call__(self, value: str) -> str:
-        return "hmac-sha256:" + hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+        return f"{VALUE_HMAC_SCHEME}:" + hmac_sha256(self._key, value.encode("utf-8")).hex()

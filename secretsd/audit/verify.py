@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from secretsd.audit.record import GENESIS_HASH, parse_line, record_hash, signature_valid
+from secretsd.crypto import VerifyKey
 
 _ROTATED = re.compile(r"\.(\d{6,})$")
 
@@ -51,7 +50,7 @@ def log_files(active: Path) -> list[Path]:
 
 
 def verify(
-    files: Sequence[Path], key: Ed25519PublicKey, *, head: Head | None = None, from_start: bool = False
+    files: Sequence[Path], key: VerifyKey, *, head: Head | None = None, from_start: bool = False
 ) -> VerifyResult:
     """Check every record in order. The first bad record ends the check, named with why.
 
