@@ -113,6 +113,8 @@ def test_a_route_without_an_audit_action_cannot_be_declared() -> None:
         Operation("GET", "/v1/x", handler, "x", "x.read", public=True)
     with pytest.raises(ValueError, match="variants"):
         Operation("POST", "/v1/x/{action}", handler, "x", "x.do")
+    with pytest.raises(ValueError, match="each variant names the audit action"):
+        Operation("POST", "/v1/x/{action}", handler, "x", "x.do", variants=(Variant("a", "x.a", Capability.READ, "A"),))
 
 
 async def test_adding_an_endpoint_is_one_table_entry() -> None:
