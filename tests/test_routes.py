@@ -141,6 +141,14 @@ async def test_adding_an_endpoint_is_one_table_entry() -> None:
     assert actions == ["hello.wave", "hello.bow"]
 
 
+def test_the_body_model_each_operation_declares_is_the_one_its_handler_reads() -> None:
+    import inspect
+
+    for op in OPERATIONS:
+        read = re.findall(r"read_body\(request, (\w+)\)", inspect.getsource(op.handler))
+        assert read == ([op.body.__name__] if op.body else []), (op.method, op.path, read)
+
+
 # -- the capability in the table is the one the handler checks ------------------------------------
 def _cases() -> list[tuple[str, str, Capability]]:
     out = []

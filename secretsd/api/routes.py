@@ -206,12 +206,6 @@ def register(app: web.Application, operations: tuple[Operation, ...] = OPERATION
     app[OPERATIONS_KEY] = by_route
 
 
-def operation_of(request: web.Request) -> Operation | None:
-    """The operation of the request's matched route: one dict lookup, no string work."""
-    ops: dict[AbstractRoute, Operation] = request.app[OPERATIONS_KEY]
-    return ops.get(request.match_info.route)
-
-
 def action_of(request: web.Request) -> str:
     """The audit action of a request; ``http.unknown`` for one no operation matched (404, 405).
 
