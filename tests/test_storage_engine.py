@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from secretsd.errors import ConflictError
+from secretsd.errors import AlreadyInitializedError, ConflictError, StorageError
 from secretsd.storage import codec, engine
 from secretsd.storage.base import RotationStatus, SecretRecord, VersionState
-from secretsd.storage.postgres import _Ops as PostgresOps
+from secretsd.storage.migrations import load_migrations, pending_migrations
+from secretsd.storage.postgres_sql import PostgresRowOps as PostgresOps
+from secretsd.storage.rows import require_empty
 from secretsd.storage.sqlite import _Ops as SQLiteOps
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -138,3 +140,19 @@ def test_rotation_status_carries_unknown_keys_and_odd_types_through() -> None:
     assert dict(bumped) == {"failures": 1, "retry_hint": {"s": 5}, "last_result": "failed"}
     with pytest.raises(TypeError):
         status.replace(retry_hint=1)
+
+
+# -- migrations ---------------------------------------------------------------------------------------------
+def test_a_schema_newer_than_the_code_is_refused() -> None:
+    known = load_migrations("sqlite")
+    assert [m.number for m in pending_migrations(known, [], "store")] == list(range(1, len(known) + 1))
+    assert pending_migrations(known, range(1, len(known) + 1), "store") == []
+    assert [m.number for m in pending_migrations(known, [1], "store")] == list(range(2, len(known) + 1))
+    with pytest.raises(StorageError, match="the store was written by a newer secretsd"):
+        pending_migrations(known, [1, len(known) + 1], "store")
+
+
+def test_an_import_loads_only_into_an_empty_store() -> None:
+    require_empty("meta", False, "x")
+    with pytest.raises(AlreadyInitializedError, match="table tokens has rows"):
+        require_empty("tokens", True, "x")

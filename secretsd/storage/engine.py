@@ -52,6 +52,7 @@ from secretsd.storage.base import (
     RotationStatus,
     SecretRecord,
     TokenRecord,
+    VersionInfo,
     VersionRecord,
     VersionState,
     WriteResult,
@@ -154,6 +155,11 @@ SECRET_COLUMNS = ("path", "current_version", "created_at", "updated_at", "metada
 #: ``secret_versions`` columns in the order ``version_from_row`` reads them.
 VERSION_COLUMNS = ("path", "version", "created_at", "created_by", "state", "deleted_at", "term", "nonce",
                    "ciphertext", "expires_at", "grace_until")
+#: ``secret_versions`` columns in the order ``version_info_from_row`` reads them.
+VERSION_INFO_COLUMNS = ("path", "version", "created_at", "created_by", "state", "deleted_at", "expires_at",
+                        "grace_until")
+#: ``keyring_terms`` columns in the order ``term_from_row`` reads them.
+TERM_COLUMNS = ("term", "wrappings", "created_at", "encryptions")
 #: ``tokens`` columns in the order ``token_from_row`` reads them.
 TOKEN_COLUMNS = ("token_id", "secret_hash", "client", "policies", "created_at", "created_by", "expires_at",
                  "revoked_at")
@@ -179,6 +185,18 @@ def version_from_row(r: Sequence[Any], when: TimeDecoder) -> VersionRecord:
         deleted_at=when(r[5]), term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]), expires_at=when(r[9]),
         grace_until=when(r[10]),
     )
+
+
+def version_info_from_row(r: Sequence[Any], when: TimeDecoder) -> VersionInfo:
+    """A ``VersionInfo`` from ``VERSION_INFO_COLUMNS``: a version without its sealed value."""
+    return VersionInfo(path=r[0], version=r[1], created_at=when(r[2]), created_by=r[3], state=VersionState(r[4]),
+                       deleted_at=when(r[5]), expires_at=when(r[6]), grace_until=when(r[7]))
+
+
+def term_from_row(r: Sequence[Any], when: TimeDecoder) -> KeyringTerm:
+    """A ``KeyringTerm`` from ``TERM_COLUMNS`` (wrappings as JSON text)."""
+    return KeyringTerm(term=r[0], wrappings=codec.wrappings_from_json(r[1]), created_at=when(r[2]),
+                       encryptions=r[3])
 
 
 def token_from_row(r: Sequence[Any], when: TimeDecoder) -> TokenRecord:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
+
+from secretsd.errors import StorageError
 
 _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -33,3 +36,15 @@ def load_migrations(backend: str) -> list[Migration]:
     if numbers != list(range(1, len(found) + 1)):
         raise RuntimeError(f"{backend} migrations are not numbered 1..n without gaps: {numbers}")
     return found
+
+
+def pending_migrations(migrations: list[Migration], done: Iterable[int], where: str) -> list[Migration]:
+    """The migrations still to apply, in order; ``StorageError`` if a newer secretsd wrote the store.
+
+    A schema newer than this code is refused rather than used: its columns and rules are unknown here.
+    """
+    applied = set(done)
+    if applied and max(applied) > len(migrations):
+        raise StorageError(f"the {where} was written by a newer secretsd "
+                           f"(schema {max(applied)}, this version knows {len(migrations)})")
+    return [m for m in migrations if m.number not in applied]

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from secretsd.errors import StorageError
+from secretsd.errors import AlreadyInitializedError, StorageError
 
 Kind = Literal["text", "int", "bytes", "time", "json"]
 Row = dict[str, Any]
@@ -71,6 +71,12 @@ def copy_columns(table: str, actual: Iterable[str], where: str) -> list[str]:
     if missing:
         raise StorageError(f"table {table} of {where} lacks its key column(s) {', '.join(missing)}")
     return [c for c in kinds if c in present]
+
+
+def require_empty(table: str, has_rows: bool, where: str) -> None:
+    """An import loads only into an empty store: one row anywhere refuses it, changing nothing."""
+    if has_rows:
+        raise AlreadyInitializedError(f"the store {where} is not empty (table {table} has rows); nothing was changed")
 
 
 def insert_columns(table: str, present: list[str], sample: Mapping[str, Any], where: str) -> list[str]:

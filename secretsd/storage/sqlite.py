@@ -1,4 +1,7 @@
-"""The embedded SQLite backend: WAL journal, ``synchronous=FULL``, numbered migrations.
+"""The embedded SQLite dialect: WAL journal, ``synchronous=FULL``, numbered migrations.
+
+The store's rules live in ``secretsd.storage.engine``; this module holds the SQL, the
+connections, the writer thread and its transactions (``_Ops`` runs the engine's row operations).
 
 Writes run on one dedicated thread with its own connection, so an fsync never blocks the event
 loop and writes are serialised without a lock. Point reads run inline on the event loop through a
@@ -21,7 +24,6 @@ from typing import Any, ClassVar, TypeVar
 
 from keyproviders import WrappedKey
 from secretsd.errors import (
-    AlreadyInitializedError,
     ConfigError,
     ConflictError,
     StorageError,
@@ -41,7 +43,7 @@ from secretsd.storage.base import (
     VersionState,
     WriteResult,
 )
-from secretsd.storage.migrations import load_migrations
+from secretsd.storage.migrations import load_migrations, pending_migrations
 
 T = TypeVar("T")
 DEFAULT_FILENAME = "secretsd.db"
@@ -69,10 +71,6 @@ def _ts(value: datetime) -> str:
 
 def _dt(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
-
-
-def _req_dt(value: str) -> datetime:
-    return datetime.fromisoformat(value)
 
 
 def _connect(path: Path, busy_ms: int) -> sqlite3.Connection:
@@ -323,15 +321,8 @@ class SQLiteStorage:
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(number INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
             )
-            done = {row[0] for row in conn.execute("SELECT number FROM schema_migrations")}
-            if done and max(done) > len(migrations):
-                raise StorageError(
-                    f"the database {self.path} was written by a newer secretsd "
-                    f"(schema {max(done)}, this version knows {len(migrations)})"
-                )
-            for m in migrations:
-                if m.number in done:
-                    continue
+            done = [row[0] for row in conn.execute("SELECT number FROM schema_migrations")]
+            for m in pending_migrations(migrations, done, f"database {self.path}"):
                 for statement in m.statements():
                     conn.execute(statement)
                 conn.execute(
@@ -389,14 +380,8 @@ class SQLiteStorage:
 
     # -- keyring ------------------------------------------------------------------------------
     async def keyring_terms(self) -> list[KeyringTerm]:
-        rows = self._query(
-            "SELECT term, wrappings, created_at, encryptions FROM keyring_terms ORDER BY term"
-        )
-        return [
-            KeyringTerm(term=r[0], wrappings=codec.wrappings_from_json(r[1]),
-                        created_at=_req_dt(r[2]), encryptions=r[3])
-            for r in rows
-        ]
+        rows = self._query(f"SELECT {', '.join(engine.TERM_COLUMNS)} FROM keyring_terms ORDER BY term")  # noqa: S608
+        return [engine.term_from_row(r, _dt) for r in rows]
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
         await self._plan(engine.add_keyring_term(term))
@@ -509,16 +494,11 @@ class SQLiteStorage:
 
     async def list_versions(self, path: str) -> list[VersionInfo]:
         rows = self._query(
-            "SELECT path, version, created_at, created_by, state, deleted_at, expires_at, grace_until "
-            "FROM secret_versions WHERE path = ? ORDER BY version",
+            f"SELECT {', '.join(engine.VERSION_INFO_COLUMNS)} FROM secret_versions "  # noqa: S608 - constants
+            "WHERE path = ? ORDER BY version",
             (path,),
         )
-        return [
-            VersionInfo(path=r[0], version=r[1], created_at=_req_dt(r[2]), created_by=r[3],
-                        state=VersionState(r[4]), deleted_at=_dt(r[5]), expires_at=_dt(r[6]),
-                        grace_until=_dt(r[7]))
-            for r in rows
-        ]
+        return [engine.version_info_from_row(r, _dt) for r in rows]
 
     async def set_version_state(
         self, path: str, versions: Sequence[int], state: VersionState, now: datetime
@@ -617,10 +597,8 @@ class SQLiteStorage:
             conn.execute("BEGIN IMMEDIATE")
             columns = {}
             for table in rowcodec.TABLES:
-                if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():  # noqa: S608
-                    raise AlreadyInitializedError(
-                        f"the store {self.path} is not empty (table {table} has rows); nothing was changed"
-                    )
+                found = conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()  # noqa: S608
+                rowcodec.require_empty(table, found is not None, str(self.path))
                 columns[table] = self._copy_columns(conn, table)
             return columns
 
