@@ -143,7 +143,14 @@ def main() -> int:
         next_probe = started
         opened = 0
         while time.monotonic() - started < duration:
-            held = [s for s in held if alive(s) or s.close()]
+            # Keep the attacker sockets the daemon has not closed; close the rest on our side too.
+            still_open: list[socket.socket] = []
+            for s in held:
+                if alive(s):
+                    still_open.append(s)
+                else:
+                    s.close()
+            held = still_open
             while len(held) < attackers and time.monotonic() < next_probe:
                 sock = attack(port, next_index)
                 next_index += 1
@@ -187,8 +194,8 @@ def main() -> int:
         if args.json:
             print(json.dumps(figures, indent=2))
         else:
-            for key, value in figures.items():
-                print(f"{key:60} {value}")
+            for key, figure in figures.items():
+                print(f"{key:60} {figure}")
         return 0
     finally:
         for sock in held:

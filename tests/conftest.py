@@ -5,8 +5,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from secretsd.api.app import create_app
@@ -36,19 +38,19 @@ def admin_token(settings: Settings) -> str:
 class Api:
     """An in-process daemon behind a real aiohttp test server."""
 
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     daemon: Daemon
     admin: str
 
     def auth(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.admin}"}
 
-    async def put(self, path: str, value: str, token: str | None = None, **extra: object) -> dict[str, object]:
+    async def put(self, path: str, value: str, token: str | None = None, **extra: object) -> dict[str, Any]:
         resp = await self.client.put(f"/v1/secrets/{path}", json={"value": value, **extra}, headers=self.auth(token))
         assert resp.status == 200, await resp.text()
         return dict(await resp.json())
 
-    async def get(self, path: str, token: str | None = None, **params: object) -> dict[str, object]:
+    async def get(self, path: str, token: str | None = None, **params: object) -> dict[str, Any]:
         resp = await self.client.get(f"/v1/secrets/{path}", params={k: str(v) for k, v in params.items()},
                                      headers=self.auth(token))
         assert resp.status == 200, await resp.text()

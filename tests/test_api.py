@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 from secretsd.token_auth import TokenAuthenticator
 from tests.conftest import Api
 
 
-async def problem(resp, status: int, slug: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+async def problem(resp: ClientResponse, status: int, slug: str) -> dict[str, Any]:
     assert resp.status == status, await resp.text()
     assert resp.content_type == PROBLEM_CONTENT_TYPE
     doc = await resp.json()

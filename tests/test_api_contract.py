@@ -61,6 +61,14 @@ OUT_OF_RANGE = [2**31, 2**63, 2**64, 10**40, -1, -(2**63) - 1]
 Site = tuple[str, Callable[[int], Any]]
 
 
+def _as_item(build: Callable[[int], Any]) -> Callable[[int], Any]:
+    return lambda n: [build(n)]
+
+
+def _as_field(build: Callable[[int], Any], key: str, consts: dict[str, Any]) -> Callable[[int], Any]:
+    return lambda n: consts | {key: build(n)}
+
+
 def integer_sites(schema: dict[str, Any], defs: dict[str, Any], where: str = "") -> Iterator[Site]:
     """Every integer a body may hold, as (where, build): ``build(n)`` is the JSON fragment with ``n``
     there (and the ``const`` fields, e.g. a generator's ``kind``, that make the branch valid)."""
@@ -73,12 +81,12 @@ def integer_sites(schema: dict[str, Any], defs: dict[str, Any], where: str = "")
             yield from integer_sites(sub, defs, where)
     if "items" in schema:
         for name, build in integer_sites(schema["items"], defs, where + "[0]"):
-            yield name, lambda n, b=build: [b(n)]
+            yield name, _as_item(build)
     props: dict[str, Any] = schema.get("properties", {})
     consts = {k: p["const"] for k, p in props.items() if "const" in p}
     for key, sub in props.items():
         for name, build in integer_sites(sub, defs, f"{where}.{key}"):
-            yield name, lambda n, b=build, k=key, c=consts: c | {k: b(n)}
+            yield name, _as_field(build, key, consts)
 
 
 def merge(base: Any, extra: Any) -> Any:

@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,8 @@ def edit(line: str, **changes: Any) -> str:
     return canonical(json.loads(line) | changes).decode()
 
 
-TAMPERS = {
+# name -> (the tampering, the sequence number the verifier must name, words its problem must contain)
+TAMPERS: dict[str, tuple[Callable[[list[str]], list[str]], int | None, str]] = {
     "edit": (lambda ls: [*ls[:4], edit(ls[4], client="mallory"), *ls[5:]], 5, "edited"),
     "delete": (lambda ls: ls[:4] + ls[5:], 6, "missing"),
     "reorder": (lambda ls: [*ls[:3], ls[4], ls[3], *ls[5:]], 5, "missing"),
@@ -146,7 +147,7 @@ async def test_tampering_is_detected_and_the_record_named(
     tamper, seq, reason = TAMPERS[name]
     result = check(tmp_path, tamper(list(lines)), key, head)
     assert not result.ok
-    assert reason in result.problem, result.describe()
+    assert result.problem is not None and reason in result.problem, result.describe()
     if seq is not None:
         assert result.seq == seq, result.describe()
 
@@ -158,7 +159,7 @@ def _reordered(line: str) -> str:
 
 # Lines that parse to the very record that was signed, but are not its exact bytes. A reader that
 # keeps the first of two equal keys sees a forged client, so the bytes must be the canonical form.
-NON_CANONICAL = {
+NON_CANONICAL: dict[str, tuple[Callable[[str], str], str]] = {
     "duplicate-key-before-the-real-one": (lambda line: '{"client":"mallory",' + line[1:], "duplicate key"),
     "duplicate-key-after-the-real-one": (lambda line: line[:-1] + ',"client":"mallory"}', "duplicate key"),
     "whitespace": (lambda line: line.replace(",", ", ", 1), "canonical"),
@@ -386,7 +387,8 @@ async def test_restart_continues_the_chain_and_a_lost_tail_is_visible(tmp_path: 
     async with running(settings, admin) as api:
         await api.put("app/c", "3")
     result = verify([path], pubkey(settings), from_start=True)
-    assert not result.ok and "missing" in result.problem and result.seq == len(lines) + 1
+    assert not result.ok and result.problem is not None and "missing" in result.problem
+    assert result.seq == len(lines) + 1
 
 
 # -- batch signatures, key pinning, one writer per chain ----------------------------------------------

@@ -71,8 +71,8 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
     # No write was acknowledged before its audit record was durable, and the log the kill cut
     # off mid-stream still verifies once the restarted daemon has written after it.
     logged = set()
-    for path in sorted((data / "audit").glob("*.jsonl*")):
-        logged |= {r["request_id"] for r in map(json.loads, path.read_text().splitlines())
+    for log_file in sorted((data / "audit").glob("*.jsonl*")):
+        logged |= {r["request_id"] for r in map(json.loads, log_file.read_text().splitlines())
                    if r.get("action") == "secret.write" and r.get("outcome") == 200}
     assert set(acks) <= logged
     result = run_cli("audit", "verify", "--data-dir", str(data))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from keyproviders.base import KeyProvider
 from keyproviders.file import FileKeyProvider
 from keyproviders.pkcs11 import Pkcs11KeyProvider, create_key
 from secretsd.config import Settings, load_settings
@@ -294,10 +295,10 @@ async def _store_with_terms(settings: Settings, n_terms: int) -> dict[str, str]:
 
 
 @pytest.fixture
-def fail_wrap_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[type, int], None]]:
+def fail_wrap_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[type[KeyProvider], int], None]]:
     """Fault injection: the provider class's wrap fails after N successful calls (an interrupted run)."""
 
-    def arm(cls: type, n: int) -> None:
+    def arm(cls: type[KeyProvider], n: int) -> None:
         real = cls.wrap
         calls = {"n": 0}
 
@@ -313,7 +314,7 @@ def fail_wrap_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[type,
 
 
 async def test_rewrap_rotates_the_kek_and_survives_interruption(
-    tmp_path: Path, fail_wrap_after: Callable[[type, int], None], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fail_wrap_after: Callable[[type[KeyProvider], int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = load_settings(None, data_dir=tmp_path / "d")
     values = await _store_with_terms(settings, 3)
@@ -345,7 +346,7 @@ async def test_rewrap_with_pkcs11_creates_a_new_kek_version(hsm_key: dict[str, A
 
 
 async def test_migrate_file_to_pkcs11_interrupted_then_completed(
-    hsm_key: dict[str, Any], tmp_path: Path, fail_wrap_after: Callable[[type, int], None],
+    hsm_key: dict[str, Any], tmp_path: Path, fail_wrap_after: Callable[[type[KeyProvider], int], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     old = load_settings(None, data_dir=tmp_path / "d")

@@ -195,7 +195,8 @@ def test_rule_a_token_swapped_while_serving_never_wraps_and_the_genuine_one_is_t
     url = daemon.url
 
     def state() -> dict[str, Any]:
-        return http("GET", f"{url}/v1/sys/status", token=admin).body
+        status: dict[str, Any] = http("GET", f"{url}/v1/sys/status", token=admin).body
+        return status
 
     try:
         assert http("PUT", f"{url}/v1/secrets/app/k", token=admin, body={"value": "before"}).status == 200

@@ -57,7 +57,7 @@ class FakeClock:
 class Env:
     """A daemon on a fake clock behind a real aiohttp test server; the scheduler is ticked by hand."""
 
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     daemon: Daemon
     admin: str
     clock: FakeClock
@@ -334,7 +334,7 @@ async def test_rotate_and_policy_need_the_rotate_capability(env: Env) -> None:
 
 async def test_policy_is_validated_and_shown(env: Env) -> None:
     await env.put("app/k", "x")
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"enabled": True, "period_seconds": 10},
         {"enabled": True, "period_seconds": DAY, "grace_seconds": 2 * DAY},
         {"generator": {"kind": "password", "length": 4}},
@@ -619,7 +619,7 @@ def test_hook_settings_are_validated() -> None:
                 {"url": "https://user:pw@rotator.example/"}, {"command": ("rotate-db",)},
                 {"command": ("/bin/true",), "url": "https://x/"}, {}):
         with pytest.raises(ValueError):
-            HookSettings(**bad)  # type: ignore[arg-type]
+            HookSettings(**bad)
 
 
 # -- restarts and races ------------------------------------------------------------------------------
