@@ -91,13 +91,6 @@ def test_unknown_option_is_refused(tmp_path: Path) -> None:
         create_provider({"kind": "file", "pth": "m.key"}, base_dir=tmp_path)
 
 
-def test_keyproviders_never_imports_secretsd() -> None:
-    root = Path(__file__).resolve().parents[1] / "keyproviders"
-    for source in root.rglob("*.py"):  # the pkcs11 package too
-        text = source.read_text()
-        assert "import secretsd" not in text and "from secretsd" not in text, source.name
-
-
 def test_refresh_picks_up_a_rotation_made_by_another_process(tmp_path: Path) -> None:
     mine = FileKeyProvider.create(tmp_path / "k")
     theirs = FileKeyProvider.load(tmp_path / "k")
