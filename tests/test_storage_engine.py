@@ -156,3 +156,15 @@ def test_an_import_loads_only_into_an_empty_store() -> None:
     require_empty("meta", False, "x")
     with pytest.raises(AlreadyInitializedError, match="table tokens has rows"):
         require_empty("tokens", True, "x")
+
+
+# -- encryption counting ---------------------------------------------------------------------------------
+def test_sealing_under_an_unknown_term_is_a_conflict() -> None:
+    # SQLite's foreign key refuses such a version too; the rule must not rest on a schema detail.
+    class Counts:
+        def count_encryption(self, term: int) -> int | None:
+            return {1: 7}.get(term)
+
+    assert engine.run_sync(engine.count_encryption_plan(1), Counts()) == 7
+    with pytest.raises(ConflictError, match="keyring term 9 does not exist"):
+        engine.run_sync(engine.count_encryption_plan(9), Counts())

@@ -268,7 +268,7 @@ def _prune(path: str, newest: int, max_versions: int, keep: set[int | None], now
         yield Op("delete_versions", (path, drop))
 
 
-def _count_encryption(term: int) -> Plan[int]:
+def count_encryption_plan(term: int) -> Plan[int]:
     """One more value sealed under ``term`` (the count drives automatic retirement of terms)."""
     count = yield Op("count_encryption", (term,))
     if count is None:
@@ -343,7 +343,7 @@ def write_version(
     yield from _prune(path, record.version, max_versions, {out.previous_version, out.pending_version},
                       record.created_at)
     # Last, so PostgreSQL holds the term's row lock (which every writer needs) only until commit.
-    return WriteResult(out, (yield from _count_encryption(record.term)))
+    return WriteResult(out, (yield from count_encryption_plan(record.term)))
 
 
 def create_pending(record: VersionRecord, *, expected_current: int) -> Plan[WriteResult]:
@@ -356,7 +356,7 @@ def create_pending(record: VersionRecord, *, expected_current: int) -> Plan[Writ
     yield Op("update_secret", (path, {"pending_version": record.version, "latest_version": record.version}))
     yield Op("insert_version", (record,))
     out = dataclasses.replace(secret, pending_version=record.version, latest_version=record.version)
-    return WriteResult(out, (yield from _count_encryption(record.term)))
+    return WriteResult(out, (yield from count_encryption_plan(record.term)))
 
 
 def finish_pending(

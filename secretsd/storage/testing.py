@@ -451,6 +451,20 @@ class StorageConformance(CopyConformance):
         await storage.write_version(late, expected_current=4, metadata=None, max_versions=1)
         assert [v.version for v in await storage.list_versions("p")] == [4, 5]
 
+    async def test_pruning_keeps_the_previous_and_pending_versions_without_grace(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=1)
+        await storage.create_pending(version("p", 2), expected_current=1)
+        await storage.write_version(version("p", 3), expected_current=1, metadata=None, max_versions=1)
+        assert [v.version for v in await storage.list_versions("p")] == [1, 2, 3]  # previous, pending
+        await storage.write_version(version("p", 4), expected_current=3, metadata=None, max_versions=1)
+        assert [v.version for v in await storage.list_versions("p")] == [2, 3, 4]  # 1 is no longer previous
+        await storage.discard_pending("p", 2, now=T0, rotation_due=None, rotation_status=RotationStatus())
+        await storage.create_pending(version("p", 5), expected_current=4)
+        await storage.finish_pending("p", 5, expected_current=4, now=T0, grace_until=None, max_versions=1,
+                                     rotation_due=None, rotation_status=RotationStatus())
+        assert [v.version for v in await storage.list_versions("p")] == [4, 5]  # 4 is previous now
+
     async def test_rotation_policy_schedule_and_candidates(self, storage: Storage) -> None:
         await initialized(storage)
         for path in ("a", "b", "c"):
