@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from secretsd.errors import AlreadyInitializedError, ConflictError, StorageError
 from secretsd.storage import codec, engine
-from secretsd.storage.base import RotationStatus, SecretRecord, VersionState
+from secretsd.storage.base import RotationStatus, SecretRecord, VersionRecord, VersionState
 from secretsd.storage.migrations import load_migrations, pending_migrations
 from secretsd.storage.postgres_sql import PostgresRowOps as PostgresOps
 from secretsd.storage.rows import require_empty
+from secretsd.storage.sqlite import SQLiteStorage
 from secretsd.storage.sqlite import _Ops as SQLiteOps
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -168,3 +171,47 @@ def test_sealing_under_an_unknown_term_is_a_conflict() -> None:
     assert engine.run_sync(engine.count_encryption_plan(1), Counts()) == 7
     with pytest.raises(ConflictError, match="keyring term 9 does not exist"):
         engine.run_sync(engine.count_encryption_plan(9), Counts())
+
+
+# -- a store written before the engine ---------------------------------------------------------------------
+async def test_a_store_written_by_the_previous_release_reads_and_writes_on(tmp_path: Path) -> None:
+    """tests/data/sqlite_store_v1.db was written by the code before the engine (make_sqlite_store_v1.py)."""
+    path = tmp_path / "store.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "sqlite_store_v1.db", path)
+    path.chmod(0o600)
+    s = SQLiteStorage(path)
+    await s.open()
+    try:
+        assert await s.is_initialized()
+        db = await s.get_secret("app/db")
+        assert db is not None and isinstance(db.rotation_status, RotationStatus)
+        assert dict(db.rotation_status) == {
+            "last_result": "failed", "last_reason": "hook timed out", "last_attempt_at": "2026-01-03T00:00:00+00:00",
+            "failures": 2, "trigger": "schedule"}
+        assert db.rotation_status.failure_count == 2 and db.rotation is not None and db.rotation["enabled"] is True
+        assert (db.current_version, db.previous_version, db.pending_version, db.latest_version) == (3, 2, 4, 4)
+        assert db.metadata == {"owner": "team-a"} and db.rotation_due == T0 + timedelta(days=2)
+        labels = {label: await s.read_version("app/db", label=label) for label in ("current", "previous", "pending")}
+        assert {k: (v[1].version, v[1].ciphertext) for k, v in labels.items() if v} == {
+            "current": (3, b"three"), "previous": (2, b"two"), "pending": (4, b"four")}
+        two = await s.get_version("app/db", 2)
+        assert two is not None and two.grace_until == T0 + timedelta(days=7)
+        old = await s.list_versions("app/old")
+        assert [(v.version, v.state, v.deleted_at) for v in old] == [
+            (1, VersionState.DELETED, T0 + timedelta(days=3)), (2, VersionState.DESTROYED, T0 + timedelta(days=4))]
+        token = await s.get_token("00000000000000bb")
+        assert token is not None and token.revoked_at == T0 + timedelta(days=5) and token.policies == ("read",)
+        # The engine carries on where the old code stopped: finish the pending rotation, then write.
+        status = db.rotation_status.replace(last_result="succeeded", failures=0, last_version=4)
+        done = await s.finish_pending("app/db", 4, expected_current=3, now=T0 + timedelta(days=3), grace_until=None,
+                                      max_versions=2, rotation_due=None, rotation_status=status)
+        assert done == await s.get_secret("app/db") and done.rotation_status == status
+        assert [v.version for v in await s.list_versions("app/db")] == [2, 3, 4]  # 2 is in grace for 4 more days
+        wrote = await s.write_version(
+            VersionRecord(path="app/db", version=5, created_at=T0 + timedelta(days=4), created_by="svc",
+                          state=VersionState.ACTIVE, term=1, nonce=b"5" * 12, ciphertext=b"five"),
+            expected_current=4, metadata=None, max_versions=2)
+        assert wrote.term_encryptions == 7  # six sealed by the old code, one now
+        assert [v.version for v in await s.list_versions("app/db")] == [2, 4, 5]
+    finally:
+        await s.close()
