@@ -33,7 +33,10 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
 def short_frame(frame: str) -> str:
-    """'get (secretsd/service.py:130)' -> 'secretsd/service.py:get', trimming site-packages prefixes."""
+    """'get (secretsd/domain/secret_service.py:130)' -> 'secretsd/domain/secret_service.py:get'.
+
+    Site-packages prefixes are trimmed.
+    """
     match = FRAME.match(frame.strip())
     if not match:
         return frame.strip()

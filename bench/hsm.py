@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keyproviders import KeyProvider
-    from secretsd.config import Settings
+    from secretsd.runtime.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 PROVISION_SCRIPT = REPO / "softhsm" / "provision-token.sh"
@@ -221,7 +221,7 @@ def _toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, data_dir: Path, specs: Sequence[dict[str, Any]]) -> Path:
-    from secretsd.config import Settings
+    from secretsd.runtime.config import Settings
 
     lines = [f"data_dir = {_toml_value(str(data_dir))}"]
     if "audit" in Settings.model_fields:
@@ -238,7 +238,7 @@ def write_config(path: Path, data_dir: Path, specs: Sequence[dict[str, Any]]) ->
 
 
 def settings_for(work: Path, case: Case, tag: str) -> Settings:
-    from secretsd.config import load_settings
+    from secretsd.runtime.config import load_settings
 
     slug = "".join(ch if ch.isalnum() else "-" for ch in case.name)
     data_dir = work / "stores" / f"{slug}-{tag}"
@@ -249,7 +249,7 @@ def settings_for(work: Path, case: Case, tag: str) -> Settings:
 # -- measurements ----------------------------------------------------------------------------------
 async def build_store(settings: Settings, terms: int) -> None:
     """Initialise a store and give it ``terms`` keyring terms."""
-    from secretsd.daemon import Daemon, initialize_store
+    from secretsd.runtime.daemon import Daemon, initialize_store
 
     await initialize_store(settings)
     daemon = Daemon(settings)
@@ -264,7 +264,7 @@ async def build_store(settings: Settings, terms: int) -> None:
 
 
 async def kek_ids(settings: Settings) -> int:
-    from secretsd.daemon import build_storage
+    from secretsd.runtime.daemon import build_storage
 
     storage = build_storage(settings)
     await storage.open()
@@ -276,7 +276,7 @@ async def kek_ids(settings: Settings) -> int:
 
 async def measure_unseal(settings: Settings, runs: int) -> tuple[Stat, Stat]:
     """``Daemon.start()`` on a fresh daemon, then ``Barrier.unseal()`` again on it, ``runs`` times."""
-    from secretsd.daemon import Daemon
+    from secretsd.runtime.daemon import Daemon
 
     async def once() -> tuple[float, float, float, float]:
         daemon = Daemon(settings)
@@ -301,7 +301,7 @@ async def measure_unseal(settings: Settings, runs: int) -> tuple[Stat, Stat]:
 
 
 async def measure_rekey(settings: Settings, runs: int, warmup: int = 2) -> Stat:
-    from secretsd.daemon import Daemon
+    from secretsd.runtime.daemon import Daemon
 
     daemon = Daemon(settings)
     await daemon.start()

@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from secretsd.api.app import create_app
-from secretsd.config import Settings, load_settings
-from secretsd.daemon import Daemon, initialize_store
+from secretsd.runtime.config import Settings, load_settings
+from secretsd.runtime.daemon import Daemon, initialize_store
 from tests.helpers import DaemonProcess, init_store
 
 pytest_plugins = ["softhsm.pytest_plugin"]

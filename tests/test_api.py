@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
+from secretsd.auth.token import TokenAuthenticator
 from secretsd.problems import PROBLEM_CONTENT_TYPE
-from secretsd.token_auth import TokenAuthenticator
 from tests.conftest import Api
 
 

@@ -402,7 +402,7 @@ def test_lock_memory_keeps_the_daemon_out_of_swap(tmp_path: Path) -> None:
 
 
 def test_hardening_functions_in_a_fresh_process() -> None:
-    code = ("from secretsd.process_hardening import disable_core_dumps, is_dumpable; import resource; "
+    code = ("from secretsd.runtime.process_hardening import disable_core_dumps, is_dumpable; import resource; "
             "assert is_dumpable(); disable_core_dumps(); "
             "print(is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))")
     out = subprocess.run(["prlimit", "--core=unlimited:unlimited", sys.executable, "-c", code],

@@ -16,8 +16,8 @@ import pytest
 
 from secretsd.audit.record import Signer, canonical, load_public_pem, record_hash
 from secretsd.audit.verify import Head, log_files, verify
-from secretsd.config import Settings, load_settings
-from secretsd.daemon import initialize_store
+from secretsd.runtime.config import Settings, load_settings
+from secretsd.runtime.daemon import initialize_store
 from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, init_store, run_cli
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from secretsd.audit.failures import OTHER_REMOTES, FailureBudget, FailureCounter
 from secretsd.audit.verify import log_files
-from secretsd.config import load_settings
+from secretsd.runtime.config import load_settings
 from tests.conftest import running
 from tests.helpers import DaemonProcess, http, init_store, run_cli
 

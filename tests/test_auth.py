@@ -19,18 +19,18 @@ from secretsd.auth import (
     available_authenticators,
     create_authenticators,
 )
-from secretsd.auth_testing import AuthenticatorConformance, AuthenticatorHarness, Issued
+from secretsd.auth.testing import AuthenticatorConformance, AuthenticatorHarness, Issued
+from secretsd.auth.token import TokenAuthenticator
 from secretsd.clock import utcnow
-from secretsd.config import load_settings
-from secretsd.daemon import Daemon
+from secretsd.domain.identity import Credentials, Principal
+from secretsd.domain.policy import ROOT_POLICY, PolicyStore
+from secretsd.domain.token_service import TokenService
 from secretsd.errors import ConfigError
-from secretsd.identity import Credentials, Principal
-from secretsd.policy import ROOT_POLICY, PolicyStore
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import Daemon
 from secretsd.storage import Storage, TokenRecord
 from secretsd.storage.sqlite import SQLiteStorage
 from secretsd.storage.testing import initialized
-from secretsd.token_auth import TokenAuthenticator
-from secretsd.token_service import TokenService
 from tests.helpers import DaemonProcess, http, init_store, run_cli
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from secretsd.config import load_settings
 from secretsd.errors import ConfigError
+from secretsd.runtime.config import load_settings
 
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

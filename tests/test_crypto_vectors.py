@@ -16,9 +16,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from secretsd import crypto, tokens
+from secretsd import tokens
 from secretsd.audit.keys import VALUE_HMAC_LABEL, ValueHasher
 from secretsd.audit.record import Signer, canonical, load_public_pem, record_hash, signature_valid
+from secretsd.custody import crypto
 
 VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "secretsd_vectors.json").read_text())
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from secretsd.config import load_settings
+from secretsd.runtime.config import load_settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "systemd" / "secretsd.service"

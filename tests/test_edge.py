@@ -325,7 +325,7 @@ FAKE_TOKEN = "sdt_0123456789abcdef_" + "S3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr
 
 
 def test_edge_relies_on_aiohttp_internals() -> None:
-    """secretsd/edge.py subclasses aiohttp's RequestHandler and reads these; an upgrade that
+    """secretsd/runtime/edge.py subclasses aiohttp's RequestHandler and reads these; an upgrade that
     renames them must fail here, not silently disable a deadline."""
     import inspect
 
@@ -365,8 +365,8 @@ def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from secretsd.edge_log import install_log_scrubbing
-    from secretsd.logs import configure_logging
+    from secretsd.runtime.edge_log import install_log_scrubbing
+    from secretsd.runtime.logs import configure_logging
 
     configure_logging("DEBUG")
     install_log_scrubbing()
@@ -384,8 +384,8 @@ def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture
 def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
-    from secretsd.edge_log import loop_exception_handler
-    from secretsd.logs import configure_logging
+    from secretsd.runtime.edge_log import loop_exception_handler
+    from secretsd.runtime.logs import configure_logging
 
     configure_logging("INFO")
     loop = asyncio.new_event_loop()
@@ -402,7 +402,7 @@ def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.Capt
 def test_bounded_log_writes_one_line_per_interval_and_counts_the_rest() -> None:
     import logging
 
-    from secretsd.edge_log import BoundedLog
+    from secretsd.runtime.edge_log import BoundedLog
 
     now = [0.0]
     lines: list[str] = []
@@ -441,7 +441,7 @@ class FakeConnection:
 
 
 def test_make_room_closes_the_stalest_waiting_connection() -> None:
-    from secretsd.edge import ConnectionGate, EdgeStats
+    from secretsd.runtime.edge import ConnectionGate, EdgeStats
 
     gate = ConnectionGate(3, EdgeStats())
     busy, idle_old, idle_new = FakeConnection(False), FakeConnection(True), FakeConnection(True)
@@ -455,7 +455,7 @@ def test_make_room_closes_the_stalest_waiting_connection() -> None:
 
 
 def test_make_room_never_closes_a_connection_being_answered() -> None:
-    from secretsd.edge import ConnectionGate, EdgeStats
+    from secretsd.runtime.edge import ConnectionGate, EdgeStats
 
     gate = ConnectionGate(2, EdgeStats())
     conns = [FakeConnection(False), FakeConnection(False)]
@@ -470,7 +470,7 @@ def test_make_room_never_closes_a_connection_being_answered() -> None:
 
 
 def test_default_max_connections_leaves_descriptors_free() -> None:
-    from secretsd.edge import default_max_connections
+    from secretsd.runtime.edge import default_max_connections
 
     assert default_max_connections(1024) == 896
     assert default_max_connections(192) == 128

@@ -18,8 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from dotenv import dotenv_values
 
-from secretsd import envfile
-from secretsd.cli import main
+from secretsd.cli import envfile, main
 from secretsd.client import SecretsClient
 from secretsd.errors import RequestError
 from tests.helpers import DaemonProcess

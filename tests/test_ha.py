@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from secretsd.config import load_settings
-from secretsd.daemon import Daemon, initialize_store
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import Daemon, initialize_store
 from tests.helpers import DaemonProcess, http, run_cli
 from tests.postgres_fixture import PostgresServer, fresh_database, start_or_skip
 

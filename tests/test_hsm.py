@@ -16,10 +16,10 @@ import pytest
 from keyproviders.base import KeyProvider
 from keyproviders.file import FileKeyProvider
 from keyproviders.pkcs11 import Pkcs11KeyProvider, create_key
-from secretsd.config import Settings, load_settings
-from secretsd.daemon import Daemon, initialize_store
-from secretsd.keyring import unwrap_term
-from secretsd.masterkey import migrate, rewrap
+from secretsd.custody.keyring import unwrap_term
+from secretsd.runtime.config import Settings, load_settings
+from secretsd.runtime.daemon import Daemon, initialize_store
+from secretsd.runtime.masterkey import migrate, rewrap
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, run_cli
@@ -241,7 +241,7 @@ async def test_any_configured_provider_unseals(hsm_key: dict[str, Any], tmp_path
 
 # -- master-key lifecycle -----------------------------------------------------------------------------
 async def _terms(settings: Settings) -> list[Any]:
-    from secretsd.daemon import build_storage
+    from secretsd.runtime.daemon import build_storage
 
     storage = build_storage(settings)
     await storage.open()
@@ -256,7 +256,7 @@ async def _assert_opens(settings: Settings, values: dict[str, str] | None = None
     await daemon.start()
     try:
         assert not daemon.barrier.sealed, daemon.barrier.last_error
-        from secretsd.identity import Principal
+        from secretsd.domain.identity import Principal
 
         who = Principal("test", ("root",), "token")
         for path, value in (values or {}).items():
@@ -278,7 +278,7 @@ async def _store_with_terms(settings: Settings, n_terms: int) -> dict[str, str]:
     await initialize_store(settings)
     daemon = Daemon(settings)
     await daemon.start()
-    from secretsd.identity import Principal
+    from secretsd.domain.identity import Principal
 
     who = Principal("test", ("root",), "token")
     values = {}

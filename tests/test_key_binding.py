@@ -22,10 +22,10 @@ import pytest
 from keyproviders.file import FileKeyProvider
 from keyproviders.pkcs11 import Pkcs11KeyProvider, create_key
 from secretsd import errors
-from secretsd.config import load_settings
-from secretsd.daemon import initialize_store
-from secretsd.keyring import prove_custody
-from secretsd.masterkey import migrate, rewrap
+from secretsd.custody.keyring import prove_custody
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import initialize_store
+from secretsd.runtime.masterkey import migrate, rewrap
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, run_cli

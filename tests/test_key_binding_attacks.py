@@ -23,10 +23,10 @@ from keyproviders.errors import KeyMismatchError, KeyProviderError
 from keyproviders.file import FileKeyProvider
 from keyproviders.pkcs11 import Pkcs11KeyProvider, Pkcs11Options, create_key, doctor
 from secretsd import errors
-from secretsd.config import load_settings
-from secretsd.crypto import dek_aad, new_dek
-from secretsd.daemon import build_storage, initialize_store
-from secretsd.masterkey import migrate
+from secretsd.custody.crypto import dek_aad, new_dek
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import build_storage, initialize_store
+from secretsd.runtime.masterkey import migrate
 from secretsd.storage import KeyringTerm
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import running
@@ -344,7 +344,7 @@ def test_a_token_swapped_between_the_proof_and_the_wrap_does_not_capture_the_ter
 ) -> None:
     """Barrier.rekey: prove_all, then make_term. The swap is timed into that window (a race a test
     cannot win by chance, hence the hook); wrap's recovery then adopts the planted v2 (test 2)."""
-    from secretsd.providers import ProviderSet
+    from secretsd.custody.providers import ProviderSet
     from tests.test_key_binding import _hsm_store
 
     token, token_dir = softhsm_removable_token

@@ -79,8 +79,8 @@ async def test_no_secret_value_or_path_in_any_label(api: Api) -> None:
 
 async def test_metrics_need_a_token_with_read_on_sys_metrics(tmp_path: Path) -> None:
 
-    from secretsd.config import load_settings
-    from secretsd.daemon import initialize_store
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.daemon import initialize_store
 
     policy = tmp_path / "p.toml"
     policy.write_text('[policies.prom]\nrules = [{ path = "sys/metrics", allow = ["read"] }]\n'

@@ -26,16 +26,16 @@ from click.testing import CliRunner
 
 from secretsd.api.app import create_app
 from secretsd.cli import main
-from secretsd.config import Settings, load_settings
-from secretsd.daemon import Daemon, initialize_store
+from secretsd.domain.generators import CLASSES, BytesGenerator, PasswordGenerator
+from secretsd.domain.rotation import SYSTEM, RotationPolicy, backoff
+from secretsd.domain.rotation_settings import RotationSettings
 from secretsd.errors import ConflictError, RotationFailedError
 from secretsd.events import Event
-from secretsd.generators import CLASSES, BytesGenerator, PasswordGenerator
-from secretsd.leadership import Leadership
 from secretsd.problems import PROBLEM_CONTENT_TYPE
-from secretsd.rotation import SYSTEM, RotationPolicy, backoff
-from secretsd.rotation_settings import RotationSettings
-from secretsd.scheduler import RotationScheduler
+from secretsd.runtime.config import Settings, load_settings
+from secretsd.runtime.daemon import Daemon, initialize_store
+from secretsd.runtime.leadership import Leadership
+from secretsd.runtime.scheduler import RotationScheduler
 from secretsd.storage import VersionState
 from tests.helpers import DaemonProcess, http, init_store, run_cli
 
@@ -610,7 +610,7 @@ async def test_http_hook_success_and_failure(data_dir: Path, clock: FakeClock) -
 
 
 def test_hook_settings_are_validated() -> None:
-    from secretsd.hooks import HookSettings
+    from secretsd.domain.hooks import HookSettings
 
     HookSettings(paths=("db/*",), url="https://rotator.example/hook")
     HookSettings(paths=("db/*",), url="http://127.0.0.1:8080/hook")

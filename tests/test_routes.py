@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from secretsd.api import openapi, routes
 from secretsd.api.app import PUBLIC_ROUTES, SEALED_ROUTES
 from secretsd.api.routes import OPERATIONS, Operation, Variant
-from secretsd.config import load_settings
-from secretsd.daemon import initialize_store
-from secretsd.identity import Principal
-from secretsd.policy import Capability
-from secretsd.service import MAX_LIST_SCANS
+from secretsd.domain.identity import Principal
+from secretsd.domain.policy import Capability
+from secretsd.domain.secret_service import MAX_LIST_SCANS
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import initialize_store
 from tests.conftest import Api, running
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}

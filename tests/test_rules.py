@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from secretsd import tokens
+from secretsd.domain.identity import Principal
+from secretsd.domain.policy import Capability, PolicySet, compile_glob
+from secretsd.domain.token_service import check_delegation
 from secretsd.errors import ConfigError, InvalidPathError, PermissionDeniedError
-from secretsd.identity import Principal
 from secretsd.paths import MAX_DEPTH, MAX_PATH_LENGTH, validate_path, validate_prefix
-from secretsd.policy import Capability, PolicySet, compile_glob
-from secretsd.token_service import check_delegation
 
 
 # -- paths ----------------------------------------------------------------------------------------

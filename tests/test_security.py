@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from secretsd.api.app import PUBLIC_ROUTES, create_app
-from secretsd.config import Settings, load_settings
-from secretsd.daemon import Daemon, initialize_store
+from secretsd.runtime.config import Settings, load_settings
+from secretsd.runtime.daemon import Daemon, initialize_store
 from tests.conftest import Api, running
 from tests.test_api import problem
 
@@ -454,7 +454,7 @@ async def test_odd_json_is_a_400_on_write_and_rotate(papi: Api, body: bytes) -> 
 
 
 async def test_wildcards_for_secrets_never_grant_system_resources(tmp_path: Path) -> None:
-    from secretsd.policy import Capability, PolicySet
+    from secretsd.domain.policy import Capability, PolicySet
 
     policies = PolicySet.from_mapping({"policies": {
         "broad": {"rules": [{"path": "**", "allow": ["read", "admin", "list"]},
@@ -540,7 +540,7 @@ async def test_a_hook_serves_only_the_paths_it_was_configured_for(tmp_path: Path
 
 
 def test_recovery_waits_longer_than_the_slowest_hook() -> None:
-    from secretsd.rotation_settings import RotationSettings
+    from secretsd.domain.rotation_settings import RotationSettings
 
     with pytest.raises(ValueError, match="pending_timeout_seconds"):
         # As the configuration file gives it: the hook as a table, validated into HookSettings.

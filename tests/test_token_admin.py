@@ -16,16 +16,16 @@ import pytest
 
 from keyproviders.pkcs11 import create_key
 from secretsd import tokens
+from secretsd.auth.token import TokenAuthenticator
 from secretsd.clock import utcnow
-from secretsd.config import load_settings
-from secretsd.daemon import build_storage, initialize_store
+from secretsd.domain.identity import Principal
+from secretsd.domain.policy import ROOT_POLICY, PolicyStore
+from secretsd.domain.token_service import TokenService, check_client_name, refuse_revoking_the_last_root_token
 from secretsd.errors import ConflictError, RequestError
-from secretsd.identity import Principal
-from secretsd.policy import ROOT_POLICY, PolicyStore
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import build_storage, initialize_store
 from secretsd.storage import KeyringTerm, TokenRecord
 from secretsd.storage.postgres import PostgresStorage
-from secretsd.token_auth import TokenAuthenticator
-from secretsd.token_service import TokenService, check_client_name, refuse_revoking_the_last_root_token
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.conftest import Api, running
 from tests.helpers import DaemonProcess, http, init_store, run_cli

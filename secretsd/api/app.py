@@ -20,10 +20,10 @@ from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, OPENAPI, PRINC
 from secretsd.api.handlers import metrics_response
 from secretsd.audit import fields
 from secretsd.auth import authenticate
-from secretsd.daemon import Daemon
+from secretsd.domain.identity import Credentials
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
-from secretsd.identity import Credentials
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
+from secretsd.runtime.daemon import Daemon
 
 log = logging.getLogger("secretsd.http")
 

@@ -24,9 +24,9 @@ from pydantic import (
 )
 
 from secretsd.api.context import DAEMON
+from secretsd.domain.rotation import RotationPolicy
+from secretsd.domain.token_service import MAX_TTL_SECONDS
 from secretsd.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
-from secretsd.rotation import RotationPolicy
-from secretsd.token_service import MAX_TTL_SECONDS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,7 +73,7 @@ class RotateBody(_Body):
 
 
 class SetMetadataBody(_Body):
-    #: The rotation policy (see secretsd.rotation.RotationPolicy), or null to remove it.
+    #: The rotation policy (see secretsd.domain.rotation.RotationPolicy), or null to remove it.
     rotation: RotationPolicy | None
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from secretsd.daemon import Daemon
+from secretsd.domain.identity import Principal
+from secretsd.domain.policy import Capability
 from secretsd.errors import PermissionDeniedError, RequestError
-from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.policy import Capability
+from secretsd.runtime.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", Daemon)
 #: The OpenAPI document, built from the route table once per app.

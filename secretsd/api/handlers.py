@@ -32,13 +32,13 @@ from secretsd.api.context import (
     principal,
     secret_path,
 )
-from secretsd.daemon import Daemon
+from secretsd.domain.policy import Capability
+from secretsd.domain.rotation import RotationPolicy, labels_of
+from secretsd.domain.secret_service import MAX_LIST_LIMIT
 from secretsd.errors import NotFoundError, RequestError, SecretsdError
-from secretsd.metrics import CONTENT_TYPE
 from secretsd.paths import validate_path
-from secretsd.policy import Capability
-from secretsd.rotation import RotationPolicy, labels_of
-from secretsd.service import MAX_LIST_LIMIT
+from secretsd.runtime.daemon import Daemon
+from secretsd.runtime.metrics import CONTENT_TYPE
 from secretsd.storage import SecretRecord, TokenRecord, VersionInfo
 
 

@@ -11,8 +11,8 @@ import base64
 import json
 
 from secretsd.audit.record import Signer
-from secretsd.barrier import Barrier, SealedValue, seal_blob
-from secretsd.crypto import DataKey, derive_key, hmac_sha256
+from secretsd.custody.barrier import Barrier, SealedValue, seal_blob
+from secretsd.custody.crypto import DataKey, derive_key, hmac_sha256
 from secretsd.storage import Storage
 
 AUDIT_KEY_META = "audit_key"

@@ -19,7 +19,7 @@ import hashlib
 import json
 from typing import Any
 
-from secretsd.crypto import SigningKey, VerifyKey
+from secretsd.custody.crypto import SigningKey, VerifyKey
 
 GENESIS_HASH = "0" * 64
 FORMAT = 1

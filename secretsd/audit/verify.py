@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretsd.audit.record import GENESIS_HASH, parse_line, record_hash, signature_valid
-from secretsd.crypto import VerifyKey
+from secretsd.custody.crypto import VerifyKey
 
 _ROTATED = re.compile(r"\.(\d{6,})$")
 

@@ -24,8 +24,8 @@ def audit() -> None:
 async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple[str, object, Path]:
     from secretsd.audit.keys import public_key_pem
     from secretsd.audit.verify import Head
-    from secretsd.config import load_settings
-    from secretsd.daemon import build_storage
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.daemon import build_storage
 
     settings = load_settings(config_file, data_dir=data_dir)
     storage = build_storage(settings)

@@ -94,7 +94,7 @@ def import_env(ctx: Ctx, file: Path, prefix: str, dry_run: bool, overwrite: bool
       secretsd import-env .env --prefix billing
       secretsd import-env .env.production --prefix billing/prod --overwrite --json
     """
-    from secretsd import envfile
+    from secretsd.cli import envfile
 
     prefix = _prefix(prefix)
     parsed = envfile.parse(envfile.read_text(file), prefix=prefix, source=str(file), interpolate=interpolate)
@@ -180,7 +180,7 @@ def export_env(ctx: Ctx, prefix: str, output: Path | None, as_json: bool) -> Non
       secretsd export-env billing -o billing.env
       secretsd export-env billing > /dev/shm/billing.env
     """
-    from secretsd import envfile
+    from secretsd.cli import envfile
 
     prefix = _prefix(prefix)
     values: dict[str, str] = {}

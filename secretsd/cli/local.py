@@ -30,8 +30,8 @@ def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None
     Example:
       secretsd init --data-dir /var/lib/secretsd --json
     """
-    from secretsd.config import load_settings
-    from secretsd.daemon import initialize_store
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.daemon import initialize_store
 
     settings = load_settings(config_file, data_dir=data_dir)
     result = asyncio.run(initialize_store(settings))
@@ -46,8 +46,8 @@ def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None
 
 def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Path | None) -> str:
     """Initialise the dev store on first run; return its admin token (kept 0600 for dev only)."""
-    from secretsd.config import load_settings
-    from secretsd.daemon import initialize_store
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.daemon import initialize_store
 
     token_file = data_dir / DEV_TOKEN_FILE
     if token_file.exists():
@@ -80,10 +80,10 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
       secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
       secretsd serve --config /etc/secretsd/secretsd.toml --workers 2
     """
-    from secretsd.config import load_settings
-    from secretsd.logs import configure_logging
-    from secretsd.process_hardening import harden_process
-    from secretsd.server import serve as run_server
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.logs import configure_logging
+    from secretsd.runtime.process_hardening import harden_process
+    from secretsd.runtime.server import serve as run_server
 
     # SIGHUP means "reload policies"; until the daemon's handler is installed it must not mean
     # "terminate" (secretsd.cli ignores it even earlier, when the command line says serve).
@@ -111,7 +111,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
             f"  secretsd get app/db-password\n"
         )
     if workers > 1 and worker_index is None:
-        from secretsd.workers import supervise
+        from secretsd.runtime.workers import supervise
 
         args = ["--data-dir", str(settings.require_data_dir()), "--listen", settings.listen]
         if config_file is not None:

@@ -1,7 +1,7 @@
 """Master-key and HSM commands that work on the store and the key providers directly.
 
 They run where the key providers are reachable (the daemon's host, usually) and may run while the
-daemon serves; see ``secretsd.masterkey``.
+daemon serves; see ``secretsd.runtime.masterkey``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.progress import Progress as RichProgress
 from secretsd.cli.common import emit_json, friendly_errors, json_option, main, table
 from secretsd.cli.system import keyring
 from secretsd.errors import ConfigError
-from secretsd.masterkey import Progress, Report
+from secretsd.runtime.masterkey import Progress, Report
 
 config_option = click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
@@ -70,8 +70,8 @@ def keyring_rewrap(config_file: Path | None, data_dir: Path | None, no_rotate: b
     Example:
       secretsd keyring rewrap --config /etc/secretsd/secretsd.toml
     """
-    from secretsd.config import load_settings
-    from secretsd.masterkey import rewrap
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.masterkey import rewrap
 
     settings = load_settings(config_file, data_dir=data_dir)
     with progress_bar("re-wrapping keyring", as_json) as progress:
@@ -97,8 +97,8 @@ def keyring_migrate(to_config: Path, config_file: Path | None, data_dir: Path | 
     Example:
       secretsd keyring migrate --config old.toml --to hsm.toml
     """
-    from secretsd.config import load_settings
-    from secretsd.masterkey import migrate
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.masterkey import migrate
 
     old = load_settings(config_file, data_dir=data_dir)
     new = load_settings(to_config, data_dir=old.require_data_dir())
@@ -113,7 +113,7 @@ def hsm() -> None:
 
 
 def _pkcs11_options(config_file: Path | None) -> tuple[dict[str, Any], Path]:
-    from secretsd.config import load_settings
+    from secretsd.runtime.config import load_settings
 
     settings = load_settings(config_file)
     options = settings.key_provider.options()
@@ -140,7 +140,7 @@ def hsm_create_key(config_file: Path | None, as_json: bool) -> None:
     """
     from keyproviders import KeyProviderError
     from keyproviders.pkcs11 import create_key
-    from secretsd.keyring import convert_provider_error
+    from secretsd.custody.keyring import convert_provider_error
 
     options, base = _pkcs11_options(config_file)
     try:

@@ -29,8 +29,8 @@ def token_create_root(config_file: Path | None, data_dir: Path | None, as_json: 
       secretsd token create-root --config /etc/secretsd/secretsd.toml --json
     """
     from secretsd import tokens
-    from secretsd.config import load_settings
-    from secretsd.recovery import create_root_token
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.recovery import create_root_token
 
     # Per-provider warnings (one per term that a provider could not open) would bury the one-line
     # error; what is worse than a warning still reaches stderr.

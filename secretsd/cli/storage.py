@@ -36,8 +36,8 @@ def _progress_bar(quiet: bool) -> Iterator[Progress | None]:
 
 
 async def _migrate(from_config: Path, to_config: Path, progress: Progress | None) -> MigrationReport:
-    from secretsd.config import load_settings
-    from secretsd.daemon import build_storage
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.daemon import build_storage
     from secretsd.storage.transfer import copy_store
 
     source = build_storage(load_settings(from_config))

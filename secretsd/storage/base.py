@@ -65,7 +65,7 @@ _STATUS_FIELDS: dict[str, type] = {
 
 @dataclass(frozen=True, eq=False)
 class RotationStatus(Mapping[str, Any]):
-    """Outcome bookkeeping of a secret's last rotations (``secretsd.rotation`` writes it).
+    """Outcome bookkeeping of a secret's last rotations (``secretsd.domain.rotation`` writes it).
 
     Stored as the JSON object it reads as (a ``Mapping`` of the keys that are set), exactly the
     format the untyped dict had: an unset field is an absent key. Keys this version does not know,
@@ -186,6 +186,10 @@ class WriteResult:
 #: (see ``secretsd.storage.rows``, which also lists the tables, in reference order).
 ExportRow = dict[str, Any]
 
+#: The leader lock a serving daemon holds (its scheduler's); offline tools that must not run beside a
+#: daemon (storage migrate) try it. Named here, in the layer both sides import.
+SCHEDULER_LOCK = "scheduler"
+
 #: Change-feed channels: a keyring term was added or re-wrapped (payload: the term number); a
 #: token was revoked (payload: its token id, the public part, never the secret).
 KEYRING_CHANNEL = "secretsd_keyring"
@@ -208,7 +212,7 @@ class ChangeFeed(Protocol):
 
     A backend whose writers announce keyring changes and token revocations on ``KEYRING_CHANNEL``
     and ``TOKENS_CHANNEL`` (PostgreSQL: NOTIFY in the writing transaction) implements it; others
-    (SQLite, one host) do not, and replicas fall back to polling (``secretsd.replication``).
+    (SQLite, one host) do not, and replicas fall back to polling (``secretsd.runtime.replication``).
     Notifications are a hint that may be lost (while disconnected): never the only path.
     """
 

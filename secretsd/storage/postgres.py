@@ -525,7 +525,7 @@ class PostgresStorage:
     async def subscribe(
         self, channels: Sequence[str], callback: Callable[[str, str], None]
     ) -> ChangeSubscription:
-        """LISTEN on a dedicated connection outside the pool; see ``secretsd.replication``."""
+        """LISTEN on a dedicated connection outside the pool; see ``secretsd.runtime.replication``."""
         return await Subscription.open(self, channels, callback)
 
     # -- copying a whole store ----------------------------------------------------------------

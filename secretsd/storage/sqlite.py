@@ -229,7 +229,7 @@ class _Ops:
         return cur.rowcount == 1
 
     def notify(self, channel: str, payload: str) -> None:
-        """No change feed on one host: other workers poll (``secretsd.replication``)."""
+        """No change feed on one host: other workers poll (``secretsd.runtime.replication``)."""
 
 
 class SQLiteStorage:

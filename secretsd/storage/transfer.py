@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secretsd.errors import NotInitializedError, StorageError
-from secretsd.leadership import DEFAULT_NAME
 from secretsd.storage import Storage
-from secretsd.storage.base import ExportRow
+from secretsd.storage.base import SCHEDULER_LOCK, ExportRow
 from secretsd.storage.rows import TABLES, TableDigest
 
 #: progress(done_rows, total_rows, phase) with phase "copy" or "verify"
@@ -83,10 +82,10 @@ async def copy_store(
     """Copy ``source`` into the empty ``target`` (both open), then verify; see the module docstring."""
     if not await source.is_initialized():
         raise NotInitializedError(f"the source store {describe(source)} is not initialised; nothing to copy")
-    lock = source.leader_lock(DEFAULT_NAME)
+    lock = source.leader_lock(SCHEDULER_LOCK)
     if not await lock.try_acquire():
         raise StoreInUseError(
-            f"a daemon is serving the source store {describe(source)} (it holds the {DEFAULT_NAME} lock); "
+            f"a daemon is serving the source store {describe(source)} (it holds the {SCHEDULER_LOCK} lock); "
             "stop every daemon that uses it, then run the migration again"
         )
     try:

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 
 from secretsd import tokens
 from secretsd.clock import Clock, utcnow
+from secretsd.domain.identity import CredentialCache, Principal
+from secretsd.domain.policy import ROOT_POLICY, PolicyStore
 from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
 from secretsd.events import Event, EventBus
-from secretsd.identity import CredentialCache, Principal
-from secretsd.policy import ROOT_POLICY, PolicyStore
 from secretsd.storage import Storage, TokenRecord
 
 log = logging.getLogger("secretsd.tokens")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keyproviders import KeyProvider, WrappedKey
-from secretsd.config import Settings
-from secretsd.daemon import build_storage, provider_set
-from secretsd.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
+from secretsd.custody.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
+from secretsd.runtime.config import Settings
+from secretsd.runtime.daemon import build_storage, provider_set
 from secretsd.storage import KeyringTerm, Storage
 
 Progress = Callable[[int, int], None]

@@ -26,10 +26,11 @@ from collections.abc import Callable
 
 from secretsd.errors import SecretsdError
 from secretsd.storage import Storage
+from secretsd.storage.base import SCHEDULER_LOCK
 
-log = logging.getLogger("secretsd.leadership")
+log = logging.getLogger("secretsd.runtime.leadership")
 
-DEFAULT_NAME = "scheduler"
+DEFAULT_NAME = SCHEDULER_LOCK
 
 
 class Leadership:

@@ -27,14 +27,14 @@ from secretsd import tokens
 from secretsd.audit.keys import load_signer
 from secretsd.audit.log import AuditLog, syslog_mirror
 from secretsd.audit.verify import Head
-from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
-from secretsd.config import AuditSettings, Settings
-from secretsd.daemon import ADMIN_CLIENT, build_storage, provider_set
+from secretsd.custody.barrier import Barrier
+from secretsd.domain.policy import ROOT_POLICY
+from secretsd.domain.token_service import RECOVERY_CREATOR
 from secretsd.errors import NotInitializedError
-from secretsd.policy import ROOT_POLICY
+from secretsd.runtime.config import AuditSettings, Settings
+from secretsd.runtime.daemon import ADMIN_CLIENT, build_storage, provider_set
 from secretsd.storage import Storage, TokenRecord
-from secretsd.token_service import RECOVERY_CREATOR
 
 ACTION = "token.create-root"
 OFFLINE_SUFFIX = "-offline"

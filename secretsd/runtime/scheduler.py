@@ -1,7 +1,7 @@
 """The rotation scheduler: inside every daemon, working only while it holds the leader lock.
 
 Each tick (``[rotation] tick_seconds``) it asks the daemon's ``Leadership``
-(``secretsd.leadership``), which keeps trying the storage leader lock ``scheduler`` without
+(``secretsd.runtime.leadership``), which keeps trying the storage leader lock ``scheduler`` without
 waiting (a flock beside a SQLite database, an advisory lock on PostgreSQL) and re-checks its
 hold; the scheduler never touches the lock itself (one lock object, one task using it). The holder finishes or
 discards pending versions a dead daemon left behind and rotates what is due; the others do
@@ -16,14 +16,14 @@ import asyncio
 import logging
 from typing import Protocol
 
-from secretsd.barrier import Barrier
-from secretsd.rotation import Outcome, RotationService
+from secretsd.custody.barrier import Barrier
+from secretsd.domain.rotation import Outcome, RotationService
 
-log = logging.getLogger("secretsd.scheduler")
+log = logging.getLogger("secretsd.runtime.scheduler")
 
 
 class Leader(Protocol):
-    """What the scheduler needs of ``secretsd.leadership.Leadership`` (kept current by its own task)."""
+    """What the scheduler needs of ``secretsd.runtime.leadership.Leadership`` (kept current by its own task)."""
 
     @property
     def is_leader(self) -> bool: ...

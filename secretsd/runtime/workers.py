@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-log = logging.getLogger("secretsd.workers")
+log = logging.getLogger("secretsd.runtime.workers")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 

@@ -34,13 +34,13 @@ import logging
 from typing import Any
 
 from keyproviders import WrappedKey
-from secretsd.barrier import Barrier
+from secretsd.custody.barrier import Barrier
+from secretsd.domain.identity import CredentialCache
 from secretsd.errors import SecretsdError
-from secretsd.identity import CredentialCache
 from secretsd.storage import Storage
 from secretsd.storage.base import KEYRING_CHANNEL, TOKENS_CHANNEL, ChangeFeed, ChangeSubscription
 
-log = logging.getLogger("secretsd.replication")
+log = logging.getLogger("secretsd.runtime.replication")
 
 RETRY_MIN_SECONDS = 0.5
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
+from secretsd.custody.barrier import Barrier
+from secretsd.domain.identity import Principal
+from secretsd.domain.rotation import LABELS, RotationPolicy, check_servable, labels_of
+from secretsd.domain.values import encodable, validate_expiry
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
-from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
-from secretsd.values import encodable, validate_expiry
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128

@@ -17,7 +17,7 @@ import ssl
 
 from aiohttp import web
 
-from secretsd.edge import Edge, EdgeHandler
+from secretsd.runtime.edge import Edge, EdgeHandler
 
 #: Connections taken per wake-up of the listening socket: at most this many descriptors are in
 #: flight beyond the cap (closing connections release theirs on the next loop iteration).

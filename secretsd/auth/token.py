@@ -12,8 +12,8 @@ from typing import Any
 from secretsd import tokens
 from secretsd.auth import AuthenticatorContext
 from secretsd.clock import Clock, utcnow
+from secretsd.domain.identity import Credentials, Principal
 from secretsd.errors import ConfigError, UnauthenticatedError
-from secretsd.identity import Credentials, Principal
 from secretsd.storage import Storage, TokenRecord
 
 _NO_HASH = bytes(32)

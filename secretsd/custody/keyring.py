@@ -15,10 +15,10 @@ from datetime import datetime
 import keyproviders
 from keyproviders import KeyProvider, WrappedKey
 from secretsd import errors
-from secretsd.crypto import DataKey, dek_aad, new_dek
+from secretsd.custody.crypto import DataKey, dek_aad, new_dek
 from secretsd.storage import KeyringTerm
 
-log = logging.getLogger("secretsd.keyring")
+log = logging.getLogger("secretsd.custody.keyring")
 
 
 def convert_provider_error(exc: keyproviders.KeyProviderError) -> errors.SecretsdError:

@@ -1,12 +1,12 @@
 """Authentication: who is calling. The ``Authenticator`` seam, its registry and the one decision step.
 
 An authenticator turns what a request presented (``Credentials``) into a ``Principal``; both types
-are domain identity (``secretsd.identity``). Authorisation is separate: see ``secretsd.policy``.
+are domain identity (``secretsd.domain.identity``). Authorisation is separate: see ``secretsd.domain.policy``.
 
 Authenticators are found by method name in the entry-point group ``secretsd.authenticators``; the
-built-in token authenticator (``secretsd.token_auth``) registers there exactly as a third party
+built-in token authenticator (``secretsd.auth.token``) registers there exactly as a third party
 would. The daemon builds the ones named in ``[[authenticators]]`` (default: ``token`` alone) and
-asks them in order. Every authenticator passes one conformance suite (``secretsd.auth_testing``).
+asks them in order. Every authenticator passes one conformance suite (``secretsd.auth.testing``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol, cast
 
 from secretsd.clock import Clock, utcnow
+from secretsd.domain.identity import CredentialCache, Credentials, Principal
 from secretsd.errors import ConfigError, UnauthenticatedError
-from secretsd.identity import CredentialCache, Credentials, Principal
 from secretsd.storage import Storage
 
 ENTRY_POINT_GROUP = "secretsd.authenticators"

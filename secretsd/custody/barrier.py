@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from keyproviders import KeyProvider
 from secretsd import errors
 from secretsd.clock import Clock, utcnow
-from secretsd.crypto import DataKey, blob_aad, value_aad
+from secretsd.custody.crypto import DataKey, blob_aad, value_aad
+from secretsd.custody.keyring import Keyring, make_term, provider_errors, unseal
+from secretsd.custody.providers import ProviderSet
 from secretsd.events import Event, EventBus
-from secretsd.keyring import Keyring, make_term, provider_errors, unseal
-from secretsd.providers import ProviderSet
 from secretsd.storage import KeyringTerm, Storage, VersionRecord
 
-log = logging.getLogger("secretsd.barrier")
+log = logging.getLogger("secretsd.custody.barrier")
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from aiohttp import web
 
 from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
-from secretsd.config import Settings, parse_listen
-from secretsd.daemon import Daemon
-from secretsd.edge import Edge, EdgeCollector
-from secretsd.edge_listener import EdgeSite
-from secretsd.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
 from secretsd.errors import ConfigError
 from secretsd.events import Event
+from secretsd.runtime.config import Settings, parse_listen
+from secretsd.runtime.daemon import Daemon
+from secretsd.runtime.edge import Edge, EdgeCollector
+from secretsd.runtime.edge_listener import EdgeSite
+from secretsd.runtime.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
 
 log = logging.getLogger("secretsd")
 

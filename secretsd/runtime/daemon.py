@@ -18,23 +18,23 @@ from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_ke
 from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
 from secretsd.auth import AuthenticatorContext, create_authenticators
-from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
-from secretsd.config import Settings
-from secretsd.crypto import DataKey
+from secretsd.custody.barrier import Barrier
+from secretsd.custody.crypto import DataKey
+from secretsd.custody.keyring import make_term
+from secretsd.custody.providers import ProviderSet
+from secretsd.domain.policy import ROOT_POLICY, PolicyStore
+from secretsd.domain.rotation import RotationService
+from secretsd.domain.secret_service import SecretsService
+from secretsd.domain.token_service import TokenService
 from secretsd.errors import AlreadyInitializedError, AuditError, NotInitializedError, SecretsdError
 from secretsd.events import Event, EventBus
-from secretsd.keyring import make_term
-from secretsd.leadership import Leadership
-from secretsd.metrics import Metrics, TimedProvider
-from secretsd.policy import ROOT_POLICY, PolicyStore
-from secretsd.providers import ProviderSet
-from secretsd.replication import ReplicaSync
-from secretsd.rotation import RotationService
-from secretsd.scheduler import RotationScheduler
-from secretsd.service import SecretsService
+from secretsd.runtime.config import Settings
+from secretsd.runtime.leadership import Leadership
+from secretsd.runtime.metrics import Metrics, TimedProvider
+from secretsd.runtime.replication import ReplicaSync
+from secretsd.runtime.scheduler import RotationScheduler
 from secretsd.storage import Storage, TokenRecord, create_storage
-from secretsd.token_service import TokenService
 
 log = logging.getLogger("secretsd")
 

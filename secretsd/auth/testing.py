@@ -29,8 +29,8 @@ from typing import Protocol
 import pytest
 
 from secretsd.auth import Authenticator, authenticator_factory
+from secretsd.domain.identity import Credentials, Principal
 from secretsd.errors import UnauthenticatedError
-from secretsd.identity import Credentials, Principal
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 from secretsd.errors import ConfigError
 
-log = logging.getLogger("secretsd.policy")
+log = logging.getLogger("secretsd.domain.policy")
 
 ROOT_POLICY = "root"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -38,7 +38,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from secretsd.addresses import is_loopback
-from secretsd.policy import compile_glob
+from secretsd.domain.policy import compile_glob
 
 STEPS = ("set", "test")
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

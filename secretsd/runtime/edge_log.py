@@ -88,7 +88,7 @@ class BoundedLog:
 
 def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The event loop's error reports without reprs: asyncio names callbacks with their arguments,
-    which can be request bytes. (Accept failures never come here: secretsd/edge_listener.py.)"""
+    which can be request bytes. (Accept failures never come here: secretsd/runtime/edge_listener.py.)"""
     exc = context.get("exception")
     match = _CONSTANT_PREFIX.match(str(context.get("message", "")))
     frames = "".join(traceback.format_tb(exc.__traceback__)) if isinstance(exc, BaseException) else ""

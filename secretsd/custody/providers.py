@@ -22,11 +22,11 @@ from typing import Any
 
 from keyproviders import KeyProvider, KeyProviderError, create_provider
 from secretsd import errors
-from secretsd.crypto import DataKey
-from secretsd.keyring import convert_provider_error, prove_custody
+from secretsd.custody.crypto import DataKey
+from secretsd.custody.keyring import convert_provider_error, prove_custody
 from secretsd.storage import KeyringTerm
 
-log = logging.getLogger("secretsd.providers")
+log = logging.getLogger("secretsd.custody.providers")
 
 
 @dataclass(frozen=True)

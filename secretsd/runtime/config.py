@@ -22,8 +22,8 @@ from pydantic_settings import (
 
 from secretsd.audit.failures import FailureBudget
 from secretsd.defaults import DEFAULT_LISTEN
+from secretsd.domain.rotation_settings import RotationSettings
 from secretsd.errors import ConfigError
-from secretsd.rotation_settings import RotationSettings
 
 CONFIG_ENV = "SECRETSD_CONFIG"
 
@@ -186,7 +186,7 @@ class Settings(BaseSettings):
     allow_plaintext: bool = False
     log_level: str = "INFO"
     log_format: str = Field("console", pattern="^(console|json)$")
-    #: mlockall the daemon's memory so key material never reaches swap (secretsd.process_hardening).
+    #: mlockall the daemon's memory so key material never reaches swap (secretsd.runtime.process_hardening).
     #: Needs CAP_IPC_LOCK or an unlimited RLIMIT_MEMLOCK; off by default, a warning when it fails.
     lock_memory: bool = False
 

@@ -9,7 +9,7 @@ aiohttp's ``RequestHandler`` parses HTTP/1.1; ``EdgeHandler`` adds what it lacks
   idles ``idle_timeout_seconds`` at most (aiohttp's keepalive timer);
 - ``ConnectionGate`` caps open connections below the descriptor limit; at the cap the connection
   that has gone longest without a complete request head makes room (``ConnectionGate.make_room``);
-  secretsd/edge_listener.py accepts a connection only when the gate has room.
+  secretsd/runtime/edge_listener.py accepts a connection only when the gate has room.
 
 The subclass reads a few ``RequestHandler`` internals (``_waiter``, ``_messages``,
 ``_request_count``, ``_request_in_progress``, ``_process_keepalive``);
@@ -36,10 +36,10 @@ from aiohttp.web_server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from secretsd.config import HttpSettings
-from secretsd.edge_log import BoundedLog
 from secretsd.errors import RequestError, RequestTimeoutError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, PROBLEMS, ProblemType, problem_document
+from secretsd.runtime.config import HttpSettings
+from secretsd.runtime.edge_log import BoundedLog
 
 log = logging.getLogger("secretsd.http")
 

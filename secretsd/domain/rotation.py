@@ -23,8 +23,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from secretsd.barrier import Barrier
 from secretsd.clock import Clock, utcnow
+from secretsd.custody.barrier import Barrier
+from secretsd.domain.generators import BytesGenerator, GeneratorSpec
+from secretsd.domain.hooks import Hook, HookCall, HookFailed
+from secretsd.domain.identity import Principal
+from secretsd.domain.rotation_settings import RotationSettings
+from secretsd.domain.values import encodable, validate_expiry
 from secretsd.errors import (
     ConflictError,
     GoneError,
@@ -34,15 +39,10 @@ from secretsd.errors import (
     RotationFailedError,
 )
 from secretsd.events import Event, EventBus
-from secretsd.generators import BytesGenerator, GeneratorSpec
-from secretsd.hooks import Hook, HookCall, HookFailed
-from secretsd.identity import Principal
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.rotation_settings import RotationSettings
 from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
-from secretsd.values import encodable, validate_expiry
 
-log = logging.getLogger("secretsd.rotation")
+log = logging.getLogger("secretsd.domain.rotation")
 
 DAY = 86400
 DEFAULT_PERIOD_SECONDS = 90 * DAY

@@ -1,0 +1,1 @@
+"""Key custody: the barrier, the keyring, the configured key providers, the crypto module."""

@@ -1,0 +1,1 @@
+"""The domain services: secrets, versions, rotation, tokens, policies, identity."""
