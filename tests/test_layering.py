@@ -3,7 +3,7 @@
 The contracts live in pyproject.toml ``[tool.importlinter]``; import-linter reads the real import
 graph (imports inside functions and under ``TYPE_CHECKING`` included) and follows indirect chains,
 so "keyproviders never imports secretsd" also fails if keyproviders imports a third module of ours
-that imports secretsd. docs/architecture.md ("Layering") lists the contracts.
+that imports secretsd. docs/architecture.md ("Layout and layering") lists the contracts.
 """
 
 from __future__ import annotations
