@@ -160,3 +160,10 @@ def test_an_unanchored_start_is_reported_before_the_tail_and_head(tmp_path: Path
     path = write(tmp_path / "a", chain(3, 2, prev="e" * 64, unsigned=(4,)))
     removed = "the log starts at record 3, not 1: records were removed (no audit.pruned record accounts for them)"
     assert verify([path], KEY, head=Head(9, "x"), from_start=True) == VerifyResult(False, 0, removed, str(path), 1, 3)
+
+
+def test_a_whole_log_whose_record_1_does_not_start_the_chain_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "a", chain(1, 2, prev="e" * 64))
+    removed = "the log starts at record 1, not 1: records were removed (no audit.pruned record accounts for them)"
+    assert verify([path], KEY, from_start=True) == VerifyResult(False, 0, removed, str(path), 1, 1)
+    assert verify([path], KEY) == VerifyResult(True, 2)
