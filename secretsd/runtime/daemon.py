@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import platform
@@ -158,6 +159,7 @@ class Daemon:
         self.scheduler = RotationScheduler(self.rotation, self.barrier, self.leadership,
                                            tick_seconds=settings.rotation.tick_seconds)
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = contextlib.AsyncExitStack()  # what start set up, for stop to unwind
         self.metrics = Metrics(self)
         self.events.subscribe(self.metrics.on_event)
         self.audit: AuditLog | None = None
@@ -166,17 +168,30 @@ class Daemon:
         self.events.subscribe(self._audit_event)
 
     async def start(self) -> None:
-        """Open storage and try to unseal; if that fails, keep retrying in the background."""
+        """Open storage and try to unseal; if that fails, keep retrying in the background.
+
+        Each step registers its undo on an exit stack as soon as it is done: a start that fails
+        unwinds exactly what it set up, and ``stop`` unwinds the rest, newest first.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            await self._start(stack)
+            self._started = stack.pop_all()
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         if self.settings.data_dir is not None and self.settings.data_dir.is_dir():
             private_data_dir(self.settings.data_dir)
         await self.storage.open()
+        stack.push_async_callback(self.storage.close)
         if not await self.storage.is_initialized():
-            await self.storage.close()
             raise NotInitializedError(
                 f"the store in {self.settings.data_dir} is not initialised; "
                 f"run 'secretsd init --data-dir {self.settings.data_dir}'"
             )
+        stack.callback(self.barrier.close)
+        stack.push_async_callback(self._close_audit)  # the log may open later, after a background unseal
+        stack.push_async_callback(self._drain_event_tasks)
         await self.tokens.warn_about_reserved_names()
+        stack.push_async_callback(self._cancel_tasks)  # before the first task: one cleanup for all
         try:
             await self.barrier.unseal()
         except SecretsdError as exc:
@@ -189,6 +204,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._watch_audit()))
         self._tasks.append(asyncio.create_task(self.replication.run()))
         self.leadership.start()
+        # Left first when stopping: another replica can take over at once.
+        stack.push_async_callback(self.leadership.stop)
         if self.settings.rotation.scheduler:
             self._tasks.append(asyncio.create_task(self.scheduler.run()))
 
@@ -322,16 +339,22 @@ class Daemon:
                 log.error("provider health check failed: %s", type(exc).__name__)
 
     async def stop(self) -> None:
-        await self.leadership.stop()  # first: another replica can take over at once
+        """Undo what ``start`` set up, newest first (a second call, or one without start, does nothing)."""
+        await self._started.aclose()
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _drain_event_tasks(self) -> None:
         if self._event_tasks:  # let records of events that just happened reach the log
             await asyncio.wait(set(self._event_tasks), timeout=self.settings.audit.write_timeout_seconds)
+
+    async def _close_audit(self) -> None:
         if self.audit is not None:
             await self.audit.close()
-        self.barrier.close()
-        await self.storage.close()
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         checks: dict[str, str] = {}

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 import ssl
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from aiohttp import web
 
@@ -50,71 +55,131 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
 
     ``worker``: this process is worker N of ``serve --workers``; the workers share the listening
     port (SO_REUSEPORT) and only worker 0 serves the separate metrics listener.
+
+    Each resource registers its own cleanup on one exit stack as soon as it exists, so a failure
+    at any step (or the normal stop) unwinds exactly what was set up, newest first: metrics
+    listener, main listener, daemon, and last the signal handlers.
     """
     context = tls_context(settings)
-    # Before anything can fail: no log line quotes what a peer sent, and what a peer can make
-    # happen over and over (accept failures, malformed requests) is logged at a bounded rate.
+    edge = _edge(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        # Entered first so that it is left last: the handlers stay in force until the daemon has
+        # stopped (a second SIGTERM while stopping is a no-op; a SIGHUP the workers' supervisor
+        # forwards to a stopping worker must not kill it with the default action).
+        signals = stack.enter_context(SignalHandlers(asyncio.get_running_loop()))
+        daemon = await _start_daemon(stack, settings, edge)
+        host, port = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
+        if settings.metrics.enabled and settings.metrics.listen and not worker:
+            await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
+        stop = _install_signal_handlers(signals, daemon)
+        scheme = "https" if context else "http"
+        log.info("listening on %s://%s:%d (%s; at most %d connections)", scheme, host, port,
+                 "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
+        if on_ready:
+            print(on_ready, flush=True)
+        await _wait(stop)
+
+
+def _edge(settings: Settings) -> Edge:
+    """The HTTP edge, and the logging guards that must be in place before anything can fail: no log
+    line quotes what a peer sent, and what a peer can make happen over and over (accept failures,
+    malformed requests) is logged at a bounded rate."""
     bounded = BoundedLog(settings.http.error_log_interval_seconds)
     install_log_scrubbing()
     asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
-    edge = Edge(settings.http, bounded=bounded)
+    return Edge(settings.http, bounded=bounded)
+
+
+async def _start_daemon(stack: contextlib.AsyncExitStack, settings: Settings, edge: Edge) -> Daemon:
     daemon = Daemon(settings)
-    await daemon.start()
+    await daemon.start()  # a failed start cleans up after itself
+    stack.push_async_callback(daemon.stop)
     daemon.metrics.registry.register(EdgeCollector(edge))
-    runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
+    return daemon
+
+
+async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    stack.push_async_callback(runner.cleanup)  # also stops the runner's sites
+    return runner
+
+
+async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
+                       context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[str, int]:
+    runner = await _runner(stack, create_app(daemon))
     host, port = parse_listen(settings.listen)
     try:
-        site = EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=worker is not None)
-        await site.start()
+        await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
     except OSError as exc:
-        await runner.cleanup()
-        await daemon.stop()
         raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
+    return host, port
 
-    metrics_runner = None
-    if settings.metrics.enabled and settings.metrics.listen and not worker:
-        metrics_runner = web.AppRunner(create_metrics_app(daemon), access_log=None, handle_signals=False)
-        await metrics_runner.setup()
-        m_host, m_port = parse_listen(settings.metrics.listen)
-        try:
-            await EdgeSite(metrics_runner, m_host, m_port, edge).start()
-        except OSError as exc:
-            await metrics_runner.cleanup()
-            await runner.cleanup()
-            await daemon.stop()
-            raise ConfigError(f"cannot listen on {settings.metrics.listen} for metrics: {exc.strerror}") from exc
-        log.info("metrics on http://%s:%d/metrics (unauthenticated)", m_host, m_port)
-        if not is_loopback(m_host):
-            log.warning("the metrics listener %s is reachable from the network without authentication; "
-                        "metrics hold no secrets, but firewall it to your monitoring hosts", settings.metrics.listen)
 
+async def _listen_metrics(stack: contextlib.AsyncExitStack, listen: str, daemon: Daemon, edge: Edge) -> None:
+    """The separate, unauthenticated metrics listener (worker 0 only)."""
+    runner = await _runner(stack, create_metrics_app(daemon))
+    m_host, m_port = parse_listen(listen)
+    try:
+        await EdgeSite(runner, m_host, m_port, edge).start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen} for metrics: {exc.strerror}") from exc
+    log.info("metrics on http://%s:%d/metrics (unauthenticated)", m_host, m_port)
+    if not is_loopback(m_host):
+        log.warning("the metrics listener %s is reachable from the network without authentication; "
+                    "metrics hold no secrets, but firewall it to your monitoring hosts", listen)
+
+
+# What signal.getsignal returns: a Python handler, SIG_DFL/SIG_IGN, or None (set outside Python).
+_Disposition = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class SignalHandlers:
+    """Signal handlers on the event loop that, when the context is left, are removed again and the
+    dispositions they replaced restored (the loop's own removal would reset SIGHUP to "terminate",
+    which ``secretsd serve`` ignores until its handler is in place)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._previous: dict[signal.Signals, _Disposition] = {}
+
+    def install(self, signum: signal.Signals, callback: Callable[[], object]) -> None:
+        self._previous.setdefault(signum, signal.getsignal(signum))
+        self._loop.add_signal_handler(signum, callback)
+
+    def __enter__(self) -> SignalHandlers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            self._loop.remove_signal_handler(signum)
+            if previous is not None:  # None: installed outside Python, nothing to restore
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def _install_signal_handlers(signals: SignalHandlers, daemon: Daemon) -> asyncio.Event:
+    """SIGHUP reloads the policies; SIGTERM and SIGINT set the returned event (stop)."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    signals.install(signal.SIGHUP, functools.partial(_reload_policies, daemon))
+    signals.install(signal.SIGTERM, stop.set)
+    signals.install(signal.SIGINT, stop.set)
+    return stop
 
-    def reload_policies() -> None:
-        try:
-            policies = daemon.policies.reload()
-        except ConfigError as exc:
-            log.error("policy reload failed, keeping the previous policies: %s", exc)
-            daemon.events.emit(Event("policy.reload", daemon.clock(), "system", detail={"outcome": "failed"}))
-            return
-        daemon.events.emit(Event("policy.reload", daemon.clock(), "system",
-                                 detail={"policies": policies.names()}))
 
-    loop.add_signal_handler(signal.SIGHUP, reload_policies)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    scheme = "https" if context else "http"
-    log.info("listening on %s://%s:%d (%s; at most %d connections)", scheme, host, port,
-             "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
-    if on_ready:
-        print(on_ready, flush=True)
+def _reload_policies(daemon: Daemon) -> None:
+    try:
+        policies = daemon.policies.reload()
+    except ConfigError as exc:
+        log.error("policy reload failed, keeping the previous policies: %s", exc)
+        daemon.events.emit(Event("policy.reload", daemon.clock(), "system", detail={"outcome": "failed"}))
+        return
+    daemon.events.emit(Event("policy.reload", daemon.clock(), "system",
+                             detail={"policies": policies.names()}))
+
+
+async def _wait(stop: asyncio.Event) -> None:
     try:
         await stop.wait()
-    finally:
+    finally:  # then the exit stack stops the listeners and the daemon
         log.info("shutting down")
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-        await runner.cleanup()
-        await daemon.stop()
