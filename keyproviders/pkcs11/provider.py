@@ -67,6 +67,10 @@ KWP_NONCE_BYTES = 16
 _PROBE_AAD = b"keyproviders/pkcs11/identity-probe/v1"
 
 
+def _nonce_bytes(mechanism: str) -> int:
+    return GCM_NONCE_BYTES if mechanism == RECORD_GCM else KWP_NONCE_BYTES
+
+
 # What re-finding the keys after an outage may meet while the genuine token is not back: nothing, a
 # token without our key (a cached session of a token deleted since), or a planted one. Each is cured
 # only by re-initialising the library once the genuine token returns, so each is retried with backoff.
@@ -133,15 +137,12 @@ class Pkcs11KeyProvider:
         mechanism = _RECORD_FOR[self._opts.mechanism]
         if mechanism == RECORD_KWP and len(key) % 8:
             raise ValueError("aes-key-wrap-pad wraps keys whose length is a multiple of 8 bytes only")
-        nonce = secrets.token_bytes(GCM_NONCE_BYTES if mechanism == RECORD_GCM else KWP_NONCE_BYTES)
+        nonce = secrets.token_bytes(_nonce_bytes(mechanism))
 
         def op() -> tuple[int, bytes]:
             kek = self._keks[max(self._keks)]
             self._require(kek, mechanism)
-            if mechanism == RECORD_GCM:
-                params = GCMParams(nonce, aad, GCM_TAG_BITS)
-                return kek.version, kek.handle.encrypt(key, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-            return kek.version, self._kwp_wrap(kek, kwp_header(nonce, aad) + key)
+            return kek.version, self._seal(kek, mechanism, nonce, aad, key)
 
         version, blob = self._run(op)
         return WrappedKey(
@@ -162,25 +163,9 @@ class Pkcs11KeyProvider:
         def op() -> bytes:
             kek = self._kek(version)
             self._require(kek, wrapped.mechanism)
-            try:
-                if wrapped.mechanism == RECORD_GCM:
-                    params = GCMParams(wrapped.nonce, aad, GCM_TAG_BITS)
-                    return bytes(
-                        kek.handle.decrypt(wrapped.ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-                    )
-                value = self._kwp_unwrap(kek, wrapped.ciphertext)
-            except _BAD_BLOB as exc:
-                raise UnwrapError("wrapped key failed authentication") from exc
-            except p11.GeneralError as exc:
-                if self._token_answers(kek):
-                    raise UnwrapError("wrapped key failed authentication") from exc
-                raise
-            header = kwp_header(wrapped.nonce, aad)
-            if len(value) <= len(header) or not hmac.compare_digest(value[: len(header)], header):
-                raise UnwrapError("wrapped key failed authentication")
-            return value[len(header) :]
+            return self._open(kek, wrapped.mechanism, wrapped.nonce, aad, wrapped.ciphertext)
 
-        if len(wrapped.nonce) != (GCM_NONCE_BYTES if wrapped.mechanism == RECORD_GCM else KWP_NONCE_BYTES):
+        if len(wrapped.nonce) != _nonce_bytes(wrapped.mechanism):
             raise UnwrapError("wrapped key failed authentication")
         return self._run(op)
 
@@ -300,29 +285,43 @@ class Pkcs11KeyProvider:
         return keks
 
     def _probe(self, kek: _Kek) -> _Probe:
-        value, nonce = secrets.token_bytes(32), secrets.token_bytes(GCM_NONCE_BYTES)
-        if _probe_mechanism(kek) == RECORD_GCM:
-            blob = kek.handle.encrypt(value, mechanism=Mechanism.AES_GCM,
-                                      mechanism_param=GCMParams(nonce, _PROBE_AAD, GCM_TAG_BITS))
-        else:
-            blob = self._kwp_wrap(kek, value)
-        return _Probe(nonce, bytes(blob), hashlib.sha256(value).digest())
+        mechanism = _probe_mechanism(kek)
+        value, nonce = secrets.token_bytes(32), secrets.token_bytes(_nonce_bytes(mechanism))
+        return _Probe(nonce, self._seal(kek, mechanism, nonce, _PROBE_AAD, value), hashlib.sha256(value).digest())
 
     def _opens(self, kek: _Kek, probe: _Probe) -> bool:
         try:
-            if _probe_mechanism(kek) == RECORD_GCM:
-                value = bytes(kek.handle.decrypt(probe.blob, mechanism=Mechanism.AES_GCM,
-                                                 mechanism_param=GCMParams(probe.nonce, _PROBE_AAD, GCM_TAG_BITS)))
-            else:
-                value = self._kwp_unwrap(kek, probe.blob)
-        except _BAD_BLOB:
+            value = self._open(kek, _probe_mechanism(kek), probe.nonce, _PROBE_AAD, probe.blob)
+        except UnwrapError:
             return False
-        except p11.GeneralError:
-            # SoftHSM's answer to a failed tag; a token that is really gone fails the next call too.
-            if self._token_answers(kek):
-                return False
-            raise
         return hmac.compare_digest(hashlib.sha256(value).digest(), probe.digest)
+
+    def _seal(self, kek: _Kek, mechanism: str, nonce: bytes, aad: bytes, key: bytes) -> bytes:
+        """``key`` encrypted under ``kek`` with ``mechanism``, bound to ``aad``. Lock held."""
+        if mechanism == RECORD_GCM:
+            params = GCMParams(nonce, aad, GCM_TAG_BITS)
+            return bytes(kek.handle.encrypt(key, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+        return self._kwp_wrap(kek, kwp_header(nonce, aad) + key)
+
+    def _open(self, kek: _Kek, mechanism: str, nonce: bytes, aad: bytes, blob: bytes) -> bytes:
+        """The inverse of ``_seal``; ``UnwrapError`` for a blob that fails authentication. Lock held."""
+        try:
+            if mechanism == RECORD_GCM:
+                params = GCMParams(nonce, aad, GCM_TAG_BITS)
+                return bytes(kek.handle.decrypt(blob, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+            value = self._kwp_unwrap(kek, blob)
+        except _BAD_BLOB as exc:
+            raise UnwrapError("wrapped key failed authentication") from exc
+        except (p11.GeneralError, p11.ArgumentsBad) as exc:
+            # SoftHSM's answers to a failed tag or key-wrap integrity check (which one depends on what
+            # the wrong key decrypts to); a token that is really gone fails the next call too.
+            if self._token_answers(kek):
+                raise UnwrapError("wrapped key failed authentication") from exc
+            raise
+        header = kwp_header(nonce, aad)
+        if len(value) <= len(header) or not hmac.compare_digest(value[: len(header)], header):
+            raise UnwrapError("wrapped key failed authentication")
+        return value[len(header) :]
 
     def _kwp_wrap(self, kek: _Kek, plaintext: bytes) -> bytes:
         # A session object lives in the library's memory only (CKA_TOKEN false), never on disk.
