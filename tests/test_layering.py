@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
@@ -32,6 +34,15 @@ def test_keyproviders_never_imports_secretsd() -> None:
     # The contract that replaced the source-text search of keyproviders/*.py must stay declared:
     # lint-imports refuses an unknown contract id.
     result = lint_imports("--contract", "keyproviders-standalone")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 1 kept, 0 broken." in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("contract", ["api-below-runtime", "api-no-storage"])
+def test_handlers_see_services_never_the_assembly_or_storage(contract: str) -> None:
+    # Issue 11 "Direction": the HTTP surface uses the daemon through secretsd.api.services only and
+    # never imports a storage module itself; both contracts must stay declared and kept.
+    result = lint_imports("--contract", contract)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Contracts: 1 kept, 0 broken." in result.stdout, result.stdout
 

@@ -16,14 +16,14 @@ from aiohttp import web
 
 from secretsd import tokens
 from secretsd.api import openapi, routes
-from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, DAEMON, OPENAPI, PRINCIPAL
+from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, OPENAPI, PRINCIPAL, SERVICES
 from secretsd.api.handlers import metrics_response
+from secretsd.api.services import Services
 from secretsd.audit import fields
 from secretsd.auth import authenticate
 from secretsd.domain.identity import Credentials
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
-from secretsd.runtime.daemon import Daemon
 
 log = logging.getLogger("secretsd.http")
 
@@ -120,7 +120,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.perf_counter()
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
-    d = request.app[DAEMON]
+    d = request.app[SERVICES]
     audited = request.path not in PUBLIC_ROUTES
     response: web.StreamResponse
     try:
@@ -147,7 +147,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # A record that cannot be written is the audit log's own failure to report; there is
             # no answer left to refuse.
             with contextlib.suppress(AuditError):
-                await asyncio.shield(d.record(_audit_fields(request, request_id, CLIENT_GONE.status)))
+                await asyncio.shield(d.record_request(_audit_fields(request, request_id, CLIENT_GONE.status)))
         raise
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and _client_gone(request):
@@ -162,9 +162,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     if audited:
         # Fail closed: nothing leaves before its record is durable.
         try:
-            record = _audit_fields(request, request_id, response.status)
-            if d.audit is None or not d.audit.summarised(record):  # a 401 beyond its budget is only counted
-                await d.record(record)
+            await d.record_request(_audit_fields(request, request_id, response.status))
         except AuditError as exc:
             response = problem_response(problem_for(exc), exc.message, request_id)
     response.headers["X-Request-Id"] = request_id
@@ -181,7 +179,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-def create_metrics_app(daemon: Daemon) -> web.Application:
+def create_metrics_app(daemon: Services) -> web.Application:
     """The separate, unauthenticated metrics listener ([metrics] listen): /metrics and nothing else."""
 
     async def serve_metrics(request: web.Request) -> web.Response:
@@ -192,9 +190,9 @@ def create_metrics_app(daemon: Daemon) -> web.Application:
     return app
 
 
-def create_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=daemon.settings.max_body_bytes)
-    app[DAEMON] = daemon
+def create_app(daemon: Services) -> web.Application:
+    app = web.Application(middlewares=[request_middleware], client_max_size=daemon.max_body_bytes)
+    app[SERVICES] = daemon
     app[OPENAPI] = openapi.document()
     routes.register(app)
     return app

@@ -23,7 +23,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from secretsd.api.context import DAEMON
+from secretsd.api.context import SERVICES
 from secretsd.domain.rotation import RotationPolicy
 from secretsd.domain.token_service import MAX_TTL_SECONDS
 from secretsd.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
@@ -168,7 +168,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLargeError(
-            f"the request body is larger than {request.app[DAEMON].settings.max_body_bytes} bytes"
+            f"the request body is larger than {request.app[SERVICES].max_body_bytes} bytes"
         ) from exc
     if not raw:
         raise RequestError("the request needs a JSON body")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from secretsd.api.services import Services
 from secretsd.domain.identity import Principal
 from secretsd.domain.policy import Capability
 from secretsd.errors import PermissionDeniedError, RequestError
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.runtime.daemon import Daemon
 
-DAEMON = web.AppKey("daemon", Daemon)
+SERVICES = web.AppKey("services", Services)
 #: The OpenAPI document, built from the route table once per app.
 OPENAPI = web.AppKey("openapi", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -18,8 +18,8 @@ AUTHORIZED = web.RequestKey("authorized", bool)
 AUDIT_NOTES = web.RequestKey("audit_notes", dict)
 
 
-def daemon(request: web.Request) -> Daemon:
-    return request.app[DAEMON]
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
 
 
 def principal(request: web.Request) -> Principal:
@@ -35,7 +35,7 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
     The message never says whether the path exists: a denied caller learns nothing about it.
     """
     who = principal(request)
-    d = daemon(request)
+    d = services(request)
     decision = d.policies.current.decide(who.policies, capability, path)
     d.metrics.policy_decision(decision.allowed)
     if not decision.allowed:
@@ -52,7 +52,7 @@ def audit_note(request: web.Request, **fields: object) -> None:
 def allowed_paths(request: web.Request, capability: Capability, paths: list[str]) -> set[str]:
     """The subset of ``paths`` the caller's policies grant ``capability`` on (a deny on one hides it)."""
     who = principal(request)
-    policies = daemon(request).policies.current
+    policies = services(request).policies.current
     return {p for p in paths if policies.decide(who.policies, capability, p).allowed}
 
 

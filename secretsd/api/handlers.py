@@ -26,20 +26,19 @@ from secretsd.api.context import (
     allowed_paths,
     audit_note,
     authorize,
-    daemon,
     int_query,
     list_prefix,
     principal,
     secret_path,
+    services,
 )
+from secretsd.api.services import METRICS_CONTENT_TYPE, Services
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT
-from secretsd.errors import NotFoundError, RequestError, SecretsdError
+from secretsd.errors import SecretsdError
 from secretsd.paths import validate_path
-from secretsd.runtime.daemon import Daemon
-from secretsd.runtime.metrics import CONTENT_TYPE
-from secretsd.storage import SecretRecord, TokenRecord, VersionInfo
+from secretsd.records import SecretRecord, TokenRecord, VersionInfo
 
 
 def _t(value: datetime | None) -> str | None:
@@ -74,7 +73,7 @@ def _rotation(secret: SecretRecord) -> dict[str, Any]:
 
 def _allows(request: web.Request, capability: Capability, path: str) -> bool:
     """Whether the caller also holds ``capability`` on ``path`` (no error, no audit note)."""
-    return daemon(request).policies.current.decide(principal(request).policies, capability, path).allowed
+    return services(request).policies.current.decide(principal(request).policies, capability, path).allowed
 
 
 def _token(record: TokenRecord) -> dict[str, Any]:
@@ -100,18 +99,15 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     authorize(request, Capability.READ, "sys/metrics")
-    return await metrics_response(daemon(request))
+    return await metrics_response(services(request))
 
 
-async def metrics_response(d: Daemon) -> web.Response:
-    if not d.settings.metrics.enabled:
-        raise NotFoundError("metrics are disabled ([metrics] enabled = false)")
-    await d.refresh_gauges()
-    return web.Response(body=d.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+async def metrics_response(d: Services) -> web.Response:
+    return web.Response(body=await d.metrics_page(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, checks = await daemon(request).readiness()
+    ready, checks = await services(request).readiness()
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
@@ -120,10 +116,10 @@ async def put_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.WRITE, path)
     body = await read_body(request, PutSecretBody)
-    d = daemon(request)
+    d = services(request)
     info = await d.secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata,
                                expires_at=body.expires_at)
-    audit_note(request, version=info.version, value_hmac=d.value_hasher(body.value) if d.value_hasher else None)
+    audit_note(request, version=info.version, value_hmac=d.value_hmac(body.value))
     return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
 
 
@@ -134,7 +130,7 @@ async def get_secret(request: web.Request) -> web.Response:
     # Only a non-current version can be past its grace (admin) or pending (rotate): the plain
     # read of the current value, the hot path, needs no further policy decision.
     other = version is not None or label is not None
-    found = await daemon(request).secrets.get(
+    found = await services(request).secrets.get(
         who, path, version, label=label,
         privileged=other and _allows(request, Capability.ADMIN, path),
         may_read_pending=other and _allows(request, Capability.ROTATE, path),
@@ -151,9 +147,9 @@ async def rotate_secret(request: web.Request) -> web.Response:
     if body.value is not None:
         # Choosing the new value is writing it: `rotate` alone only lets the generator choose.
         authorize(request, Capability.WRITE, path)
-    d = daemon(request)
-    if body.value is not None and d.value_hasher:
-        audit_note(request, value_hmac=d.value_hasher(body.value))
+    d = services(request)
+    if body.value is not None:
+        audit_note(request, value_hmac=d.value_hmac(body.value))
     try:
         done = await d.rotation.rotate(who, path, body.value, expires_at=body.expires_at)
     except SecretsdError as exc:
@@ -172,7 +168,7 @@ async def put_metadata(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.ROTATE, path)
     body = await read_body(request, SetMetadataBody)
-    secret = await daemon(request).rotation.set_policy(who, path, body.rotation)
+    secret = await services(request).rotation.set_policy(who, path, body.rotation)
     audit_note(request, rotation="enabled" if body.rotation and body.rotation.enabled else
                "disabled" if body.rotation else "removed")
     return web.json_response({"path": path, "rotation": _rotation(secret)})
@@ -181,7 +177,7 @@ async def put_metadata(request: web.Request) -> web.Response:
 async def rotation_status(request: web.Request) -> web.Response:
     prefix = list_prefix(request)
     authorize(request, Capability.LIST, prefix)
-    found = await daemon(request).rotation.list_status(prefix)
+    found = await services(request).rotation.list_status(prefix)
     visible = allowed_paths(request, Capability.LIST, [s.path for s in found])
     return web.json_response({
         "prefix": prefix,
@@ -194,7 +190,7 @@ async def list_secrets(request: web.Request) -> web.Response:
     prefix = list_prefix(request)
     who = authorize(request, Capability.LIST, prefix)
     limit = int_query(request, "limit")
-    page = await daemon(request).secrets.list_page(
+    page = await services(request).secrets.list_page(
         who, prefix, after=request.query.get("after", ""), limit=MAX_LIST_LIMIT if limit is None else limit,
         visible=lambda paths: allowed_paths(request, Capability.LIST, paths),
     )
@@ -211,7 +207,7 @@ async def list_secrets(request: web.Request) -> web.Response:
 async def delete_secret(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.DELETE, path)
-    changed = await daemon(request).secrets.delete(who, path)
+    changed = await services(request).secrets.delete(who, path)
     audit_note(request, versions=changed)
     return web.json_response({"path": path, "deleted": changed})
 
@@ -222,7 +218,7 @@ async def version_action(request: web.Request) -> web.Response:
     # Destroy cannot be undone, so it takes more than the right to (soft) delete.
     who = authorize(request, Capability.ADMIN if action == "destroy" else Capability.DELETE, path)
     body = await read_body(request, VersionsBody)
-    service = daemon(request).secrets
+    service = services(request).secrets
     if action == "delete":
         changed = await service.delete(who, path, body.versions)
     elif action == "undelete":
@@ -237,14 +233,14 @@ async def version_action(request: web.Request) -> web.Response:
 async def get_metadata(request: web.Request) -> web.Response:
     path = secret_path(request)
     who = authorize(request, Capability.READ, path)
-    secret, versions = await daemon(request).secrets.metadata(who, path)
+    secret, versions = await services(request).secrets.metadata(who, path)
     return web.json_response({
         "path": path,
         "current_version": secret.current_version,
         "created_at": _t(secret.created_at),
         "updated_at": _t(secret.updated_at),
         "metadata": dict(secret.metadata),
-        "max_versions": daemon(request).settings.max_versions,
+        "max_versions": services(request).max_versions,
         "labels": {"current": secret.current_version, "previous": secret.previous_version,
                    "pending": secret.pending_version},
         "rotation": _rotation(secret),
@@ -255,12 +251,12 @@ async def get_metadata(request: web.Request) -> web.Response:
 # -- system -----------------------------------------------------------------------------------
 async def status(request: web.Request) -> web.Response:
     authorize(request, Capability.READ, "sys/status")
-    return web.json_response(await daemon(request).status())
+    return web.json_response(await services(request).status())
 
 
 async def rotate_keyring(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/keyring")
-    term = await daemon(request).barrier.rekey(reason="requested", client=who.client)
+    term = await services(request).barrier.rekey(reason="requested", client=who.client)
     audit_note(request, active_term=term)
     return web.json_response({"active_term": term})
 
@@ -268,21 +264,10 @@ async def rotate_keyring(request: web.Request) -> web.Response:
 async def policy_check(request: web.Request) -> web.Response:
     authorize(request, Capability.ADMIN, "sys/policy")
     body = await read_body(request, PolicyCheckBody)
-    try:
-        capability = Capability(body.capability)
-    except ValueError:
-        known = ", ".join(c.value for c in Capability)
-        raise RequestError(f"unknown capability {body.capability!r} (known: {known})") from None
+    capability = Capability.parse(body.capability)
     path = body.path if body.path.startswith("sys/") else validate_path(body.path)
-    d = daemon(request)
-    now = d.clock()
-    held = sorted({
-        p for t in await d.tokens.list_tokens()
-        if t.client == body.client and t.is_active(now)
-        for p in t.policies
-    })
-    if not held:
-        raise NotFoundError(f"client {body.client!r} has no active token")
+    d = services(request)
+    held = await d.tokens.policies_of(body.client)
     decision = d.policies.current.decide(held, capability, path)
     rule = decision.rule
     return web.json_response({
@@ -303,19 +288,19 @@ async def policy_check(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     body = await read_body(request, CreateTokenBody)
-    token, record = await daemon(request).tokens.create(who, body.client, body.policies, body.ttl_seconds)
+    token, record = await services(request).tokens.create(who, body.client, body.policies, body.ttl_seconds)
     audit_note(request, subject_token=tokens.display_id(record.token_id), subject_client=record.client)
     return web.json_response({"token": token} | _token(record), status=201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
     authorize(request, Capability.ADMIN, "sys/tokens")
-    return web.json_response({"tokens": [_token(t) for t in await daemon(request).tokens.list_tokens()]})
+    return web.json_response({"tokens": [_token(t) for t in await services(request).tokens.list_tokens()]})
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
-    token_id = await daemon(request).tokens.revoke(who, request.match_info["token_id"])
+    token_id = await services(request).tokens.revoke(who, request.match_info["token_id"])
     audit_note(request, subject_token=tokens.display_id(token_id))
     return web.json_response({"revoked": tokens.display_id(token_id)})
 

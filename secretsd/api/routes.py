@@ -28,9 +28,9 @@ from secretsd.api.bodies import (
     SetMetadataBody,
     VersionsBody,
 )
+from secretsd.api.services import METRICS_CONTENT_TYPE
 from secretsd.domain.policy import Capability
 from secretsd.paths import PATH_PATTERN, PREFIX_PATTERN
-from secretsd.runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON = "application/json"

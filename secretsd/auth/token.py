@@ -14,7 +14,8 @@ from secretsd.auth import AuthenticatorContext
 from secretsd.clock import Clock, utcnow
 from secretsd.domain.identity import Credentials, Principal
 from secretsd.errors import ConfigError, UnauthenticatedError
-from secretsd.storage import Storage, TokenRecord
+from secretsd.records import TokenRecord
+from secretsd.storage import Storage
 
 _NO_HASH = bytes(32)
 #: Cached lookups at most: a flood of unknown ids must not grow memory.

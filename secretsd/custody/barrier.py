@@ -18,7 +18,8 @@ from secretsd.custody.crypto import DataKey, blob_aad, value_aad
 from secretsd.custody.keyring import Keyring, make_term, provider_errors, unseal
 from secretsd.custody.providers import ProviderSet
 from secretsd.events import Event, EventBus
-from secretsd.storage import KeyringTerm, Storage, VersionRecord
+from secretsd.records import KeyringTerm, VersionRecord
+from secretsd.storage import Storage
 
 log = logging.getLogger("secretsd.custody.barrier")
 

@@ -16,7 +16,7 @@ import keyproviders
 from keyproviders import KeyProvider, WrappedKey
 from secretsd import errors
 from secretsd.custody.crypto import DataKey, dek_aad, new_dek
-from secretsd.storage import KeyringTerm
+from secretsd.records import KeyringTerm
 
 log = logging.getLogger("secretsd.custody.keyring")
 

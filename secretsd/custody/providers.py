@@ -24,7 +24,7 @@ from keyproviders import KeyProvider, KeyProviderError, create_provider
 from secretsd import errors
 from secretsd.custody.crypto import DataKey
 from secretsd.custody.keyring import convert_provider_error, prove_custody
-from secretsd.storage import KeyringTerm
+from secretsd.records import KeyringTerm
 
 log = logging.getLogger("secretsd.custody.providers")
 

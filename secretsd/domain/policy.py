@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secretsd.errors import ConfigError
+from secretsd.errors import ConfigError, RequestError
 
 log = logging.getLogger("secretsd.domain.policy")
 
@@ -44,6 +44,14 @@ class Capability(enum.StrEnum):
     DELETE = "delete"
     ROTATE = "rotate"
     ADMIN = "admin"
+
+    @classmethod
+    def parse(cls, text: str) -> Capability:
+        try:
+            return cls(text)
+        except ValueError:
+            known = ", ".join(c.value for c in cls)
+            raise RequestError(f"unknown capability {text!r} (known: {known})") from None
 
 
 def compile_glob(glob: str) -> re.Pattern[str]:

@@ -40,7 +40,8 @@ from secretsd.errors import (
 )
 from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
+from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionState
+from secretsd.storage import Storage
 
 log = logging.getLogger("secretsd.domain.rotation")
 

@@ -20,7 +20,8 @@ from secretsd.domain.values import encodable, validate_expiry
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.storage import SecretRecord, Storage, VersionInfo, VersionRecord, VersionState
+from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionState
+from secretsd.storage import Storage
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128

@@ -13,7 +13,8 @@ from secretsd.domain.identity import CredentialCache, Principal
 from secretsd.domain.policy import ROOT_POLICY, PolicyStore
 from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
 from secretsd.events import Event, EventBus
-from secretsd.storage import Storage, TokenRecord
+from secretsd.records import TokenRecord
+from secretsd.storage import Storage
 
 log = logging.getLogger("secretsd.tokens")
 
@@ -148,6 +149,15 @@ class TokenService:
 
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._storage.list_tokens()
+
+    async def policies_of(self, client: str) -> list[str]:
+        """The policies ``client`` holds now: the union over its active tokens (NotFoundError: none)."""
+        now = self._clock()
+        held = sorted({p for t in await self._storage.list_tokens() if t.client == client and t.is_active(now)
+                       for p in t.policies})
+        if not held:
+            raise NotFoundError(f"client {client!r} has no active token")
+        return held
 
     async def revoke(self, who: Principal, token_id: str) -> str:
         """Revoke a token given by id (or, pasted whole, by the token itself); return its id."""

@@ -28,14 +28,15 @@ from secretsd.domain.policy import ROOT_POLICY, PolicyStore
 from secretsd.domain.rotation import RotationService
 from secretsd.domain.secret_service import SecretsService
 from secretsd.domain.token_service import TokenService
-from secretsd.errors import AlreadyInitializedError, AuditError, NotInitializedError, SecretsdError
+from secretsd.errors import AlreadyInitializedError, AuditError, NotFoundError, NotInitializedError, SecretsdError
 from secretsd.events import Event, EventBus
+from secretsd.records import TokenRecord
 from secretsd.runtime.config import Settings
 from secretsd.runtime.leadership import Leadership
 from secretsd.runtime.metrics import Metrics, TimedProvider
 from secretsd.runtime.replication import ReplicaSync
 from secretsd.runtime.scheduler import RotationScheduler
-from secretsd.storage import Storage, TokenRecord, create_storage
+from secretsd.storage import Storage, create_storage
 
 log = logging.getLogger("secretsd")
 
@@ -288,6 +289,29 @@ class Daemon:
             if self.settings.audit.fail_closed:
                 raise
             log.error("audit record lost (audit.fail_closed = false): %s", fields.get("action"))
+
+    async def record_request(self, fields: dict[str, Any]) -> None:
+        """A request's record; an unauthenticated failure beyond its budget is only counted."""
+        if self.audit is not None and self.audit.summarised(fields):
+            return
+        await self.record(fields)
+
+    def value_hmac(self, value: str) -> str | None:
+        return None if self.value_hasher is None else self.value_hasher(value)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.settings.max_body_bytes
+
+    @property
+    def max_versions(self) -> int:
+        return self.settings.max_versions
+
+    async def metrics_page(self) -> bytes:
+        if not self.settings.metrics.enabled:
+            raise NotFoundError("metrics are disabled ([metrics] enabled = false)")
+        await self.refresh_gauges()
+        return self.metrics.render()
 
     async def audit_ready(self) -> None:
         """While the audit log is failing, refuse up front, before anything is read or changed.

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from keyproviders import KeyProvider, WrappedKey
 from secretsd.custody.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
+from secretsd.records import KeyringTerm
 from secretsd.runtime.config import Settings
 from secretsd.runtime.daemon import build_storage, provider_set
-from secretsd.storage import KeyringTerm, Storage
+from secretsd.storage import Storage
 
 Progress = Callable[[int, int], None]
 

@@ -21,7 +21,6 @@ from secretsd.events import Event
 if TYPE_CHECKING:
     from secretsd.runtime.daemon import Daemon
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SECRET_EVENTS = {
     "secret.read": "read", "secret.delete": "deleted", "secret.destroy": "destroyed",

@@ -32,9 +32,10 @@ from secretsd.custody.barrier import Barrier
 from secretsd.domain.policy import ROOT_POLICY
 from secretsd.domain.token_service import RECOVERY_CREATOR
 from secretsd.errors import NotInitializedError
+from secretsd.records import TokenRecord
 from secretsd.runtime.config import AuditSettings, Settings
 from secretsd.runtime.daemon import ADMIN_CLIENT, build_storage, provider_set
-from secretsd.storage import Storage, TokenRecord
+from secretsd.storage import Storage
 
 ACTION = "token.create-root"
 OFFLINE_SUFFIX = "-offline"
