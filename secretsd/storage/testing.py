@@ -488,6 +488,68 @@ class StorageConformance(CopyConformance):
         cleared = await storage.set_rotation("a", None, None)
         assert cleared is not None and cleared.rotation is None and cleared.rotation_due is None
 
+    # -- the read rules, one answer on every backend (secretsd.storage.queries) ---------------------
+    async def test_rotation_candidates_pending_first_then_due_order_then_path_and_the_limit(
+        self, storage: Storage
+    ) -> None:
+        await initialized(storage)
+        policy = {"enabled": True, "period_seconds": 86400}
+        now = T0 + timedelta(days=5)
+        due = {"d1": T0 + timedelta(days=1), "pd": T0 + timedelta(days=1, hours=12), "d2b": T0 + timedelta(days=2),
+               "d2a": T0 + timedelta(days=2), "edge": now, "later": T0 + timedelta(days=10),
+               "pfuture": T0 + timedelta(days=30), "pnull": None}
+        for path in [*due, "none"]:
+            await storage.write_version(version(path, 1), expected_current=0, metadata=None, max_versions=5)
+        for path, when in due.items():
+            await storage.set_rotation(path, policy, when)
+        for path in ("pd", "pfuture", "pnull"):  # a pending version: a candidate whenever it is due
+            await storage.create_pending(version(path, 2), expected_current=1)
+        want = ["pnull", "d1", "pd", "d2a", "d2b", "edge", "pfuture"]  # no due time first; due <= now; path
+        assert [s.path for s in await storage.rotation_candidates(now)] == want
+        for limit in (1, 2, 3, 6, 7, 100):
+            assert [s.path for s in await storage.rotation_candidates(now, limit=limit)] == want[:limit]
+        just_before = now - timedelta(microseconds=1)  # the due time's boundary, to the microsecond
+        assert "edge" not in [s.path for s in await storage.rotation_candidates(just_before)]
+        assert [s.path for s in await storage.rotation_candidates(T0)] == ["pnull", "pd", "pfuture"]
+
+    async def test_list_secrets_prefix_cursor_and_limit_edges(self, storage: Storage) -> None:
+        await initialized(storage)
+        top = "a\U0010ffff"  # a prefix that ends in the last code point
+        paths = ["b", "a/b/c", top, "a0", "a", "a.x", f"{top}/z", "a-y", "a/b"]
+        for path in paths:
+            await storage.write_version(version(path, 1), expected_current=0, metadata=None, max_versions=3)
+
+        async def listed(prefix: str, after: str = "", limit: int = 1000) -> list[str]:
+            return [s.path for s in await storage.list_secrets(prefix, after=after, limit=limit)]
+
+        # Code point order, which is UTF-8 byte order: '-' and '.' sort before '/', '0' right after it.
+        assert await listed("") == ["a", "a-y", "a.x", "a/b", "a/b/c", "a0", top, f"{top}/z", "b"]
+        assert await listed("a") == ["a", "a/b", "a/b/c"]  # not a-y, a.x or a0: siblings, not below
+        assert await listed("a", after="a") == ["a/b", "a/b/c"]  # a cursor equal to the prefix
+        assert await listed("a", after="a/b") == ["a/b/c"]
+        assert await listed("a", after="a/b/c") == []
+        assert await listed("a", after="a-y") == ["a/b", "a/b/c"]  # a cursor outside the prefix
+        assert await listed("a", limit=1) == ["a"]
+        assert await listed("a", after="a", limit=1) == ["a/b"]
+        assert await listed("a", limit=0) == []
+        assert await listed(top) == [top, f"{top}/z"]
+        assert await listed(top, after=top) == [f"{top}/z"]
+        assert await listed("", after=top) == [f"{top}/z", "b"]
+        assert await listed("a/b") == ["a/b", "a/b/c"]
+        assert await listed("a/b/c/d") == []
+        assert await listed("zz") == []
+
+    async def test_list_tokens_by_creation_time_then_id(self, storage: Storage) -> None:
+        await initialized(storage)  # its admin token 00000000000000ad was created at T0
+        made = {"00000000000000ff": T0, "00000000000000ee": T0 + timedelta(seconds=1),
+                "00000000000000cc": T0 + timedelta(microseconds=1), "00000000000000bb": T0 + timedelta(seconds=1),
+                "00000000000000aa": T0 + timedelta(milliseconds=500)}
+        for token_id, at in made.items():
+            await storage.create_token(token(token_id, created_at=at))
+        assert [t.token_id for t in await storage.list_tokens()] == [
+            "00000000000000ad", "00000000000000ff", "00000000000000cc", "00000000000000aa",
+            "00000000000000bb", "00000000000000ee"]
+
     async def test_rotation_status_is_typed_and_keeps_the_stored_json(self, storage: Storage) -> None:
         await initialized(storage)
         await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=5)
