@@ -64,7 +64,7 @@ from secretsd.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from secretsd.storage import codec, engine, rows
+from secretsd.storage import codec, engine, queries, rows
 from secretsd.storage import postgres_sql as sql
 from secretsd.storage.base import (
     ChangeSubscription,
@@ -349,7 +349,7 @@ class PostgresStorage:
 
     # -- initialisation -----------------------------------------------------------------------
     async def is_initialized(self) -> bool:
-        return bool(await self._fetch("SELECT 1 FROM meta WHERE key = 'initialized_at'"))
+        return bool(await self._fetch(sql.SQL.is_initialized))
 
     async def initialize(
         self, meta: Mapping[str, str], first_term: KeyringTerm, admin_token: TokenRecord
@@ -358,7 +358,7 @@ class PostgresStorage:
         await self._plan(lambda: engine.initialize(meta, first_term, admin_token, datetime.now(UTC), where))
 
     async def get_meta(self, key: str) -> str | None:
-        rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
+        rows = await self._fetch(sql.SQL.get_meta, key)
         return str(rows[0][0]) if rows else None
 
     async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
@@ -375,9 +375,7 @@ class PostgresStorage:
 
     # -- keyring ------------------------------------------------------------------------------
     async def keyring_terms(self) -> list[KeyringTerm]:
-        rows = await self._fetch(
-            f"SELECT {sql.select_columns('keyring_terms', engine.TERM_COLUMNS)} FROM keyring_terms ORDER BY term"  # noqa: S608
-        )
+        rows = await self._fetch(sql.SQL.keyring_terms)
         return [engine.term_from_row(r, sql.as_is) for r in rows]
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
@@ -390,27 +388,27 @@ class PostgresStorage:
 
     # -- secrets --------------------------------------------------------------------------------
     async def get_secret(self, path: str) -> SecretRecord | None:
-        rows = await self._fetch(sql.SELECT_SECRET, path)
+        rows = await self._fetch(sql.SQL.get_secret, path)
         return engine.secret_from_row(rows[0], sql.as_is) if rows else None
 
     async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
         if version is None:
-            rows = await self._fetch(sql.SELECT_CURRENT_VERSION, path)
+            rows = await self._fetch(sql.SQL.get_current_version, path)
         else:
-            rows = await self._fetch(sql.SELECT_VERSION, path, version)
+            rows = await self._fetch(sql.SQL.get_version, path, version)
         return engine.version_from_row(rows[0], sql.as_is) if rows else None
 
     async def read_version(
         self, path: str, *, version: int | None = None, label: str = "current"
     ) -> tuple[SecretRecord, VersionRecord] | None:
         if version is None:
-            rows = await self._fetch(sql.READ_BY_LABEL[engine.label_column(label)], path)
+            rows = await self._fetch(sql.SQL.read_by_label[engine.label_column(label)], path)
         else:
-            rows = await self._fetch(sql.READ_BY_NUMBER, path, version)
+            rows = await self._fetch(sql.SQL.read_by_number, path, version)
         if not rows:
             return None
-        values = list(rows[0].values())
-        return engine.secret_from_row(values[:11], sql.as_is), engine.version_from_row(values[11:], sql.as_is)
+        values, split = list(rows[0].values()), queries.SECRET_WIDTH
+        return engine.secret_from_row(values[:split], sql.as_is), engine.version_from_row(values[split:], sql.as_is)
 
     async def write_version(
         self,
@@ -472,33 +470,20 @@ class PostgresStorage:
         await self._plan(lambda: engine.record_rotation(path, rotation_due, rotation_status))
 
     async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
-        rows = await self._fetch(
-            f"SELECT {sql.SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
-            "WHERE pending_version IS NOT NULL OR (rotation_due IS NOT NULL AND rotation_due <= $1) "
-            "ORDER BY rotation_due NULLS FIRST, path LIMIT $2",
-            now, limit,
-        )
+        rows = await self._fetch(sql.SQL.rotation_candidates, now, limit)
         return [engine.secret_from_row(r, sql.as_is) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
-        rows = await self._fetch(
-            f"SELECT {sql.SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
-            "WHERE ((path >= $1 AND path < $2) OR path = $3) AND path > $4 ORDER BY path LIMIT $5",
-            low, high, prefix, after, limit,
-        )
+        rows = await self._fetch(sql.SQL.list_secrets, low, high, prefix, after, limit)
         return [engine.secret_from_row(r, sql.as_is) for r in rows]
 
     async def count_secrets(self) -> int:
-        rows = await self._fetch("SELECT count(*) FROM secrets")
+        rows = await self._fetch(sql.SQL.count_secrets)
         return int(rows[0][0])
 
     async def list_versions(self, path: str) -> list[VersionInfo]:
-        rows = await self._fetch(
-            f"SELECT {', '.join(engine.VERSION_INFO_COLUMNS)} FROM secret_versions "  # noqa: S608 - constants
-            "WHERE path = $1 ORDER BY version",
-            path,
-        )
+        rows = await self._fetch(sql.SQL.list_versions, path)
         return [engine.version_info_from_row(r, sql.as_is) for r in rows]
 
     async def set_version_state(
@@ -511,11 +496,11 @@ class PostgresStorage:
         await self._plan(lambda: engine.create_token(token))
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = await self._fetch(f"SELECT {sql.TOKEN_COLS} FROM tokens WHERE token_id = $1", token_id)  # noqa: S608
+        rows = await self._fetch(sql.SQL.get_token, token_id)
         return engine.token_from_row(rows[0], sql.as_is) if rows else None
 
     async def list_tokens(self) -> list[TokenRecord]:
-        rows = await self._fetch(f"SELECT {sql.TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
+        rows = await self._fetch(sql.SQL.list_tokens)
         return [engine.token_from_row(r, sql.as_is) for r in rows]
 
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:

@@ -1,4 +1,4 @@
-"""PostgreSQL text for the storage engine: column lists, the read statements, and the row operations.
+"""PostgreSQL text for the storage engine: the reads rendered (``queries``) and the row operations.
 
 ``PostgresRowOps`` is the engine's row-operation interface (``secretsd.storage.engine.RowOps``,
 as coroutines) on one asyncpg connection inside a transaction opened by ``PostgresStorage``.
@@ -12,31 +12,11 @@ from typing import Any
 
 import asyncpg
 
-from secretsd.storage import codec, engine, rows
+from secretsd.storage import codec, engine, queries, rows
 from secretsd.storage.base import KeyringTerm, SecretRecord, TokenRecord, VersionRecord
 
-
-def select_columns(table: str, columns: Sequence[str], alias: str = "") -> str:
-    """Column list for a SELECT: JSON columns as text, which the engine's row codecs decode."""
-    return ", ".join(f"{alias}{c}::text" if rows.kind(table, c) == "json" else f"{alias}{c}" for c in columns)
-
-
-SECRET_COLS = select_columns("secrets", engine.SECRET_COLUMNS)
-VERSION_COLS = select_columns("secret_versions", engine.VERSION_COLUMNS, "v.")
-TOKEN_COLS = select_columns("tokens", engine.TOKEN_COLUMNS)
-SELECT_SECRET = f"SELECT {SECRET_COLS} FROM secrets WHERE path = $1"  # noqa: S608 - constant columns
-SELECT_VERSION = f"SELECT {VERSION_COLS} FROM secret_versions v WHERE v.path = $1 AND v.version = $2"  # noqa: S608
-SELECT_CURRENT_VERSION = (f"SELECT {VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608
-                           "ON v.path = s.path AND v.version = s.current_version WHERE s.path = $1")
-READ_COLS = select_columns("secrets", engine.SECRET_COLUMNS, "s.") + ", " + VERSION_COLS
-#: One indexed lookup per read: the label's column (engine.label_column) names the version.
-READ_BY_LABEL = {
-    column: f"SELECT {READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-            f"ON v.path = s.path AND v.version = s.{column} WHERE s.path = $1"
-    for column in engine.LABEL_COLUMNS.values()
-}
-READ_BY_NUMBER = (f"SELECT {READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-                   "ON v.path = s.path AND v.version = $2 WHERE s.path = $1")
+#: The reads (secretsd.storage.queries), rendered once for PostgreSQL.
+SQL = queries.Statements.render(queries.POSTGRES)
 
 
 def as_is(value: Any) -> Any:
@@ -66,7 +46,7 @@ class PostgresRowOps:
         self.conn = conn
 
     async def lock_secret(self, path: str) -> SecretRecord | None:
-        row = await self.conn.fetchrow(f"{SELECT_SECRET} FOR UPDATE", path)
+        row = await self.conn.fetchrow(SQL.lock_secret, path)
         return engine.secret_from_row(row, as_is) if row is not None else None
 
     async def insert_secret(self, values: Mapping[str, Any]) -> None:
@@ -100,9 +80,7 @@ class PostgresRowOps:
                                 path, version, *values.values())
 
     async def prunable_versions(self, path: str, upto: int) -> list[tuple[int, datetime | None]]:
-        found = await self.conn.fetch(
-            "SELECT version, grace_until FROM secret_versions WHERE path = $1 AND version <= $2", path, upto,
-        )
+        found = await self.conn.fetch(SQL.prunable_versions, path, upto)
         return [(r[0], r[1]) for r in found]
 
     async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
@@ -136,7 +114,7 @@ class PostgresRowOps:
     async def lock_term_wrappings(self, term: int) -> str | None:
         # The row lock orders concurrent re-wraps from several replicas: the second sees the
         # first's wrappings, not the ones it expected, and fails.
-        found = await self.conn.fetchval("SELECT wrappings::text FROM keyring_terms WHERE term = $1 FOR UPDATE", term)
+        found = await self.conn.fetchval(SQL.lock_term_wrappings, term)
         return None if found is None else str(found)
 
     async def update_term_wrappings(self, term: int, wrappings_json: str) -> None:
@@ -154,9 +132,7 @@ class PostgresRowOps:
         # FOR UPDATE locks every unrevoked token row until COMMIT: a concurrent guarded revocation
         # on any replica waits, then re-reads the rows (READ COMMITTED drops the one revoked
         # meanwhile) and judges what is really left.
-        found = await self.conn.fetch(
-            f"SELECT {TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id FOR UPDATE",  # noqa: S608
-        )
+        found = await self.conn.fetch(SQL.lock_active_tokens)
         return [engine.token_from_row(r, as_is) for r in found]
 
     async def revoke_token(self, token_id: str, now: datetime) -> bool:

@@ -29,7 +29,7 @@ from secretsd.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from secretsd.storage import codec, engine
+from secretsd.storage import codec, engine, queries
 from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
     ExportRow,
@@ -47,22 +47,10 @@ from secretsd.storage.migrations import load_migrations, pending_migrations
 
 T = TypeVar("T")
 DEFAULT_FILENAME = "secretsd.db"
-_SECRET_COLS = ", ".join(engine.SECRET_COLUMNS)
-_VERSION_COLS = ", ".join(f"v.{c}" for c in engine.VERSION_COLUMNS)
 _TOKEN_COLS = ", ".join(engine.TOKEN_COLUMNS)
-_SELECT_SECRET = f"SELECT {_SECRET_COLS} FROM secrets WHERE path = ?"  # noqa: S608 - constant columns
-_SELECT_VERSION = f"SELECT {_VERSION_COLS} FROM secret_versions v WHERE v.path = ? AND v.version = ?"  # noqa: S608
-_SELECT_CURRENT_VERSION = (f"SELECT {_VERSION_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608
-                           "ON v.path = s.path AND v.version = s.current_version WHERE s.path = ?")
-_READ_COLS = ", ".join(f"s.{c}" for c in engine.SECRET_COLUMNS) + ", " + _VERSION_COLS
-#: One indexed lookup per read: the label's column (engine.label_column) names the version.
-_READ_BY_LABEL = {
-    column: f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-            f"ON v.path = s.path AND v.version = s.{column} WHERE s.path = ?"
-    for column in engine.LABEL_COLUMNS.values()
-}
-_READ_BY_NUMBER = (f"SELECT {_READ_COLS} FROM secrets s JOIN secret_versions v "  # noqa: S608 - constant columns
-                   "ON v.path = s.path AND v.version = ? WHERE s.path = ?")
+#: The reads (secretsd.storage.queries), rendered once for SQLite.
+_SQL = queries.Statements.render(queries.SQLITE)
+_SPLIT = queries.SECRET_WIDTH
 
 
 def _ts(value: datetime) -> str:
@@ -138,7 +126,7 @@ class _Ops:
         self.conn = conn
 
     def lock_secret(self, path: str) -> SecretRecord | None:
-        row = self.conn.execute(_SELECT_SECRET, (path,)).fetchone()
+        row = self.conn.execute(_SQL.lock_secret, (path,)).fetchone()
         return engine.secret_from_row(row, _dt) if row else None
 
     def insert_secret(self, values: Mapping[str, Any]) -> None:
@@ -175,8 +163,7 @@ class _Ops:
         )
 
     def prunable_versions(self, path: str, upto: int) -> list[tuple[int, datetime | None]]:
-        rows = self.conn.execute("SELECT version, grace_until FROM secret_versions WHERE path = ? AND version <= ?",
-                                 (path, upto)).fetchall()
+        rows = self.conn.execute(_SQL.prunable_versions, (path, upto)).fetchall()
         return [(r[0], _dt(r[1])) for r in rows]
 
     def delete_versions(self, path: str, versions: Sequence[int]) -> None:
@@ -204,7 +191,7 @@ class _Ops:
         )
 
     def lock_term_wrappings(self, term: int) -> str | None:
-        row = self.conn.execute("SELECT wrappings FROM keyring_terms WHERE term = ?", (term,)).fetchone()
+        row = self.conn.execute(_SQL.lock_term_wrappings, (term,)).fetchone()
         return None if row is None else str(row[0])
 
     def update_term_wrappings(self, term: int, wrappings_json: str) -> None:
@@ -220,7 +207,7 @@ class _Ops:
         )
 
     def lock_active_tokens(self) -> list[TokenRecord]:
-        rows = self.conn.execute(f"SELECT {_TOKEN_COLS} FROM tokens WHERE revoked_at IS NULL").fetchall()  # noqa: S608
+        rows = self.conn.execute(_SQL.lock_active_tokens).fetchall()
         return [engine.token_from_row(r, _dt) for r in rows]
 
     def revoke_token(self, token_id: str, now: datetime) -> bool:
@@ -355,7 +342,7 @@ class SQLiteStorage:
 
     # -- initialisation -----------------------------------------------------------------------
     async def is_initialized(self) -> bool:
-        return bool(self._query("SELECT 1 FROM meta WHERE key = 'initialized_at'"))
+        return bool(self._query(_SQL.is_initialized))
 
     async def initialize(
         self, meta: Mapping[str, str], first_term: KeyringTerm, admin_token: TokenRecord
@@ -363,7 +350,7 @@ class SQLiteStorage:
         await self._plan(engine.initialize(meta, first_term, admin_token, datetime.now(UTC), str(self.path)))
 
     async def get_meta(self, key: str) -> str | None:
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        rows = self._query(_SQL.get_meta, (key,))
         return str(rows[0][0]) if rows else None
 
     async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
@@ -380,7 +367,7 @@ class SQLiteStorage:
 
     # -- keyring ------------------------------------------------------------------------------
     async def keyring_terms(self) -> list[KeyringTerm]:
-        rows = self._query(f"SELECT {', '.join(engine.TERM_COLUMNS)} FROM keyring_terms ORDER BY term")  # noqa: S608
+        rows = self._query(_SQL.keyring_terms)
         return [engine.term_from_row(r, _dt) for r in rows]
 
     async def add_keyring_term(self, term: KeyringTerm) -> None:
@@ -393,26 +380,26 @@ class SQLiteStorage:
 
     # -- secrets --------------------------------------------------------------------------------
     async def get_secret(self, path: str) -> SecretRecord | None:
-        rows = self._query(_SELECT_SECRET, (path,))
+        rows = self._query(_SQL.get_secret, (path,))
         return engine.secret_from_row(rows[0], _dt) if rows else None
 
     async def get_version(self, path: str, version: int | None) -> VersionRecord | None:
         if version is None:
-            rows = self._query(_SELECT_CURRENT_VERSION, (path,))
+            rows = self._query(_SQL.get_current_version, (path,))
         else:
-            rows = self._query(_SELECT_VERSION, (path, version))
+            rows = self._query(_SQL.get_version, (path, version))
         return engine.version_from_row(rows[0], _dt) if rows else None
 
     async def read_version(
         self, path: str, *, version: int | None = None, label: str = "current"
     ) -> tuple[SecretRecord, VersionRecord] | None:
         if version is None:
-            rows = self._query(_READ_BY_LABEL[engine.label_column(label)], (path,))
+            rows = self._query(_SQL.read_by_label[engine.label_column(label)], (path,))
         else:
-            rows = self._query(_READ_BY_NUMBER, (version, path))
+            rows = self._query(_SQL.read_by_number, (path, version))
         if not rows:
             return None
-        return engine.secret_from_row(rows[0][:11], _dt), engine.version_from_row(rows[0][11:], _dt)
+        return engine.secret_from_row(rows[0][:_SPLIT], _dt), engine.version_from_row(rows[0][_SPLIT:], _dt)
 
     async def write_version(
         self,
@@ -472,32 +459,19 @@ class SQLiteStorage:
         await self._plan(engine.record_rotation(path, rotation_due, rotation_status))
 
     async def rotation_candidates(self, now: datetime, *, limit: int = 100) -> list[SecretRecord]:
-        rows = self._query(
-            f"SELECT {_SECRET_COLS} FROM secrets WHERE pending_version IS NOT NULL "  # noqa: S608 - constants
-            f"UNION SELECT {_SECRET_COLS} FROM secrets WHERE rotation_due IS NOT NULL AND rotation_due <= ? "
-            "ORDER BY rotation_due, path LIMIT ?",
-            (_ts(now), limit),
-        )
+        rows = self._query(_SQL.rotation_candidates, (_ts(now), limit))
         return [engine.secret_from_row(r, _dt) for r in rows]
 
     async def list_secrets(self, prefix: str, *, after: str = "", limit: int = 1000) -> list[SecretRecord]:
         low, high = codec.prefix_bounds(prefix)
-        rows = self._query(
-            f"SELECT {_SECRET_COLS} FROM secrets "  # noqa: S608 - constant columns
-            "WHERE ((path >= ? AND path < ?) OR path = ?) AND path > ? ORDER BY path LIMIT ?",
-            (low, high, prefix, after, limit),
-        )
+        rows = self._query(_SQL.list_secrets, (low, high, prefix, after, limit))
         return [engine.secret_from_row(r, _dt) for r in rows]
 
     async def count_secrets(self) -> int:
-        return int(self._query("SELECT count(*) FROM secrets")[0][0])
+        return int(self._query(_SQL.count_secrets)[0][0])
 
     async def list_versions(self, path: str) -> list[VersionInfo]:
-        rows = self._query(
-            f"SELECT {', '.join(engine.VERSION_INFO_COLUMNS)} FROM secret_versions "  # noqa: S608 - constants
-            "WHERE path = ? ORDER BY version",
-            (path,),
-        )
+        rows = self._query(_SQL.list_versions, (path,))
         return [engine.version_info_from_row(r, _dt) for r in rows]
 
     async def set_version_state(
@@ -510,11 +484,11 @@ class SQLiteStorage:
         await self._plan(engine.create_token(token))
 
     async def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._query(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = ?", (token_id,))  # noqa: S608
+        rows = self._query(_SQL.get_token, (token_id,))
         return engine.token_from_row(rows[0], _dt) if rows else None
 
     async def list_tokens(self) -> list[TokenRecord]:
-        rows = self._query(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id")  # noqa: S608
+        rows = self._query(_SQL.list_tokens)
         return [engine.token_from_row(r, _dt) for r in rows]
 
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
