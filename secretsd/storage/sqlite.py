@@ -44,6 +44,7 @@ from secretsd.storage.base import (
     WriteResult,
 )
 from secretsd.storage.migrations import load_migrations, pending_migrations
+from secretsd.storage.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
 DEFAULT_FILENAME = "secretsd.db"
@@ -229,6 +230,7 @@ class SQLiteStorage:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._writes: GroupCommitWriter | None = None  # the writer connection's group commit
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *, data_dir: Path) -> SQLiteStorage:
@@ -241,22 +243,10 @@ class SQLiteStorage:
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None or self._writer is None:
+        if self._writes is None:
             raise StorageUnavailableError("the SQLite store is not open")
-        conn = self._writer
-
-        def run() -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            return await self._writes.run(fn)
         except sqlite3.Error as exc:
             raise self._convert(exc) from exc
 
@@ -288,6 +278,7 @@ class SQLiteStorage:
         loop = asyncio.get_running_loop()
         try:
             self._writer = await loop.run_in_executor(self._executor, _connect, self.path, 10_000)
+            self._writes = GroupCommitWriter(self._writer, self._executor)
             # The reader runs on the event loop: in WAL mode it never waits for our writer, and it
             # must not stall the loop for long behind a foreign lock either.
             self._reader = _connect(self.path, 1_000)
@@ -320,6 +311,9 @@ class SQLiteStorage:
         await self._write(run)
 
     async def close(self) -> None:
+        if self._writes is not None:
+            self._writes.close()
+            self._writes = None
         if self._executor is not None:
             writer = self._writer
             if writer is not None:
