@@ -362,14 +362,10 @@ class PostgresStorage:
         return str(rows[0][0]) if rows else None
 
     async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
-        if only_if_absent:
-            sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING 1"
-        else:
-            sql = ("INSERT INTO meta (key, value) VALUES ($1, $2) "
-                   "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value RETURNING 1")
+        statement = sql.SQL.put_meta_if_absent if only_if_absent else sql.SQL.put_meta
 
         async def run(conn: asyncpg.Connection) -> bool:
-            return await conn.fetchval(sql, key, value) is not None
+            return await conn.fetchval(statement, key, value) is not None
 
         return await self._run(run)
 

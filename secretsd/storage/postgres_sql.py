@@ -96,10 +96,8 @@ class PostgresRowOps:
     async def claim_initialized(self, at: datetime) -> bool:
         # ON CONFLICT: of two replicas initialising at once, the second waits on the key, then
         # sees it taken, instead of failing with a bare unique violation.
-        claimed = await self.conn.fetchval(
-            "INSERT INTO meta (key, value) VALUES ('initialized_at', $1) ON CONFLICT (key) DO NOTHING RETURNING key",
-            at.astimezone(UTC).isoformat(),
-        )
+        at_text = at.astimezone(UTC).isoformat()
+        claimed = await self.conn.fetchval(SQL.put_meta_if_absent, queries.INITIALIZED_AT, at_text)
         return claimed is not None
 
     async def insert_meta(self, items: Sequence[tuple[str, str]]) -> None:

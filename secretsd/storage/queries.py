@@ -92,8 +92,15 @@ def render(query: Query, dialect: Dialect, *, lock: bool = False) -> str:
 # -- the reads ------------------------------------------------------------------------------------
 _JOIN = "FROM secrets s JOIN secret_versions v ON v.path = s.path AND v.version = "
 
+#: The meta key whose presence means the store is initialised (claimed once, ``engine.initialize``).
+INITIALIZED_AT = "initialized_at"
 GET_META = Query("SELECT value FROM meta WHERE key = :key", ("key",))
-IS_INITIALIZED = Query("SELECT 1 FROM meta WHERE key = 'initialized_at'")
+IS_INITIALIZED = Query(f"SELECT 1 FROM meta WHERE key = '{INITIALIZED_AT}'")  # noqa: S608 - a constant
+#: A row back (RETURNING) if and only if the value was written: always, or only where the key was absent.
+PUT_META = Query("INSERT INTO meta (key, value) VALUES (:key, :value) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value RETURNING 1", ("key", "value"))
+PUT_META_IF_ABSENT = Query("INSERT INTO meta (key, value) VALUES (:key, :value) "
+                           "ON CONFLICT (key) DO NOTHING RETURNING 1", ("key", "value"))
 KEYRING_TERMS = Query("SELECT {term} FROM keyring_terms ORDER BY term")
 GET_SECRET = Query("SELECT {secret} FROM secrets WHERE path = :path", ("path",))
 GET_VERSION = Query("SELECT {v.version} FROM secret_versions v WHERE v.path = :path AND v.version = :version",
@@ -138,10 +145,12 @@ PRUNABLE_VERSIONS = Query("SELECT version, grace_until FROM secret_versions WHER
 
 @dataclass(frozen=True, slots=True)
 class Statements:
-    """Every read above as one dialect's text; a dialect renders it once, at import."""
+    """Every query above as one dialect's text; a dialect renders it once, at import."""
 
     get_meta: str
     is_initialized: str
+    put_meta: str
+    put_meta_if_absent: str
     keyring_terms: str
     get_secret: str
     get_version: str
@@ -169,7 +178,8 @@ class Statements:
             return render(query, dialect, lock=True)
 
         return cls(
-            get_meta=r(GET_META), is_initialized=r(IS_INITIALIZED), keyring_terms=r(KEYRING_TERMS),
+            get_meta=r(GET_META), is_initialized=r(IS_INITIALIZED), put_meta=r(PUT_META),
+            put_meta_if_absent=r(PUT_META_IF_ABSENT), keyring_terms=r(KEYRING_TERMS),
             get_secret=r(GET_SECRET), get_version=r(GET_VERSION), get_current_version=r(GET_CURRENT_VERSION),
             read_by_label={column: r(q) for column, q in READ_BY_LABEL.items()},
             read_by_number=r(READ_BY_NUMBER), list_versions=r(LIST_VERSIONS), list_secrets=r(LIST_SECRETS),

@@ -178,9 +178,7 @@ class _Ops:
         return None if row is None else int(row[0])
 
     def claim_initialized(self, at: datetime) -> bool:
-        cur = self.conn.execute("INSERT INTO meta (key, value) VALUES ('initialized_at', ?) "
-                                "ON CONFLICT (key) DO NOTHING", (_ts(at),))
-        return cur.rowcount == 1
+        return bool(self.conn.execute(_SQL.put_meta_if_absent, (queries.INITIALIZED_AT, _ts(at))).fetchall())
 
     def insert_meta(self, items: Sequence[tuple[str, str]]) -> None:
         self.conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", items)
@@ -348,16 +346,8 @@ class SQLiteStorage:
         return str(rows[0][0]) if rows else None
 
     async def put_meta(self, key: str, value: str, *, only_if_absent: bool = False) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            if only_if_absent:
-                cur = conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                                   (key, value))
-            else:
-                cur = conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
-            return cur.rowcount == 1
-
-        return await self._write(run)
+        statement = _SQL.put_meta_if_absent if only_if_absent else _SQL.put_meta
+        return await self._write(lambda conn: bool(conn.execute(statement, (key, value)).fetchall()))
 
     # -- keyring ------------------------------------------------------------------------------
     async def keyring_terms(self) -> list[KeyringTerm]:
