@@ -121,13 +121,9 @@ class SecretsService:
             raise RequestError("cas must be 0 (create only) or an existing version number")
         clean_meta = validate_metadata(metadata) if metadata is not None else None
         expires_at = validate_expiry(expires_at, self._clock())
-        for _ in range(WRITE_ATTEMPTS):
-            secret = await self._storage.get_secret(path)
-            current = secret.current_version if secret else 0
-            if cas is not None and cas != current:
-                raise ConflictError(
-                    f"check-and-set failed: {path} is at version {current}, not {cas}"
-                )
+        written: list[VersionRecord] = []
+
+        def seal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
             # Not current + 1: a pending rotation (or a discarded one) may hold that number.
             version = (secret.latest_version if secret else 0) + 1
             sealed = self._barrier.seal_value(path, version, plaintext)
@@ -135,22 +131,36 @@ class SecretsService:
             grace_until = None
             if secret is not None and secret.rotation is not None:
                 grace_until = now + RotationPolicy.parse(secret.rotation).grace
-            record = VersionRecord(
+            written.append(VersionRecord(
                 path=path, version=version, created_at=now, created_by=who.client,
                 state=VersionState.ACTIVE, term=sealed.term, nonce=sealed.nonce,
                 ciphertext=sealed.ciphertext, expires_at=expires_at,
-            )
+            ))
+            return written[-1], grace_until
+
+        for _ in range(WRITE_ATTEMPTS):
+            secret = await self._storage.get_secret(path)
+            current = secret.current_version if secret else 0
+            if cas is not None and cas != current:
+                raise ConflictError(
+                    f"check-and-set failed: {path} is at version {current}, not {cas}"
+                )
+            record, grace_until = seal(secret)
             try:
+                # Without a check-and-set, the storage seals again inside its transaction if another
+                # write got there first (``reseal``): unconditional writes never answer 409.
                 result = await self._storage.write_version(
                     record, expected_current=current, metadata=clean_meta,
                     max_versions=self._max_versions, grace_until=grace_until,
+                    reseal=seal if cas is None else None,
                 )
             except ConflictError:
                 if cas is not None:
                     raise
-                continue
-            await self._barrier.note_encryptions(sealed.term, result.term_encryptions)
-            self._emit("secret.write", who, path, version)
+                continue  # two creators of one new secret (PostgreSQL): the loser tries again
+            record = written[-1]
+            await self._barrier.note_encryptions(record.term, result.term_encryptions)
+            self._emit("secret.write", who, path, record.version)
             return record
         raise ConflictError(f"{path} is being written concurrently; try again")
 

@@ -27,6 +27,10 @@ __all__ = [
     "VersionState", "WriteResult",
 ]
 
+#: Seals an unconditional write again for the secret as the transaction found it (None: no such
+#: secret): returns the version record to write (numbered ``latest_version + 1``) and its grace end.
+Reseal = Callable[[SecretRecord | None], tuple[VersionRecord, datetime | None]]
+
 #: Decides, inside the revoking transaction, whether a revocation may go ahead (raise to refuse).
 RevokeGuard = Callable[[TokenRecord, Sequence[TokenRecord], datetime], None]
 
@@ -155,12 +159,15 @@ class Storage(Protocol):
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
+        reseal: Reseal | None = None,
     ) -> WriteResult:
         """Append ``record`` as the newest version and make it current, atomically and durably.
 
         ``expected_current`` is the current version the caller sealed against (0: the secret
         must not exist); any other current version, or a ``record.version`` other than the
-        secret's ``latest_version + 1``, raises ``ConflictError`` and writes nothing.
+        secret's ``latest_version + 1``, raises ``ConflictError`` and writes nothing, unless
+        ``reseal`` is given (an unconditional write): then, inside the transaction, it is called
+        with the secret as stored and its record and grace end are written instead.
         ``metadata`` replaces the secret's metadata unless None. The old current version becomes
         ``previous_version``; with ``grace_until`` it also gets that grace end. Versions beyond
         the newest ``max_versions`` are removed, except the previous and pending ones and any in

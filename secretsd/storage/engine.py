@@ -48,6 +48,7 @@ from secretsd.storage.base import (
     KEYRING_CHANNEL,
     TOKENS_CHANNEL,
     KeyringTerm,
+    Reseal,
     RevokeGuard,
     RotationStatus,
     SecretRecord,
@@ -216,15 +217,19 @@ def label_column(label: str) -> str:
 
 
 # -- the rules --------------------------------------------------------------------------------------
-def check_and_set(path: str, secret: SecretRecord | None, expected_current: int, version: int) -> None:
-    """A new version is sealed against the current version the caller saw, and takes the next number.
-
-    ``expected_current`` 0 means "the secret must not exist". The number is ``latest_version + 1``,
-    so a number once allocated (even to a discarded pending version) is never reused.
-    """
+def is_next_version(secret: SecretRecord | None, expected_current: int, version: int) -> bool:
+    """The rule of check-and-set: the current version is the one the writer saw (0: no secret),
+    and ``version`` is ``latest_version + 1``, so a number once allocated (even to a discarded
+    pending version) is never reused."""
     current = secret.current_version if secret else 0
     latest = secret.latest_version if secret else 0
-    if current != expected_current or version != latest + 1:
+    return current == expected_current and version == latest + 1
+
+
+def check_and_set(path: str, secret: SecretRecord | None, expected_current: int, version: int) -> None:
+    """A new version is sealed against the current version the caller saw, and takes the next number."""
+    if not is_next_version(secret, expected_current, version):
+        current = secret.current_version if secret else 0
         raise ConflictError(f"check-and-set failed: current version of {path} is {current}, "
                             f"expected {expected_current}")
 
@@ -307,12 +312,19 @@ def replace_keyring_wrappings(
 
 def write_version(
     record: VersionRecord, *, expected_current: int, metadata: Mapping[str, Any] | None, max_versions: int,
-    grace_until: datetime | None,
+    grace_until: datetime | None, reseal: Reseal | None = None,
 ) -> Plan[WriteResult]:
     if max_versions < 1:
         raise ValueError("max_versions must be at least 1")
     path = record.path
     secret: SecretRecord | None = yield Op("lock_secret", (path,))
+    if reseal is not None and not is_next_version(secret, expected_current, record.version):
+        # An unconditional write that another one overtook: sealed again, here, for the number it
+        # now gets, rather than answered with a conflict its caller never asked to be checked.
+        record, grace_until = reseal(secret)
+        expected_current = secret.current_version if secret else 0
+        if record.path != path:
+            raise ValueError("reseal must keep the path")
     check_and_set(path, secret, expected_current, record.version)
     meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
     if secret is None:

@@ -70,6 +70,7 @@ from secretsd.storage.base import (
     ChangeSubscription,
     ExportRow,
     KeyringTerm,
+    Reseal,
     RevokeGuard,
     RotationStatus,
     SecretRecord,
@@ -414,12 +415,13 @@ class PostgresStorage:
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
+        reseal: Reseal | None = None,
     ) -> WriteResult:
         # The row lock (lock_secret: FOR UPDATE) makes concurrent writers of one path, on any
         # replica, take turns; READ COMMITTED then shows each the version its predecessor committed.
         return await self._plan(lambda: engine.write_version(
             record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
-            grace_until=grace_until,
+            grace_until=grace_until, reseal=reseal,
         ))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:

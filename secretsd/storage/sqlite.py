@@ -34,6 +34,7 @@ from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
     ExportRow,
     KeyringTerm,
+    Reseal,
     RevokeGuard,
     RotationStatus,
     SecretRecord,
@@ -172,9 +173,7 @@ class _Ops:
                               [(path, v) for v in versions])
 
     def count_encryption(self, term: int) -> int | None:
-        row = self.conn.execute(
-            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = ? RETURNING encryptions", (term,),
-        ).fetchone()
+        row = self.conn.execute(_SQL.count_encryption, (term,)).fetchone()
         return None if row is None else int(row[0])
 
     def claim_initialized(self, at: datetime) -> bool:
@@ -210,9 +209,7 @@ class _Ops:
         return [engine.token_from_row(r, _dt) for r in rows]
 
     def revoke_token(self, token_id: str, now: datetime) -> bool:
-        cur = self.conn.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
-                                (_ts(now), token_id))
-        return cur.rowcount == 1
+        return bool(self.conn.execute(_SQL.revoke_token, (token_id, _ts(now))).fetchall())
 
     def notify(self, channel: str, payload: str) -> None:
         """No change feed on one host: other workers poll (``secretsd.runtime.replication``)."""
@@ -393,10 +390,11 @@ class SQLiteStorage:
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
+        reseal: Reseal | None = None,
     ) -> WriteResult:
         return await self._plan(engine.write_version(
             record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
-            grace_until=grace_until,
+            grace_until=grace_until, reseal=reseal,
         ))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:

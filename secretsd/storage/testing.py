@@ -15,7 +15,15 @@ import pytest
 
 from keyproviders import WrappedKey
 from secretsd.errors import AlreadyInitializedError, ConflictError
-from secretsd.storage.base import KeyringTerm, RotationStatus, Storage, TokenRecord, VersionRecord, VersionState
+from secretsd.storage.base import (
+    KeyringTerm,
+    RotationStatus,
+    SecretRecord,
+    Storage,
+    TokenRecord,
+    VersionRecord,
+    VersionState,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -246,6 +254,44 @@ class StorageConformance(CopyConformance):
         assert sum(not isinstance(r, BaseException) for r in results) == 1
         assert all(isinstance(r, ConflictError) for r in results if isinstance(r, BaseException))
 
+    async def test_reseal_makes_a_stale_unconditional_write_the_next_version(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        seen: list[SecretRecord | None] = []
+
+        def reseal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
+            seen.append(secret)
+            assert secret is not None
+            return version("p", secret.latest_version + 1, ct=b"r"), T0 + timedelta(days=1)
+
+        # Sealed against "no secret yet", as a writer that lost the race to create it would have.
+        result = await storage.write_version(version("p", 1, ct=b"s"), expected_current=0, metadata=None,
+                                             max_versions=10, reseal=reseal)
+        assert [s.current_version if s else None for s in seen] == [1]
+        assert result.secret.current_version == 2 and result.secret.previous_version == 1
+        stored = await storage.get_version("p", None)
+        assert stored is not None and stored.version == 2 and stored.ciphertext == b"r" * 20
+        older = await storage.get_version("p", 1)
+        assert older is not None and older.grace_until == T0 + timedelta(days=1)
+        # A write that is already the next version is written as sealed: reseal is not asked.
+        await storage.write_version(version("p", 3), expected_current=2, metadata=None, max_versions=10,
+                                    reseal=reseal)
+        assert len(seen) == 1
+
+    async def test_concurrent_unconditional_writers_all_win_with_reseal(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("hot", 1), expected_current=0, metadata=None, max_versions=100)
+
+        def reseal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
+            assert secret is not None
+            return version("hot", secret.latest_version + 1), None
+
+        results = await asyncio.gather(*[
+            storage.write_version(version("hot", 2), expected_current=1, metadata=None, max_versions=100,
+                                  reseal=reseal) for _ in range(8)])
+        assert sorted(r.secret.current_version for r in results) == list(range(2, 10))
+        assert [v.version for v in await storage.list_versions("hot")] == list(range(1, 10))
+
     async def test_old_versions_are_pruned(self, storage: Storage) -> None:
         await initialized(storage)
         for n in range(1, 6):
@@ -302,6 +348,14 @@ class StorageConformance(CopyConformance):
         again = await storage.get_token("00000000000000bb")
         assert again is not None and again.revoked_at == T0
         assert len(await storage.list_tokens()) == 2
+
+    async def test_a_revoked_token_keeps_its_first_revocation_time(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.create_token(token("00000000000000bb"))
+        assert await storage.revoke_token("00000000000000bb", T0 + timedelta(hours=1))
+        assert not await storage.revoke_token("00000000000000bb", T0 + timedelta(hours=2))
+        got = await storage.get_token("00000000000000bb")
+        assert got is not None and got.revoked_at == T0 + timedelta(hours=1)
 
     async def test_a_guarded_revocation_sees_the_other_active_tokens_and_can_refuse(self, storage: Storage) -> None:
         await initialized(storage)
