@@ -88,9 +88,7 @@ class PostgresRowOps:
                                 path, list(versions))
 
     async def count_encryption(self, term: int) -> int | None:
-        count = await self.conn.fetchval(
-            "UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = $1 RETURNING encryptions", term,
-        )
+        count = await self.conn.fetchval(SQL.count_encryption, term)
         return None if count is None else int(count)
 
     async def claim_initialized(self, at: datetime) -> bool:
@@ -134,9 +132,7 @@ class PostgresRowOps:
         return [engine.token_from_row(r, as_is) for r in found]
 
     async def revoke_token(self, token_id: str, now: datetime) -> bool:
-        hit = await self.conn.fetchval(
-            "UPDATE tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL RETURNING 1", token_id, now,
-        )
+        hit = await self.conn.fetchval(SQL.revoke_token, token_id, now)
         return hit is not None
 
     async def notify(self, channel: str, payload: str) -> None:

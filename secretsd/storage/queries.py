@@ -139,6 +139,12 @@ LIST_TOKENS = Query("SELECT {token} FROM tokens ORDER BY created_at, token_id")
 #: The tokens a guarded revocation weighs (``engine.revoke_token``), in one order on every backend.
 ACTIVE_TOKENS = Query("SELECT {token} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id")
 TERM_WRAPPINGS = Query("SELECT {wrappings} FROM keyring_terms WHERE term = :term", ("term",))
+#: The sealing term's count grows in the write's own transaction; no row back: the term does not exist.
+COUNT_ENCRYPTION = Query("UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = :term "
+                         "RETURNING encryptions", ("term",))
+#: Only an unrevoked token is revoked, so its first revocation time stays; a row back iff this one did.
+REVOKE_TOKEN = Query("UPDATE tokens SET revoked_at = :now WHERE token_id = :token_id AND revoked_at IS NULL "
+                     "RETURNING 1", ("token_id", "now"))
 PRUNABLE_VERSIONS = Query("SELECT version, grace_until FROM secret_versions WHERE path = :path AND version <= :upto",
                           ("path", "upto"))
 
@@ -163,11 +169,13 @@ class Statements:
     rotation_candidates: str
     get_token: str
     list_tokens: str
-    # The locking reads of the engine's row operations (inside a write transaction).
+    # The engine's row operations that read or carry a rule (inside a write transaction).
     lock_secret: str
     lock_active_tokens: str
     lock_term_wrappings: str
     prunable_versions: str
+    count_encryption: str
+    revoke_token: str
 
     @classmethod
     def render(cls, dialect: Dialect) -> Statements:
@@ -186,4 +194,5 @@ class Statements:
             count_secrets=r(COUNT_SECRETS), rotation_candidates=r(ROTATION_CANDIDATES), get_token=r(GET_TOKEN),
             list_tokens=r(LIST_TOKENS), lock_secret=locked(GET_SECRET), lock_active_tokens=locked(ACTIVE_TOKENS),
             lock_term_wrappings=locked(TERM_WRAPPINGS), prunable_versions=r(PRUNABLE_VERSIONS),
+            count_encryption=r(COUNT_ENCRYPTION), revoke_token=r(REVOKE_TOKEN),
         )
