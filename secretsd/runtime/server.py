@@ -23,6 +23,7 @@ from secretsd.runtime.daemon import Daemon
 from secretsd.runtime.edge import Edge, EdgeCollector
 from secretsd.runtime.edge_listener import EdgeSite
 from secretsd.runtime.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
+from secretsd.runtime.logs import access_log
 
 log = logging.getLogger("secretsd")
 
@@ -107,7 +108,8 @@ async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web
 
 async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
                        context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[str, int]:
-    runner = await _runner(stack, create_app(daemon))
+    requests_log = access_log(settings.log_level, settings.log_format)
+    runner = await _runner(stack, create_app(daemon, access_log=requests_log))
     host, port = parse_listen(settings.listen)
     try:
         await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
