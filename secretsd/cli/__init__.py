@@ -1,7 +1,7 @@
 """The ``secretsd`` command. Online commands go through the HTTP client; ``init`` and ``serve`` are local.
 
-Errors print one line to stderr and exit 1; usage errors exit 2. Each module adds its commands to
-the root group when imported.
+Each command's module is imported only when that command runs (``secretsd.cli.lazy``), so a
+``secretsd get`` never loads the server, storage or crypto stacks. Exit statuses: ``secretsd.cli.exits``.
 """
 
 import signal
@@ -12,8 +12,6 @@ import sys
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-from secretsd.cli import audit, env, local, masterkey, recovery, secrets, storage, system
-from secretsd.cli import rotation as rotation  # registers rotate and rotation …
 from secretsd.cli.common import main
 
-__all__ = ["audit", "env", "local", "main", "masterkey", "recovery", "secrets", "storage", "system"]
+__all__ = ["main"]

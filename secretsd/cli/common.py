@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from secretsd import __version__
-from secretsd.client import SecretsClient
-from secretsd.errors import SecretsdError
+from secretsd.cli.lazy import LazyGroup
+from secretsd.errors import ConfigError, SecretsdError
+
+if TYPE_CHECKING:
+    from secretsd.client import SecretsClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
+
+
+def _os_error(exc: OSError) -> str:
+    return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn any secretsd error into one line and exit status 1."""
+    """Offline commands: turn any secretsd error into one line and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,9 +43,46 @@ def friendly_errors(fn: F) -> F:
         except SecretsdError as exc:
             fail(exc.message)
         except OSError as exc:
-            fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+            fail(_os_error(exc))
 
     return cast(F, wrapper)
+
+
+def _override(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # Given after the command name, the option replaces what the root group (or its
+    # environment variable) set.
+    if value is not None:
+        setattr(ctx.find_object(Ctx), str(param.name), value)
+
+
+_CONNECTION_OPTIONS = (
+    click.option("--addr", callback=_override, expose_value=False, help="Daemon address [env SECRETSD_ADDR]."),
+    click.option("--token", callback=_override, expose_value=False, help="Bearer token [env SECRETSD_TOKEN]."),
+    click.option("--ca-file", callback=_override, expose_value=False,
+                 type=click.Path(exists=True, dir_okay=False),
+                 help="PEM file of the CA for https:// addresses [env SECRETSD_CA_FILE]."),
+)
+
+
+def remote(fn: F) -> F:
+    """A command that talks to the daemon: it takes the ``Ctx`` first, accepts ``--addr``,
+    ``--token`` and ``--ca-file`` after its name too, and exits with ``exits.exit_code`` of its error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SecretsdError as exc:
+            from secretsd.cli.exits import exit_code  # only on the error path: it imports the problem table
+
+            fail(exc.message, exit_code(exc))
+        except OSError as exc:
+            fail(_os_error(exc))
+
+    command: Any = click.pass_obj(wrapper)
+    for option in reversed(_CONNECTION_OPTIONS):
+        command = option(command)
+    return cast(F, command)
 
 
 def emit_json(data: Any) -> None:
@@ -47,6 +90,10 @@ def emit_json(data: Any) -> None:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    # rich costs ~40 ms to import: only commands that print a table pay it.
+    from rich.console import Console
+    from rich.table import Table
+
     t = Table(title=title, show_lines=False)
     for col in columns:
         t.add_column(col, overflow="fold")
@@ -81,13 +128,21 @@ class Ctx:
         self.ca_file = ca_file
 
     def client(self) -> SecretsClient:
+        """The client for this invocation; an empty address is a usage error (ConfigError), never
+        a silent fallback to the default address."""
+        from secretsd.client import SecretsClient
+
+        if self.addr is not None and not self.addr.strip():
+            raise ConfigError("--addr is empty: give http(s)://HOST:PORT")
+        if self.addr is None and os.environ.get("SECRETSD_ADDR", "unset").strip() == "":
+            raise ConfigError("SECRETSD_ADDR is set but empty: unset it or give http(s)://HOST:PORT")
         return SecretsClient(self.addr, self.token, ca_file=self.ca_file)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="secretsd")
 @click.option("--addr", envvar="SECRETSD_ADDR", help="Daemon address [env SECRETSD_ADDR].")
 @click.option("--token", envvar="SECRETSD_TOKEN", help="Bearer token [env SECRETSD_TOKEN].")
