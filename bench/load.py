@@ -149,9 +149,13 @@ def secretsd_command() -> list[str]:
     return [sys.executable, "-c", "from secretsd.cli import main; main()"]
 
 
+#: Settings for the daemon given on the command line (--daemon-env), the only SECRETSD_* it gets.
+DAEMON_SETTINGS: dict[str, str] = {}
+
+
 def daemon_env() -> dict[str, str]:
     """Our environment without SECRETSD_* settings, so a developer's shell cannot skew the run."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SECRETSD_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("SECRETSD_")} | DAEMON_SETTINGS
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -523,6 +527,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--value-bytes", type=positive_int, default=64, help="size of each secret value (64)")
     parser.add_argument("--port", type=int, default=0, help="daemon port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N (CPU counts every worker)")
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="SECRETSD_X=V",
+                        help="a setting for the daemon, e.g. SECRETSD_EVENT_LOOP=asyncio (repeatable)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for paths and values (1)")
     parser.add_argument("--keep-log", type=Path, help="copy the daemon's log here before cleaning up")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
@@ -543,6 +549,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compare-concurrency", type=positive_int, default=16, help="--audit-compare concurrency (16)"
     )
     args = parser.parse_args(argv)
+    for item in args.daemon_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("SECRETSD_"):
+            parser.error(f"--daemon-env takes SECRETSD_NAME=VALUE, not {item!r}")
+        DAEMON_SETTINGS[name] = value
     bad = [op for op in args.operations if op not in OPERATIONS]
     if bad:
         parser.error(f"unknown operation(s): {', '.join(bad)}")
