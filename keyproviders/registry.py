@@ -30,7 +30,7 @@ def provider_factory(kind: str) -> ProviderFactory:
         factory = matches[0].load()
     except ImportError as exc:
         raise ProviderConfigError(
-            f"key provider {kind!r} could not be loaded ({exc}); is its extra installed?"
+            f"key provider {kind!r} could not be loaded ({exc}); reinstall the package that provides it"
         ) from exc
     return cast(ProviderFactory, factory)
 

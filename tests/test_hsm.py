@@ -110,14 +110,16 @@ def test_wrong_pin_starts_sealed_with_an_actionable_error(
     config = write_config(tmp_path / "hsm.toml", hsm_key)
     token = json.loads(run_cli("init", "--config", str(config), "--data-dir", str(tmp_path / "d"),
                                "--json", check=True).stdout)["admin_token"]
-    wrong = {"SECRETSD_TEST_BAD_PIN": "000000"}
+    # A PIN that cannot turn up in a log by chance ("000000" does, inside a counter-based request id).
+    wrong_pin = f"wrong-pin-{secrets.token_hex(6)}"
+    wrong = {"SECRETSD_TEST_BAD_PIN": wrong_pin}
     bad = write_config(tmp_path / "bad.toml", hsm_key | {"pin_env": "SECRETSD_TEST_BAD_PIN"})
     daemon = DaemonProcess(tmp_path / "d", extra_args=["--config", str(bad)], env=wrong).start(wait_ready=False)
     try:
         assert http("GET", f"{daemon.url}/readyz").status == 503
         status = http("GET", f"{daemon.url}/v1/sys/status", token=token).body
         assert status["sealed"] is True and "PIN" in status["seal_error"]
-        assert softhsm_token.user_pin not in daemon.logs() and "000000" not in daemon.logs()
+        assert softhsm_token.user_pin not in daemon.logs() and wrong_pin not in daemon.logs()
     finally:
         daemon.stop()
 

@@ -66,7 +66,11 @@ def _map_error(exc: p11.PKCS11Error, opts: Pkcs11Options, *, seen_token: bool) -
     if isinstance(exc, p11.PinIncorrect | p11.PinInvalid | p11.PinLenRange):
         return ProviderAuthError(f"PIN incorrect for {where}: check {opts.pin_source}")
     if isinstance(exc, p11.PinLocked):
-        return ProviderAuthError(f"the user PIN of {where} is locked: the security officer must reset it")
+        return ProviderAuthError(
+            f"the user PIN of {where} is locked (too many wrong PINs): the security officer must set a new "
+            f"one (pkcs11-tool --module {opts.module} --login --login-type so --init-pin), then update "
+            f"{opts.pin_source}"
+        )
     if isinstance(exc, p11.PinExpired):
         return ProviderAuthError(f"the user PIN of {where} has expired: set a new one")
     if isinstance(exc, p11.UserPinNotInitialized):

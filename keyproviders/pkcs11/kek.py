@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
 
 from keyproviders.errors import ProviderConfigError, ProviderKeyNotFoundError
 from keyproviders.pkcs11.options import (
@@ -42,7 +43,7 @@ def check_kek_attributes(attrs: Mapping[Attribute, Any], *, what: str) -> None:
     """The rule: a KEK is a token AES-256 key that is sensitive and can never be extracted."""
     problems = []
     if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != KEK_BITS // 8:
-        problems.append("it is not an AES-256 key")
+        problems.append(f"it is not an AES-256 key (it is {_describe_key(attrs)})")
     if attrs.get(Attribute.SENSITIVE) is not True:
         problems.append("CKA_SENSITIVE is not true")
     if attrs.get(Attribute.EXTRACTABLE) is not False:
@@ -51,7 +52,8 @@ def check_kek_attributes(attrs: Mapping[Attribute, Any], *, what: str) -> None:
         problems.append("it is a session object, not a token object")
     if problems:
         raise ProviderConfigError(
-            f"{what} is unfit to be a KEK: {'; '.join(problems)}. Create a new one with 'secretsd hsm create-key'"
+            f"{what} is unfit to be a KEK: {'; '.join(problems)}. Create a new one with 'secretsd hsm create-key' "
+            f"under another key_label"
         )
 
 
@@ -90,8 +92,53 @@ _READ_ATTRIBUTES = (
 )
 
 
-def read_attributes(obj: Any) -> dict[Attribute, Any]:
-    return {attr: obj[attr] for attr in _READ_ATTRIBUTES}
+def read_attributes(obj: Any, which: tuple[Attribute, ...] = _READ_ATTRIBUTES) -> dict[Attribute, Any]:
+    """The attributes the KEK rules look at; one the object's type lacks reads as ``None``.
+
+    A key of another type under our label (a DES3 key has no CKA_VALUE_LEN) must reach the KEK rule
+    and be refused by name there, not end in AttributeTypeInvalid.
+    """
+    attrs: dict[Attribute, Any] = {}
+    for attr in which:
+        try:
+            attrs[attr] = obj[attr]
+        except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
+            attrs[attr] = None
+    return attrs
+
+
+def _name(enum: Any, value: Any) -> str:
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return f"0x{int(value):x}"
+
+
+def _describe_key(attrs: Mapping[Attribute, Any]) -> str:
+    """'AES-128', 'DES3': what an unfit key is, for the message that refuses it."""
+    key_type = attrs.get(Attribute.KEY_TYPE)
+    if key_type is None:
+        return "of unknown type"
+    if key_type == KeyType.AES and isinstance(attrs.get(Attribute.VALUE_LEN), int):
+        return f"AES-{attrs[Attribute.VALUE_LEN] * 8}"
+    return _name(KeyType, key_type)
+
+
+def describe_object(obj: Any) -> str:
+    """'RSA private key', 'DES3 secret key', 'certificate': what an object under our label is."""
+    attrs = read_attributes(obj, (Attribute.CLASS, Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID))
+    cls = attrs[Attribute.CLASS]
+    kind = {ObjectClass.SECRET_KEY: "secret", ObjectClass.PRIVATE_KEY: "private", ObjectClass.PUBLIC_KEY: "public"}
+    if cls not in kind:
+        return "object of unknown class" if cls is None else _name(ObjectClass, cls).lower().replace("_", " ")
+    return f"{_describe_key(attrs)} {kind[cls]} key"
+
+
+def is_kek_version(obj: Any) -> bool:
+    """An AES-256 secret key with a secretsd version CKA_ID: a version of a KEK (its other flags aside)."""
+    attrs = read_attributes(obj, (Attribute.CLASS, Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID))
+    return (attrs[Attribute.CLASS] == ObjectClass.SECRET_KEY and attrs[Attribute.KEY_TYPE] == KeyType.AES
+            and attrs[Attribute.VALUE_LEN] == KEK_BITS // 8 and _version_of(attrs[Attribute.ID] or b"") is not None)
 
 
 @dataclass(frozen=True)
@@ -111,7 +158,7 @@ def _find_keks(session: Any, opts: Pkcs11Options) -> dict[int, _Kek]:
     foreign = 0
     for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: opts.key_label})):
         attrs = read_attributes(obj)
-        version = _version_of(attrs[Attribute.ID])
+        version = _version_of(attrs[Attribute.ID] or b"")
         if version is None:
             foreign += 1
             continue
@@ -124,12 +171,24 @@ def _find_keks(session: Any, opts: Pkcs11Options) -> dict[int, _Kek]:
         check_generated_in_token(attrs, what=what, allow_imported=opts.allow_imported_keys)
         found[version] = _Kek(version, obj, attrs)
     if not found:
+        others = [] if foreign else _others_under(session, opts.key_label)
+        if others:
+            # Not "not found": create-key would refuse the label, so that advice would go round in a circle.
+            raise ProviderConfigError(
+                f"key {opts.key_label!r} in {opts.where()} is not an AES-256 secret key ({', '.join(others)}): "
+                f"set key_label to another name and run 'secretsd hsm create-key', or remove that object"
+            )
         extra = f" ({foreign} object(s) have that label but no secretsd version CKA_ID)" if foreign else ""
         raise ProviderKeyNotFoundError(
             f"key {opts.key_label!r} not found in {opts.where()}{extra}: create it with "
             f"'secretsd hsm create-key --config FILE'"
         )
     return found
+
+
+def _others_under(session: Any, label: str) -> list[str]:
+    """What lies under ``label`` when no secret key does (a key pair, a certificate): described, sorted."""
+    return sorted({describe_object(obj) for obj in session.get_objects({Attribute.LABEL: label})})
 
 
 def _generate_kek(session: Any, opts: Pkcs11Options, version: int) -> None:

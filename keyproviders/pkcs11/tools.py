@@ -15,7 +15,7 @@ from pkcs11 import exceptions as p11
 
 from keyproviders.errors import ProviderConfigError, UnwrapError
 from keyproviders.pkcs11.errors import _map_error
-from keyproviders.pkcs11.kek import _generate_kek
+from keyproviders.pkcs11.kek import _generate_kek, describe_object, is_kek_version
 from keyproviders.pkcs11.library import _library
 from keyproviders.pkcs11.options import _RECORD_FOR, Pkcs11Options
 from keyproviders.pkcs11.provider import Pkcs11KeyProvider
@@ -32,17 +32,29 @@ def create_key(options: Mapping[str, Any], *, base_dir: Path) -> str:
         library.acquire(opts.token_label)
         try:
             session = library.session(opts, rescan=True)
-            if list(session.get_objects({Attribute.LABEL: opts.key_label})):
-                raise ProviderConfigError(
-                    f"an object labelled {opts.key_label!r} already exists in {opts.where()}; refusing to "
-                    f"create another (to add a version, run 'secretsd keyring rewrap')"
-                )
+            existing = list(session.get_objects({Attribute.LABEL: opts.key_label}))
+            if existing:
+                raise _label_taken(opts, existing)
             _generate_kek(session, opts, 1)
         except p11.PKCS11Error as exc:
             raise _map_error(exc, opts, seen_token=False) from exc
         finally:
             library.release(opts.token_label)
     return f"{opts.key_label}/v1"
+
+
+def _label_taken(opts: Pkcs11Options, existing: list[Any]) -> ProviderConfigError:
+    """Why create-key refuses a label in use: a KEK to add a version to, or something else to move away from."""
+    if any(is_kek_version(obj) for obj in existing):
+        return ProviderConfigError(
+            f"an object labelled {opts.key_label!r} already exists in {opts.where()}; refusing to "
+            f"create another (to add a version, run 'secretsd keyring rewrap')"
+        )
+    found = ", ".join(sorted({describe_object(obj) for obj in existing}))
+    return ProviderConfigError(
+        f"label {opts.key_label!r} in {opts.where()} is taken ({found}), not by a secretsd KEK: "
+        f"set key_label to another name, or remove that object"
+    )
 
 
 Status = Literal["ok", "warn", "fail"]

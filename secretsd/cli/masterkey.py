@@ -112,6 +112,22 @@ def hsm() -> None:
     """Provision and check the HSM (PKCS#11) key provider."""
 
 
+@contextmanager
+def pkcs11_binding() -> Iterator[None]:
+    """Import the pkcs11 provider inside this block: a broken python-pkcs11 install is one line, not a traceback.
+
+    python-pkcs11 is a base dependency, so this only fires on a damaged environment (a wheel built for
+    another Python, a removed package).
+    """
+    try:
+        yield
+    except ImportError as exc:
+        raise ConfigError(
+            f"the PKCS#11 binding python-pkcs11 cannot be imported ({exc}); reinstall it in this "
+            f"environment: {sys.executable} -m pip install --force-reinstall python-pkcs11"
+        ) from exc
+
+
 def _pkcs11_options(config_file: Path | None) -> tuple[dict[str, Any], Path]:
     from secretsd.runtime.config import load_settings
 
@@ -139,9 +155,10 @@ def hsm_create_key(config_file: Path | None, as_json: bool) -> None:
       SECRETSD_PKCS11_PIN=... secretsd hsm create-key --config /etc/secretsd/secretsd.toml
     """
     from keyproviders import KeyProviderError
-    from keyproviders.pkcs11 import create_key
     from secretsd.custody.keyring import convert_provider_error
 
+    with pkcs11_binding():
+        from keyproviders.pkcs11 import create_key
     options, base = _pkcs11_options(config_file)
     try:
         key_id = create_key(options, base_dir=base)
@@ -166,8 +183,8 @@ def hsm_doctor(config_file: Path | None, as_json: bool) -> None:
     Example:
       secretsd hsm doctor --config /etc/secretsd/secretsd.toml
     """
-    from keyproviders.pkcs11 import doctor
-
+    with pkcs11_binding():
+        from keyproviders.pkcs11 import doctor
     options, base = _pkcs11_options(config_file)
     results = doctor(options, base_dir=base)
     if as_json:
