@@ -86,8 +86,8 @@ class RotationStatus(Mapping[str, Any]):
     @classmethod
     def of(cls, value: Mapping[str, Any] | None) -> RotationStatus:
         """The typed status of a stored (or caller-given) JSON object."""
-        if value is None:
-            return cls()
+        if not value:  # no rotation yet: most secrets, on every read of one
+            return _NO_STATUS
         if isinstance(value, RotationStatus):
             return value
         known: dict[str, Any] = {}
@@ -130,6 +130,10 @@ class RotationStatus(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"RotationStatus({self._as_dict()!r})"
+
+
+#: The status of a secret never rotated (shared: the record is immutable).
+_NO_STATUS = RotationStatus()
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,8 @@ class Metrics:
         self.audit_batch = Histogram(
             "secretsd_audit_batch_records", "Records per audit batch (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        # labels() takes a lock and builds a key per call: the children of the hot counters are kept.
+        self._secret_op = {op: self.secret_ops.labels(op) for op in ("created", "updated", *_SECRET_EVENTS.values())}
         self._allowed = self.policy_decisions.labels("allow")
         self._denied = self.policy_decisions.labels("deny")
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -62,9 +64,9 @@ class Metrics:
 
     def on_event(self, event: Event) -> None:
         if event.action == "secret.write":
-            self.secret_ops.labels("created" if event.version == 1 else "updated").inc()
+            self._secret_op["created" if event.version == 1 else "updated"].inc()
         elif event.action in _SECRET_EVENTS:
-            self.secret_ops.labels(_SECRET_EVENTS[event.action]).inc()
+            self._secret_op[_SECRET_EVENTS[event.action]].inc()
         if event.action.startswith("rotation."):
             self.rotations.labels(event.action.removeprefix("rotation.")).inc()
 

@@ -165,6 +165,16 @@ TERM_COLUMNS = ("term", "wrappings", "created_at", "encryptions")
 TOKEN_COLUMNS = ("token_id", "secret_hash", "client", "policies", "created_at", "created_by", "expires_at",
                  "revoked_at")
 
+#: A stored state to its enum member: a dict lookup, not the Enum call (on every read).
+_STATES: Mapping[str, VersionState] = {s.value: s for s in VersionState}
+
+
+def _state(text: str) -> VersionState:
+    try:
+        return _STATES[text]
+    except KeyError:
+        return VersionState(text)  # not a state: the Enum's own ValueError names it
+
 #: How a dialect turns a stored time into an aware ``datetime`` (None stays None).
 TimeDecoder = Callable[[Any], Any]
 
@@ -182,7 +192,7 @@ def secret_from_row(row: Sequence[Any], when: TimeDecoder) -> SecretRecord:
 def version_from_row(r: Sequence[Any], when: TimeDecoder) -> VersionRecord:
     """A ``VersionRecord`` from ``VERSION_COLUMNS``."""
     return VersionRecord(
-        path=r[0], version=r[1], created_at=when(r[2]), created_by=r[3], state=VersionState(r[4]),
+        path=r[0], version=r[1], created_at=when(r[2]), created_by=r[3], state=_state(r[4]),
         deleted_at=when(r[5]), term=r[6], nonce=bytes(r[7]), ciphertext=bytes(r[8]), expires_at=when(r[9]),
         grace_until=when(r[10]),
     )
@@ -190,7 +200,7 @@ def version_from_row(r: Sequence[Any], when: TimeDecoder) -> VersionRecord:
 
 def version_info_from_row(r: Sequence[Any], when: TimeDecoder) -> VersionInfo:
     """A ``VersionInfo`` from ``VERSION_INFO_COLUMNS``: a version without its sealed value."""
-    return VersionInfo(path=r[0], version=r[1], created_at=when(r[2]), created_by=r[3], state=VersionState(r[4]),
+    return VersionInfo(path=r[0], version=r[1], created_at=when(r[2]), created_by=r[3], state=_state(r[4]),
                        deleted_at=when(r[5]), expires_at=when(r[6]), grace_until=when(r[7]))
 
 
