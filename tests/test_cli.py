@@ -25,8 +25,8 @@ def cli(daemon_process: tuple[DaemonProcess, str]):  # type: ignore[no-untyped-d
     return run
 
 
-def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.returncode == 1, (result.stdout, result.stderr)
+def one_line_error(result, code: int = 1) -> str:  # type: ignore[no-untyped-def]
+    assert result.returncode == code, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -64,7 +64,7 @@ def test_set_and_get_every_way(cli, tmp_path: Path) -> None:  # type: ignore[no-
     assert doc["value"] == "from-file\nline2" and doc["version"] == 3
     doc = json.loads(cli("set", "app/b", "x", "--meta", "owner=me", "--cas", "0", "--json").stdout)
     assert doc["version"] == 1
-    assert "check-and-set" in one_line_error(cli("set", "app/b", "y", "--cas", "0"))
+    assert "check-and-set" in one_line_error(cli("set", "app/b", "y", "--cas", "0"), 6)
     usage = cli("set", "app/c")
     assert usage.returncode == 2 and "exactly one way" in usage.stderr
 
@@ -81,11 +81,11 @@ def test_list_versions_delete_undelete_destroy(cli) -> None:  # type: ignore[no-
     assert [v["version"] for v in versions["versions"]] == [1, 2, 3]
     assert "svc/db" in cli("versions", "svc/db").stdout
     assert cli("delete", "svc/db").stdout.strip() == "svc/db: deleted version(s) 3"
-    assert "deleted" in one_line_error(cli("get", "svc/db"))
+    assert "deleted" in one_line_error(cli("get", "svc/db"), 3)
     assert cli("undelete", "svc/db", "--versions", "3").returncode == 0
     assert cli("get", "svc/db").stdout == "v2\n"
     assert json.loads(cli("destroy", "svc/db", "--versions", "1,2", "--json").stdout)["destroyed"] == [1, 2]
-    assert "destroyed" in one_line_error(cli("get", "svc/db", "--version", "1"))
+    assert "destroyed" in one_line_error(cli("get", "svc/db", "--version", "1"), 3)
     assert cli("undelete", "svc/db").returncode == 2  # --versions is required
 
 
@@ -95,9 +95,9 @@ def test_tokens_status_health_keyring_policy(cli) -> None:  # type: ignore[no-un
     listing = json.loads(cli("token", "list", "--json").stdout)
     entry = next(t for t in listing["tokens"] if t["client"] == "billing")
     assert entry["expires_at"] and new not in json.dumps(listing)
-    assert cli("get", "nope/x", token_override=new).returncode == 1
+    assert cli("get", "nope/x", token_override=new).returncode == 3  # not found
     assert "revoked" in cli("token", "revoke", entry["token_id"]).stdout
-    assert "valid token" in one_line_error(cli("status", token_override=new))
+    assert "valid token" in one_line_error(cli("status", token_override=new), 4)
     status = json.loads(cli("status", "--json").stdout)
     assert status["sealed"] is False and status["provider"] == "file"
     assert "provider" in cli("status").stdout
@@ -106,22 +106,22 @@ def test_tokens_status_health_keyring_policy(cli) -> None:  # type: ignore[no-un
     cli("token", "create", "--client", "ops", "--policy", "root")
     allowed = cli("policy", "check", "ops", "read", "app/x")
     assert allowed.returncode == 0 and allowed.stdout.startswith("ALLOW: allowed by policy 'root'")
-    assert "no active token" in one_line_error(cli("policy", "check", "billing", "read", "app/x"))
+    assert "no active token" in one_line_error(cli("policy", "check", "billing", "read", "app/x"), 3)
 
 
 def test_errors_are_one_line_with_non_zero_exit(cli) -> None:  # type: ignore[no-untyped-def]
-    assert "no secret at app/missing" in one_line_error(cli("get", "app/missing"))
+    assert "no secret at app/missing" in one_line_error(cli("get", "app/missing"), 3)
     assert "empty segment" in one_line_error(cli("get", "app//x"))
-    assert "valid token" in one_line_error(cli("get", "app/x", token_override=""))
-    assert "valid token" in one_line_error(cli("get", "app/x", token_override="sdt_bogus"))
+    assert "valid token" in one_line_error(cli("get", "app/x", token_override=""), 4)
+    assert "valid token" in one_line_error(cli("get", "app/x", token_override="sdt_bogus"), 4)
     assert cli("token", "create", "--client", "x", "--policy", "root", "--ttl", "soon").returncode == 2
 
 
 def test_unreachable_daemon_is_one_line(tmp_path: Path) -> None:
     result = run_cli("status", env={"SECRETSD_ADDR": f"http://127.0.0.1:{free_port()}", "SECRETSD_TOKEN": "x"})
-    assert "cannot reach secretsd" in one_line_error(result)
+    assert "cannot reach secretsd" in one_line_error(result, 5)
     result = run_cli("status", env={"SECRETSD_ADDR": "ftp://nowhere"})
-    assert "SECRETSD_ADDR" in one_line_error(result)
+    assert "SECRETSD_ADDR" in one_line_error(result, 2)
 
 
 def test_help_has_examples_on_every_command() -> None:

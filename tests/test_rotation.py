@@ -824,7 +824,7 @@ def test_cli_rotate_and_status_against_a_real_daemon(tmp_path: Path) -> None:
         table = run_cli("rotation", "status", env=env, check=True).stdout
         assert "app/db" in table and "succeeded" in table
         missing = run_cli("rotate", "app/none", env=env)
-        assert missing.returncode == 1 and missing.stderr.startswith("error:")
+        assert missing.returncode == 3 and missing.stderr.startswith("error:")  # not found
         resp = http("GET", proc.url + "/v1/metadata/app/db", token=token)
         assert resp.body["labels"] == {"current": 3, "previous": 2, "pending": None}
     finally:

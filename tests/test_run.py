@@ -71,7 +71,7 @@ def test_exit_codes_and_errors(env: dict[str, str], tmp_path: Path) -> None:
     missing = run_cli("run", "--prefix", "svc", "--", "no-such-command-xyz", env=env)
     assert missing.returncode == 127 and missing.stderr.strip() == "error: command not found: no-such-command-xyz"
     unknown = run_cli("run", "--map", "X=other/none", "--", "true", env=env)
-    assert unknown.returncode == 1 and unknown.stderr.startswith("error: ")
+    assert unknown.returncode == 3 and unknown.stderr.startswith("error: ")  # not found
     assert run_cli("run", "--", "true", env=env).returncode == 2  # neither --prefix nor --map
     # nothing written to disk: the working directory stays empty
     work = tmp_path / "work"

@@ -51,8 +51,11 @@ def friendly_errors(fn: F) -> F:
 def _override(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     # Given after the command name, the option replaces what the root group (or its
     # environment variable) set.
-    if value is not None:
-        setattr(ctx.find_object(Ctx), str(param.name), value)
+    obj = ctx.find_object(Ctx)
+    if value is not None and obj is not None:
+        setattr(obj, str(param.name), value)
+        if param.name == "addr":
+            obj.addr_from_env = False
 
 
 _CONNECTION_OPTIONS = (
@@ -122,21 +125,28 @@ def parse_versions(text: str | None) -> list[int] | None:
 
 
 class Ctx:
-    def __init__(self, addr: str | None, token: str | None, ca_file: str | None = None) -> None:
+    def __init__(self, addr: str | None, token: str | None, ca_file: str | None = None, *,
+                 addr_from_env: bool = False) -> None:
         self.addr = addr
         self.token = token
         self.ca_file = ca_file
+        self.addr_from_env = addr_from_env
 
     def client(self) -> SecretsClient:
-        """The client for this invocation; an empty address is a usage error (ConfigError), never
-        a silent fallback to the default address."""
         from secretsd.client import SecretsClient
 
-        if self.addr is not None and not self.addr.strip():
-            raise ConfigError("--addr is empty: give http(s)://HOST:PORT")
-        if self.addr is None and os.environ.get("SECRETSD_ADDR", "unset").strip() == "":
-            raise ConfigError("SECRETSD_ADDR is set but empty: unset it or give http(s)://HOST:PORT")
-        return SecretsClient(self.addr, self.token, ca_file=self.ca_file)
+        return SecretsClient(require_address(self.addr, self.addr_from_env), self.token, ca_file=self.ca_file)
+
+
+def require_address(addr: str | None, from_env: bool) -> str | None:
+    """The daemon address to use (None: the client's default). An empty one, given or from an
+    empty SECRETSD_ADDR, is an error (ConfigError: exit 2), never a silent fallback to the default."""
+    if addr is None and os.environ.get("SECRETSD_ADDR", "unset").strip() == "":
+        addr, from_env = "", True  # a click that reads an empty variable as unset
+    if addr is not None and not addr.strip():
+        raise ConfigError("SECRETSD_ADDR is set but empty: unset it or give http(s)://HOST:PORT" if from_env
+                          else "--addr is empty: give http(s)://HOST:PORT")
+    return addr
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -160,4 +170,5 @@ def main(ctx: click.Context, addr: str | None, token: str | None, ca_file: str |
       secretsd set app/db-password --stdin < password.txt
       secretsd get app/db-password
     """
-    ctx.obj = Ctx(addr, token, ca_file)
+    from_env = ctx.get_parameter_source("addr") is click.core.ParameterSource.ENVIRONMENT
+    ctx.obj = Ctx(addr, token, ca_file, addr_from_env=from_env)

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, fail, friendly_errors, json_option, main, table
+from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, remote, table
 from secretsd.client import SecretsClient
 from secretsd.client.operations import children
 from secretsd.errors import ConflictError, NotFoundError, SecretsdError
@@ -76,8 +76,7 @@ def _current_values(client: SecretsClient, prefix: str, keys: set[str]) -> dict[
 @click.option("--interpolate", is_flag=True,
               help="Expand ${VAR} and ${VAR:-default} as python-dotenv does (default: values are literal).")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def import_env(ctx: Ctx, file: Path, prefix: str, dry_run: bool, overwrite: bool, interpolate: bool,
                as_json: bool) -> None:
     """Import a .env file: each KEY becomes the secret PREFIX/KEY.
@@ -166,8 +165,7 @@ def _write(client: SecretsClient, parsed: Any, to_write: list[Any]) -> int:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file (mode 0600, replaced atomically); default: standard output.")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def export_env(ctx: Ctx, prefix: str, output: Path | None, as_json: bool) -> None:
     """Write the secrets directly under PREFIX as a dotenv file (NAME=value).
 
@@ -246,8 +244,7 @@ def _mapping(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--pass-token", is_flag=True,
               help="Let the command see SECRETSD_TOKEN too (by default it is removed from its environment).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.pass_obj
-@friendly_errors
+@remote
 def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], pass_token: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND with secrets in its environment; exit with its exit code.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, main, parse_duration, table
+from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_duration, remote, table
 
 
 @main.command()
@@ -15,8 +15,7 @@ from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, ma
 @click.option("--value-stdin", "value_stdin", is_flag=True,
               help="Read the new value from standard input (for a 'supplied' generator).")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def rotate(ctx: Ctx, path: str, value_stdin: bool, as_json: bool) -> None:
     """Rotate a secret now: a new value becomes current, the old one previous.
 
@@ -51,8 +50,7 @@ def rotation() -> None:
 @rotation.command(name="status")
 @click.argument("prefix", default="")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def rotation_status(ctx: Ctx, prefix: str, as_json: bool) -> None:
     """Show, per secret with a rotation policy: next due and last result.
 
@@ -89,8 +87,7 @@ def rotation_status(ctx: Ctx, prefix: str, as_json: bool) -> None:
 @click.option("--max-age", help="Never serve a version older than this (e.g. 180d).")
 @click.option("--remove", is_flag=True, help="Remove the policy instead.")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def rotation_set(ctx: Ctx, path: str, enabled: bool, period: str, grace: str, generator: str, length: int | None,
                  encoding: str | None, classes: str | None, hook: str | None, max_age: str | None, remove: bool,
                  as_json: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, main, parse_versions, table
+from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_versions, remote, table
 
 
 @main.command()
@@ -16,8 +16,7 @@ from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, ma
 @click.option("--label", type=click.Choice(["current", "previous", "pending"]),
               help="A staging label instead (see docs/rotation.md).")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def get(ctx: Ctx, path: str, version: int | None, label: str | None, as_json: bool) -> None:
     """Print a secret's value.
 
@@ -44,8 +43,7 @@ def get(ctx: Ctx, path: str, version: int | None, label: str | None, as_json: bo
               help="Write only if the current version is this (0: only if it does not exist).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata (stored in clear).")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def set_(ctx: Ctx, path: str, value: str | None, from_stdin: bool, from_file: Any,
          cas: int | None, meta: tuple[str, ...], as_json: bool) -> None:
     """Store a new version of a secret.
@@ -84,8 +82,7 @@ def set_(ctx: Ctx, path: str, value: str | None, from_stdin: bool, from_file: An
 @main.command(name="list")
 @click.argument("prefix", default="")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def list_(ctx: Ctx, prefix: str, as_json: bool) -> None:
     """List secret paths below PREFIX (never values).
 
@@ -112,8 +109,7 @@ def list_(ctx: Ctx, prefix: str, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def versions(ctx: Ctx, path: str, as_json: bool) -> None:
     """Show a secret's versions: when, by whom, and their state.
 
@@ -137,8 +133,7 @@ def _version_command(name: str, help_text: str, needs_versions: bool) -> None:
     @click.option("--versions", "versions_text", required=needs_versions,
                   help="Comma-separated version numbers" + ("" if needs_versions else " (default: current)."))
     @json_option
-    @click.pass_obj
-    @friendly_errors
+    @remote
     def command(ctx: Ctx, path: str, versions_text: str | None, as_json: bool) -> None:
         wanted = parse_versions(versions_text)
         with ctx.client() as client:

@@ -6,13 +6,12 @@ import sys
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, friendly_errors, json_option, main, parse_duration, table
+from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_duration, remote, table
 
 
 @main.command()
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def status(ctx: Ctx, as_json: bool) -> None:
     """Seal state, key provider, keyring term and version.
 
@@ -30,8 +29,7 @@ def status(ctx: Ctx, as_json: bool) -> None:
 
 @main.command()
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def health(ctx: Ctx, as_json: bool) -> None:
     """Is the daemon ready? Exit 0 if so, 1 if not.
 
@@ -57,8 +55,7 @@ def keyring() -> None:
 
 @keyring.command(name="rotate")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def keyring_rotate(ctx: Ctx, as_json: bool) -> None:
     """Add a keyring term; new writes use it, old terms stay readable.
 
@@ -84,8 +81,7 @@ def policy() -> None:
 @click.argument("capability")
 @click.argument("path")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def policy_check(ctx: Ctx, client_name: str, capability: str, path: str, as_json: bool) -> None:
     """Say whether CLIENT may use CAPABILITY on PATH, and which rule decides.
 
@@ -115,8 +111,7 @@ def token() -> None:
 @click.option("--policy", "policies", multiple=True, required=True, help="A policy to attach (repeatable).")
 @click.option("--ttl", help="Lifetime: seconds, or 90m, 12h, 30d. Default: no expiry.")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def token_create(ctx: Ctx, client_name: str, policies: tuple[str, ...], ttl: str | None,
                  as_json: bool) -> None:
     """Create a token; it is printed once and stored only as a hash.
@@ -136,8 +131,7 @@ def token_create(ctx: Ctx, client_name: str, policies: tuple[str, ...], ttl: str
 
 @token.command(name="list")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def token_list(ctx: Ctx, as_json: bool) -> None:
     """List tokens (ids, clients, policies; never the tokens).
 
@@ -158,8 +152,7 @@ def token_list(ctx: Ctx, as_json: bool) -> None:
 @token.command(name="revoke")
 @click.argument("token_id")
 @json_option
-@click.pass_obj
-@friendly_errors
+@remote
 def token_revoke(ctx: Ctx, token_id: str, as_json: bool) -> None:
     """Revoke a token by its id (sdt_...).
 
