@@ -55,3 +55,10 @@ def test_the_client_loads_no_aiohttp_server_module() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_previous_releases_module_paths_still_import() -> None:
+    # The shared peer-bench kit (and any operator script) imports these before every run.
+    code = ("import secretsd.cli, secretsd.server, secretsd.daemon, secretsd.runtime.daemon as d\n"
+            "assert secretsd.daemon.Daemon is d.Daemon and secretsd.server.serve is not None")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
