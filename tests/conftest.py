@@ -16,7 +16,15 @@ from secretsd.runtime.config import Settings, load_settings
 from secretsd.runtime.daemon import Daemon, initialize_store
 from tests.helpers import DaemonProcess, init_store
 
-pytest_plugins = ["softhsm.pytest_plugin"]
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The SoftHSM2 fixtures come from the installed package's pytest11 entry point, as they do for our
+    # users (loading softhsm.pytest_plugin here as well would register it twice).
+    if not config.pluginmanager.has_plugin("secretsd-softhsm"):
+        raise pytest.UsageError(
+            "the secretsd-softhsm pytest plugin is not loaded: install this checkout with "
+            "pip install -e '.[test]' (and do not set PYTEST_DISABLE_PLUGIN_AUTOLOAD)"
+        )
 
 
 @pytest.fixture
