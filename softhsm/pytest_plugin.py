@@ -11,7 +11,8 @@ Installed with jarvis-secretsd and loaded by pytest through the ``pytest11`` ent
 * ``secretsd_server`` (function): a real ``secretsd serve`` process on a free loopback port, its key
   provider pkcs11 on ``softhsm_token``; attributes ``url``, ``admin_token``, ``data_dir``,
   ``config_file``, and ``seed({path: value})``.
-* ``secretsd_client`` (function): a ``secretsd.client.SecretsClient`` bound to it with the admin token.
+* ``secretsd_client`` (function): a ``secretsd.client.SecretsClient`` bound to it with the admin token;
+  ``secretsd_async_client`` an ``AsyncSecretsClient``, opened by the test with ``async with``.
 
 Options: ``--softhsm-module PATH`` (the PKCS#11 module; else ``SOFTHSM2_MODULE``, else the usual
 install paths) and ``--softhsm-keep`` (after a failed run, keep the token directory and the daemon's
@@ -52,7 +53,7 @@ import pytest
 from softhsm import PROVISION_SCRIPT
 
 if TYPE_CHECKING:
-    from secretsd.client import SecretsClient
+    from secretsd.client import AsyncSecretsClient, SecretsClient
 
 PIN_ENV = "SECRETSD_TEST_PKCS11_PIN"
 TOKEN_LABEL = "secretsd-test"  # noqa: S105 (a token's name, not a secret)
@@ -406,3 +407,15 @@ def secretsd_client(secretsd_server: SecretsdServer) -> Iterator[SecretsClient]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def secretsd_async_client(secretsd_server: SecretsdServer) -> AsyncSecretsClient:
+    """An ``AsyncSecretsClient`` bound to ``secretsd_server``, not yet connected.
+
+    Open it in the test's own event loop (``async with secretsd_async_client as client:``), which
+    also closes it: a fixture cannot know which loop, or which async plugin, the test runs under.
+    """
+    from secretsd.client import AsyncSecretsClient
+
+    return AsyncSecretsClient(secretsd_server.url, secretsd_server.admin_token)

@@ -78,6 +78,7 @@ def test_the_softhsm_kit_imports_nothing_of_secretsd_but_its_client() -> None:
 
 # -- the plugin in a downstream project -----------------------------------------------------------
 DOWNSTREAM = '''
+import asyncio
 import os
 import stat
 
@@ -95,7 +96,7 @@ def test_hsm_key(hsm_key):
     assert hsm_key.key_id == hsm_key.key_label + "/v1"
 
 
-def test_server_and_client(secretsd_server, secretsd_client):
+def test_server_and_client(secretsd_server, secretsd_client, secretsd_async_client):
     assert secretsd_server.url.startswith("http://127.0.0.1:") and secretsd_server.admin_token
     assert secretsd_server.config_file.is_file() and secretsd_server.data_dir.is_dir()
     assert not (secretsd_server.data_dir / "master.key").exists()
@@ -103,6 +104,12 @@ def test_server_and_client(secretsd_server, secretsd_client):
     assert secretsd_client.get("app/db-password")["value"] == "s3cret"
     status = secretsd_client.status()
     assert status["provider"] == "pkcs11" and status["key_id"].endswith("/v1")
+
+    async def read():
+        async with secretsd_async_client as client:
+            return (await client.get("app/api-key"))["value"]
+
+    assert asyncio.run(read()) == "k"
 '''
 
 FAILING = '''
