@@ -20,8 +20,9 @@ from secretsd.domain.values import encodable, validate_expiry
 from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
 from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
-from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionState
+from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionState, WriteResult
 from secretsd.storage import Storage
+from secretsd.storage.base import Seal
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128
@@ -139,21 +140,8 @@ class SecretsService:
             return written[-1], grace_until
 
         for _ in range(WRITE_ATTEMPTS):
-            secret = await self._storage.get_secret(path)
-            current = secret.current_version if secret else 0
-            if cas is not None and cas != current:
-                raise ConflictError(
-                    f"check-and-set failed: {path} is at version {current}, not {cas}"
-                )
-            record, grace_until = seal(secret)
             try:
-                # Without a check-and-set, the storage seals again inside its transaction if another
-                # write got there first (``reseal``): unconditional writes never answer 409.
-                result = await self._storage.write_version(
-                    record, expected_current=current, metadata=clean_meta,
-                    max_versions=self._max_versions, grace_until=grace_until,
-                    reseal=seal if cas is None else None,
-                )
+                result = await self._write(path, seal, cas, clean_meta)
             except ConflictError:
                 if cas is not None:
                     raise
@@ -163,6 +151,22 @@ class SecretsService:
             self._emit("secret.write", who, path, record.version)
             return record
         raise ConflictError(f"{path} is being written concurrently; try again")
+
+    async def _write(
+        self, path: str, seal: Seal, cas: int | None, metadata: Mapping[str, Any] | None
+    ) -> WriteResult:
+        if cas is None:
+            # Sealed inside the write transaction for the number it gets: no read first, and
+            # unconditional writers of one path never answer 409.
+            return await self._storage.write_unconditional(path, seal, metadata=metadata,
+                                                           max_versions=self._max_versions)
+        secret = await self._storage.get_secret(path)
+        current = secret.current_version if secret else 0
+        if cas != current:
+            raise ConflictError(f"check-and-set failed: {path} is at version {current}, not {cas}")
+        record, grace_until = seal(secret)
+        return await self._storage.write_version(record, expected_current=current, metadata=metadata,
+                                                 max_versions=self._max_versions, grace_until=grace_until)
 
     async def get(self, who: Principal, path: str, version: int | None = None, *, label: str | None = None,
                   privileged: bool = False, may_read_pending: bool = False) -> SecretValue:

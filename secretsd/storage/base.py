@@ -27,9 +27,9 @@ __all__ = [
     "VersionState", "WriteResult",
 ]
 
-#: Seals an unconditional write again for the secret as the transaction found it (None: no such
-#: secret): returns the version record to write (numbered ``latest_version + 1``) and its grace end.
-Reseal = Callable[[SecretRecord | None], tuple[VersionRecord, datetime | None]]
+#: Seals an unconditional write for the secret as its transaction locked it (None: no such secret):
+#: returns the version record to write (numbered ``latest_version + 1``) and the old current's grace end.
+Seal = Callable[[SecretRecord | None], tuple[VersionRecord, datetime | None]]
 
 #: Decides, inside the revoking transaction, whether a revocation may go ahead (raise to refuse).
 RevokeGuard = Callable[[TokenRecord, Sequence[TokenRecord], datetime], None]
@@ -159,20 +159,26 @@ class Storage(Protocol):
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
-        reseal: Reseal | None = None,
     ) -> WriteResult:
         """Append ``record`` as the newest version and make it current, atomically and durably.
 
         ``expected_current`` is the current version the caller sealed against (0: the secret
         must not exist); any other current version, or a ``record.version`` other than the
-        secret's ``latest_version + 1``, raises ``ConflictError`` and writes nothing, unless
-        ``reseal`` is given (an unconditional write): then, inside the transaction, it is called
-        with the secret as stored and its record and grace end are written instead.
+        secret's ``latest_version + 1``, raises ``ConflictError`` and writes nothing.
         ``metadata`` replaces the secret's metadata unless None. The old current version becomes
         ``previous_version``; with ``grace_until`` it also gets that grace end. Versions beyond
         the newest ``max_versions`` are removed, except the previous and pending ones and any in
         grace, and the sealing term's encryption count grows by one.
         """
+        ...
+
+    async def write_unconditional(
+        self, path: str, seal: Seal, *, metadata: Mapping[str, Any] | None, max_versions: int,
+    ) -> WriteResult:
+        """A write without check-and-set: inside the transaction, ``seal`` is called with the secret
+        as stored (None if there is none) and its record is written as by ``write_version``. Writers
+        of one path never conflict: each is sealed for the number it gets. (Two creators of a new
+        secret may still meet the primary key on PostgreSQL: ``ConflictError``, try again.)"""
         ...
 
     async def read_version(

@@ -48,9 +48,9 @@ from secretsd.storage.base import (
     KEYRING_CHANNEL,
     TOKENS_CHANNEL,
     KeyringTerm,
-    Reseal,
     RevokeGuard,
     RotationStatus,
+    Seal,
     SecretRecord,
     TokenRecord,
     VersionInfo,
@@ -322,20 +322,36 @@ def replace_keyring_wrappings(
 
 def write_version(
     record: VersionRecord, *, expected_current: int, metadata: Mapping[str, Any] | None, max_versions: int,
-    grace_until: datetime | None, reseal: Reseal | None = None,
+    grace_until: datetime | None,
 ) -> Plan[WriteResult]:
     if max_versions < 1:
         raise ValueError("max_versions must be at least 1")
-    path = record.path
+    secret: SecretRecord | None = yield Op("lock_secret", (record.path,))
+    check_and_set(record.path, secret, expected_current, record.version)
+    return (yield from _write_next(secret, record, metadata, max_versions, grace_until))
+
+
+def write_unconditional(
+    path: str, seal: Seal, *, metadata: Mapping[str, Any] | None, max_versions: int,
+) -> Plan[WriteResult]:
+    """A write without check-and-set: ``seal`` makes its record here, against the secret as this
+    transaction locked it, so it is never a conflict and costs its caller no read before."""
+    if max_versions < 1:
+        raise ValueError("max_versions must be at least 1")
     secret: SecretRecord | None = yield Op("lock_secret", (path,))
-    if reseal is not None and not is_next_version(secret, expected_current, record.version):
-        # An unconditional write that another one overtook: sealed again, here, for the number it
-        # now gets, rather than answered with a conflict its caller never asked to be checked.
-        record, grace_until = reseal(secret)
-        expected_current = secret.current_version if secret else 0
-        if record.path != path:
-            raise ValueError("reseal must keep the path")
-    check_and_set(path, secret, expected_current, record.version)
+    record, grace_until = seal(secret)
+    if record.path != path:
+        raise ValueError("seal must keep the path")
+    check_and_set(path, secret, secret.current_version if secret else 0, record.version)
+    return (yield from _write_next(secret, record, metadata, max_versions, grace_until))
+
+
+def _write_next(
+    secret: SecretRecord | None, record: VersionRecord, metadata: Mapping[str, Any] | None, max_versions: int,
+    grace_until: datetime | None,
+) -> Plan[WriteResult]:
+    """Append ``record`` (already checked to be the next version) and make it current."""
+    path = record.path
     meta_json = codec.metadata_to_json(metadata) if metadata is not None else None
     if secret is None:
         # No row to lock yet: of concurrent creators the primary key lets one insert; the others

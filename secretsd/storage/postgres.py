@@ -70,9 +70,9 @@ from secretsd.storage.base import (
     ChangeSubscription,
     ExportRow,
     KeyringTerm,
-    Reseal,
     RevokeGuard,
     RotationStatus,
+    Seal,
     SecretRecord,
     Storage,
     TokenRecord,
@@ -415,14 +415,19 @@ class PostgresStorage:
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
-        reseal: Reseal | None = None,
     ) -> WriteResult:
         # The row lock (lock_secret: FOR UPDATE) makes concurrent writers of one path, on any
         # replica, take turns; READ COMMITTED then shows each the version its predecessor committed.
         return await self._plan(lambda: engine.write_version(
             record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
-            grace_until=grace_until, reseal=reseal,
+            grace_until=grace_until,
         ))
+
+    async def write_unconditional(
+        self, path: str, seal: Seal, *, metadata: Mapping[str, Any] | None, max_versions: int,
+    ) -> WriteResult:
+        return await self._plan(lambda: engine.write_unconditional(
+            path, seal, metadata=metadata, max_versions=max_versions))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
         return await self._plan(lambda: engine.create_pending(record, expected_current=expected_current))

@@ -34,9 +34,9 @@ from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
     ExportRow,
     KeyringTerm,
-    Reseal,
     RevokeGuard,
     RotationStatus,
+    Seal,
     SecretRecord,
     TokenRecord,
     VersionInfo,
@@ -390,12 +390,16 @@ class SQLiteStorage:
         metadata: Mapping[str, Any] | None,
         max_versions: int,
         grace_until: datetime | None = None,
-        reseal: Reseal | None = None,
     ) -> WriteResult:
         return await self._plan(engine.write_version(
             record, expected_current=expected_current, metadata=metadata, max_versions=max_versions,
-            grace_until=grace_until, reseal=reseal,
+            grace_until=grace_until,
         ))
+
+    async def write_unconditional(
+        self, path: str, seal: Seal, *, metadata: Mapping[str, Any] | None, max_versions: int,
+    ) -> WriteResult:
+        return await self._plan(engine.write_unconditional(path, seal, metadata=metadata, max_versions=max_versions))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
         return await self._plan(engine.create_pending(record, expected_current=expected_current))

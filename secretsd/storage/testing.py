@@ -254,41 +254,46 @@ class StorageConformance(CopyConformance):
         assert sum(not isinstance(r, BaseException) for r in results) == 1
         assert all(isinstance(r, ConflictError) for r in results if isinstance(r, BaseException))
 
-    async def test_reseal_makes_a_stale_unconditional_write_the_next_version(self, storage: Storage) -> None:
+    async def test_write_unconditional_seals_inside_the_transaction_for_the_next_number(
+            self, storage: Storage) -> None:
         await initialized(storage)
-        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
         seen: list[SecretRecord | None] = []
 
-        def reseal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
+        def seal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
             seen.append(secret)
-            assert secret is not None
-            return version("p", secret.latest_version + 1, ct=b"r"), T0 + timedelta(days=1)
+            n = (secret.latest_version if secret else 0) + 1
+            return version("p", n, ct=bytes([96 + n])), T0 + timedelta(days=1)
 
-        # Sealed against "no secret yet", as a writer that lost the race to create it would have.
-        result = await storage.write_version(version("p", 1, ct=b"s"), expected_current=0, metadata=None,
-                                             max_versions=10, reseal=reseal)
-        assert [s.current_version if s else None for s in seen] == [1]
-        assert result.secret.current_version == 2 and result.secret.previous_version == 1
+        first = await storage.write_unconditional("p", seal, metadata={"o": "x"}, max_versions=10)
+        assert seen == [None] and first.secret.current_version == 1 and first.secret.metadata == {"o": "x"}
+        second = await storage.write_unconditional("p", seal, metadata=None, max_versions=10)
+        assert [s.current_version if s else None for s in seen] == [None, 1]
+        assert second.secret.current_version == 2 and second.secret.previous_version == 1
+        assert second.secret.metadata == {"o": "x"} and second.term_encryptions == 2
         stored = await storage.get_version("p", None)
-        assert stored is not None and stored.version == 2 and stored.ciphertext == b"r" * 20
+        assert stored is not None and stored.version == 2 and stored.ciphertext == bytes([98]) * 20
         older = await storage.get_version("p", 1)
         assert older is not None and older.grace_until == T0 + timedelta(days=1)
-        # A write that is already the next version is written as sealed: reseal is not asked.
-        await storage.write_version(version("p", 3), expected_current=2, metadata=None, max_versions=10,
-                                    reseal=reseal)
-        assert len(seen) == 1
 
-    async def test_concurrent_unconditional_writers_all_win_with_reseal(self, storage: Storage) -> None:
+    async def test_write_unconditional_refuses_a_record_that_is_not_the_next_version(
+            self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("p", 1), expected_current=0, metadata=None, max_versions=10)
+        with pytest.raises(ConflictError):
+            await storage.write_unconditional("p", lambda s: (version("p", 1), None), metadata=None,
+                                              max_versions=10)
+        assert [v.version for v in await storage.list_versions("p")] == [1]
+
+    async def test_concurrent_unconditional_writers_all_win(self, storage: Storage) -> None:
         await initialized(storage)
         await storage.write_version(version("hot", 1), expected_current=0, metadata=None, max_versions=100)
 
-        def reseal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
+        def seal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
             assert secret is not None
             return version("hot", secret.latest_version + 1), None
 
         results = await asyncio.gather(*[
-            storage.write_version(version("hot", 2), expected_current=1, metadata=None, max_versions=100,
-                                  reseal=reseal) for _ in range(8)])
+            storage.write_unconditional("hot", seal, metadata=None, max_versions=100) for _ in range(8)])
         assert sorted(r.secret.current_version for r in results) == list(range(2, 10))
         assert [v.version for v in await storage.list_versions("hot")] == list(range(1, 10))
 
