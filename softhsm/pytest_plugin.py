@@ -11,6 +11,8 @@ Installed with jarvis-secretsd and loaded by pytest through the ``pytest11`` ent
 * ``secretsd_server`` (function): a real ``secretsd serve`` process on a free loopback port, its key
   provider pkcs11 on ``softhsm_token``; attributes ``url``, ``admin_token``, ``data_dir``,
   ``config_file``, and ``seed({path: value})``.
+* ``postgres_server`` (session): a throwaway PostgreSQL server (``softhsm.postgres``), started only in a
+  session that asks for it; ``fresh_database(server)`` gives each test an empty database.
 * ``secretsd_client`` (function): a ``secretsd.client.SecretsClient`` bound to it with the admin token;
   ``secretsd_async_client`` an ``AsyncSecretsClient``, opened by the test with ``async with``.
 
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from softhsm import PROVISION_SCRIPT
+from softhsm.postgres import postgres_server  # noqa: F401 (registers the opt-in fixture: a server starts only if asked for)
 
 if TYPE_CHECKING:
     from secretsd.client import AsyncSecretsClient, SecretsClient

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from softhsm.postgres import _unavailable, find_bindir
 from softhsm.pytest_plugin import SoftHSMToken
 from tests.test_layering import lint_imports
 
@@ -189,3 +190,33 @@ def test_keep_on_failure_keeps_the_token_and_the_daemon_data_and_shows_the_daemo
     assert plain.returncode == 1 and " kept " not in plain.stderr, plain.stdout + plain.stderr
     conf = Path(printed("CONF", plain.stdout))
     assert conf.name == "softhsm2.conf" and not conf.parent.exists(), "without --softhsm-keep nothing is left behind"
+
+
+DOWNSTREAM_POSTGRES = '''
+import asyncio
+
+import asyncpg
+
+from softhsm.postgres import fresh_database
+
+
+def test_a_fresh_database(postgres_server):
+    async def check():
+        async with fresh_database(postgres_server) as name:
+            conn = await asyncpg.connect(postgres_server.dsn(name))
+            try:
+                return await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            finally:
+                await conn.close()
+
+    assert asyncio.run(check()) == 0
+'''
+
+
+@pytest.mark.e2e
+def test_a_downstream_suite_gets_the_postgres_fixture_from_the_same_plugin(tmp_path: Path) -> None:
+    if find_bindir() is None:
+        _unavailable("initdb/pg_ctl were not found")  # a skip locally, a failure under CI
+    result = run_downstream(tmp_path / "project", DOWNSTREAM_POSTGRES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, result.stdout
