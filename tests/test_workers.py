@@ -57,3 +57,31 @@ def test_workers_that_cannot_start_make_the_supervisor_fail(tmp_path: Path) -> N
                          timeout=60)
     assert result.returncode == 1
     assert "cannot listen on" in result.stderr
+
+
+def test_workers_auto_is_one_per_cpu_of_the_affinity_mask() -> None:
+    import os
+
+    import click
+
+    from secretsd.cli.local import WorkerCount
+
+    assert WorkerCount().convert("auto", None, None) == min(len(os.sched_getaffinity(0)), 64)
+    assert WorkerCount().convert("3", None, None) == 3
+    for bad in ("0", "65", "many", ""):
+        with pytest.raises(click.BadParameter):
+            WorkerCount().convert(bad, None, None)
+
+
+def test_workers_auto_follows_taskset(tmp_path: Path) -> None:
+    # Pinned to one CPU, 'auto' is one worker: serve runs as a single process (no supervisor).
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    code = "import os; from secretsd.cli.local import WorkerCount; print(WorkerCount().convert('auto', None, None))"
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "1"

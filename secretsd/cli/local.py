@@ -60,14 +60,36 @@ def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Pat
     return result.admin_token
 
 
+class WorkerCount(click.ParamType[int]):
+    """1..64, or ``auto``: the CPUs this process may run on (its affinity mask, as taskset or a
+    container's cpuset leaves it), at most 64."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            count = value
+        elif str(value).strip().lower() == "auto":
+            count = min(len(os.sched_getaffinity(0)), 64)
+        else:
+            try:
+                count = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a number of workers (1 to 64) or 'auto'", param, ctx)
+        if not 1 <= count <= 64:
+            self.fail(f"{count} is not from 1 to 64", param, ctx)
+        return count
+
+
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8750).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--dev", is_flag=True,
               help="Development mode: initialise a local store on first run and print its admin token.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Processes sharing the listening port (each with its own audit chain <chain>-wN).")
+@click.option("--workers", type=WorkerCount(), default="1", show_default=True,
+              help="Processes sharing the listening port (each with its own audit chain <chain>-wN); "
+                   "'auto': one per CPU this process may run on.")
 @click.option("--worker", "worker_index", type=int, hidden=True)
 @friendly_errors
 def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, dev: bool, workers: int,
