@@ -1,0 +1,1 @@
+"""The billing service (an example): its settings come from secretsd."""
