@@ -85,3 +85,19 @@ def test_workers_auto_follows_taskset(tmp_path: Path) -> None:
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "1"
+
+
+def test_the_workers_supervisor_loads_no_server_stack() -> None:
+    # serve --workers N: the supervisor reads the settings and starts children; it imports neither
+    # aiohttp nor the storage, crypto or metrics stacks, so it stays small and the workers start sooner.
+    import subprocess
+    import sys
+
+    code = ("import sys, secretsd.cli.local, secretsd.runtime.config, secretsd.runtime.logs, "
+            "secretsd.runtime.process_hardening, secretsd.runtime.workers\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'aiohttp', 'cryptography', 'prometheus_client', 'pkcs11'}), "
+            "sorted(m for m in sys.modules if m.startswith(('secretsd.storage', 'secretsd.custody', "
+            "'secretsd.runtime.server'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[] []", out.stdout

@@ -105,7 +105,6 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     from secretsd.runtime.config import load_settings
     from secretsd.runtime.logs import configure_logging
     from secretsd.runtime.process_hardening import harden_process
-    from secretsd.runtime.server import serve as run_server
 
     # SIGHUP means "reload policies"; until the daemon's handler is installed it must not mean
     # "terminate" (secretsd.cli ignores it even earlier, when the command line says serve).
@@ -141,5 +140,9 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
         if banner:
             click.echo(banner)
         sys.exit(supervise(args, workers, settings.audit.chain))
+    # Only a serving process imports the server (aiohttp and the rest): the --workers supervisor
+    # stays small, and its children start sooner.
+    from secretsd.runtime.server import serve as run_server
+
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index))

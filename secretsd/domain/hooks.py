@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from secretsd.addresses import is_loopback
@@ -149,6 +148,10 @@ class Hook:
             raise HookFailed(f"hook {self.name!r} step {step!r} exited with status {proc.returncode}")
 
     async def _post(self, step: str, call: HookCall, url: str) -> None:
+        # Imported here: the settings (and every CLI command that reads them) must not pay for
+        # aiohttp, and only a daemon with a URL hook ever posts.
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
