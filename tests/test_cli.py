@@ -58,8 +58,8 @@ def test_set_and_get_every_way(cli, tmp_path: Path) -> None:  # type: ignore[no-
     f = tmp_path / "v.txt"
     f.write_text("from-file\nline2")
     assert cli("set", "app/a", "--file", str(f)).returncode == 0
-    assert cli("get", "app/a").stdout == "from-file\nline2\n"
-    assert cli("get", "app/a", "--version", "2").stdout == "from-stdin\n"
+    assert cli("get", "app/a").stdout == "from-file\nline2"  # the stored bytes, nothing added
+    assert cli("get", "app/a", "--version", "2").stdout == "from-stdin"
     doc = json.loads(cli("get", "app/a", "--json").stdout)
     assert doc["value"] == "from-file\nline2" and doc["version"] == 3
     doc = json.loads(cli("set", "app/b", "x", "--meta", "owner=me", "--cas", "0", "--json").stdout)
@@ -83,7 +83,7 @@ def test_list_versions_delete_undelete_destroy(cli) -> None:  # type: ignore[no-
     assert cli("delete", "svc/db").stdout.strip() == "svc/db: deleted version(s) 3"
     assert "deleted" in one_line_error(cli("get", "svc/db"), 3)
     assert cli("undelete", "svc/db", "--versions", "3").returncode == 0
-    assert cli("get", "svc/db").stdout == "v2\n"
+    assert cli("get", "svc/db").stdout == "v2"
     assert json.loads(cli("destroy", "svc/db", "--versions", "1,2", "--json").stdout)["destroyed"] == [1, 2]
     assert "destroyed" in one_line_error(cli("get", "svc/db", "--version", "1"), 3)
     assert cli("undelete", "svc/db").returncode == 2  # --versions is required

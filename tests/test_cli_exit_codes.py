@@ -67,7 +67,7 @@ def test_exit_code_follows_the_problem_status_of_each_error() -> None:
 
 def test_success_is_0(daemon: dict[str, str]) -> None:
     result = invoke("get", "app/k", env=as_admin(daemon))
-    assert result.exit_code == 0 and result.stdout == "v1\n"
+    assert result.exit_code == 0 and result.stdout == "v1"
 
 
 def test_usage_is_2(daemon: dict[str, str]) -> None:
@@ -102,7 +102,7 @@ def test_unauthenticated_or_denied_is_4(daemon: dict[str, str]) -> None:
     assert invoke("get", "app/k", env=reader).exit_code == 0
     error_line(invoke("get", "other/k", env=reader), Exit.DENIED)  # no rule: denied, not "not found"
     error_line(invoke("set", "app/k", "v2", env=reader), Exit.DENIED)
-    assert invoke("get", "app/k", env=env).stdout == "v1\n"  # the refused write changed nothing
+    assert invoke("get", "app/k", env=env).stdout == "v1"  # the refused write changed nothing
 
 
 def test_unreachable_is_5() -> None:
@@ -124,7 +124,7 @@ def test_sealed_daemon_is_5(tmp_path: Path) -> None:
 def test_conflict_is_6(daemon: dict[str, str]) -> None:
     env = as_admin(daemon)
     assert "check-and-set" in error_line(invoke("set", "app/k", "v2", "--cas", "0", env=env), Exit.CONFLICT)
-    assert invoke("get", "app/k", env=env).stdout == "v1\n"
+    assert invoke("get", "app/k", env=env).stdout == "v1"
 
 
 def test_a_malformed_request_the_daemon_refuses_is_1(daemon: dict[str, str]) -> None:
@@ -134,7 +134,7 @@ def test_a_malformed_request_the_daemon_refuses_is_1(daemon: dict[str, str]) -> 
 def test_addr_and_token_are_accepted_after_the_subcommand(daemon: dict[str, str]) -> None:
     dead = {"SECRETSD_ADDR": f"http://127.0.0.1:{free_port()}", "SECRETSD_TOKEN": "sdt_bogus"}
     result = invoke("get", "app/k", "--addr", daemon["url"], "--token", daemon["admin"], env=dead)
-    assert result.exit_code == 0 and result.stdout == "v1\n"
+    assert result.exit_code == 0 and result.stdout == "v1"
     # After the subcommand wins over before it, and over the environment.
     result = invoke("--addr", dead["SECRETSD_ADDR"], "token", "list", "--addr", daemon["url"], "--json",
                     "--token", daemon["admin"], env={})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
@@ -86,6 +89,24 @@ def remote(fn: F) -> F:
     for option in reversed(_CONNECTION_OPTIONS):
         command = option(command)
     return cast(F, command)
+
+
+def write_private(target: Path, data: bytes) -> None:
+    """Write ``data`` to a new 0600 file next to ``target``, then rename it over ``target``: a
+    secret never sits in a file others can read, not even for a moment, nor in a half-written one."""
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)  # created 0600
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def emit_json(data: Any) -> None:

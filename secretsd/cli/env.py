@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -20,7 +19,7 @@ from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, remote, table
+from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, remote, table, write_private
 from secretsd.client import SecretsClient
 from secretsd.client.operations import children
 from secretsd.errors import ConflictError, NotFoundError, SecretsdError
@@ -196,7 +195,7 @@ def export_env(ctx: Ctx, prefix: str, output: Path | None, as_json: bool) -> Non
     if output is None:
         click.echo(text, nl=False)
     else:
-        _write_private(output, text)
+        write_private(output, text.encode("utf-8"))
     summary = {"prefix": prefix, "file": None if output is None else str(output),
                "names": list(values), "left_out_deleted": missing}
     if as_json and output is not None:
@@ -205,23 +204,6 @@ def export_env(ctx: Ctx, prefix: str, output: Path | None, as_json: bool) -> Non
         click.echo(f"wrote {len(values)} secret(s) to {output} (mode 0600)")
     for path in missing:
         click.echo(f"note: {path} left out: its current version is deleted", err=True)
-
-
-def _write_private(target: Path, text: str) -> None:
-    """Write ``text`` to a new 0600 file next to ``target``, then rename it over ``target``."""
-    directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)  # created 0600
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _mapping(items: tuple[str, ...]) -> dict[str, str]:

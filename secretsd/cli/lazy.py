@@ -27,7 +27,7 @@ _P = "secretsd.cli."
 COMMANDS: dict[str, LazyCommand] = {
     "init": LazyCommand((_P + "local",), "Create a store and print its admin token, once."),
     "serve": LazyCommand((_P + "local",), "Run the daemon."),
-    "get": LazyCommand((_P + "secrets",), "Print a secret's value."),
+    "get": LazyCommand((_P + "secrets",), "Print a secret's value: its stored bytes and nothing else."),
     "set": LazyCommand((_P + "secrets",), "Store a new version of a secret."),
     "list": LazyCommand((_P + "secrets",), "List secret paths below PREFIX (never values)."),
     "versions": LazyCommand((_P + "secrets",), "Show a secret's versions: when, by whom, and their state."),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_versions, remote, table
+from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_versions, remote, table, write_private
 
 
 @main.command()
@@ -15,23 +16,37 @@ from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_version
 @click.option("--version", "version", type=click.IntRange(min=1), help="A specific version.")
 @click.option("--label", type=click.Choice(["current", "previous", "pending"]),
               help="A staging label instead (see docs/rotation.md).")
+@click.option("--newline", is_flag=True, help="Add a newline after the value (for reading it on a terminal).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the value to this file (mode 0600, replaced atomically) instead of standard output.")
 @json_option
 @remote
-def get(ctx: Ctx, path: str, version: int | None, label: str | None, as_json: bool) -> None:
-    """Print a secret's value.
+def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bool, output: Path | None,
+        as_json: bool) -> None:
+    """Print a secret's value: its stored bytes and nothing else.
+
+    No newline is added (so 'get > key.pem' is the stored file); --newline adds one.
 
     \b
     Example:
       secretsd get app/db-password
+      secretsd get app/tls-key -o key.pem
       secretsd get app/db-password --version 2 --json
       secretsd get app/db-password --label previous
     """
     with ctx.client() as client:
         data = client.get(path, version, label=label)
-    if as_json:
+    value = str(data["value"]).encode("utf-8") + (b"\n" if newline else b"")
+    if output is not None:
+        write_private(output, value)
+        if as_json:
+            emit_json({k: v for k, v in data.items() if k != "value"} | {"file": str(output)})
+    elif as_json:
         emit_json(data)
     else:
-        click.echo(data["value"])
+        sys.stdout.flush()
+        sys.stdout.buffer.write(value)
+        sys.stdout.buffer.flush()
 
 
 @main.command(name="set")
