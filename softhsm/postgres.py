@@ -83,6 +83,7 @@ def find_bindir() -> Path | None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -132,6 +133,7 @@ class PostgresServer:
 
     @classmethod
     def start(cls, bindir: Path) -> PostgresServer:
+        """initdb and pg_ctl start in a new temporary directory (as the ``postgres`` user when run as root)."""
         began = time.monotonic()
         root = Path(tempfile.mkdtemp(prefix="secretsd-pg-"))  # mode 0700
         server = cls(bindir=bindir, root=root)
@@ -196,6 +198,7 @@ class PostgresServer:
         return " ".join(f"-c {key}={value}" for key, value in settings.items())
 
     def stop(self) -> None:
+        """``pg_ctl stop -m immediate`` and remove the directory."""
         try:
             if (self.data / "postmaster.pid").exists():
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
@@ -229,6 +232,9 @@ def start_or_skip() -> PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway server for the session, started only if a test asks for it.
+
+    Skips without PostgreSQL (fails under CI)."""
     server = start_or_skip()
     try:
         yield server

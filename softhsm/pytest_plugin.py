@@ -134,6 +134,7 @@ def find_module(option: str | None = None) -> str | None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--softhsm-module`` and ``--softhsm-keep``."""
     group = parser.getgroup("secretsd-softhsm", "SoftHSM2 token and secretsd daemon fixtures")
     group.addoption("--softhsm-module", metavar="PATH", default=None,
                     help="the SoftHSM2 PKCS#11 module (default: $SOFTHSM2_MODULE, else the usual install paths)")
@@ -142,6 +143,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Point ``SOFTHSM2_CONF`` at a private directory before any test can load the library."""
     home = Path(tempfile.mkdtemp(prefix="secretsd-softhsm-"))  # mode 0700
     config.stash[_HOME] = home
     config.stash[_PREVIOUS_CONF] = os.environ.get("SOFTHSM2_CONF")
@@ -156,10 +158,12 @@ def _keep(config: pytest.Config) -> bool:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remember the session, so that ``pytest_unconfigure`` knows whether the run failed."""
     session.config.stash[_SESSION] = session
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Restore ``SOFTHSM2_CONF``; remove the token and daemon directories, or keep them (``--softhsm-keep``)."""
     if _HOME not in config.stash:
         return
     previous = config.stash[_PREVIOUS_CONF]
@@ -182,7 +186,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    # Each phase's report, so a fixture's teardown can tell whether its test failed.
+    """Keep each phase's report on the item, so that a fixture's teardown can tell whether its test failed."""
     report = yield
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     return report
@@ -194,6 +198,9 @@ def _failed(node: pytest.Item) -> bool:
 
 @pytest.fixture(scope="session")
 def softhsm_token(pytestconfig: pytest.Config) -> Iterator[SoftHSMToken]:
+    """A fresh SoftHSM2 token for the session, its user PIN also in ``PIN_ENV``.
+
+    Skips without SoftHSM2 (fails under CI)."""
     option = pytestconfig.getoption("--softhsm-module")
     module = find_module(option)
     if module is None:
@@ -258,6 +265,7 @@ def make_softhsm_kek(softhsm_token: SoftHSMToken) -> Callable[..., SoftHSMKek]:
 
 @pytest.fixture
 def softhsm_kek(make_softhsm_kek: Callable[..., SoftHSMKek]) -> SoftHSMKek:
+    """One AES-GCM KEK with a unique label in ``softhsm_token``."""
     return make_softhsm_kek()
 
 
@@ -325,6 +333,7 @@ class SecretsdServer:
                 response.read()
 
     def logs(self) -> str:
+        """Everything the daemon has written to its log so far."""
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def stop(self) -> int:

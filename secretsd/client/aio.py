@@ -55,6 +55,7 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         return self._session
 
     async def close(self) -> None:
+        """Close the aiohttp session (a later call opens a new one)."""
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -93,6 +93,7 @@ class Operations(ABC, Generic[R]):
         """Send ``call``, retrying per the retry policy; return the decoded response."""
 
     def get(self, path: str, version: int | None = None, *, label: str | None = None) -> R:
+        """Read a secret: the current version, or ``version``, or the one ``label`` (``previous``...) names."""
         return self.call(calls.get_secret(path, version, label))
 
     def rotate(self, path: str, value: str | None = None) -> R:
@@ -104,49 +105,66 @@ class Operations(ABC, Generic[R]):
         return self.call(calls.set_rotation(path, policy))
 
     def rotation_status(self, prefix: str = "") -> R:
+        """Rotation policy, last rotation and next due time of each secret under ``prefix``."""
         return self.call(calls.rotation_status(prefix))
 
     def put(self, path: str, value: str, *, cas: int | None = None,
             metadata: dict[str, str] | None = None) -> R:
+        """Write ``value`` as a new version. ``cas``: only if the current version is that number (0: only
+        if the path is new); then the call is also safe to retry. ``metadata`` (stored in clear) replaces the
+        secret's metadata."""
         return self.call(calls.put_secret(path, value, cas, metadata))
 
     def list_secrets(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
+        """One page of the paths under ``prefix``, in order, starting after ``after``; never values."""
         return self.call(calls.list_secrets(prefix, after, limit))
 
     def metadata(self, path: str) -> R:
+        """The versions of ``path`` (numbers, times, states) and its metadata; never values."""
         return self.call(calls.metadata(path))
 
     def delete(self, path: str, versions: list[int] | None = None) -> R:
+        """Soft-delete the current version, or the listed ``versions``; ``undelete`` brings them back."""
         return self.call(calls.delete_secret(path, versions))
 
     def undelete(self, path: str, versions: list[int]) -> R:
+        """Restore soft-deleted ``versions`` of ``path``."""
         return self.call(calls.version_action(path, "undelete", versions))
 
     def destroy(self, path: str, versions: list[int]) -> R:
+        """Erase the ciphertext of ``versions`` for good (the metadata stays). Cannot be undone."""
         return self.call(calls.version_action(path, "destroy", versions))
 
     def status(self) -> R:
+        """The daemon's state (``/v1/sys/status``): sealed or not, its key provider and key id, and more."""
         return self.call(calls.status())
 
     def health(self) -> R:
+        """Readiness (``/readyz``): answers, instead of raising, when the daemon is sealed."""
         return self.call(calls.health())
 
     def rotate_keyring(self) -> R:
+        """Add a keyring term: new secret versions are encrypted under a new data key."""
         return self.call(calls.rotate_keyring())
 
     def policy_check(self, client: str, capability: str, path: str) -> R:
+        """Would ``client`` be allowed ``capability`` on ``path``, and which rule decides."""
         return self.call(calls.policy_check(client, capability, path))
 
     def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None) -> R:
+        """Issue a token for ``client`` holding ``policies``; the token is in the answer, once."""
         return self.call(calls.create_token(client, policies, ttl_seconds))
 
     def list_tokens(self) -> R:
+        """The tokens (ids, clients, policies, times), never the tokens themselves."""
         return self.call(calls.list_tokens())
 
     def revoke_token(self, token_id: str) -> R:
+        """Revoke the token with id ``token_id``: it is refused from then on."""
         return self.call(calls.revoke_token(token_id))
 
     def whoami(self) -> R:
+        """The client name, policies and authentication method of the token this client sends."""
         return self.call(calls.whoami())
 
 

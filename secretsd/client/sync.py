@@ -48,6 +48,7 @@ class SecretsClient(Operations[dict[str, Any]]):
         return self._conn
 
     def close(self) -> None:
+        """Close the keep-alive connection (a later call opens a new one)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
