@@ -6,6 +6,9 @@ jarvis-secretsd.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -51,3 +54,11 @@ def test_the_master_key_is_in_the_token(daemon: Any, softhsm_token: Any) -> None
     assert 'kind = "pkcs11"' in daemon.config_file.read_text()
     assert softhsm_token.label in daemon.config_file.read_text()
     assert not (daemon.data_dir / "master.key").exists()
+
+
+def test_hsm_doctor_passes_on_the_daemons_token(daemon: Any) -> None:
+    # What an operator runs: the HSM commands work from a plain `pip install jarvis-secretsd`.
+    result = subprocess.run([sys.executable, "-m", "secretsd", "hsm", "doctor", "--config", str(daemon.config_file),  # noqa: S603
+                             "--json"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(check["status"] != "fail" for check in json.loads(result.stdout))
