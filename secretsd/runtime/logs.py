@@ -74,7 +74,12 @@ def access_log(level: str = "INFO", fmt: str = "console", stream: TextIO | None 
     the logging machinery (``secretsd.api.access_log``); none at all when INFO is not logged."""
     if logging.getLevelName(level.upper()) > logging.INFO:
         return no_access_log
-    return StreamAccessLog(stream or sys.stderr, json_line if fmt == "json" else console_line)
+    stream = stream or sys.stderr
+    if stream is None:
+        # Started with stderr closed (``serve 2>&-``): Python has no sys.stderr, and logging drops
+        # its lines then; so do we, rather than fail every request after its answer was decided.
+        return no_access_log
+    return StreamAccessLog(stream, json_line if fmt == "json" else console_line)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
