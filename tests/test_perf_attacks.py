@@ -30,7 +30,7 @@ from secretsd.runtime.logs import access_log, console_line, json_line
 from secretsd.storage.base import Seal
 from secretsd.storage.sqlite import SQLiteStorage
 from secretsd.storage.testing import T0, initialized, version
-from tests.conftest import make_settings, running
+from tests.conftest import Api, make_settings, running
 from tests.helpers import free_port, http, init_store
 from tests.postgres_fixture import PostgresServer, fresh_database, start_or_skip
 from tests.test_storage_group_commit import _hold_the_writer
@@ -285,3 +285,22 @@ def test_no_stderr_means_no_request_lines(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(sys, "stderr", None)
     write = access_log("INFO", "console")
     write("GET", "/healthz", 200, 0.001, "r-1", None)  # must not raise
+
+
+# -- request ids -------------------------------------------------------------------------------------
+
+
+async def test_a_caller_cannot_claim_the_shape_of_a_fresh_request_id(api: Api) -> None:
+    """Fresh ids are a prefix every answer shows and a counter: a caller who could send the next one
+    would share its records with the next caller's (audit correlation poisoned, even unauthenticated)."""
+    seen = (await api.client.get("/v1/auth/whoami", headers=api.auth())).headers["X-Request-Id"]
+    prefix, counter = seen[:16], int(seen[16:], 16)
+    claimed = [f"{prefix}{counter + k:012x}" for k in (1, 2)]
+    attacker = [(await api.client.get("/v1/auth/whoami", headers={"X-Request-Id": c})).headers["X-Request-Id"]
+                for c in claimed]
+    victim = (await api.client.get("/v1/auth/whoami", headers=api.auth())).headers["X-Request-Id"]
+    ids = [seen, *attacker, victim]
+    assert len(set(ids)) == len(ids), f"two requests share an id: {ids}"
+    # Ids of any other shape are still the caller's to choose (tracing through a proxy).
+    other = (await api.client.get("/v1/auth/whoami", headers={**api.auth(), "X-Request-Id": "trace-abc"}))
+    assert other.headers["X-Request-Id"] == "trace-abc"

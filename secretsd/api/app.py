@@ -33,6 +33,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The shape of ``_RequestIds``' ids (16 hex digits of prefix, 12 of counter).
+_FRESH_ID_RE = re.compile(r"[0-9a-f]{28}")
 # Both derived from the route table (secretsd/api/routes.py); the middleware decides by path.
 PUBLIC_ROUTES = routes.PUBLIC_PATHS
 SEALED_ROUTES = routes.SEALED_PATHS
@@ -124,11 +126,14 @@ def _request_id(request: web.Request) -> str:
     """The caller's X-Request-Id if it sent exactly one well-formed one, else a fresh id.
 
     Two are not refused (the id correlates, it grants nothing), but neither is used: a proxy may
-    log the other one, and a record must not be tied to a request it does not name.
+    log the other one, and a record must not be tied to a request it does not name. Nor is one in
+    the shape of our fresh ids: their prefix is in every answer and their counter counts, so a
+    caller could claim the id the next request will get and tie its records to that request.
     """
     incoming = request.headers.getall("X-Request-Id", [])
     # A token fits the id's alphabet and length: one sent as an id is neither echoed nor recorded.
-    if len(incoming) == 1 and _REQUEST_ID_RE.fullmatch(incoming[0]) and not tokens.looks_like_token(incoming[0]):
+    if (len(incoming) == 1 and _REQUEST_ID_RE.fullmatch(incoming[0]) and not _FRESH_ID_RE.fullmatch(incoming[0])
+            and not tokens.looks_like_token(incoming[0])):
         return incoming[0]
     return _new_request_id()
 
