@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -145,38 +146,43 @@ async def test_unconditional_writes_batched_on_one_path_keep_max_versions(store:
 # -- sealing in the writer thread while the keyring rotates ------------------------------------------
 
 
+async def _storm_with_rotations(api: Api) -> None:
+    """12 writers, 480 unconditional PUTs to 3 paths, 5 keyring rotations in the middle; then every
+    acknowledged version reads back, and each term's stored count equals the versions sealed under it."""
+    paths = [f"storm/p{i}" for i in range(3)]
+    acknowledged: dict[tuple[str, int], str] = {}
+
+    async def writer(n: int) -> None:
+        for i in range(40):
+            path, value = paths[i % 3], f"v-{n}-{i}"
+            resp = await api.client.put(f"/v1/secrets/{path}", json={"value": value}, headers=api.auth())
+            assert resp.status == 200, await resp.text()
+            acknowledged[(path, (await resp.json())["version"])] = value
+
+    async def rotator() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.05)
+            resp = await api.client.post("/v1/sys/keyring/rotate", headers=api.auth())
+            assert resp.status == 200, await resp.text()
+
+    await asyncio.gather(rotator(), *[writer(n) for n in range(12)])
+    assert len(acknowledged) == 480
+    used: Counter[int] = Counter()
+    for (path, number), value in acknowledged.items():
+        assert (await api.get(path, version=number))["value"] == value
+        stored = await api.daemon.storage.get_version(path, number)
+        assert stored is not None
+        used[stored.term] += 1
+    terms = {t.term: t.encryptions for t in await api.daemon.storage.keyring_terms()}
+    assert len(used) > 1, "no rotation landed during the writes"
+    # Every sealed value counted once against the term it was sealed under.
+    assert all(terms[term] == count for term, count in used.items()), (terms, used)
+
+
 async def test_values_sealed_in_the_writer_during_keyring_rotations_open_under_their_stored_term(
         tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", max_versions=1000)
-    async with running(settings) as api:
-        paths = [f"storm/p{i}" for i in range(3)]
-        acknowledged: dict[tuple[str, int], str] = {}
-
-        async def writer(n: int) -> None:
-            for i in range(40):
-                path, value = paths[i % 3], f"v-{n}-{i}"
-                resp = await api.client.put(f"/v1/secrets/{path}", json={"value": value}, headers=api.auth())
-                assert resp.status == 200, await resp.text()
-                acknowledged[(path, (await resp.json())["version"])] = value
-
-        async def rotator() -> None:
-            for _ in range(5):
-                await asyncio.sleep(0.05)
-                resp = await api.client.post("/v1/sys/keyring/rotate", headers=api.auth())
-                assert resp.status == 200, await resp.text()
-
-        await asyncio.gather(rotator(), *[writer(n) for n in range(12)])
-        assert len(acknowledged) == 480
-        for (path, number), value in acknowledged.items():
-            assert (await api.get(path, version=number))["value"] == value
-        storage = api.daemon.storage
-        assert isinstance(storage, SQLiteStorage)
-        rows = storage._query("SELECT term, COUNT(*) FROM secret_versions GROUP BY term")
-        used = {term: count for term, count in rows}
-        terms = {t.term: t.encryptions for t in await storage.keyring_terms()}
-        assert len(used) > 1, "no rotation landed during the writes"
-        # Every sealed value counted once against the term it was sealed under.
-        assert all(terms[term] == count for term, count in used.items()), (terms, used)
+    async with running(make_settings(tmp_path / "data", max_versions=1000)) as api:
+        await _storm_with_rotations(api)
 
 
 # -- PostgreSQL: concurrent creators of one new secret -----------------------------------------------
@@ -206,6 +212,16 @@ async def test_concurrent_unconditional_creators_on_postgresql_all_succeed(
                 assert [r.status for r in responses] == [200] * 16, [await r.text() for r in responses]
                 versions = sorted([(await r.json())["version"] for r in responses])
                 assert versions == list(range(1, 17))
+
+
+async def test_values_sealed_in_a_postgresql_transaction_during_keyring_rotations_open_under_their_term(
+        pg: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with fresh_database(pg) as database:
+        monkeypatch.setenv("SECRETSD_TEST_PG_DSN", pg.dsn(database))
+        settings = make_settings(tmp_path / "data", max_versions=1000,
+                                 storage={"backend": "postgres", "dsn_env": "SECRETSD_TEST_PG_DSN", "pool_max": 8})
+        async with running(settings) as api:
+            await _storm_with_rotations(api)
 
 
 # -- the line per request ------------------------------------------------------------------------------
