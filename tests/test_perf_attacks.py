@@ -28,6 +28,7 @@ from secretsd.errors import ConflictError, StorageError
 from secretsd.records import SecretRecord, VersionRecord, VersionState
 from secretsd.runtime.daemon import Daemon, initialize_store
 from secretsd.runtime.logs import access_log, console_line, json_line
+from secretsd.runtime.workers import auto_workers, cpu_quota
 from secretsd.storage.base import Seal
 from secretsd.storage.sqlite import SQLiteStorage
 from secretsd.storage.testing import T0, initialized, version
@@ -320,3 +321,37 @@ async def test_a_caller_cannot_claim_the_shape_of_a_fresh_request_id(api: Api) -
     # Ids of any other shape are still the caller's to choose (tracing through a proxy).
     other = (await api.client.get("/v1/auth/whoami", headers={**api.auth(), "X-Request-Id": "trace-abc"}))
     assert other.headers["X-Request-Id"] == "trace-abc"
+
+
+# -- serve --workers auto ------------------------------------------------------------------------------
+
+
+def _cgroup(root: Path, relative: str, files: dict[str, str]) -> None:
+    folder = root / relative
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text + "\n")
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    ("v2 one and a half CPUs", 2), ("v2 unlimited", None), ("v1 one CPU", 1), ("v1 unlimited", None),
+    ("v2 parent limits", 1), ("no cgroup files", None)])
+def test_workers_auto_counts_a_cgroup_cpu_quota(tmp_path: Path, layout: str, expected: int | None) -> None:
+    """A container with ``--cpus 1`` on a 64-CPU host still sees 64 CPUs in its affinity mask: one
+    worker per CPU there would be 64 processes of ~50 MB in a container sized for one."""
+    root, proc = tmp_path / "cgroup", tmp_path / "proc-self-cgroup"
+    if layout.startswith("v2"):
+        proc.write_text("0::/kubepods/pod1/c1\n")
+        quota = {"v2 one and a half CPUs": "150000 100000", "v2 unlimited": "max 100000",
+                 "v2 parent limits": "max 100000"}[layout]
+        _cgroup(root, "kubepods/pod1/c1", {"cpu.max": quota})
+        _cgroup(root, "kubepods/pod1", {"cpu.max": "100000 100000" if layout == "v2 parent limits" else "max 100000"})
+    elif layout.startswith("v1"):
+        proc.write_text("4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n0::/\n")
+        _cgroup(root, "cpu,cpuacct/docker/abc", {"cpu.cfs_quota_us": "100000" if layout == "v1 one CPU" else "-1",
+                                                 "cpu.cfs_period_us": "100000"})
+    else:
+        proc.write_text("0::/\n")
+    assert cpu_quota(cgroup_root=root, proc_cgroup=proc) == expected
+    cpus = min(len(os.sched_getaffinity(0)), 64)
+    assert auto_workers(cgroup_root=root, proc_cgroup=proc) == min(cpus, expected or cpus)

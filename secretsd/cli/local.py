@@ -62,7 +62,7 @@ def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Pat
 
 class WorkerCount(click.ParamType[int]):
     """1..64, or ``auto``: the CPUs this process may run on (its affinity mask, as taskset or a
-    container's cpuset leaves it), at most 64."""
+    container's cpuset leaves it, and its cgroup CPU quota), at most 64."""
 
     name = "N|auto"
 
@@ -70,7 +70,9 @@ class WorkerCount(click.ParamType[int]):
         if isinstance(value, int):
             count = value
         elif str(value).strip().lower() == "auto":
-            count = min(len(os.sched_getaffinity(0)), 64)
+            from secretsd.runtime.workers import auto_workers
+
+            count = auto_workers()
         else:
             try:
                 count = int(str(value))

@@ -9,16 +9,74 @@ workers, forwards SIGTERM, SIGINT and SIGHUP to them, and stops them all when on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger("secretsd.runtime.workers")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _limit(root: Path, relative: str, v1: bool) -> float | None:
+    """The CPUs one cgroup's quota allows, or None if it sets none."""
+    folder = root / relative.lstrip("/")
+    if v1:
+        quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    else:
+        quota, _, period = (_read(folder / "cpu.max") or "max").partition(" ")
+    try:
+        q, p = int(quota or ""), int(period or "")
+    except ValueError:  # "max", -1 is caught below, a missing file
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def cpu_quota(
+    *, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int | None:
+    """The CPUs this process's cgroup CPU quota allows, rounded up (v2 ``cpu.max`` or v1 CFS quota,
+    its own cgroup's and every ancestor's), or None if there is none or it cannot be read.
+
+    A container limited to one CPU on a large host still has every CPU in its affinity mask, so
+    ``--workers auto`` counts this too.
+    """
+    limits: list[float] = []
+    for line in (_read(proc_cgroup) or "").splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, relative = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            base, v1 = cgroup_root, False
+            if (cgroup_root / "unified").is_dir() and not (cgroup_root / "cgroup.controllers").exists():
+                base = cgroup_root / "unified"  # hybrid v1/v2 layout
+        elif "cpu" in controllers.split(","):
+            base, v1 = cgroup_root / controllers, True
+        else:
+            continue
+        parts = [p for p in relative.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            limit = _limit(base, "/".join(parts[:depth]), v1)
+            if limit is not None:
+                limits.append(limit)
+    return math.ceil(min(limits)) if limits else None
+
+
+def auto_workers(**cgroup: Path) -> int:
+    """``--workers auto``: one per CPU this process may use, its affinity mask (taskset, cpusets)
+    and its CPU quota (``cpu_quota``) both counted, at most 64."""
+    return min(len(os.sched_getaffinity(0)), cpu_quota(**cgroup) or 64, 64)
 
 
 def worker_env(chain: str, index: int) -> dict[str, str]:
