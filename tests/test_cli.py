@@ -154,3 +154,27 @@ def test_init_makes_a_loose_data_directory_owner_only(tmp_path: Path) -> None:
     data.chmod(0o755)
     assert run_cli("init", "--data-dir", str(data), "--json").returncode == 0
     assert data.stat().st_mode & 0o777 == 0o700
+
+
+def test_piped_tables_are_tab_separated_lines_that_never_wrap(cli) -> None:  # type: ignore[no-untyped-def]
+    # Issue 16 item 4: a table read by another program (stdout not a terminal) is one line per row,
+    # tab-separated, with a header; nothing wraps at 80 columns, so an id is never split.
+    client = "billing-reconciliation-nightly-batch-worker-eu-west"
+    cli("token", "create", "--client", client, "--policy", "root")
+    ids = {t["client"]: t["token_id"] for t in json.loads(cli("token", "list", "--json").stdout)["tokens"]}
+    lines = cli("token", "list").stdout.splitlines()
+    assert lines[0].split("\t") == ["id", "client", "policies", "created", "expires", "revoked"]
+    row = next(line.split("\t") for line in lines[1:] if client in line)
+    assert len(row) == 6 and row[0] == ids[client] and row[1] == client
+    assert not any(c in "".join(lines) for c in "│┃━─╭╰")
+    cli("set", "svc/db", "v")
+    assert cli("list", "svc").stdout.splitlines()[:2][0] == "path\tversion\tupdated"
+    status = cli("status").stdout.splitlines()
+    assert "\t" in status[0] and any(line.startswith("provider\t") for line in status)
+
+
+def test_plain_table_cells_keep_one_row_per_line() -> None:
+    from secretsd.cli.common import _cell
+
+    assert _cell("a\tb\nc\\d") == "a\\tb\\nc\\\\d"
+    assert _cell(None) == "" and _cell(3) == "3"

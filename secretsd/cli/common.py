@@ -113,7 +113,25 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _cell(value: Any) -> str:
+    # One row per line whatever a value holds: a tab or a line break in it is written escaped.
+    return "" if value is None else str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table for a person at a terminal; for a pipe or a file, plain lines that tools can cut.
+
+    Piped, stdout gets the title as a ``# `` line, a header line (unless every column is unnamed)
+    and one tab-separated line per row, never wrapped or folded, so an id is never split.
+    """
+    if not sys.stdout.isatty():
+        if title:
+            click.echo(f"# {_cell(title)}")
+        if any(columns):
+            click.echo("\t".join(columns))
+        for row in rows:
+            click.echo("\t".join(_cell(v) for v in row))
+        return
     # rich costs ~40 ms to import: only commands that print a table pay it.
     from rich.console import Console
     from rich.table import Table
