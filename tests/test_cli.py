@@ -178,3 +178,24 @@ def test_plain_table_cells_keep_one_row_per_line() -> None:
 
     assert _cell("a\tb\nc\\d") == "a\\tb\\nc\\\\d"
     assert _cell(None) == "" and _cell(3) == "3"
+
+
+def test_json_covers_errors_too(cli) -> None:  # type: ignore[no-untyped-def]
+    # Issue 16 item 4: with --json a failed command still prints one JSON document on stdout (and
+    # its one line on stderr), and exits with the contract's code.
+    missing = cli("get", "nope/x", "--json")
+    assert missing.returncode == 3 and missing.stderr.startswith("error: ")
+    assert json.loads(missing.stdout)["error"] | {"detail": ""} == {
+        "type": "not-found", "status": 404, "detail": "", "exit_code": 3}
+    cli("set", "app/cas", "v1")
+    conflict = cli("set", "app/cas", "v2", "--cas", "0", "--json")
+    assert conflict.returncode == 6 and json.loads(conflict.stdout)["error"]["status"] == 409
+    assert cli("get", "nope/x").stdout == ""  # without --json, stdout stays empty
+
+
+def test_json_error_when_the_daemon_is_unreachable() -> None:
+    result = run_cli("status", "--json", env={"SECRETSD_ADDR": f"http://127.0.0.1:{free_port()}",
+                                               "SECRETSD_TOKEN": "x"})
+    assert result.returncode == 5
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "unreachable" and error["status"] is None and error["exit_code"] == 5

@@ -79,9 +79,13 @@ def remote(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SecretsdError as exc:
-            from secretsd.cli.exits import exit_code  # only on the error path: it imports the problem table
+            from secretsd.cli.exits import error_document, exit_code  # only on the error path
 
-            fail(exc.message, exit_code(exc))
+            code = exit_code(exc)
+            if kwargs.get("as_json"):
+                # --json covers failures too: a script reads one document on stdout either way.
+                emit_json(error_document(exc, code))
+            fail(exc.message, code)
         except OSError as exc:
             fail(_os_error(exc))
 

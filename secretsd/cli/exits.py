@@ -43,3 +43,12 @@ def exit_code(exc: SecretsdError) -> Exit:
         # token or CA file, i.e. how the command was invoked.
         return Exit.USAGE
     return _BY_STATUS.get(problem_for(exc).status, Exit.ERROR)
+
+
+def error_document(exc: SecretsdError, code: Exit) -> dict[str, object]:
+    """What ``--json`` prints for a failed remote command: the problem's type and status as the
+    daemon would give them (none for an error of our own side, such as an unreachable daemon)."""
+    remote = not isinstance(exc, (UnreachableError, ConfigError))
+    ptype = problem_for(exc)
+    return {"error": {"type": ptype.slug if remote else ("unreachable" if code == Exit.UNAVAILABLE else "usage"),
+                      "status": ptype.status if remote else None, "detail": exc.message, "exit_code": int(code)}}
