@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from secretsd.api.app import create_app
 from secretsd.runtime.config import Settings, load_settings
 from secretsd.runtime.daemon import Daemon, initialize_store
+from secretsd.storage.sqlite import SQLiteStorage
+from secretsd.storage.testing import initialized
 from tests.helpers import DaemonProcess, init_store
 
 
@@ -35,6 +37,16 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(data_dir: Path) -> Settings:
     return load_settings(None, data_dir=data_dir)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
+    """An opened, initialised SQLite store of its own (storage-level tests: no daemon)."""
+    store = SQLiteStorage(tmp_path / "db.sqlite")
+    await store.open()
+    await initialized(store)
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -103,21 +103,13 @@ def _sealer(n: int) -> Seal:
     return seal
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
-    s = SQLiteStorage(tmp_path / "db.sqlite")
-    await s.open()
-    await initialized(s)
-    yield s
-    await s.close()
-
-
-async def test_check_and_set_queued_after_an_unconditional_write_in_its_batch_sees_it(store: SQLiteStorage) -> None:
-    await store.write_version(version("app/hot", 1), expected_current=0, metadata=None, max_versions=5)
-    held, release = await _hold_the_writer(store)
-    blind = asyncio.create_task(store.write_unconditional("app/hot", _sealer(0), metadata=None,
+async def test_check_and_set_queued_after_an_unconditional_write_in_its_batch_sees_it(
+        sqlite_store: SQLiteStorage) -> None:
+    await sqlite_store.write_version(version("app/hot", 1), expected_current=0, metadata=None, max_versions=5)
+    held, release = await _hold_the_writer(sqlite_store)
+    blind = asyncio.create_task(sqlite_store.write_unconditional("app/hot", _sealer(0), metadata=None,
                                                           max_versions=5))
-    stale = asyncio.create_task(store.write_version(version("app/hot", 2), expected_current=1, metadata=None,
+    stale = asyncio.create_task(sqlite_store.write_version(version("app/hot", 2), expected_current=1, metadata=None,
                                                     max_versions=5))
     await asyncio.sleep(0.05)
     release.set()
@@ -125,22 +117,22 @@ async def test_check_and_set_queued_after_an_unconditional_write_in_its_batch_se
     done, lost = await asyncio.gather(blind, stale, return_exceptions=True)
     assert not isinstance(done, BaseException) and done.secret.current_version == 2
     assert isinstance(lost, ConflictError), "a check-and-set against version 1 must lose to the write before it"
-    hot = await store.get_secret("app/hot")
+    hot = await sqlite_store.get_secret("app/hot")
     assert hot is not None and hot.current_version == 2
-    written = await store.get_version("app/hot", 2)
+    written = await sqlite_store.get_version("app/hot", 2)
     assert written is not None and written.created_by == "w0"
 
 
-async def test_unconditional_writes_batched_on_one_path_keep_max_versions(store: SQLiteStorage) -> None:
-    held, release = await _hold_the_writer(store)
-    writes = [asyncio.create_task(store.write_unconditional("app/hot", _sealer(i), metadata=None,
+async def test_unconditional_writes_batched_on_one_path_keep_max_versions(sqlite_store: SQLiteStorage) -> None:
+    held, release = await _hold_the_writer(sqlite_store)
+    writes = [asyncio.create_task(sqlite_store.write_unconditional("app/hot", _sealer(i), metadata=None,
                                                             max_versions=3)) for i in range(10)]
     await asyncio.sleep(0.05)
     release.set()
     await held
     results = await asyncio.gather(*writes)
     assert sorted(r.secret.current_version for r in results) == list(range(1, 11))
-    kept = [v.version for v in await store.list_versions("app/hot")]
+    kept = [v.version for v in await sqlite_store.list_versions("app/hot")]
     assert sorted(kept) == [8, 9, 10], kept
 
 
