@@ -67,19 +67,19 @@ class WorkerCount(click.ParamType[int]):
     name = "N|auto"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from secretsd.runtime.workers import MAX_WORKERS, auto_workers
+
         if isinstance(value, int):
             count = value
         elif str(value).strip().lower() == "auto":
-            from secretsd.runtime.workers import auto_workers
-
             count = auto_workers()
         else:
             try:
                 count = int(str(value))
             except ValueError:
-                self.fail(f"{value!r} is not a number of workers (1 to 64) or 'auto'", param, ctx)
-        if not 1 <= count <= 64:
-            self.fail(f"{count} is not from 1 to 64", param, ctx)
+                self.fail(f"{value!r} is not a number of workers (1 to {MAX_WORKERS}) or 'auto'", param, ctx)
+        if not 1 <= count <= MAX_WORKERS:
+            self.fail(f"{count} is not from 1 to {MAX_WORKERS}", param, ctx)
         return count
 
 

@@ -73,10 +73,14 @@ def cpu_quota(
     return math.ceil(min(limits)) if limits else None
 
 
+#: The most processes ``serve --workers`` runs (also the cap of ``auto``).
+MAX_WORKERS = 64
+
+
 def auto_workers(**cgroup: Path) -> int:
     """``--workers auto``: one per CPU this process may use, its affinity mask (taskset, cpusets)
-    and its CPU quota (``cpu_quota``) both counted, at most 64."""
-    return min(len(os.sched_getaffinity(0)), cpu_quota(**cgroup) or 64, 64)
+    and its CPU quota (``cpu_quota``) both counted, at most ``MAX_WORKERS``."""
+    return min(len(os.sched_getaffinity(0)), cpu_quota(**cgroup) or MAX_WORKERS, MAX_WORKERS)
 
 
 def worker_env(chain: str, index: int) -> dict[str, str]:
