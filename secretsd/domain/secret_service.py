@@ -27,8 +27,9 @@ from secretsd.storage.base import Seal
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1024
-# Without a caller's check-and-set, a write that lost a race is re-sealed against the new current
-# version; after this many losses something is hammering one path and the caller should hear so.
+# An unconditional write is sealed in its transaction and never conflicts, except when two writers
+# create one new secret on PostgreSQL (no row to lock yet: the primary key refuses the loser); the
+# loser tries again, and after this many losses the caller hears so.
 WRITE_ATTEMPTS = 8
 MAX_LIST_LIMIT = 1000
 #: Storage pages scanned at most to fill one listing page when policies hide many paths.
