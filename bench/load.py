@@ -45,7 +45,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,9 +169,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Daemon:
     """A ``secretsd serve`` child process bound to 127.0.0.1, with its data dir and log file."""
 
-    def __init__(self, workdir: Path, port: int, *, audit: bool = True, workers: int = 1) -> None:
+    def __init__(self, workdir: Path, port: int, *, audit: bool = True, workers: int = 1,
+                 env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         self.audit = audit
+        self.env = dict(env or {})  # this daemon's own SECRETSD_* settings, on top of --daemon-env
         self.workers = workers
         self.data_dir = workdir / "data"
         self.log_path = workdir / "secretsd.log"
@@ -205,6 +207,7 @@ class Daemon:
         if not self.audit:
             # Everything else stays at its default; only the audit log is switched off.
             env["SECRETSD_AUDIT__ENABLED"] = "false"
+        env.update(self.env)
         self._log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,
@@ -575,9 +578,10 @@ def install_signal_handlers() -> None:
 
 
 @contextlib.contextmanager
-def running_daemon(port: int, keep_log: Path | None, *, audit: bool = True, workers: int = 1) -> Iterator[Daemon]:
+def running_daemon(port: int, keep_log: Path | None, *, audit: bool = True, workers: int = 1,
+                   env: Mapping[str, str] | None = None) -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="secretsd-bench-"))
-    daemon = Daemon(workdir, port or free_port(), audit=audit, workers=workers)
+    daemon = Daemon(workdir, port or free_port(), audit=audit, workers=workers, env=env)
     try:
         daemon.init()
         daemon.start()

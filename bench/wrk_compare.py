@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Audit on vs off, GET throughput, driven by ``wrk`` instead of a Python client.
+"""Audit on vs off (or any setting A/B), GET throughput, driven by ``wrk`` instead of a Python client.
 
 Run by hand (``apt-get install wrk``)::
 
     python bench/wrk_compare.py --rounds 8 --duration 5
+    python bench/wrk_compare.py --b-env SECRETSD_STORAGE__READ_CACHE_ENTRIES=0   # defaults vs that
+
+With ``--b-env`` the two daemons both keep their audit on and differ only in the settings given
+(daemon "a": the defaults; daemon "b": the defaults plus ``--b-env``).
 
 Why a second tool beside ``load.py --audit-compare``: on a small machine the load generator shares
 the daemon's cores. ``load.py``'s aiohttp client needs about 200 µs of CPU per request, so it
@@ -89,33 +93,47 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell (5)")
     parser.add_argument("--concurrency", type=load.positive_int, default=16, help="connections (16)")
     parser.add_argument("--secrets", type=load.positive_int, default=1000)
+    parser.add_argument("--b-env", action="append", default=[], metavar="SECRETSD_X=V",
+                        help="compare the defaults (a) with these settings (b) instead of audit on/off")
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="SECRETSD_X=V",
+                        help="a setting for both daemons")
     args = parser.parse_args()
+    b_env: dict[str, str] = {}
+    for items, into in ((args.b_env, b_env), (args.daemon_env, load.DAEMON_SETTINGS)):
+        for item in items:
+            name, eq, value = item.partition("=")
+            if not eq or not name.startswith("SECRETSD_"):
+                parser.error(f"--b-env and --daemon-env take SECRETSD_NAME=VALUE, not {item!r}")
+            into[name] = value
+    first, second = ("a", "b") if b_env else ("on", "off")
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 1
     rows: list[tuple[int, str, dict[str, float]]] = []
-    with tempfile.TemporaryDirectory() as tmp, load.running_daemon(0, None, audit=True) as on, \
-            load.running_daemon(0, None, audit=False) as off:
-        daemons = {"on": on, "off": off}
+    what = "setting" if b_env else "audit"
+    with tempfile.TemporaryDirectory() as tmp, load.running_daemon(0, None, audit=True) as one, \
+            load.running_daemon(0, None, audit=bool(b_env), env=b_env) as two:
+        daemons = {first: one, second: two}
         asyncio.run(seed_all(daemons, args.secrets))
         for n in range(1, args.rounds + 1):
-            for mode in (("on", "off") if n % 2 else ("off", "on")):
+            for mode in ((first, second) if n % 2 else (second, first)):
                 cell = wrk_cell(daemons[mode], args.concurrency, args.duration, args.secrets, Path(tmp))
                 rows.append((n, mode, cell))
-                print(f"round {n} audit {mode:3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.2f} ms  "
+                print(f"round {n} {what} {mode:3}: {cell['rps']:7.0f} req/s  p50 {cell['p50_ms']:.2f} ms  "
                       f"p99 {cell['p99_ms']:.2f} ms  daemon {cell['cpu_us']:.0f} µs CPU/GET", flush=True)
-    on_rps = [c["rps"] for _, m, c in rows if m == "on"]
-    off_rps = [c["rps"] for _, m, c in rows if m == "off"]
-    paired = [a / b for a, b in zip(on_rps, off_rps, strict=True)]
-    on_cpu = load.median([c["cpu_us"] for _, m, c in rows if m == "on"])
-    off_cpu = load.median([c["cpu_us"] for _, m, c in rows if m == "off"])
-    ratio = load.median(on_rps) / load.median(off_rps)
+    a_rps = [c["rps"] for _, m, c in rows if m == first]
+    b_rps = [c["rps"] for _, m, c in rows if m == second]
+    paired = [a / b for a, b in zip(a_rps, b_rps, strict=True)]
+    a_cpu = load.median([c["cpu_us"] for _, m, c in rows if m == first])
+    b_cpu = load.median([c["cpu_us"] for _, m, c in rows if m == second])
+    ratio = load.median(a_rps) / load.median(b_rps)
+    extra = "".join(f" --daemon-env {item}" for item in args.daemon_env)
+    extra += "".join(f" --b-env {item}" for item in args.b_env)
     print(f"# python bench/wrk_compare.py --rounds {args.rounds} --duration {args.duration:g} "
-          f"--concurrency {args.concurrency}")
-    print(f"median GET/s: audit on {load.median(on_rps):.0f}, off {load.median(off_rps):.0f}; "
-          f"on/off {ratio:.3f} of medians, {load.median(paired):.3f} median of per-round ratios "
-          f"(cost {100 * (1 - load.median(paired)):.1f} %); daemon CPU per GET {on_cpu:.0f} / {off_cpu:.0f} µs "
-          f"(+{on_cpu - off_cpu:.0f})")
+          f"--concurrency {args.concurrency}{extra}")
+    print(f"median GET/s: {what} {first} {load.median(a_rps):.0f}, {second} {load.median(b_rps):.0f}; "
+          f"{first}/{second} {ratio:.3f} of medians, {load.median(paired):.3f} median of per-round ratios; "
+          f"daemon CPU per GET {a_cpu:.0f} / {b_cpu:.0f} µs ({a_cpu - b_cpu:+.0f})")
     return 0
 
 
