@@ -138,7 +138,9 @@ async def test_a_daemon_whose_start_fails_forgets_its_keys_and_closes_the_store(
     first = Daemon(settings)
     await first.start()
     try:
-        second = Daemon(settings)  # same audit chain: its log is locked by the first
+        # Same configured audit chain: its log is locked by the first (an unconfigured chain would
+        # derive a free one and start: tests/test_audit_chains.py).
+        second = Daemon(settings.model_copy(update={"audit": settings.audit.model_copy(update={"chain": "main"})}))
         with pytest.raises(AuditError, match="another process is writing the audit log"):
             await second.start()
         assert second.barrier.sealed  # unsealed before the audit log failed; the keys are gone

@@ -155,6 +155,7 @@ class AuditLog:
         failure_budget: FailureBudget | None = None,
         keep_rotated_files: int | None = None,
         keep_rotated_bytes: int | None = None,
+        lock_fd: int | None = None,
     ) -> None:
         self.path = path
         self._signer = signer
@@ -165,7 +166,8 @@ class AuditLog:
         self._mirror = mirror
         self._sign_every = sign_every_record
         self._head_interval = head_interval
-        self._lock_fd: int | None = None
+        # An already held lock on the file's .lock (a derived chain, secretsd.audit.chains): ours to close.
+        self._lock_fd: int | None = lock_fd
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Loop side: records waiting for the next batch, the batch being written, and the one timer
@@ -208,15 +210,16 @@ class AuditLog:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            # Two writers on one chain would fork it and cut each other's records off.
-            raise AuditError(f"another process is writing the audit log {self.path}; give each daemon "
-                             "process its own [audit] chain") from None
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                # Two writers on one chain would fork it and cut each other's records off.
+                raise AuditError(f"another process is writing the audit log {self.path}; give each daemon "
+                                 "process its own [audit] chain") from None
         try:
             last = None
             for candidate in reversed(log_files(self.path)):

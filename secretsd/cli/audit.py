@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def audit() -> None:
     """Verify the tamper-evident audit trail."""
 
 
-async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple[str, object, Path]:
+async def _store_facts(config_file: Path | None, data_dir: Path | None,
+                       chain: str | None = None) -> tuple[str, object, Path]:
     from secretsd.audit.keys import public_key_pem
     from secretsd.audit.verify import Head
     from secretsd.runtime.config import load_settings
@@ -37,9 +39,10 @@ async def _store_facts(config_file: Path | None, data_dir: Path | None) -> tuple
         pem = await public_key_pem(storage)
         if pem is None:
             raise ConfigError("this store has no audit key yet (it is made when the daemon first unseals)")
-        raw = await storage.get_meta(f"audit_head:{settings.audit.chain}")
+        name = chain or settings.audit.chain
+        raw = await storage.get_meta(f"audit_head:{name}")
         head = Head(**json.loads(raw)) if raw else Head(0, "")
-        return pem, head, settings.audit.log_path(settings.require_data_dir())
+        return pem, head, settings.audit.log_path(settings.require_data_dir(), name)
     finally:
         await storage.close()
 
@@ -54,18 +57,28 @@ def _refuse_missing_store(data_dir: Path, storage: object) -> None:
         raise NotInitializedError(f"the store in {data_dir} is not initialised (no {database.name})")
 
 
+def _chain_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # The [audit] chain pattern: a name is also a file name, never a path.
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise click.BadParameter("a chain name is 1 to 64 of A-Z a-z 0-9 . _ -")
+    return value
+
+
 @audit.command(name="verify")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--pubkey", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM public key kept apart from the store (from 'audit pubkey'): needed for copies, "
                    "and with --data-dir it pins the key so a swapped key in the store is caught.")
 @click.option("--from-start", is_flag=True, help="The FILEs are the whole log: it must begin at record 1.")
+@click.option("--chain", callback=_chain_name,
+              help="With --data-dir: this chain (e.g. a derived main-<host>, shown by 'secretsd status') "
+                   "instead of the configured one.")
 @config_option
 @data_dir_option
 @json_option
 @friendly_errors
-def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool, config_file: Path | None,
-                 data_dir: Path | None, as_json: bool) -> None:
+def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool, chain: str | None,
+                 config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Check every record's signature, order and hash chain; exit 0 only if all verify.
 
     With --data-dir (or --config) it checks the daemon's own log against the key and the chain head
@@ -74,6 +87,7 @@ def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool,
     \b
     Examples:
       secretsd audit verify --data-dir /var/lib/secretsd
+      secretsd audit verify --data-dir /var/lib/secretsd --chain main-host-b
       secretsd audit verify audit.jsonl.000001 audit.jsonl --pubkey audit.pub
     """
     from secretsd.audit.record import load_public_pem, public_pem
@@ -88,9 +102,11 @@ def audit_verify(files: tuple[Path, ...], pubkey: Path | None, from_start: bool,
     if files:
         if pinned is None:
             raise click.UsageError("verifying FILE... needs --pubkey PUBFILE")
+        if chain is not None:
+            raise click.UsageError("--chain picks a chain of the store's own log (--data-dir), not FILE...")
         result = verify(sorted(files, key=_log_order), pinned, from_start=from_start)
     else:
-        pem, head, log_path = asyncio.run(_store_facts(config_file, data_dir))
+        pem, head, log_path = asyncio.run(_store_facts(config_file, data_dir, chain))
         assert isinstance(head, Head)
         stored = load_public_pem(pem)
         if pinned is not None and public_pem(pinned) != public_pem(stored):

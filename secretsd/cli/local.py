@@ -141,7 +141,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
             args += ["--config", str(config_file)]
         if banner:
             click.echo(banner)
-        sys.exit(supervise(args, workers, settings.audit.chain))
+        sys.exit(supervise(args, workers, settings.audit.chain if settings.audit.chain_configured else None))
     # Only a serving process imports the server (aiohttp and the rest): the --workers supervisor
     # stays small, and its children start sooner.
     from secretsd.runtime.server import serve as run_server

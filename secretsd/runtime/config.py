@@ -73,8 +73,9 @@ class AuditSettings(BaseModel):
     max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
     write_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     mirror: Literal["none", "stdout", "syslog"] = "none"
-    #: Each process that writes a log keeps its own chain (and file); replicas and workers need
-    #: distinct names. A second process on the same chain is refused.
+    #: Each process that writes a log keeps its own chain (and file). Configured: this process's
+    #: alone, a second process on it is refused. Not configured: each daemon derives a free name
+    #: from "main" (main, main-<host>, main-<host>-2...; secretsd.audit.chains, docs/audit.md).
     chain: str = Field(default="main", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     #: "batch": sign the last record of each group commit (the chain covers the others);
     #: "record": sign every record, at about 60 µs of CPU each.
@@ -94,8 +95,18 @@ class AuditSettings(BaseModel):
     keep_rotated_files: int | None = Field(default=None, ge=1)
     keep_rotated_bytes: int | None = Field(default=None, ge=4096)
 
-    def log_path(self, data_dir: Path) -> Path:
-        path = self.path or Path("audit") / f"{self.chain}.jsonl"
+    @property
+    def chain_configured(self) -> bool:
+        """Whether ``chain`` was set (file, environment or code), rather than left to be derived."""
+        return "chain" in self.model_fields_set
+
+    def log_path(self, data_dir: Path, chain: str | None = None) -> Path:
+        """The file of ``chain`` (default: this table's). Another chain's file lies beside a configured ``path``."""
+        name = chain or self.chain
+        if self.path is None:
+            path = Path("audit") / f"{name}.jsonl"
+        else:
+            path = self.path if name == self.chain else self.path.with_name(f"{name}.jsonl")
         return path if path.is_absolute() else data_dir / path
 
     def failure_budget(self) -> FailureBudget:
@@ -267,7 +278,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "key_provider": KeyProviderSettings(**data["key_provider"]),
         "recovery_providers": [KeyProviderSettings(**p) for p in data["recovery_providers"]],
         "storage": StorageSettings(**data["storage"]),
-        "audit": AuditSettings(**data["audit"]),
+        # Only the keys that were given: an unset chain is derived (AuditSettings.chain_configured).
+        "audit": AuditSettings(**settings.audit.model_dump(exclude_unset=True)),
         "rotation": RotationSettings(**data["rotation"]),
         "metrics": MetricsSettings(**data["metrics"]),
         "http": HttpSettings(**data["http"]),

@@ -15,6 +15,7 @@ from typing import Any
 
 from keyproviders import KeyProvider
 from secretsd import __version__, tokens
+from secretsd.audit.chains import ChainClaim, claim_chain, release
 from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
 from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
@@ -123,8 +124,12 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
 class Daemon:
     """Every long-lived part of a running daemon, wired together."""
 
-    def __init__(self, settings: Settings, *, clock: Clock = utcnow) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock = utcnow, worker: int | None = None) -> None:
         self.settings = settings
+        self.worker = worker  # worker N of serve --workers: its derived chain starts from <chain>-wN
+        # The chain this process writes: the configured one, or the name derived when the log opens
+        # (None until then).
+        self.audit_chain: str | None = settings.audit.chain if settings.audit.chain_configured else None
         self.clock = clock
         self.events = EventBus()
         self.storage = build_storage(settings)
@@ -233,7 +238,20 @@ class Daemon:
 
     # -- audit --------------------------------------------------------------------------------
     def _head_key(self) -> str:
-        return f"audit_head:{self.settings.audit.chain}"
+        return f"audit_head:{self.audit_chain}"
+
+    async def _claim_audit_chain(self) -> ChainClaim | None:
+        """A configured chain is taken as is (AuditLog refuses it if held); otherwise derive a free one."""
+        conf = self.settings.audit
+        data_dir = self.settings.require_data_dir()
+        if conf.chain_configured:
+            self.audit_chain = conf.chain
+            return None
+        base = conf.chain if self.worker is None else f"{conf.chain}-w{self.worker}"
+        claim = await claim_chain(self.storage, base, lambda name: conf.log_path(data_dir, name),
+                                  node=platform.node())
+        self.audit_chain = claim.name
+        return claim
 
     async def _open_audit(self) -> None:
         """Open the audit log; it needs the unsealed keyring, which holds its signing key."""
@@ -241,7 +259,12 @@ class Daemon:
         if not conf.enabled:
             return
         signer = await load_signer(self.storage, self.barrier)
-        raw_head = await self.storage.get_meta(self._head_key())
+        claim = await self._claim_audit_chain()
+        try:
+            raw_head = await self.storage.get_meta(self._head_key())
+        except BaseException:
+            release(claim)
+            raise
         stored = Head(**json.loads(raw_head)) if raw_head else None
         mirror = {"stdout": stdout_mirror, "syslog": syslog_mirror() if conf.mirror == "syslog" else None,
                   "none": None}[conf.mirror]
@@ -250,15 +273,21 @@ class Daemon:
             await self.storage.put_meta(self._head_key(), json.dumps({"seq": head.seq, "hash": head.hash}))
 
         audit = AuditLog(
-            conf.log_path(self.settings.require_data_dir()), signer, head_store=store_head,
+            conf.log_path(self.settings.require_data_dir(), self.audit_chain), signer, head_store=store_head,
             stored_head=stored, max_file_bytes=conf.max_file_bytes,
             write_timeout=conf.write_timeout_seconds, mirror=mirror,
             sign_every_record=conf.sign == "record", head_interval=conf.head_interval_seconds,
             failure_budget=conf.failure_budget(), keep_rotated_files=conf.keep_rotated_files,
-            keep_rotated_bytes=conf.keep_rotated_bytes,
+            keep_rotated_bytes=conf.keep_rotated_bytes, lock_fd=None if claim is None else claim.lock_fd,
         )
         audit.on_batch = self.metrics.observe_audit_batch
-        await audit.open()
+        try:
+            await audit.open()
+        except BaseException:
+            await audit.close()  # lets go of a derived chain's lock
+            raise
+        log.info("audit chain %r (%s, %s)", self.audit_chain, audit.path,
+                 "configured" if claim is None else "derived: [audit] chain is not set")
         self.audit = audit
         self.value_hasher = ValueHasher(signer)
         try:
@@ -416,6 +445,7 @@ class Daemon:
             "active_term": self.barrier.active_term,
             "storage": getattr(self.storage, "backend", type(self.storage).__name__),
             "leader": self.leadership.is_leader,
+            "audit_chain": self.audit_chain if self.settings.audit.enabled else None,
             **self.replication.status(),
             "version": __version__,
         }

@@ -68,7 +68,7 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         # stopped (a second SIGTERM while stopping is a no-op; a SIGHUP the workers' supervisor
         # forwards to a stopping worker must not kill it with the default action).
         signals = stack.enter_context(SignalHandlers(asyncio.get_running_loop()))
-        daemon = await _start_daemon(stack, settings, edge)
+        daemon = await _start_daemon(stack, settings, edge, worker)
         host, port = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
         if settings.metrics.enabled and settings.metrics.listen and not worker:
             await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
@@ -91,8 +91,9 @@ def _edge(settings: Settings) -> Edge:
     return Edge(settings.http, bounded=bounded)
 
 
-async def _start_daemon(stack: contextlib.AsyncExitStack, settings: Settings, edge: Edge) -> Daemon:
-    daemon = Daemon(settings)
+async def _start_daemon(stack: contextlib.AsyncExitStack, settings: Settings, edge: Edge,
+                        worker: int | None) -> Daemon:
+    daemon = Daemon(settings, worker=worker)
     await daemon.start()  # a failed start cleans up after itself
     stack.push_async_callback(daemon.stop)
     daemon.metrics.registry.register(EdgeCollector(edge))

@@ -1,7 +1,8 @@
 """``serve --workers N``: N daemon processes on one listening port.
 
 A worker is just a replica on the same host (DESIGN.md): it has its own keyring in memory, its own
-token cache and its own audit chain (``<chain>-w<N>``), shares the store, sees keyring changes by
+token cache and its own audit chain (``<chain>-w<N>``, or a name derived from ``main-w<N>`` when no
+chain is configured), shares the store, sees keyring changes by
 polling, and only one worker at a time holds the scheduler's leader lock. The supervisor starts the
 workers, forwards SIGTERM, SIGINT and SIGHUP to them, and stops them all when one of them exits.
 """
@@ -83,13 +84,19 @@ def auto_workers(**cgroup: Path) -> int:
     return min(len(os.sched_getaffinity(0)), cpu_quota(**cgroup) or MAX_WORKERS, MAX_WORKERS)
 
 
-def worker_env(chain: str, index: int) -> dict[str, str]:
-    # Two processes must never write one audit chain: each worker gets its own name.
+def worker_env(chain: str | None, index: int) -> dict[str, str]:
+    """Two processes must never write one audit chain: each worker gets its own name. A configured
+    chain becomes ``<chain>-wN`` (exclusive, like any configured chain); without one (None) the
+    worker derives a free name from ``main-wN`` itself (``Daemon(worker=N)``, secretsd.audit.chains)."""
+    if chain is None:
+        return dict(os.environ)
     return os.environ | {"SECRETSD_AUDIT__CHAIN": f"{chain}-w{index}"}
 
 
-def supervise(serve_args: Sequence[str], workers: int, chain: str) -> int:
-    """Run ``secretsd serve SERVE_ARGS --worker I`` for each I; return the first failing exit code."""
+def supervise(serve_args: Sequence[str], workers: int, chain: str | None) -> int:
+    """Run ``secretsd serve SERVE_ARGS --worker I`` for each I; return the first failing exit code.
+
+    ``chain``: the configured ``[audit] chain``, or None to let each worker derive its own."""
     children = [
         subprocess.Popen(  # noqa: S603 - our own interpreter and command line
             [sys.executable, "-m", "secretsd", "serve", *serve_args, "--worker", str(i)],
