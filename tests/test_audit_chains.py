@@ -13,7 +13,7 @@ import os
 import platform
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -76,15 +76,17 @@ async def test_each_data_directory_claims_its_own_chain_on_one_store(tmp_path: P
     store = SQLiteStorage(tmp_path / "db.sqlite")
     await store.open()
     try:
-        def path_in(folder: str) -> object:
+        names = candidates("main", "same-host")
+
+        def path_in(folder: str) -> Callable[[str], Path]:
             return lambda name: tmp_path / folder / f"{name}.jsonl"
 
-        a = await claim_chain(store, "main", path_in("a"), node="same-host")  # type: ignore[arg-type]
+        a = await claim_chain(store, names, path_in("a"), node="same-host")
         release(a)  # a stopped: its lock is free, its claim in the store stays
-        b = await claim_chain(store, "main", path_in("b"), node="same-host")  # type: ignore[arg-type]
-        again = await claim_chain(store, "main", path_in("a"), node="same-host")  # type: ignore[arg-type]
+        b = await claim_chain(store, names, path_in("b"), node="same-host")
+        again = await claim_chain(store, names, path_in("a"), node="same-host")
         assert (a.name, b.name, again.name) == ("main", "main-same-host", "main")
-        held = await claim_chain(store, "main", path_in("a"), node="same-host")  # type: ignore[arg-type]
+        held = await claim_chain(store, names, path_in("a"), node="same-host")
         assert held.name == "main-same-host-2"  # "main" is locked by `again` on this directory
         for claim in (b, again, held):
             release(claim)
@@ -102,8 +104,9 @@ async def test_a_chain_with_a_stored_head_and_no_owner_belongs_to_the_directory_
         await store.put_meta("audit_head:main", json.dumps({"seq": 3, "hash": "ab" * 32}))
         (tmp_path / "old").mkdir()
         (tmp_path / "old" / "main.jsonl").write_text("{}\n")
-        other = await claim_chain(store, "main", lambda n: tmp_path / "new" / f"{n}.jsonl", node="h")
-        old = await claim_chain(store, "main", lambda n: tmp_path / "old" / f"{n}.jsonl", node="h")
+        names = candidates("main", "h")
+        other = await claim_chain(store, names, lambda n: tmp_path / "new" / f"{n}.jsonl", node="h")
+        old = await claim_chain(store, names, lambda n: tmp_path / "old" / f"{n}.jsonl", node="h")
         assert (other.name, old.name) == ("main-h", "main")
         release(other)
         release(old)
@@ -128,7 +131,7 @@ async def test_a_configured_chain_stays_exclusive(tmp_path: Path) -> None:
     await first.start()
     try:
         second = Daemon(settings)
-        with pytest.raises(AuditError, match="another process is writing the audit log .*its own \\[audit\\] chain"):
+        with pytest.raises(AuditError, match=r"another process is writing the audit log .*its own \[audit\] chain"):
             await second.start()
         assert first.audit_chain == "node-a"
         # A daemon without a configured chain never takes a configured one that is held.
@@ -271,3 +274,46 @@ def test_two_daemons_on_one_postgres_store_write_distinct_head_keys(pg_dsn: str,
         assert stored[f"audit_head:{chain}"]["seq"] == log[-1]["seq"]  # each head is its own log's
         verified = run_cli("audit", "verify", "--config", str(config(name)), "--chain", chain, env=env)
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_a_worker_without_a_configured_chain_derives_one_from_main_wn(tmp_path: Path) -> None:
+    """serve --workers: worker N keeps main-wN (what workers wrote before), and a second worker N on
+    the same data directory (a second `serve --workers`) takes main-wN-<host> instead of failing."""
+    from secretsd.runtime.workers import worker_env
+
+    assert "SECRETSD_AUDIT__CHAIN" not in worker_env(None, 1)  # the worker derives its own
+    assert worker_env("node-a", 1)["SECRETSD_AUDIT__CHAIN"] == "node-a-w1"  # configured: as before
+    settings = await _settings(tmp_path)
+    first, second = Daemon(settings, worker=1), Daemon(settings, worker=1)
+    await first.start()
+    try:
+        await second.start()
+        try:
+            assert (first.audit_chain, second.audit_chain) == ("main-w1", f"main-w1-{HOST}")
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
+
+
+async def test_create_root_never_writes_a_chain_another_replica_owns(tmp_path: Path) -> None:
+    """Offline recovery without a configured chain claims like a daemon: when "main" belongs to
+    another replica's data directory (a shared store), the record goes to main-offline, and main's
+    head in the store is left alone."""
+    from secretsd.runtime.recovery import create_root_token
+
+    settings = await _settings(tmp_path)
+    data = settings.require_data_dir()
+    daemon = Daemon(settings)
+    await daemon.start()
+    await daemon.stop()
+    conn = sqlite3.connect(data / "secretsd.db")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_owner:main'",
+                 (json.dumps({"claim": "f" * 32, "host": "replica-b"}),))
+    conn.commit()
+    conn.close()
+    head, log = meta(data, "audit_head:main"), (data / "audit" / "main.jsonl").read_bytes()
+    result = await create_root_token(settings)
+    assert result.audit_chain == "main-offline"
+    assert meta(data, "audit_head:main") == head and (data / "audit" / "main.jsonl").read_bytes() == log
+    assert [r["action"] for r in records(data / "audit" / "main-offline.jsonl")] == ["token.create-root"]

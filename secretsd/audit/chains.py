@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,13 +126,15 @@ async def _is_ours(storage: Storage, name: str, path: Path, claim: str, node: st
     return False
 
 
-async def claim_chain(storage: Storage, base: str, path_of: Callable[[str], Path], *, node: str) -> ChainClaim:
-    """Take the first free chain of ``candidates(base, node)``; ``AuditError`` if none is free.
+async def claim_chain(storage: Storage, names: Sequence[str], path_of: Callable[[str], Path], *,
+                      node: str) -> ChainClaim:
+    """Take the first free chain of ``names`` (a daemon's: ``candidates(base, node)``); ``AuditError``
+    if none is free.
 
     ``path_of`` gives a chain's log file. The winner's lock is held on return: close it (or hand
     it to ``AuditLog``) when done.
     """
-    for name in candidates(base, node):
+    for name in names:
         if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"not a chain name: {name!r}")
         path = path_of(name)
@@ -146,7 +148,7 @@ async def claim_chain(storage: Storage, base: str, path_of: Callable[[str], Path
             os.close(fd)
             raise
         os.close(fd)
-    raise AuditError(f"no free audit chain among {base!r} and {MAX_CANDIDATES - 1} derived names; "
+    raise AuditError(f"no free audit chain among {names[0]!r} and {len(names) - 1} derived names; "
                      "set [audit] chain for each daemon")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from keyproviders import KeyProvider
 from secretsd import __version__, tokens
-from secretsd.audit.chains import ChainClaim, claim_chain, release
+from secretsd.audit.chains import ChainClaim, candidates, claim_chain, release
 from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
 from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
@@ -248,8 +248,9 @@ class Daemon:
             self.audit_chain = conf.chain
             return None
         base = conf.chain if self.worker is None else f"{conf.chain}-w{self.worker}"
-        claim = await claim_chain(self.storage, base, lambda name: conf.log_path(data_dir, name),
-                                  node=platform.node())
+        node = platform.node()
+        claim = await claim_chain(self.storage, candidates(base, node), lambda name: conf.log_path(data_dir, name),
+                                  node=node)
         self.audit_chain = claim.name
         return claim
 

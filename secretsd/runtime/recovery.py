@@ -10,7 +10,8 @@ with a ``token.create-root`` record in the signed audit chain.
 It may run while the daemon serves. The store takes concurrent writers (SQLite in WAL with
 ``BEGIN IMMEDIATE``; PostgreSQL), and the audit log has one writer per chain: when the daemon holds
 the configured chain, the record goes to a chain of this command's own, ``<chain>-offline`` (the
-one-chain-per-process rule of docs/audit.md), verified like any other chain.
+one-chain-per-process rule of docs/audit.md), verified like any other chain. Without a configured
+chain it claims one as a daemon does, so on a shared store it never writes another replica's chain.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretsd import tokens
+from secretsd.audit.chains import ChainClaim, candidates, claim_chain
 from secretsd.audit.keys import load_signer
 from secretsd.audit.log import AuditLog, syslog_mirror
 from secretsd.audit.verify import Head
@@ -76,7 +78,21 @@ def audit_chain_for(settings: Settings) -> AuditSettings:
     return conf.model_copy(update={"chain": chain, "path": path})
 
 
-async def _open_audit(settings: Settings, conf: AuditSettings, storage: Storage, barrier: Barrier) -> AuditLog:
+async def _claim_unconfigured(settings: Settings, storage: Storage) -> tuple[AuditSettings, ChainClaim]:
+    """Without a configured chain, claim one as a daemon does (secretsd.audit.chains): this data
+    directory's ``main`` if free, else ``main-offline`` (``main-offline-<host>``... when another
+    replica's directory owns that one), so the record never lands in another replica's chain."""
+    conf = settings.audit
+    data_dir = settings.require_data_dir()
+    node = platform.node()
+    offline = conf.chain[: 64 - len(OFFLINE_SUFFIX)] + OFFLINE_SUFFIX
+    claim = await claim_chain(storage, [conf.chain, *candidates(offline, node)],
+                              lambda name: conf.log_path(data_dir, name), node=node)
+    return conf.model_copy(update={"chain": claim.name, "path": claim.path}), claim
+
+
+async def _open_audit(settings: Settings, conf: AuditSettings, storage: Storage, barrier: Barrier,
+                      claim: ChainClaim | None) -> AuditLog:
     signer = await load_signer(storage, barrier)
     head_key = f"audit_head:{conf.chain}"
     raw_head = await storage.get_meta(head_key)
@@ -90,9 +106,13 @@ async def _open_audit(settings: Settings, conf: AuditSettings, storage: Storage,
         stored_head=Head(**json.loads(raw_head)) if raw_head else None,
         max_file_bytes=conf.max_file_bytes, write_timeout=conf.write_timeout_seconds,
         mirror=syslog_mirror() if conf.mirror == "syslog" else None,
-        sign_every_record=True, head_interval=0,
+        sign_every_record=True, head_interval=0, lock_fd=None if claim is None else claim.lock_fd,
     )
-    await audit.open()
+    try:
+        await audit.open()
+    except BaseException:
+        await audit.close()  # lets go of a claimed chain's lock
+        raise
     return audit
 
 
@@ -117,8 +137,12 @@ async def create_root_token(settings: Settings, *, clock: Clock = utcnow) -> Roo
         try:
             await barrier.unseal()  # the proof of custody: every keyring term must unwrap
             providers = tuple(s.kind for s in barrier.providers.states() if s.ok)
-            conf = audit_chain_for(settings)
-            audit = await _open_audit(settings, conf, storage, barrier) if settings.audit.enabled else None
+            conf, claim = settings.audit, None
+            if settings.audit.enabled and not settings.audit.chain_configured:
+                conf, claim = await _claim_unconfigured(settings, storage)
+            elif settings.audit.enabled:
+                conf = audit_chain_for(settings)
+            audit = await _open_audit(settings, conf, storage, barrier, claim) if settings.audit.enabled else None
             try:
                 new = tokens.generate_token()
                 record = TokenRecord(
