@@ -5,6 +5,7 @@ token or key material::
 
     SecretsdError
     ├── ConfigError                    configuration is invalid or unsafe
+    │   └── PolicyFileError            the policy file is invalid (a reload keeps the previous policies)
     ├── StateError
     │   ├── NotInitializedError        the store has not been initialised (run `secretsd init`)
     │   ├── AlreadyInitializedError    `init` on a store that exists
@@ -58,6 +59,10 @@ class SecretsdError(Exception):
 
 class ConfigError(SecretsdError):
     """The configuration is invalid."""
+
+
+class PolicyFileError(ConfigError):
+    """The policy file cannot be read or is invalid; the policies in force are unchanged."""
 
 
 class StateError(SecretsdError):

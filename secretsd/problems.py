@@ -29,6 +29,8 @@ class ProblemType:
 # Ordered most specific first: the first class the exception is an instance of wins.
 PROBLEMS: dict[type[errors.SecretsdError], ProblemType] = {
     errors.InvalidPathError: ProblemType("invalid-path", 400, "Invalid secret path"),
+    # A reload refused: the request was fine, the file it names is not (its detail says why).
+    errors.PolicyFileError: ProblemType("invalid-policy-file", 422, "Invalid policy file"),
     errors.PayloadTooLargeError: ProblemType("payload-too-large", 413, "Request body too large"),
     errors.UnsupportedMediaTypeError: ProblemType("unsupported-media-type", 415, "Unsupported media type"),
     errors.RequestTimeoutError: ProblemType("request-timeout", 408, "Request timeout"),

@@ -153,7 +153,8 @@ def test_the_body_model_each_operation_declares_is_the_one_its_handler_reads() -
 def _cases() -> list[tuple[str, str, Capability]]:
     out = []
     for op in OPERATIONS:
-        url = (op.path.replace("{path:.+}", "app/x").replace("{token_id}", "sdt_0000000000000000"))
+        url = (op.path.replace("{path:.+}", "app/x").replace("{token_id}", "sdt_0000000000000000")
+               .replace("{name}", "root"))
         for v in op.variants:
             out.append((op.method, url.replace("{action}", v.value), v.capability))
         if not op.variants and op.capability is not None:

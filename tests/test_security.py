@@ -52,7 +52,7 @@ def all_routes(api: Api) -> list[tuple[str, str]]:
         if route.method in ("HEAD", "*") or path in PUBLIC_ROUTES:
             continue
         concrete = path.replace("{path:.+}", "app/x").replace("{path}", "app/x").replace(
-            "{action}", "undelete").replace("{token_id}", "sdt_0000000000000000")
+            "{action}", "undelete").replace("{token_id}", "sdt_0000000000000000").replace("{name}", "root")
         out.append((route.method, concrete))
     return out
 

@@ -21,6 +21,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 
 from secretsd.api.context import SERVICES
@@ -88,9 +89,18 @@ class CreateTokenBody(_Body):
 
 
 class PolicyCheckBody(_Body):
-    client: str
+    """Either a ``client`` (its tokens' policies) or ``policies`` named directly, not both."""
+
+    client: str | None = None
+    policies: list[str] | None = Field(default=None, min_length=1, max_length=64)
     capability: str
     path: str
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> PolicyCheckBody:
+        if (self.client is None) == (self.policies is None):
+            raise ValueError("give either 'client' or 'policies'")
+        return self
 
 
 def describe(exc: ValidationError) -> str:

@@ -36,7 +36,7 @@ from secretsd.api.services import METRICS_CONTENT_TYPE, Services
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT
-from secretsd.errors import SecretsdError
+from secretsd.errors import RequestError, SecretsdError
 from secretsd.paths import validate_path
 from secretsd.records import SecretRecord, TokenRecord, VersionInfo
 
@@ -267,8 +267,16 @@ async def policy_check(request: web.Request) -> web.Response:
     capability = Capability.parse(body.capability)
     path = body.path if body.path.startswith("sys/") else validate_path(body.path)
     d = services(request)
-    held = await d.tokens.policies_of(body.client)
-    decision = d.policies.current.decide(held, capability, path)
+    current = d.policies.current
+    if body.policies is not None:  # the policies themselves, as docs/operations.md checks them
+        unknown = current.unknown(body.policies)
+        if unknown:
+            raise RequestError(f"unknown policy: {', '.join(unknown)}")
+        held = sorted(set(body.policies))
+    else:
+        assert body.client is not None  # PolicyCheckBody: one of the two
+        held = await d.tokens.policies_of(body.client)
+    decision = current.decide(held, capability, path)
     rule = decision.rule
     return web.json_response({
         "client": body.client,
@@ -282,6 +290,24 @@ async def policy_check(request: web.Request) -> web.Response:
             "effect": "allow" if decision.allowed else "deny",
         },
     })
+
+
+async def policy_list(request: web.Request) -> web.Response:
+    authorize(request, Capability.ADMIN, "sys/policy")
+    return web.json_response({"policies": services(request).policies.current.summary()})
+
+
+async def policy_show(request: web.Request) -> web.Response:
+    authorize(request, Capability.ADMIN, "sys/policy")
+    return web.json_response(services(request).policies.current.describe_policy(request.match_info["name"]))
+
+
+async def policy_reload(request: web.Request) -> web.Response:
+    who = authorize(request, Capability.ADMIN, "sys/policy")
+    store = services(request).policies
+    # PolicyFileError (422, its detail the reason) leaves the policies in force unchanged.
+    new = store.reload(who.client)
+    return web.json_response(store.status() | {"policies": new.names()})
 
 
 # -- tokens -----------------------------------------------------------------------------------

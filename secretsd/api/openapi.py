@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from secretsd import __version__
 from secretsd.api.routes import OPERATIONS, Operation, Query
+from secretsd.domain.policy import NAME_PATTERN as POLICY_NAME_PATTERN
 from secretsd.paths import MAX_PATH_LENGTH, PATH_PATTERN
 from secretsd.problems import PROBLEM_CONTENT_TYPE
 
@@ -23,6 +24,8 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_PATH_LENGTH, "pattern": PATH_PATTERN},
     },
     "token_id": {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    "name": {"name": "name", "in": "path", "required": True, "description": "A policy's name",
+             "schema": {"type": "string", "pattern": POLICY_NAME_PATTERN}},
 }
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 _TEMPLATE_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")

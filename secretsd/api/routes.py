@@ -155,8 +155,17 @@ OPERATIONS: tuple[Operation, ...] = (
               Capability.READ, "on sys/status", while_sealed=True),
     Operation("POST", "/v1/sys/keyring/rotate", h.rotate_keyring, "Add a keyring term", "keyring.rotate",
               Capability.ADMIN, "on sys/keyring"),
-    Operation("POST", "/v1/sys/policy/check", h.policy_check, "Which rule decides a client's request",
+    Operation("POST", "/v1/sys/policy/check", h.policy_check,
+              "Which rule decides a request of a client (or of the named policies)",
               "policy.check", Capability.ADMIN, "on sys/policy", body=PolicyCheckBody),
+    Operation("POST", "/v1/sys/policy/reload", h.policy_reload,
+              "Reload the policy file, all or nothing; 422 invalid-policy-file (the detail says why) "
+              "keeps the policies in force", "policy.reload", Capability.ADMIN, "on sys/policy",
+              more=("422",)),
+    Operation("GET", "/v1/sys/policies", h.policy_list, "The loaded policies: names, descriptions, counts",
+              "policy.list", Capability.ADMIN, "on sys/policy"),
+    Operation("GET", "/v1/sys/policies/{name}", h.policy_show, "One loaded policy's rules", "policy.show",
+              Capability.ADMIN, "on sys/policy"),
     # -- tokens ---------------------------------------------------------------------------------
     Operation("POST", "/v1/auth/tokens", h.create_token, "Create a token for a client", "token.create",
               Capability.ADMIN, "on sys/tokens", body=CreateTokenBody, ok=201),

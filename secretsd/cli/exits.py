@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from secretsd.errors import ConfigError, SecretsdError, UnreachableError
+from secretsd.errors import ConfigError, PolicyFileError, SecretsdError, UnreachableError
 from secretsd.problems import problem_for
 
 
@@ -38,9 +38,9 @@ def exit_code(exc: SecretsdError) -> Exit:
     """The exit status of a command that talks to the daemon and failed with ``exc``."""
     if isinstance(exc, UnreachableError):
         return Exit.UNAVAILABLE
-    if isinstance(exc, ConfigError):
-        # The daemon never sends a configuration error: this one is about our own address,
-        # token or CA file, i.e. how the command was invoked.
+    if isinstance(exc, ConfigError) and not isinstance(exc, PolicyFileError):
+        # The daemon sends no configuration error but a refused policy reload (422, exit 1):
+        # this one is about our own address, token or CA file, i.e. how the command was invoked.
         return Exit.USAGE
     return _BY_STATUS.get(problem_for(exc).status, Exit.ERROR)
 
@@ -48,7 +48,7 @@ def exit_code(exc: SecretsdError) -> Exit:
 def error_document(exc: SecretsdError, code: Exit) -> dict[str, object]:
     """What ``--json`` prints for a failed remote command: the problem's type and status as the
     daemon would give them (none for an error of our own side, such as an unreachable daemon)."""
-    remote = not isinstance(exc, (UnreachableError, ConfigError))
+    remote = not isinstance(exc, (UnreachableError, ConfigError)) or isinstance(exc, PolicyFileError)
     ptype = problem_for(exc)
     return {"error": {"type": ptype.slug if remote else ("unreachable" if code == Exit.UNAVAILABLE else "usage"),
                       "status": ptype.status if remote else None, "detail": exc.message, "exit_code": int(code)}}

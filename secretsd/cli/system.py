@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_duration, remote, table
+from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, parse_duration, remote, table
 
 
 @main.command()
@@ -24,7 +26,18 @@ def status(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     else:
-        table(None, ["", ""], [[k, v] for k, v in data.items()])
+        table(None, ["", ""], _rows(data))
+
+
+def _rows(data: dict[str, Any], prefix: str = "") -> list[list[Any]]:
+    """A nested object as dotted rows (``policy.digest``), one value per line."""
+    rows: list[list[Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.extend(_rows(value, f"{prefix}{key}."))
+        else:
+            rows.append([prefix + key, value])
+    return rows
 
 
 @main.command()
@@ -77,28 +90,125 @@ def policy() -> None:
 
 
 @policy.command(name="check")
-@click.argument("client_name", metavar="CLIENT")
-@click.argument("capability")
-@click.argument("path")
+@click.argument("subject", nargs=-1, required=True, metavar="[CLIENT] CAPABILITY PATH")
+@click.option("--policy", "policies", multiple=True,
+              help="Check this policy (repeatable: a token holding them all) instead of a CLIENT.")
 @json_option
 @remote
-def policy_check(ctx: Ctx, client_name: str, capability: str, path: str, as_json: bool) -> None:
-    """Say whether CLIENT may use CAPABILITY on PATH, and which rule decides.
+def policy_check(ctx: Ctx, subject: tuple[str, ...], policies: tuple[str, ...], as_json: bool) -> None:
+    """Say whether CLIENT (the union of its active tokens' policies), or a token holding the
+    --policy policies, may use CAPABILITY on PATH, and which rule decides.
 
     Exit 0 when allowed, 1 when denied.
 
     \b
-    Example:
+    Examples:
       secretsd policy check billing read billing/stripe-key
+      secretsd policy check --policy billing read billing/stripe-key
     """
+    if len(subject) != (2 if policies else 3):
+        raise click.UsageError("give CAPABILITY PATH with --policy, or CLIENT CAPABILITY PATH without it")
+    client_name = None if policies else subject[0]
+    capability, path = subject[-2:]
     with ctx.client() as client:
-        data = client.policy_check(client_name, capability, path)
+        data = client.policy_check(client_name, capability, path, list(policies) if policies else None)
     if as_json:
         emit_json(data)
     else:
         click.echo(f"{'ALLOW' if data['allowed'] else 'DENY'}: {data['explanation']}")
     if not data["allowed"]:
         sys.exit(1)
+
+
+@policy.command(name="list")
+@json_option
+@remote
+def policy_list(ctx: Ctx, as_json: bool) -> None:
+    """The policies the daemon has loaded, with their rule and path counts.
+
+    \b
+    Example:
+      secretsd policy list
+    """
+    with ctx.client() as client:
+        data = client.policy_list()
+    if as_json:
+        emit_json(data)
+    else:
+        table(None, ["name", "rules", "paths", "capabilities", "description"],
+              [[p["name"], p["rules"], p["paths"], ",".join(p["capabilities"]), p["description"]]
+               for p in data["policies"]])
+
+
+@policy.command(name="show")
+@click.argument("name")
+@json_option
+@remote
+def policy_show(ctx: Ctx, name: str, as_json: bool) -> None:
+    """A loaded policy's rules, in order (exit 3 if the daemon has no such policy).
+
+    \b
+    Example:
+      secretsd policy show billing
+    """
+    with ctx.client() as client:
+        data = client.policy_show(name)
+    if as_json:
+        emit_json(data)
+    else:
+        title = data["name"] + (f": {data['description']}" if data["description"] else "")
+        table(title, ["rule", "path", "allow", "deny"],
+              [[r["index"], r["path"], ",".join(r["allow"]), ",".join(r["deny"])] for r in data["rules"]])
+
+
+@policy.command(name="reload")
+@json_option
+@remote
+def policy_reload(ctx: Ctx, as_json: bool) -> None:
+    """Make the daemon re-read its policy file (as SIGHUP does). An invalid file is refused with
+    its reason (exit 1) and the policies in force stay.
+
+    \b
+    Example:
+      secretsd policy reload
+    """
+    with ctx.client() as client:
+        data = client.policy_reload()
+    if as_json:
+        emit_json(data)
+    else:
+        source = data["file"] or "(no policy_file: root only)"
+        click.echo(f"reloaded {source}: {', '.join(data['policies'])} ({data['digest'] or 'no digest'})")
+
+
+@policy.command(name="validate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def policy_validate(file: Path, as_json: bool) -> None:
+    """Check a policy file offline, with exactly the daemon's parser and rules (no daemon needed).
+
+    Exit 0 and a one-line summary when valid; 1 and a one-line error naming the file and the line
+    (TOML syntax) or the policy and rule (anything else) when not; 2 when FILE does not exist.
+
+    \b
+    Example:
+      secretsd policy validate /etc/secretsd/policies.toml && systemctl reload secretsd
+    """
+    from secretsd.domain.policy import PolicySet  # no server, storage or crypto stack
+    from secretsd.errors import PolicyFileError
+
+    try:
+        loaded = PolicySet.load(file)
+    except PolicyFileError as exc:
+        if as_json:  # the shape every --json failure has (docs/cli.md); offline, so no HTTP status
+            emit_json({"error": {"type": "invalid-policy-file", "status": None, "detail": exc.message,
+                                 "exit_code": 1}})
+        fail(exc.message, 1)
+        return
+    if as_json:
+        emit_json({"valid": True, "file": str(file), "digest": loaded.digest, "policies": loaded.names()})
+    else:
+        click.echo(f"{file}: valid, {len(loaded.policies)} policies ({', '.join(loaded.names())}), {loaded.digest}")
 
 
 @main.group()

@@ -97,9 +97,21 @@ def rotate_keyring() -> Call:
     return Call("POST", "/v1/sys/keyring/rotate", idempotent=False)
 
 
-def policy_check(client: str, capability: str, path: str) -> Call:
-    return Call("POST", "/v1/sys/policy/check",
-                body={"client": client, "capability": capability, "path": path})
+def policy_check(client: str | None, capability: str, path: str, policies: list[str] | None = None) -> Call:
+    subject: dict[str, Any] = {"client": client} if policies is None else {"policies": policies}
+    return Call("POST", "/v1/sys/policy/check", body=subject | {"capability": capability, "path": path})
+
+
+def policy_list() -> Call:
+    return Call("GET", "/v1/sys/policies")
+
+
+def policy_show(name: str) -> Call:
+    return Call("GET", f"/v1/sys/policies/{quote(name, safe='')}")
+
+
+def policy_reload() -> Call:
+    return Call("POST", "/v1/sys/policy/reload")
 
 
 def create_token(client: str, policies: list[str], ttl_seconds: int | None = None) -> Call:

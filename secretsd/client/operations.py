@@ -147,9 +147,23 @@ class Operations(ABC, Generic[R]):
         """Add a keyring term: new secret versions are encrypted under a new data key."""
         return self.call(calls.rotate_keyring())
 
-    def policy_check(self, client: str, capability: str, path: str) -> R:
-        """Would ``client`` be allowed ``capability`` on ``path``, and which rule decides."""
-        return self.call(calls.policy_check(client, capability, path))
+    def policy_check(self, client: str | None, capability: str, path: str,
+                     policies: list[str] | None = None) -> R:
+        """Would ``client`` (or a holder of ``policies``, when given instead) be allowed
+        ``capability`` on ``path``, and which rule decides."""
+        return self.call(calls.policy_check(client, capability, path, policies))
+
+    def policy_list(self) -> R:
+        """The policies the daemon has loaded: names, descriptions, rule counts."""
+        return self.call(calls.policy_list())
+
+    def policy_show(self, name: str) -> R:
+        """One loaded policy's rules (``NotFoundError`` if there is none by that name)."""
+        return self.call(calls.policy_show(name))
+
+    def policy_reload(self) -> R:
+        """Reload the daemon's policy file; ``PolicyFileError`` (and no change) if it is invalid."""
+        return self.call(calls.policy_reload())
 
     def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None) -> R:
         """Issue a token for ``client`` holding ``policies``; the token is in the answer, once."""

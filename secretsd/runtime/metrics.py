@@ -129,8 +129,27 @@ class _StateCollector(Collector):
                                   "Requests that failed authentication beyond their budget: counted in an "
                                   "auth.failures summary record instead of a record of their own",
                                   value=audit.failures_summarised if audit else 0)
+        yield from _policy_metrics(d)
         yield GaugeMetricFamily("secretsd_secrets", "Secrets stored", value=self._gauges["secrets"])
         yield GaugeMetricFamily("secretsd_tokens", "Active tokens", value=self._gauges["tokens"])
+
+
+def _policy_metrics(d: Daemon) -> Iterator[Metric]:
+    """The policy file in force and the last reload (SIGHUP or POST /v1/sys/policy/reload)."""
+    store = d.policies
+    info = GaugeMetricFamily("secretsd_policy_info", "1, labelled with the SHA-256 digest of the policy "
+                             "file in force ('' when there is none: root only)", labels=["digest"])
+    info.add_metric([store.current.digest or ""], 1)
+    yield info
+    yield GaugeMetricFamily("secretsd_policies", "Policies loaded, root included", value=len(store.current.policies))
+    yield GaugeMetricFamily("secretsd_policy_loaded_timestamp_seconds", "When the policies in force were loaded",
+                            value=store.loaded_at.timestamp())
+    last = store.last_reload
+    yield GaugeMetricFamily("secretsd_policy_reload_success", "1 if the last load or reload of the policy "
+                            "file succeeded, 0 if it was refused (the previous policies stay)", value=int(last.ok))
+    yield GaugeMetricFamily("secretsd_policy_last_reload_timestamp_seconds",
+                            "When the policy file was last loaded or reloaded, successfully or not",
+                            value=last.at.timestamp())
 
 
 class TimedProvider:

@@ -16,8 +16,7 @@ from aiohttp import web
 
 from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
-from secretsd.errors import ConfigError
-from secretsd.events import Event
+from secretsd.errors import ConfigError, PolicyFileError
 from secretsd.runtime.config import Settings, parse_listen
 from secretsd.runtime.daemon import Daemon
 from secretsd.runtime.edge import Edge, EdgeCollector
@@ -171,14 +170,10 @@ def _install_signal_handlers(signals: SignalHandlers, daemon: Daemon) -> asyncio
 
 
 def _reload_policies(daemon: Daemon) -> None:
-    try:
-        policies = daemon.policies.reload()
-    except ConfigError as exc:
-        log.error("policy reload failed, keeping the previous policies: %s", exc)
-        daemon.events.emit(Event("policy.reload", daemon.clock(), "system", detail={"outcome": "failed"}))
-        return
-    daemon.events.emit(Event("policy.reload", daemon.clock(), "system",
-                             detail={"policies": policies.names()}))
+    # The same path as POST /v1/sys/policy/reload: PolicyStore.reload logs a failure, keeps it for
+    # status and metrics and emits the policy.reload event (audited as client "system").
+    with contextlib.suppress(PolicyFileError):
+        daemon.policies.reload()
 
 
 async def _wait(stop: asyncio.Event) -> None:
