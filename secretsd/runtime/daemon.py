@@ -133,7 +133,7 @@ class Daemon:
         self.clock = clock
         self.events = EventBus()
         self.storage = build_storage(settings)
-        self.policies = PolicyStore(settings.policy_file)
+        self.policies = PolicyStore(settings.policy_file, events=self.events, clock=clock)
         self.providers = provider_set(
             settings, decorate=lambda p: TimedProvider(p, self._observe_provider)  # type: ignore[arg-type, return-value]
         )
