@@ -7,6 +7,7 @@ calls it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,12 +18,12 @@ from secretsd.custody.barrier import Barrier
 from secretsd.domain.identity import Principal
 from secretsd.domain.rotation import LABELS, RotationPolicy, check_servable, labels_of
 from secretsd.domain.values import encodable, validate_expiry
-from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError
+from secretsd.errors import ConflictError, NotFoundError, PayloadTooLargeError, RequestError, SecretsdError
 from secretsd.events import Event, EventBus
 from secretsd.paths import validate_path, validate_prefix
 from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionState, WriteResult
 from secretsd.storage import Storage
-from secretsd.storage.base import Seal
+from secretsd.storage.base import BatchWrite, Seal
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128
@@ -32,8 +33,21 @@ MAX_METADATA_VALUE = 1024
 # loser tries again, and after this many losses the caller hears so.
 WRITE_ATTEMPTS = 8
 MAX_LIST_LIMIT = 1000
+#: Items one batch write may hold: bounds how long it holds the store's write lock.
+MAX_BATCH_ITEMS = 1000
 #: Storage pages scanned at most to fill one listing page when policies hide many paths.
 MAX_LIST_SCANS = 20
+
+
+@dataclass(frozen=True)
+class Put:
+    """One write of ``SecretsService.put_batch``: the fields of a single ``put``."""
+
+    path: str
+    value: str
+    cas: int | None = None
+    metadata: Mapping[str, Any] | None = None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -115,43 +129,84 @@ class SecretsService:
     ) -> VersionInfo:
         """Write a new current version. With a rotation policy on the secret, the old current
         version gets the policy's grace period, as after a rotation (docs/rotation.md)."""
-        validate_path(path)
-        plaintext = encodable(value)
-        if len(plaintext) > self._max_value_bytes:
-            raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
-        if cas is not None and cas < 0:
-            raise RequestError("cas must be 0 (create only) or an existing version number")
-        clean_meta = validate_metadata(metadata) if metadata is not None else None
-        expires_at = validate_expiry(expires_at, self._clock())
+        item = self._checked(Put(path, value, cas, metadata, expires_at))
         written: list[VersionRecord] = []
+        seal = self._sealer(who, item, written)
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                result = await self._write(path, seal, cas, item.metadata)
+            except ConflictError:
+                if cas is not None:
+                    raise
+                continue  # two creators of one new secret (PostgreSQL): the loser tries again
+            return await self._written(who, written[-1], result)
+        raise ConflictError(f"{path} is being written concurrently; try again")
+
+    async def put_batch(self, who: Principal, items: Sequence[Put]) -> list[VersionInfo | SecretsdError]:
+        """Many writes in one storage transaction (one sync), each checked, sealed and written as
+        ``put`` would, with its own outcome in its place: an invalid item or a failed check-and-set
+        is reported, never written, and does not stop the others."""
+        if len(items) > MAX_BATCH_ITEMS:
+            raise RequestError(f"a batch holds at most {MAX_BATCH_ITEMS} items")
+        outcomes: list[VersionInfo | SecretsdError | None] = [None] * len(items)
+        writes: list[tuple[int, BatchWrite, list[VersionRecord]]] = []
+        for i, raw in enumerate(items):
+            try:
+                item = self._checked(raw)
+            except SecretsdError as exc:
+                outcomes[i] = exc
+                continue
+            written: list[VersionRecord] = []
+            writes.append((i, BatchWrite(item.path, self._sealer(who, item, written), item.cas, item.metadata),
+                           written))
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                results = await self._storage.write_batch([w for _, w, _ in writes], max_versions=self._max_versions)
+                break
+            except ConflictError:
+                continue  # two creators of one new secret (PostgreSQL) aborted it all: try it all again
+        else:
+            raise ConflictError("the batch's secrets are being written concurrently; try again")
+        for (i, _, written), result in zip(writes, results, strict=True):
+            outcomes[i] = result if isinstance(result, ConflictError) else await self._written(who, written[-1], result)
+        return [o for o in outcomes if o is not None]
+
+    def _checked(self, item: Put) -> Put:
+        """``item`` with its metadata and expiry validated, or the reason it cannot be written."""
+        validate_path(item.path)
+        if len(encodable(item.value)) > self._max_value_bytes:
+            raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
+        if item.cas is not None and item.cas < 0:
+            raise RequestError("cas must be 0 (create only) or an existing version number")
+        return dataclasses.replace(
+            item, metadata=validate_metadata(item.metadata) if item.metadata is not None else None,
+            expires_at=validate_expiry(item.expires_at, self._clock()))
+
+    def _sealer(self, who: Principal, item: Put, written: list[VersionRecord]) -> Seal:
+        """The seal a write of ``item`` runs inside its transaction; it keeps what it made in ``written``."""
+        plaintext = encodable(item.value)
 
         def seal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
             # Not current + 1: a pending rotation (or a discarded one) may hold that number.
             version = (secret.latest_version if secret else 0) + 1
-            sealed = self._barrier.seal_value(path, version, plaintext)
+            sealed = self._barrier.seal_value(item.path, version, plaintext)
             now = self._clock()
             grace_until = None
             if secret is not None and secret.rotation is not None:
                 grace_until = now + RotationPolicy.parse(secret.rotation).grace
             written.append(VersionRecord(
-                path=path, version=version, created_at=now, created_by=who.client,
+                path=item.path, version=version, created_at=now, created_by=who.client,
                 state=VersionState.ACTIVE, term=sealed.term, nonce=sealed.nonce,
-                ciphertext=sealed.ciphertext, expires_at=expires_at,
+                ciphertext=sealed.ciphertext, expires_at=item.expires_at,
             ))
             return written[-1], grace_until
 
-        for _ in range(WRITE_ATTEMPTS):
-            try:
-                result = await self._write(path, seal, cas, clean_meta)
-            except ConflictError:
-                if cas is not None:
-                    raise
-                continue  # two creators of one new secret (PostgreSQL): the loser tries again
-            record = written[-1]
-            await self._barrier.note_encryptions(record.term, result.term_encryptions)
-            self._emit("secret.write", who, path, record.version)
-            return record
-        raise ConflictError(f"{path} is being written concurrently; try again")
+        return seal
+
+    async def _written(self, who: Principal, record: VersionRecord, result: WriteResult) -> VersionRecord:
+        await self._barrier.note_encryptions(record.term, result.term_encryptions)
+        self._emit("secret.write", who, record.path, record.version)
+        return record
 
     async def _write(
         self, path: str, seal: Seal, cas: int | None, metadata: Mapping[str, Any] | None
@@ -190,10 +245,14 @@ class SecretsService:
             if label in (None, "current"):
                 raise NotFoundError(f"no secret at {path}")
             raise NotFoundError(f"{path} has no {label} version")
-        secret, record = found
+        return await self._serve(who, *found, privileged=privileged, may_read_pending=may_read_pending)
+
+    async def _serve(self, who: Principal, secret: SecretRecord, record: VersionRecord, *, privileged: bool = False,
+                     may_read_pending: bool = False) -> SecretValue:
+        """A version read from the store, opened if the serving rule allows it to be read."""
         check_servable(secret, record, now=self._clock(), privileged=privileged, may_read_pending=may_read_pending)
         plaintext = await self._barrier.open_value(record)
-        self._emit("secret.read", who, path, record.version)
+        self._emit("secret.read", who, secret.path, record.version)
         return SecretValue(record, plaintext.decode("utf-8"), tuple(labels_of(secret, record.version)))
 
     async def list_secrets(self, who: Principal, prefix: str, *, after: str = "",
@@ -230,6 +289,29 @@ class SecretsService:
                 break
             after = found[-1].path
         return ListPage(shown, shown[-1].path if shown and more else None)
+
+    async def read_page(self, who: Principal, prefix: str, *, after: str = "", limit: int = MAX_LIST_LIMIT,
+                        visible: Callable[[list[str]], set[str]],
+                        ) -> tuple[list[tuple[str, SecretValue | SecretsdError]], str | None]:
+        """The current values of a page of the secrets below ``prefix`` that ``visible`` lets the
+        caller read, each read as ``get`` reads it; one that cannot be served (deleted, expired)
+        is reported in its place with the reason, and does not stop the others."""
+        page = await self.list_page(who, prefix, after=after, limit=limit, visible=visible)
+        if not page.secrets:
+            return [], page.next_after
+        # One range read for the page's values; a path listed but gone by now is not found.
+        current = {s.path: (s, v) for s, v in await self._storage.read_current_between(
+            page.secrets[0].path, page.secrets[-1].path)}
+        out: list[tuple[str, SecretValue | SecretsdError]] = []
+        for secret in page.secrets:
+            try:
+                found = current.get(secret.path)
+                if found is None:
+                    raise NotFoundError(f"no secret at {secret.path}")
+                out.append((secret.path, await self._serve(who, *found)))
+            except SecretsdError as exc:
+                out.append((secret.path, exc))
+        return out, page.next_after
 
     async def metadata(self, who: Principal, path: str) -> tuple[SecretRecord, list[VersionInfo]]:
         validate_path(path)

@@ -7,10 +7,12 @@ same conformance suite (``secretsd.storage.testing``); nothing backend-specific 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from keyproviders import WrappedKey
+from secretsd.errors import ConflictError
 from secretsd.records import (  # the records that cross the protocol (re-exported)
     KeyringTerm,
     RotationStatus,
@@ -30,6 +32,18 @@ __all__ = [
 #: Seals an unconditional write for the secret as its transaction locked it (None: no such secret):
 #: returns the version record to write (numbered ``latest_version + 1``) and the old current's grace end.
 Seal = Callable[[SecretRecord | None], tuple[VersionRecord, datetime | None]]
+
+
+@dataclass(frozen=True)
+class BatchWrite:
+    """One write of a batch (``Storage.write_batch``): sealed inside the transaction like
+    ``write_unconditional``, refused (ConflictError) when ``expected_current`` is set and the
+    secret's current version is another one (0: the secret must not exist yet)."""
+
+    path: str
+    seal: Seal
+    expected_current: int | None = None
+    metadata: Mapping[str, Any] | None = None
 
 #: Decides, inside the revoking transaction, whether a revocation may go ahead (raise to refuse).
 RevokeGuard = Callable[[TokenRecord, Sequence[TokenRecord], datetime], None]
@@ -179,6 +193,20 @@ class Storage(Protocol):
         as stored (None if there is none) and its record is written as by ``write_version``. Writers
         of one path never conflict: each is sealed for the number it gets. (Two creators of a new
         secret may still meet the primary key on PostgreSQL: ``ConflictError``, try again.)"""
+        ...
+
+    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
+        """Every secret with a path from ``first`` to ``last`` (inclusive), with its current version,
+        in path order: the values of a page a listing returned, in one read."""
+        ...
+
+    async def write_batch(
+        self, items: Sequence[BatchWrite], *, max_versions: int,
+    ) -> list[WriteResult | ConflictError]:
+        """Many writes in one transaction, each in a savepoint of its own: an item refused by its
+        check-and-set is rolled back alone and reported in its place; the others commit together,
+        with one sync. An error of the transaction itself (disk, connection) fails the whole batch,
+        and nothing of it is stored."""
         ...
 
     async def read_version(

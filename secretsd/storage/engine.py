@@ -30,6 +30,8 @@ The row operations a dialect implements (``RowOps`` spells out their signatures)
 ``insert_token(token)``, ``lock_active_tokens() -> list[TokenRecord]``, ``revoke_token(token_id, now) -> bool``
 ``notify(channel, payload)``
     Announce a change to other processes when the transaction commits (a no-op without a feed).
+``savepoint()`` / ``release_savepoint()`` / ``rollback_savepoint()``
+    Open the batch item's savepoint; keep its changes; undo them (and leave it). Not nested.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from secretsd.storage import codec
 from secretsd.storage.base import (
     KEYRING_CHANNEL,
     TOKENS_CHANNEL,
+    BatchWrite,
     KeyringTerm,
     RevokeGuard,
     RotationStatus,
@@ -65,7 +68,7 @@ OpName = Literal[
     "lock_secret", "insert_secret", "update_secret", "lock_versions", "insert_version", "update_version",
     "prunable_versions", "delete_versions", "count_encryption", "claim_initialized", "insert_meta",
     "insert_term", "lock_term_wrappings", "update_term_wrappings", "insert_token", "lock_active_tokens",
-    "revoke_token", "notify",
+    "revoke_token", "notify", "savepoint", "release_savepoint", "rollback_savepoint",
 ]
 OP_NAMES: tuple[str, ...] = get_args(OpName)
 
@@ -108,6 +111,9 @@ class RowOps(Protocol):
     def lock_active_tokens(self) -> list[TokenRecord]: ...
     def revoke_token(self, token_id: str, now: datetime) -> bool: ...
     def notify(self, channel: str, payload: str) -> None: ...
+    def savepoint(self) -> None: ...
+    def release_savepoint(self) -> None: ...
+    def rollback_savepoint(self) -> None: ...
 
 
 # -- running a plan --------------------------------------------------------------------------------
@@ -338,12 +344,38 @@ def write_unconditional(
     transaction locked it, so it is never a conflict and costs its caller no read before."""
     if max_versions < 1:
         raise ValueError("max_versions must be at least 1")
+    return (yield from _write_sealed(BatchWrite(path, seal, metadata=metadata), max_versions))
+
+
+def write_batch(items: Sequence[BatchWrite], *, max_versions: int) -> Plan[list[WriteResult | ConflictError]]:
+    """Each item as ``write_unconditional`` (or, with ``expected_current``, check-and-set first), in
+    a savepoint of its own: a refused item is undone alone and its error takes its place."""
+    if max_versions < 1:
+        raise ValueError("max_versions must be at least 1")
+    results: list[WriteResult | ConflictError] = []
+    for item in items:
+        yield Op("savepoint")
+        try:
+            results.append((yield from _write_sealed(item, max_versions)))
+        except ConflictError as exc:
+            yield Op("rollback_savepoint")
+            results.append(exc)
+        else:
+            yield Op("release_savepoint")
+    return results
+
+
+def _write_sealed(item: BatchWrite, max_versions: int) -> Plan[WriteResult]:
+    """Seal ``item`` against its secret as this transaction locked it, and append it."""
+    path = item.path
     secret: SecretRecord | None = yield Op("lock_secret", (path,))
-    record, grace_until = seal(secret)
+    record, grace_until = item.seal(secret)
     if record.path != path:
         raise ValueError("seal must keep the path")
-    check_and_set(path, secret, secret.current_version if secret else 0, record.version)
-    return (yield from _write_next(secret, record, metadata, max_versions, grace_until))
+    current = secret.current_version if secret else 0
+    check_and_set(path, secret, current if item.expected_current is None else item.expected_current,
+                  record.version)
+    return (yield from _write_next(secret, record, item.metadata, max_versions, grace_until))
 
 
 def _write_next(

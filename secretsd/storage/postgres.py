@@ -67,6 +67,7 @@ from secretsd.errors import (
 from secretsd.storage import codec, engine, queries, rows
 from secretsd.storage import postgres_sql as sql
 from secretsd.storage.base import (
+    BatchWrite,
     ChangeSubscription,
     ExportRow,
     KeyringTerm,
@@ -407,6 +408,12 @@ class PostgresStorage:
         values, split = list(rows[0].values()), queries.SECRET_WIDTH
         return engine.secret_from_row(values[:split], sql.as_is), engine.version_from_row(values[split:], sql.as_is)
 
+    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
+        split = queries.SECRET_WIDTH
+        return [(engine.secret_from_row(values[:split], sql.as_is), engine.version_from_row(values[split:], sql.as_is))
+                for values in (list(row.values()) for row in await self._fetch(sql.SQL.read_current_between,
+                                                                                first, last))]
+
     async def write_version(
         self,
         record: VersionRecord,
@@ -428,6 +435,11 @@ class PostgresStorage:
     ) -> WriteResult:
         return await self._plan(lambda: engine.write_unconditional(
             path, seal, metadata=metadata, max_versions=max_versions))
+
+    async def write_batch(
+        self, items: Sequence[BatchWrite], *, max_versions: int,
+    ) -> list[WriteResult | ConflictError]:
+        return await self._plan(lambda: engine.write_batch(items, max_versions=max_versions))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
         return await self._plan(lambda: engine.create_pending(record, expected_current=expected_current))

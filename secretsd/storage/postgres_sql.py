@@ -139,3 +139,14 @@ class PostgresRowOps:
         # Delivered to listeners when (and only if) the transaction commits.
         # portability: CockroachDB has no LISTEN/NOTIFY; see docs/ha.md.
         await self.conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    # A batch item's own savepoint: a refused item is undone without aborting the transaction.
+    async def savepoint(self) -> None:
+        await self.conn.execute("SAVEPOINT batch_item")
+
+    async def release_savepoint(self) -> None:
+        await self.conn.execute("RELEASE SAVEPOINT batch_item")
+
+    async def rollback_savepoint(self) -> None:
+        await self.conn.execute("ROLLBACK TO SAVEPOINT batch_item")
+        await self.conn.execute("RELEASE SAVEPOINT batch_item")

@@ -32,6 +32,7 @@ from secretsd.errors import (
 from secretsd.storage import codec, engine, queries
 from secretsd.storage import rows as rowcodec
 from secretsd.storage.base import (
+    BatchWrite,
     ExportRow,
     KeyringTerm,
     RevokeGuard,
@@ -214,6 +215,17 @@ class _Ops:
     def notify(self, channel: str, payload: str) -> None:
         """No change feed on one host: other workers poll (``secretsd.runtime.replication``)."""
 
+    # A batch item's own savepoint, inside the one the group commit gives the whole batch.
+    def savepoint(self) -> None:
+        self.conn.execute("SAVEPOINT batch_item")
+
+    def release_savepoint(self) -> None:
+        self.conn.execute("RELEASE batch_item")
+
+    def rollback_savepoint(self) -> None:
+        self.conn.execute("ROLLBACK TO batch_item")
+        self.conn.execute("RELEASE batch_item")
+
 
 class SQLiteStorage:
     """``Storage`` on one SQLite database file."""
@@ -382,6 +394,10 @@ class SQLiteStorage:
             return None
         return engine.secret_from_row(rows[0][:_SPLIT], _dt), engine.version_from_row(rows[0][_SPLIT:], _dt)
 
+    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
+        rows = self._query(_SQL.read_current_between, (first, last))
+        return [(engine.secret_from_row(r[:_SPLIT], _dt), engine.version_from_row(r[_SPLIT:], _dt)) for r in rows]
+
     async def write_version(
         self,
         record: VersionRecord,
@@ -400,6 +416,11 @@ class SQLiteStorage:
         self, path: str, seal: Seal, *, metadata: Mapping[str, Any] | None, max_versions: int,
     ) -> WriteResult:
         return await self._plan(engine.write_unconditional(path, seal, metadata=metadata, max_versions=max_versions))
+
+    async def write_batch(
+        self, items: Sequence[BatchWrite], *, max_versions: int,
+    ) -> list[WriteResult | ConflictError]:
+        return await self._plan(engine.write_batch(items, max_versions=max_versions))
 
     async def create_pending(self, record: VersionRecord, *, expected_current: int) -> WriteResult:
         return await self._plan(engine.create_pending(record, expected_current=expected_current))

@@ -7,7 +7,7 @@ empty store (and closes it afterwards). The PostgreSQL backend runs exactly thes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 from keyproviders import WrappedKey
 from secretsd.errors import AlreadyInitializedError, ConflictError
 from secretsd.storage.base import (
+    BatchWrite,
     KeyringTerm,
     RotationStatus,
     SecretRecord,
@@ -23,6 +24,7 @@ from secretsd.storage.base import (
     TokenRecord,
     VersionRecord,
     VersionState,
+    WriteResult,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -296,6 +298,44 @@ class StorageConformance(CopyConformance):
             storage.write_unconditional("hot", seal, metadata=None, max_versions=100) for _ in range(8)])
         assert sorted(r.secret.current_version for r in results) == list(range(2, 10))
         assert [v.version for v in await storage.list_versions("hot")] == list(range(1, 10))
+
+    async def test_a_batch_writes_each_item_or_reports_why_not(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.write_version(version("b/old", 1), expected_current=0, metadata=None, max_versions=10)
+
+        def next_of(path: str) -> Callable[[SecretRecord | None], tuple[VersionRecord, datetime | None]]:
+            return lambda secret: (version(path, (secret.latest_version if secret else 0) + 1, ct=b"z"), None)
+
+        results = await storage.write_batch([
+            BatchWrite("b/new", next_of("b/new"), metadata={"o": "n"}),
+            BatchWrite("b/old", next_of("b/old")),                       # unconditional: version 2
+            BatchWrite("b/cas-ok", next_of("b/cas-ok"), expected_current=0),
+            BatchWrite("b/old", next_of("b/old"), expected_current=1),   # stale: b/old is at 2 by now
+            BatchWrite("b/exists", next_of("b/exists"), expected_current=5),
+        ], max_versions=10)
+        assert [r.secret.current_version if isinstance(r, WriteResult) else type(r).__name__ for r in results] == [
+            1, 2, 1, "ConflictError", "ConflictError"]
+        assert [p.path for p in await storage.list_secrets("b")] == ["b/cas-ok", "b/new", "b/old"]
+        assert [v.version for v in await storage.list_versions("b/old")] == [1, 2]
+        new = await storage.get_secret("b/new")
+        assert new is not None and new.metadata == {"o": "n"}
+        assert await storage.get_secret("b/exists") is None  # the refused item left nothing behind
+
+    async def test_read_current_between_gives_each_secret_of_the_stretch_its_current_version(
+            self, storage: Storage) -> None:
+        await initialized(storage)
+        for path, versions in (("r/a", 1), ("r/b", 2), ("r/c", 1), ("r/d", 1), ("s/x", 1)):
+            for n in range(1, versions + 1):
+                await storage.write_version(version(path, n, ct=bytes([96 + n])), expected_current=n - 1,
+                                            metadata=None, max_versions=10)
+        found = await storage.read_current_between("r/b", "r/d")
+        assert [(s.path, s.current_version, v.version, v.ciphertext) for s, v in found] == [
+            ("r/b", 2, 2, b"b" * 20), ("r/c", 1, 1, b"a" * 20), ("r/d", 1, 1, b"a" * 20)]
+        assert await storage.read_current_between("r/e", "r/z") == []
+
+    async def test_an_empty_batch_writes_nothing(self, storage: Storage) -> None:
+        await initialized(storage)
+        assert await storage.write_batch([], max_versions=10) == []
 
     async def test_old_versions_are_pruned(self, storage: Storage) -> None:
         await initialized(storage)
