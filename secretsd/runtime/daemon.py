@@ -448,5 +448,6 @@ class Daemon:
             "leader": self.leadership.is_leader,
             "audit_chain": self.audit_chain if self.settings.audit.enabled else None,
             **self.replication.status(),
+            "policy": self.policies.status(),
             "version": __version__,
         }
