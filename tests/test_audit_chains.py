@@ -152,12 +152,12 @@ async def test_a_restarted_or_upgraded_single_daemon_continues_main(tmp_path: Pa
     data = settings.require_data_dir()
     for round_ in range(3):
         if round_ == 2:
-            # As a store and data directory from before chain owners look: no owner, an empty .lock.
+            # As a store and data directory from before chain owners look: no owner, no claim file.
             conn = sqlite3.connect(data / "secretsd.db")
             conn.execute("DELETE FROM meta WHERE key = 'audit_owner:main'")
             conn.commit()
             conn.close()
-            (data / "audit" / "main.jsonl.lock").write_bytes(b"")
+            (data / "audit" / "main.claim").unlink()
         daemon = Daemon(settings)
         await daemon.start()
         try:

@@ -8,9 +8,10 @@ unconfigured one is *derived* here: the daemon takes the first free name of ``ma
 - on this host, by the ``flock`` on the chain file's ``.lock`` (what ``AuditLog`` has always taken);
   the lock stays held and ``AuditLog`` takes it over, so no other process can slip in between;
 - in the store, which replicas on other hosts share, by an owner record ``audit_owner:<chain>``
-  written only if absent. It holds a random claim id that is also kept in the chain's local
-  ``.lock`` file, so the same data directory (any process on it, after any restart) recognises its
-  own chain, and a daemon with another data directory (another host) never takes it.
+  written only if absent. It holds a random claim id that is also kept beside the chain's file, in
+  ``<chain>.claim``, so the same data directory (any process on it, after any restart) recognises
+  its own chain, and a daemon with another data directory (another host) never takes it. (Not in
+  the ``.lock`` file: tools read ``audit/*.jsonl*`` as records.)
 
 A store from before this rule has heads without owners: a chain with a stored head and no owner
 belongs to the data directory that has its log files, so an upgraded single daemon keeps ``main``.
@@ -88,16 +89,28 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
-def _local_claim(fd: int) -> str:
-    """The claim id kept in the chain's lock file; a new one is written if it has none."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    current = os.read(fd, 256).decode("ascii", "replace").strip()
+def claim_file(path: Path) -> Path:
+    """Where a chain's claim id is kept: ``<chain>.claim`` beside its log file."""
+    return path.with_suffix(".claim")
+
+
+def _local_claim(path: Path) -> str:
+    """The claim id kept beside the chain's file; a new one is written if there is none. Called with
+    the chain's lock held, so no other process writes it meanwhile."""
+    where = claim_file(path)
+    try:
+        current = where.read_text("ascii", "replace").strip()
+    except FileNotFoundError:
+        current = ""
     if re.fullmatch(r"[0-9a-f]{32}", current):
         return current
     claim = secrets.token_hex(16)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, claim.encode() + b"\n", 0)
-    os.fsync(fd)
+    fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, claim.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return claim
 
 
@@ -122,7 +135,7 @@ async def _is_ours(storage: Storage, name: str, path: Path, claim: str, node: st
     if holder == node:
         # Same host name, other claim: another data directory here, or this one lost its .lock file.
         log.warning("audit chain %r is claimed by another daemon on a host named %r (another data directory, "
-                    "or %s was removed); taking the next name", name, node, path.name + ".lock")
+                    "or %s was removed); taking the next name", name, node, claim_file(path))
     return False
 
 
@@ -138,14 +151,20 @@ async def claim_chain(storage: Storage, names: Sequence[str], path_of: Callable[
         if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"not a chain name: {name!r}")
         path = path_of(name)
-        fd = _lock(path)
+        try:
+            fd = _lock(path)
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log's lock {path}.lock: {exc.strerror or exc}") from exc
         if fd is None:
             continue  # another process on this host writes it
         try:
-            if await _is_ours(storage, name, path, _local_claim(fd), node):
+            if await _is_ours(storage, name, path, _local_claim(path), node):
                 return ChainClaim(name, path, fd)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, OSError):
+                raise AuditError(f"cannot claim the audit chain {name!r} in {path.parent}: "
+                                 f"{exc.strerror or exc}") from exc
             raise
         os.close(fd)
     raise AuditError(f"no free audit chain among {names[0]!r} and {len(names) - 1} derived names; "
