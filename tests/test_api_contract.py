@@ -53,6 +53,7 @@ BODY_ROUTES: dict[type[BaseModel], list[tuple[str, str, dict[str, Any]]]] = {
     bodies.VersionsBody: [("POST", f"/v1/secrets/app/x/{a}", {"versions": [1]})
                           for a in ("delete", "undelete", "destroy")],
     bodies.CreateTokenBody: [("POST", "/v1/auth/tokens", {"client": "c", "policies": ["p"]})],
+    bodies.BatchWriteBody: [("POST", "/v1/secrets:batch", {"items": [{"path": "app/x", "value": "v"}]})],
     bodies.PolicyCheckBody: [("POST", "/v1/sys/policy/check", {"client": "admin", "capability": "read",
                                                                 "path": "app/x"})],
 }

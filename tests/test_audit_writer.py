@@ -179,3 +179,24 @@ def test_a_short_write_is_cut_back_so_the_chain_does_not_fork(tmp_path: Path) ->
     assert json.loads(done.stdout) == ["AuditError"] * 3
     assert actions(path) == ["first", "after"]
     assert verify(log_files(path), load_public_pem(pub.read_text()), from_start=True).ok
+
+
+async def test_append_many_writes_a_batchs_records_in_order_and_fails_closed(tmp_path: Path) -> None:
+    # A batch request's items (POST /v1/secrets:batch): all durable before the answer, in order, and
+    # one record that cannot be written fails the whole call (the answer becomes a 503).
+    signer = Signer.generate()
+    path = tmp_path / "a.jsonl"
+    log = make_log(path, signer)
+    await log.open()
+    await log.append_many([{"action": f"item{n}"} for n in range(300)])  # more than one writer batch
+    assert actions(path) == [f"item{n}" for n in range(300)]
+    path.rename(tmp_path / "parked")
+    path.symlink_to("/dev/null")
+    with pytest.raises(AuditError):
+        await log.append_many([{"action": "lost1"}, {"action": "lost2"}])
+    path.unlink()
+    (tmp_path / "parked").rename(path)
+    await log.close()
+    with pytest.raises(AuditError, match="not open"):
+        await log.append_many([{"action": "closed"}])
+    assert "lost1" not in actions(path) and verified(path, signer)

@@ -200,11 +200,17 @@ async def test_the_capability_each_operation_declares_is_the_one_its_handler_che
         # The declared capability alone: not refused for want of a capability.
         resp = await capi.client.request(method, url, headers=capi.auth(tokens["only", cap]))
         assert resp.status != 403, (method, url, cap, await resp.text())
-    # An operation without a capability needs only a valid token.
+    # An operation without a capability needs only a valid token (a batch's items are each decided
+    # on their own path: here, each is refused).
     nothing = await capi.token("nobody", "nothing")
+    bodies = {"/v1/secrets:batch": {"items": [{"path": "app/x", "value": "v"}]}}
     for op in OPERATIONS:
         if op.capability is None and not op.variants and not op.public:
-            assert (await capi.client.request(op.method, op.path, headers=capi.auth(nothing))).status == 200
+            resp = await capi.client.request(op.method, op.path, json=bodies.get(op.path),
+                                             headers=capi.auth(nothing))
+            assert resp.status == 200, (op.path, await resp.text())
+            if op.path in bodies:
+                assert [r["status"] for r in (await resp.json())["results"]] == [403]
 
 
 # -- listing lives in the service ------------------------------------------------------------------

@@ -18,10 +18,17 @@ from aiohttp import web
 from secretsd import tokens
 from secretsd.api import openapi, routes
 from secretsd.api.access_log import AccessLog, LoggingAccessLog
-from secretsd.api.context import AUDIT_NOTES, AUTHORIZED, OPENAPI, PRINCIPAL, SERVICES
+from secretsd.api.context import (
+    AUDIT_NOTES,
+    AUTHORIZED,
+    OPENAPI,
+    PRINCIPAL,
+    REQUEST_ID,
+    SERVICES,
+    audit_record,
+)
 from secretsd.api.handlers import metrics_response
 from secretsd.api.services import Services
-from secretsd.audit import fields
 from secretsd.auth import authenticate
 from secretsd.domain.identity import Credentials
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
@@ -30,7 +37,6 @@ from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, probl
 log = logging.getLogger("secretsd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = web.RequestKey("request_id", str)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The shape of ``_RequestIds``' ids (16 hex digits of prefix, 12 of counter).
@@ -77,27 +83,10 @@ def _route_name(request: web.Request) -> str:
 
 
 def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[str, object]:
-    who = request.get(PRINCIPAL)
-    action = routes.action_of(request)
     decision = "deny" if status in (401, 403) else "allow" if request.get(AUTHORIZED) else "none"
-    path = request.match_info.get("path") or request.query.get("prefix")
-    cut = False
-    if path is not None:  # anyone may send a path: an unauthenticated one gets less room
-        path = tokens.redact_secrets(path)  # a token pasted into a URL never reaches the log
-        path, cut = fields.clip(path, fields.MAX_PATH_BYTES if who else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
-    return {
-        "request_id": request_id,
-        "client": who.client if who else None,
-        "auth": who.method if who else None,
-        "token": tokens.display_id(who.token_id) if who and who.token_id else None,
-        "action": action,
-        "path": path,
-        **({"path_truncated": True} if cut else {}),
-        "decision": decision,
-        "outcome": status,
-        "remote": fields.clip(request.remote, fields.MAX_REMOTE_BYTES)[0] if request.remote else request.remote,
-        **request.get(AUDIT_NOTES, {}),
-    }
+    return audit_record(request, request_id, action=routes.action_of(request), status=status,
+                        path=request.match_info.get("path") or request.query.get("prefix"), decision=decision,
+                        **request.get(AUDIT_NOTES, {}))
 
 
 class _RequestIds:

@@ -59,12 +59,30 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class PutSecretBody(_Body):
+class _SecretWrite(BaseModel):
+    """The fields of one write: a PUT's body, or one item of a batch."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     value: str
     cas: int | None = Field(None, ge=0, le=MAX_VERSION)
     metadata: dict[str, str] | None = None
     #: RFC 3339 with a UTC offset; from then on the version is not served (docs/rotation.md).
     expires_at: Rfc3339 | None = None
+
+
+class PutSecretBody(_SecretWrite, _Body):
+    pass
+
+
+class BatchWriteItem(_SecretWrite):
+    """One item of ``BatchWriteBody`` (never a body of its own)."""
+
+    path: str
+
+
+class BatchWriteBody(_Body):
+    #: At most MAX_BATCH_ITEMS (secretsd.domain.secret_service); a bigger import is sent in several.
+    items: list[BatchWriteItem] = Field(min_length=1, max_length=1000)
 
 
 class RotateBody(_Body):

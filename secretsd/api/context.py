@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from secretsd import tokens
 from secretsd.api.services import Services
+from secretsd.audit import fields
 from secretsd.domain.identity import Principal
 from secretsd.domain.policy import Capability
 from secretsd.errors import PermissionDeniedError, RequestError
@@ -16,6 +18,7 @@ OPENAPI = web.AppKey("openapi", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUTHORIZED = web.RequestKey("authorized", bool)
 AUDIT_NOTES = web.RequestKey("audit_notes", dict)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def services(request: web.Request) -> Services:
@@ -47,6 +50,29 @@ def authorize(request: web.Request, capability: Capability, path: str) -> Princi
 def audit_note(request: web.Request, **fields: object) -> None:
     """Add fields (version, value HMAC...) to this request's audit record."""
     request.setdefault(AUDIT_NOTES, {}).update(fields)
+
+
+def audit_record(request: web.Request, request_id: str, *, action: str, status: int, path: str | None,
+                 decision: str, **notes: object) -> dict[str, object]:
+    """The fields of an audit record about this request (or one item of a batch it carries)."""
+    who = request.get(PRINCIPAL)
+    cut = False
+    if path is not None:  # anyone may send a path: an unauthenticated one gets less room
+        path = tokens.redact_secrets(path)  # a token pasted into a URL never reaches the log
+        path, cut = fields.clip(path, fields.MAX_PATH_BYTES if who else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
+    return {
+        "request_id": request_id,
+        "client": who.client if who else None,
+        "auth": who.method if who else None,
+        "token": tokens.display_id(who.token_id) if who and who.token_id else None,
+        "action": action,
+        "path": path,
+        **({"path_truncated": True} if cut else {}),
+        "decision": decision,
+        "outcome": status,
+        "remote": fields.clip(request.remote, fields.MAX_REMOTE_BYTES)[0] if request.remote else request.remote,
+        **notes,
+    }
 
 
 def allowed_paths(request: web.Request, capability: Capability, paths: list[str]) -> set[str]:

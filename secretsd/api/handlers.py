@@ -13,6 +13,7 @@ from aiohttp import web
 
 from secretsd import tokens
 from secretsd.api.bodies import (
+    BatchWriteBody,
     CreateTokenBody,
     PolicyCheckBody,
     PutSecretBody,
@@ -22,9 +23,12 @@ from secretsd.api.bodies import (
     read_body,
 )
 from secretsd.api.context import (
+    AUTHORIZED,
     OPENAPI,
+    REQUEST_ID,
     allowed_paths,
     audit_note,
+    audit_record,
     authorize,
     int_query,
     list_prefix,
@@ -35,9 +39,10 @@ from secretsd.api.context import (
 from secretsd.api.services import METRICS_CONTENT_TYPE, Services
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
-from secretsd.domain.secret_service import MAX_LIST_LIMIT
-from secretsd.errors import RequestError, SecretsdError
+from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put
+from secretsd.errors import PermissionDeniedError, RequestError, SecretsdError
 from secretsd.paths import validate_path
+from secretsd.problems import problem_document, problem_for
 from secretsd.records import SecretRecord, TokenRecord, VersionInfo
 
 
@@ -138,6 +143,76 @@ async def get_secret(request: web.Request) -> web.Response:
     audit_note(request, version=found.info.version, **({"label": label} if label else {}))
     return web.json_response({"path": path, "value": found.value, "labels": list(found.labels)}
                              | _version(found.info))
+
+
+def _item_error(path: str, exc: SecretsdError) -> dict[str, Any]:
+    ptype = problem_for(exc)
+    return {"path": path, "status": ptype.status, "error": problem_document(ptype, exc.message)}
+
+
+async def _record_items(request: web.Request, action: str, items: list[tuple[str, int, dict[str, Any]]]) -> None:
+    """One audit record per item of a batch, like the request each item stands for; all durable
+    before the answer (the request's own record follows them in the chain)."""
+    d = services(request)
+    records = [audit_record(request, request[REQUEST_ID], action=action, status=status, path=path,
+                            decision="deny" if status == 403 else "allow", batch_item=n, **notes)
+               for n, (path, status, notes) in enumerate(items)]
+    await d.record_requests(records)
+
+
+async def write_batch(request: web.Request) -> web.Response:
+    who = principal(request)
+    body = await read_body(request, BatchWriteBody)
+    d = services(request)
+    # The batch takes any valid token; each item is decided on its own path, as its PUT would be.
+    request[AUTHORIZED] = True
+    allowed = allowed_paths(request, Capability.WRITE, [item.path for item in body.items])
+    todo = [n for n, item in enumerate(body.items) if item.path in allowed]
+    done = await d.secrets.put_batch(who, [
+        Put(i.path, i.value, i.cas, i.metadata, i.expires_at) for i in (body.items[n] for n in todo)])
+    outcomes: list[VersionInfo | SecretsdError] = [
+        PermissionDeniedError(f"permission denied: write on {item.path}") for item in body.items]
+    for n, outcome in zip(todo, done, strict=True):
+        outcomes[n] = outcome
+    results: list[dict[str, Any]] = []
+    records: list[tuple[str, int, dict[str, Any]]] = []
+    for item, outcome in zip(body.items, outcomes, strict=True):
+        if isinstance(outcome, SecretsdError):
+            results.append(_item_error(item.path, outcome))
+            records.append((item.path, results[-1]["status"], {}))
+        else:
+            results.append({"path": item.path, "status": 200, "version": outcome.version,
+                            "created_at": _t(outcome.created_at)})
+            records.append((item.path, 200, {"version": outcome.version, "value_hmac": d.value_hmac(item.value)}))
+    await _record_items(request, "secret.write", records)
+    audit_note(request, items=len(results), written=sum(1 for r in results if r["status"] == 200))
+    return web.json_response({"results": results})
+
+
+async def read_batch(request: web.Request) -> web.Response:
+    prefix = list_prefix(request)
+    who = authorize(request, Capability.LIST, prefix)
+    limit = int_query(request, "limit")
+    after = request.query.get("after", "")
+    # Listed as GET /v1/secrets lists (a path hidden from `list` stays hidden), keeping only the
+    # paths the caller may also read, each read as its GET would read it.
+    found, next_after = await services(request).secrets.read_page(
+        who, prefix, after=after, limit=MAX_LIST_LIMIT if limit is None else limit,
+        visible=lambda paths: allowed_paths(request, Capability.LIST, paths) & allowed_paths(
+            request, Capability.READ, paths))
+    secrets: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    records: list[tuple[str, int, dict[str, Any]]] = []
+    for path, got in found:
+        if isinstance(got, SecretsdError):
+            skipped.append(_item_error(path, got))
+            records.append((path, skipped[-1]["status"], {}))
+        else:
+            secrets.append({"path": path, "value": got.value, "labels": list(got.labels)} | _version(got.info))
+            records.append((path, 200, {"version": got.info.version}))
+    await _record_items(request, "secret.read", records)
+    audit_note(request, items=len(records))
+    return web.json_response({"prefix": prefix, "secrets": secrets, "skipped": skipped, "next_after": next_after})
 
 
 async def rotate_secret(request: web.Request) -> web.Response:

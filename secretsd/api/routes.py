@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from secretsd.api import handlers as h
 from secretsd.api.bodies import (
     MAX_VERSION,
+    BatchWriteBody,
     CreateTokenBody,
     PolicyCheckBody,
     PutSecretBody,
@@ -107,6 +108,12 @@ class Operation:
 
 
 _PREFIX = Query("prefix", "string", "list this path and everything below it", (("pattern", PREFIX_PATTERN),))
+#: A page of a listing: the prefix, the cursor and the page size.
+_LISTING = (
+    _PREFIX,
+    Query("after", "string", "continue after this path (pagination)", (("pattern", "^$|" + PATH_PATTERN),)),
+    Query("limit", "integer", "at most this many (1-1000)", (("minimum", 1), ("maximum", 1000))),
+)
 
 OPERATIONS: tuple[Operation, ...] = (
     # -- health and the description: public ---------------------------------------------------
@@ -124,6 +131,13 @@ OPERATIONS: tuple[Operation, ...] = (
               "secret.read", Capability.READ, more=("410",), query=(
                   Query("version", "integer", "a version number", (("minimum", 1), ("maximum", MAX_VERSION))),
                   Query("label", "string", "current, previous or pending"))),
+    Operation("POST", "/v1/secrets:batch", h.write_batch,
+              "Write up to 1,000 secrets in one transaction; a result per item, each item decided and "
+              "audited as its own PUT (docs/api.md)", "batch.write", body=BatchWriteBody),
+    Operation("GET", "/v1/secrets:read", h.read_batch,
+              "Read the current values below a prefix, a page at a time (list on the prefix; only the "
+              "paths the caller may list and read); each item audited as its own GET", "batch.read",
+              Capability.LIST, "on the prefix", query=_LISTING),
     Operation("POST", "/v1/secrets/{path:.+}/rotate", h.rotate_secret,
               "Rotate now: a generated (or the supplied) value becomes current, the old one previous; "
               "502 rotation-failed when the hook fails",
@@ -135,11 +149,7 @@ OPERATIONS: tuple[Operation, ...] = (
               Capability.LIST, "on the prefix",
               query=(Query("prefix", "string", "this path and below", (("pattern", PREFIX_PATTERN),)),)),
     Operation("GET", "/v1/secrets", h.list_secrets, "List secret paths (never values)", "secret.list",
-              Capability.LIST, "on the prefix", query=(
-                  _PREFIX,
-                  Query("after", "string", "continue after this path (pagination)",
-                        (("pattern", "^$|" + PATH_PATTERN),)),
-                  Query("limit", "integer", "at most this many (1-1000)", (("minimum", 1), ("maximum", 1000))))),
+              Capability.LIST, "on the prefix", query=_LISTING),
     Operation("DELETE", "/v1/secrets/{path:.+}", h.delete_secret, "Soft-delete the current version",
               "secret.delete", Capability.DELETE),
     Operation("POST", "/v1/secrets/{path:.+}/{action}", h.version_action, "Change the state of versions", None,

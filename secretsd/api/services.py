@@ -60,6 +60,9 @@ class Services(Protocol):
         """Write a request's audit record and wait until it is durable (or count it, if it is an
         unauthenticated failure beyond its budget)."""
 
+    async def record_requests(self, records: list[dict[str, Any]]) -> None:
+        """Write the records of a batch's items, in order, and wait until all are durable."""
+
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
     async def status(self) -> dict[str, Any]: ...
 

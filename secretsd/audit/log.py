@@ -288,6 +288,20 @@ class AuditLog:
             self._watchdog = loop.call_at(item.deadline, self._refuse_overdue)
         await item.done
 
+    async def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Queue records in order and wait until every one is durable (a batch request's items:
+        futures, not a task per record); the first failure is raised once all are settled."""
+        loop = self._loop
+        if self._thread is None or loop is None:
+            raise AuditError("the audit log is not open")
+        items = [self._enqueue(fields) for fields in records]
+        if self._watchdog is None and items:
+            self._watchdog = loop.call_at(items[0].deadline, self._refuse_overdue)
+        outcomes = await asyncio.gather(*(item.done for item in items), return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            raise failed
+
     def summarised(self, fields: dict[str, Any]) -> bool:
         """For a request's record: True if it is an unauthenticated failure beyond its budget, now
         counted for an ``auth.failures`` summary instead of written (see ``failures.py``); False if

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,16 @@ def put_secret(path: str, value: str, cas: int | None = None,
         body["metadata"] = metadata
     # Retrying a write could store the value twice as two versions unless it is check-and-set.
     return Call("PUT", f"/v1/secrets/{_p(path)}", body=body, idempotent=cas is not None)
+
+
+def write_batch(items: list[dict[str, Any]]) -> Call:
+    # Retried only if every item is check-and-set: a retry cannot then store anything twice.
+    return Call("POST", "/v1/secrets:batch", body={"items": items},
+                idempotent=all(item.get("cas") is not None for item in items))
+
+
+def read_batch(prefix: str = "", after: str = "", limit: int | None = None) -> Call:
+    return dataclasses.replace(list_secrets(prefix, after, limit), path="/v1/secrets:read")
 
 
 def list_secrets(prefix: str = "", after: str = "", limit: int | None = None) -> Call:

@@ -115,6 +115,15 @@ class Operations(ABC, Generic[R]):
         secret's metadata."""
         return self.call(calls.put_secret(path, value, cas, metadata))
 
+    def write_batch(self, items: list[dict[str, Any]]) -> R:
+        """Write up to 1,000 secrets in one transaction (``{"path", "value"[, "cas", "metadata"]}``
+        each); the answer has a result per item, in order (docs/api.md)."""
+        return self.call(calls.write_batch(items))
+
+    def read_batch(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
+        """A page of the current values below ``prefix`` that this token may read (docs/api.md)."""
+        return self.call(calls.read_batch(prefix, after, limit))
+
     def list_secrets(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
         """One page of the paths under ``prefix``, in order, starting after ``after``; never values."""
         return self.call(calls.list_secrets(prefix, after, limit))

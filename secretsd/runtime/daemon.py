@@ -309,16 +309,27 @@ class Daemon:
         Raises ``AuditError`` when it cannot be written and the log is fail-closed. While sealed
         there is no signing key, so nothing can be recorded (and the API refuses all but status).
         """
+        await self._record([fields])
+
+    async def record_requests(self, records: list[dict[str, Any]]) -> None:
+        """The records of a batch's items, in order; all durable when this returns."""
+        await self._record(records)
+
+    async def _record(self, records: list[dict[str, Any]]) -> None:
         if self.audit is None:
             if self.settings.audit.enabled and not self.barrier.sealed:
                 raise AuditError("the audit log is not open")
             return
         try:
-            await self.audit.append(fields)
+            if len(records) == 1:
+                await self.audit.append(records[0])
+            else:
+                await self.audit.append_many(records)
         except AuditError:
             if self.settings.audit.fail_closed:
                 raise
-            log.error("audit record lost (audit.fail_closed = false): %s", fields.get("action"))
+            log.error("audit record(s) lost (audit.fail_closed = false): %s",
+                      ", ".join(sorted({str(r.get("action")) for r in records})))
 
     async def record_request(self, fields: dict[str, Any]) -> None:
         """A request's record; an unauthenticated failure beyond its budget is only counted."""
