@@ -86,6 +86,8 @@ async def test_each_data_directory_claims_its_own_chain_on_one_store(tmp_path: P
         b = await claim_chain(store, names, path_in("b"), node="same-host")
         again = await claim_chain(store, names, path_in("a"), node="same-host")
         assert (a.name, b.name, again.name) == ("main", "main-same-host", "main")
+        # A claim id is written only for the chain a directory takes, never for one it skipped.
+        assert sorted(p.name for p in (tmp_path / "b").glob("*.claim")) == ["main-same-host.claim"]
         held = await claim_chain(store, names, path_in("a"), node="same-host")
         assert held.name == "main-same-host-2"  # "main" is locked by `again` on this directory
         for claim in (b, again, held):

@@ -94,18 +94,19 @@ def claim_file(path: Path) -> Path:
     return path.with_suffix(".claim")
 
 
-def _local_claim(path: Path) -> str:
-    """The claim id kept beside the chain's file; a new one is written if there is none. Called with
-    the chain's lock held, so no other process writes it meanwhile."""
-    where = claim_file(path)
+def _read_claim(path: Path) -> str | None:
+    """The claim id kept beside the chain's file, if there is one."""
     try:
-        current = where.read_text("ascii", "replace").strip()
+        current = claim_file(path).read_text("ascii", "replace").strip()
     except FileNotFoundError:
-        current = ""
-    if re.fullmatch(r"[0-9a-f]{32}", current):
-        return current
+        return None
+    return current if re.fullmatch(r"[0-9a-f]{32}", current) else None
+
+
+def _new_claim(path: Path) -> str:
+    """Write a new claim id beside the chain's file (with the chain's lock held: no other writer)."""
     claim = secrets.token_hex(16)
-    fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(claim_file(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, claim.encode() + b"\n")
         os.fsync(fd)
@@ -114,13 +115,15 @@ def _local_claim(path: Path) -> str:
     return claim
 
 
-async def _is_ours(storage: Storage, name: str, path: Path, claim: str, node: str) -> bool:
+async def _is_ours(storage: Storage, name: str, path: Path, node: str) -> bool:
     """Whether chain ``name`` belongs to this data directory, claiming it in the store if it is free."""
+    claim = _read_claim(path)
     raw = await storage.get_meta(OWNER_META + name)
     if raw is None:
         if await storage.get_meta(HEAD_META + name) is not None and not log_files(path):
             # A head from before owners existed, and none of its files here: another host's chain.
             return False
+        claim = claim or _new_claim(path)  # written only for a chain we are about to claim
         record = json.dumps({"claim": claim, "host": node, "since": datetime.now(UTC).isoformat()})
         if await storage.put_meta(OWNER_META + name, record, only_if_absent=True):
             return True
@@ -129,11 +132,11 @@ async def _is_ours(storage: Storage, name: str, path: Path, claim: str, node: st
         owner = json.loads(raw or "{}")
     except ValueError:
         owner = {}
-    if isinstance(owner, dict) and owner.get("claim") == claim:
+    if claim is not None and isinstance(owner, dict) and owner.get("claim") == claim:
         return True
     holder = owner.get("host") if isinstance(owner, dict) else None
     if holder == node:
-        # Same host name, other claim: another data directory here, or this one lost its .lock file.
+        # Same host name, other claim: another data directory here, or this one lost its .claim file.
         log.warning("audit chain %r is claimed by another daemon on a host named %r (another data directory, "
                     "or %s was removed); taking the next name", name, node, claim_file(path))
     return False
@@ -158,7 +161,7 @@ async def claim_chain(storage: Storage, names: Sequence[str], path_of: Callable[
         if fd is None:
             continue  # another process on this host writes it
         try:
-            if await _is_ours(storage, name, path, _local_claim(path), node):
+            if await _is_ours(storage, name, path, node):
                 return ChainClaim(name, path, fd)
         except BaseException as exc:
             os.close(fd)
