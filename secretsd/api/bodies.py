@@ -7,6 +7,8 @@ UTF-8 text without a byte-order mark (``body_text``), strict JSON with one value
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -63,11 +65,32 @@ class _SecretWrite(BaseModel):
     """The fields of one write: a PUT's body, or one item of a batch."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    value: str
+    #: The value as text (stored as its UTF-8 bytes)...
+    value: str | None = None
+    #: ...or as standard base64 (RFC 4648, padded), for a value that is not text: stored as decoded.
+    value_base64: str | None = None
     cas: int | None = Field(None, ge=0, le=MAX_VERSION)
     metadata: dict[str, str] | None = None
     #: RFC 3339 with a UTC offset; from then on the version is not served (docs/rotation.md).
     expires_at: Rfc3339 | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> _SecretWrite:
+        if (self.value is None) == (self.value_base64 is None):
+            raise ValueError("give the value as exactly one of 'value' (text) or 'value_base64'")
+        if self.value_base64 is not None:
+            self.payload()  # refuse bad base64 here, as a 400 naming the field
+        return self
+
+    def payload(self) -> str | bytes:
+        """What to store: the text, or the bytes the base64 stands for."""
+        if self.value is not None:
+            return self.value
+        assert self.value_base64 is not None
+        try:
+            return base64.b64decode(self.value_base64, validate=True)
+        except binascii.Error:
+            raise ValueError("value_base64 is not standard, padded base64") from None
 
 
 class PutSecretBody(_SecretWrite, _Body):

@@ -6,6 +6,7 @@ its audit action and its place in the OpenAPI document are declared in `secretsd
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ from secretsd.api.context import (
 from secretsd.api.services import METRICS_CONTENT_TYPE, Services
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
-from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put
+from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put, SecretValue
 from secretsd.errors import PermissionDeniedError, RequestError, SecretsdError
 from secretsd.paths import validate_path
 from secretsd.problems import problem_document, problem_for
@@ -60,6 +61,12 @@ def _version(info: VersionInfo) -> dict[str, Any]:
         "expires_at": _t(info.expires_at),
         "grace_until": _t(info.grace_until),
     }
+
+
+def _value(found: SecretValue) -> dict[str, str]:
+    """A value as the API shows it: ``value`` when it is text, else ``value_base64`` (its exact bytes)."""
+    text = found.value
+    return {"value": text} if text is not None else {"value_base64": base64.b64encode(found.data).decode("ascii")}
 
 
 def _rotation(secret: SecretRecord) -> dict[str, Any]:
@@ -122,9 +129,10 @@ async def put_secret(request: web.Request) -> web.Response:
     who = authorize(request, Capability.WRITE, path)
     body = await read_body(request, PutSecretBody)
     d = services(request)
-    info = await d.secrets.put(who, path, body.value, cas=body.cas, metadata=body.metadata,
+    value = body.payload()
+    info = await d.secrets.put(who, path, value, cas=body.cas, metadata=body.metadata,
                                expires_at=body.expires_at)
-    audit_note(request, version=info.version, value_hmac=d.value_hmac(body.value))
+    audit_note(request, version=info.version, value_hmac=d.value_hmac(value))
     return web.json_response({"path": path, "version": info.version, "created_at": _t(info.created_at)})
 
 
@@ -141,7 +149,7 @@ async def get_secret(request: web.Request) -> web.Response:
         may_read_pending=other and _allows(request, Capability.ROTATE, path),
     )
     audit_note(request, version=found.info.version, **({"label": label} if label else {}))
-    return web.json_response({"path": path, "value": found.value, "labels": list(found.labels)}
+    return web.json_response({"path": path} | _value(found) | {"labels": list(found.labels)}
                              | _version(found.info))
 
 
@@ -168,22 +176,24 @@ async def write_batch(request: web.Request) -> web.Response:
     request[AUTHORIZED] = True
     allowed = allowed_paths(request, Capability.WRITE, [item.path for item in body.items])
     todo = [n for n, item in enumerate(body.items) if item.path in allowed]
+    values = [item.payload() for item in body.items]
     done = await d.secrets.put_batch(who, [
-        Put(i.path, i.value, i.cas, i.metadata, i.expires_at) for i in (body.items[n] for n in todo)])
+        Put(body.items[n].path, values[n], body.items[n].cas, body.items[n].metadata, body.items[n].expires_at)
+        for n in todo])
     outcomes: list[VersionInfo | SecretsdError] = [
         PermissionDeniedError(f"permission denied: write on {item.path}") for item in body.items]
     for n, outcome in zip(todo, done, strict=True):
         outcomes[n] = outcome
     results: list[dict[str, Any]] = []
     records: list[tuple[str, int, dict[str, Any]]] = []
-    for item, outcome in zip(body.items, outcomes, strict=True):
+    for item, value, outcome in zip(body.items, values, outcomes, strict=True):
         if isinstance(outcome, SecretsdError):
             results.append(_item_error(item.path, outcome))
             records.append((item.path, results[-1]["status"], {}))
         else:
             results.append({"path": item.path, "status": 200, "version": outcome.version,
                             "created_at": _t(outcome.created_at)})
-            records.append((item.path, 200, {"version": outcome.version, "value_hmac": d.value_hmac(item.value)}))
+            records.append((item.path, 200, {"version": outcome.version, "value_hmac": d.value_hmac(value)}))
     await _record_items(request, "secret.write", records)
     audit_note(request, items=len(results), written=sum(1 for r in results if r["status"] == 200))
     return web.json_response({"results": results})
@@ -208,7 +218,7 @@ async def read_batch(request: web.Request) -> web.Response:
             skipped.append(_item_error(path, got))
             records.append((path, skipped[-1]["status"], {}))
         else:
-            secrets.append({"path": path, "value": got.value, "labels": list(got.labels)} | _version(got.info))
+            secrets.append({"path": path} | _value(got) | {"labels": list(got.labels)} | _version(got.info))
             records.append((path, 200, {"version": got.info.version}))
     await _record_items(request, "secret.read", records)
     audit_note(request, items=len(records))

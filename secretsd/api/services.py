@@ -50,7 +50,7 @@ class Services(Protocol):
     @property
     def max_versions(self) -> int: ...
 
-    def value_hmac(self, value: str) -> str | None:
+    def value_hmac(self, value: str | bytes) -> str | None:
         """The audit log's keyed HMAC of ``value`` (None while there is no audit log)."""
 
     async def audit_ready(self) -> None:

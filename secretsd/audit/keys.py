@@ -67,5 +67,7 @@ class ValueHasher:
     def __init__(self, signer: Signer) -> None:
         self._key = derive_key(signer.private_bytes(), VALUE_HMAC_LABEL)
 
-    def __call__(self, value: str) -> str:
-        return f"{VALUE_HMAC_SCHEME}:" + hmac_sha256(self._key, value.encode("utf-8")).hex()
+    def __call__(self, value: str | bytes) -> str:
+        # Text is hashed as its UTF-8 bytes, so a value gets one HMAC whichever way it was sent.
+        data = value if isinstance(value, bytes) else value.encode("utf-8")
+        return f"{VALUE_HMAC_SCHEME}:" + hmac_sha256(self._key, data).hex()

@@ -34,13 +34,16 @@ def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bo
       secretsd get app/db-password --version 2 --json
       secretsd get app/db-password --label previous
     """
+    from secretsd.client.calls import value_of
+
     with ctx.client() as client:
         data = client.get(path, version, label=label)
-    value = str(data["value"]).encode("utf-8") + (b"\n" if newline else b"")
+    stored = value_of(data)
+    value = (stored if isinstance(stored, bytes) else stored.encode("utf-8")) + (b"\n" if newline else b"")
     if output is not None:
         write_private(output, value)
         if as_json:
-            emit_json({k: v for k, v in data.items() if k != "value"} | {"file": str(output)})
+            emit_json({k: v for k, v in data.items() if k not in ("value", "value_base64")} | {"file": str(output)})
     elif as_json:
         emit_json(data)
     else:
@@ -53,13 +56,14 @@ def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bo
 @click.argument("path")
 @click.argument("value", required=False)
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read the value from standard input.")
-@click.option("--file", "from_file", type=click.File("r"), help="Read the value from a file.")
+@click.option("--file", "from_file", type=click.File("rb"),
+              help="Read the value from a file (any bytes: one that is not UTF-8 text is stored as binary).")
 @click.option("--cas", type=click.IntRange(min=0),
               help="Write only if the current version is this (0: only if it does not exist).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata (stored in clear).")
 @json_option
 @remote
-def set_(ctx: Ctx, path: str, value: str | None, from_stdin: bool, from_file: Any,
+def set_(ctx: Ctx, path: str, value: str | bytes | None, from_stdin: bool, from_file: Any,
          cas: int | None, meta: tuple[str, ...], as_json: bool) -> None:
     """Store a new version of a secret.
 
@@ -73,10 +77,13 @@ def set_(ctx: Ctx, path: str, value: str | None, from_stdin: bool, from_file: An
     sources = sum([value is not None, from_stdin, from_file is not None])
     if sources != 1:
         raise click.UsageError("give the value exactly one way: as an argument, --stdin or --file")
-    if from_stdin:
-        value = sys.stdin.read()
-    elif from_file is not None:
-        value = from_file.read()
+    if from_stdin or from_file is not None:
+        # Bytes exactly as given: text (UTF-8) is sent as text, anything else as a binary value.
+        raw = sys.stdin.buffer.read() if from_stdin else from_file.read()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = raw
     metadata = None
     if meta:
         metadata = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -52,9 +53,23 @@ def rotation_status(prefix: str = "") -> Call:
     return Call("GET", "/v1/rotation/status", {"prefix": prefix.strip("/")})
 
 
-def put_secret(path: str, value: str, cas: int | None = None,
+def value_field(value: str | bytes) -> dict[str, str]:
+    """A value as a write sends it: text as ``value``, bytes as ``value_base64``."""
+    if isinstance(value, bytes):
+        return {"value_base64": base64.b64encode(value).decode("ascii")}
+    return {"value": value}
+
+
+def value_of(data: dict[str, Any]) -> str | bytes:
+    """The value of a read's answer (or one item of a batch read): text, or bytes for a binary value."""
+    if "value_base64" in data:
+        return base64.b64decode(data["value_base64"])
+    return str(data["value"])
+
+
+def put_secret(path: str, value: str | bytes, cas: int | None = None,
                metadata: dict[str, str] | None = None) -> Call:
-    body: dict[str, Any] = {"value": value}
+    body: dict[str, Any] = value_field(value)
     if cas is not None:
         body["cas"] = cas
     if metadata is not None:

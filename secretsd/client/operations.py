@@ -108,11 +108,12 @@ class Operations(ABC, Generic[R]):
         """Rotation policy, last rotation and next due time of each secret under ``prefix``."""
         return self.call(calls.rotation_status(prefix))
 
-    def put(self, path: str, value: str, *, cas: int | None = None,
+    def put(self, path: str, value: str | bytes, *, cas: int | None = None,
             metadata: dict[str, str] | None = None) -> R:
-        """Write ``value`` as a new version. ``cas``: only if the current version is that number (0: only
-        if the path is new); then the call is also safe to retry. ``metadata`` (stored in clear) replaces the
-        secret's metadata."""
+        """Write ``value`` (text, or bytes for a binary value) as a new version. ``cas``: only if the
+        current version is that number (0: only if the path is new); then the call is also safe to
+        retry. ``metadata`` (stored in clear) replaces the secret's metadata. A read answers a binary
+        value as ``value_base64``; ``secretsd.client.calls.value_of`` gives either kind back."""
         return self.call(calls.put_secret(path, value, cas, metadata))
 
     def write_batch(self, items: list[dict[str, Any]]) -> R:

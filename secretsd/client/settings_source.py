@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from secretsd.client.calls import value_of
 from secretsd.client.sync import SecretsClient
 from secretsd.errors import NotFoundError
 from secretsd.paths import validate_path
@@ -115,7 +116,7 @@ class SecretsdSettingsSource(PydanticBaseSettingsSource):
             return None, _key(field_name, field), False
         client = self._client or SecretsClient(self._addr, self._token)
         try:
-            value = client.get(path)["value"]
+            value = value_of(client.get(path))
         except NotFoundError:
             value = None
         finally:

@@ -44,7 +44,8 @@ class Put:
     """One write of ``SecretsService.put_batch``: the fields of a single ``put``."""
 
     path: str
-    value: str
+    #: Text (stored as its UTF-8 bytes) or bytes (a binary value, stored as they are).
+    value: str | bytes
     cas: int | None = None
     metadata: Mapping[str, Any] | None = None
     expires_at: datetime | None = None
@@ -62,9 +63,23 @@ class ListPage:
 @dataclass(frozen=True)
 class SecretValue:
     info: VersionInfo
-    value: str
+    #: The stored bytes, exactly as written.
+    data: bytes
     #: The staging labels the version carries (current, previous, pending).
     labels: tuple[str, ...] = ()
+
+    @property
+    def value(self) -> str | None:
+        """The value as text, or None when its bytes are not UTF-8 (a binary value)."""
+        try:
+            return self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def _plaintext(value: str | bytes) -> bytes:
+    """What is sealed: bytes as given, text as its UTF-8 encoding."""
+    return value if isinstance(value, bytes) else encodable(value)
 
 
 def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
@@ -121,7 +136,7 @@ class SecretsService:
         self,
         who: Principal,
         path: str,
-        value: str,
+        value: str | bytes,
         *,
         cas: int | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -174,7 +189,7 @@ class SecretsService:
     def _checked(self, item: Put) -> Put:
         """``item`` with its metadata and expiry validated, or the reason it cannot be written."""
         validate_path(item.path)
-        if len(encodable(item.value)) > self._max_value_bytes:
+        if len(_plaintext(item.value)) > self._max_value_bytes:
             raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
         if item.cas is not None and item.cas < 0:
             raise RequestError("cas must be 0 (create only) or an existing version number")
@@ -184,7 +199,7 @@ class SecretsService:
 
     def _sealer(self, who: Principal, item: Put, written: list[VersionRecord]) -> Seal:
         """The seal a write of ``item`` runs inside its transaction; it keeps what it made in ``written``."""
-        plaintext = encodable(item.value)
+        plaintext = _plaintext(item.value)
 
         def seal(secret: SecretRecord | None) -> tuple[VersionRecord, datetime | None]:
             # Not current + 1: a pending rotation (or a discarded one) may hold that number.
@@ -253,7 +268,7 @@ class SecretsService:
         check_servable(secret, record, now=self._clock(), privileged=privileged, may_read_pending=may_read_pending)
         plaintext = await self._barrier.open_value(record)
         self._emit("secret.read", who, secret.path, record.version)
-        return SecretValue(record, plaintext.decode("utf-8"), tuple(labels_of(secret, record.version)))
+        return SecretValue(record, plaintext, tuple(labels_of(secret, record.version)))
 
     async def list_secrets(self, who: Principal, prefix: str, *, after: str = "",
                    limit: int = MAX_LIST_LIMIT) -> list[SecretRecord]:

@@ -337,7 +337,7 @@ class Daemon:
             return
         await self.record(fields)
 
-    def value_hmac(self, value: str) -> str | None:
+    def value_hmac(self, value: str | bytes) -> str | None:
         return None if self.value_hasher is None else self.value_hasher(value)
 
     @property
