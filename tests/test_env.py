@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import random
+import re
 import subprocess
 import sys
 import time
@@ -288,11 +289,12 @@ def test_round_trip_import_export_import_changes_nothing(cli: Any, tmp_path: Pat
     before = versions(client, "rt")
 
     out = tmp_path / "exported.env"
-    result = cli("export-env", "rt", "-o", str(out), "--json")
+    # --format dotenv: the stored names and python-dotenv quoting, the format import-env reads back.
+    result = cli("export-env", "rt", "-o", str(out), "--format", "dotenv", "--json")
     assert result.exit_code == 0, result.output
     assert out.stat().st_mode & 0o777 == 0o600
     assert "nested" not in json.loads(result.stdout)["names"]
-    stdout_copy = cli("export-env", "rt").stdout
+    stdout_copy = cli("export-env", "rt", "--format", "dotenv").stdout
     assert stdout_copy == out.read_text()
 
     again = json.loads(cli("import-env", str(out), "--prefix", "rt", "--overwrite", "--json").stdout)
@@ -360,3 +362,168 @@ def test_import_10000_entries_with_a_progress_bar(daemon_process: tuple[DaemonPr
         assert len(client.list_all("big")) == 10_000
         assert client.get("big/KEY_09999")["value"].startswith("value-9999-")
     print(f"\nimport-env of 10,000 entries: {elapsed:.1f} s")  # recorded in docs/performance.md
+
+
+# -- export-env's portable format: sh/bash, docker compose and python-dotenv read it alike -----------
+POSIX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+PORTABLE_OK = {
+    "DOLLAR": "$HOME $$ $1 $(id) ${X:=y} ${ $",
+    "BACKTICK": "`id` and $(id)",
+    "DOUBLE": 'say "hi"',
+    "SINGLE": "it's",
+    "SINGLE_AND_BACKSLASH": "it's C:\\dir\\x",
+    "BACKSLASH": "C:\\dir\\file \\n \\t",
+    "SPACES": "  padded  value ",
+    "HASH": "#not-a-comment # really",
+    "EQUALS": "a=b==",
+    "EMPTY": "",
+    "UNICODE": "pässwörd 🔑 密碼",
+    "TAB": "a\tb",
+    "GLOB": "* ? [a] ~user ~",
+    "SHELL": "a; rm -rf / && echo | x > y < z",
+    "JSON": '{"k": "v", "n": [1, 2]}',
+    "PLAIN": "postgres://u:p%40@db:5432/app",
+    "BANG": "hi!there",
+}
+
+# Values no single form carries to all three readers; each is refused, naming the secret.
+PORTABLE_REFUSED = {
+    "PEM": "-----BEGIN KEY-----\nMIIB\n-----END KEY-----",
+    "CR": "a\rb",
+    "QUOTE_DOLLAR": "it's $HOME",
+    "BRACED_VARIABLE": "${HOME}",
+    "BRACED_DEFAULT": "pa${X:-y}ss",
+    "QUOTE_DOUBLE": "it's \"x\"",
+    "TWO_BACKSLASHES": "a\\\\b",
+    "TRAILING_BACKSLASH": "C:\\dir\\",
+    "QUOTE_TRAILING_BACKSLASH": "it's C:\\",
+}
+
+
+def compose_env_file(text: str) -> dict[str, str]:
+    """docker compose's ``env_file``, read by the rules its documentation states (compose is not
+    installed here, so this follows https://docs.docker.com/compose/env-file/ "Syntax", not its
+    code): ``#`` lines and blank lines are ignored; one ``VAR=VAL`` per line; unquoted and
+    double-quoted values are interpolated; an unquoted value's inline comment needs a space before
+    ``#``; single-quoted values are literal; a quote is escaped by a backslash before it;
+    double-quoted values understand ``\\n``, ``\\r``, ``\\t`` and ``\\\\``. Strict on purpose: what
+    the rules leave open (a line break inside a value, ``$`` where interpolation applies, any other
+    escape) fails the test instead of being guessed."""
+    out: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, raw = line.partition("=")
+        assert sep and POSIX_NAME.fullmatch(name), line
+        if raw[:1] in ("'", '"'):
+            quote = raw[0]
+            end = next((i for i in range(1, len(raw)) if raw[i] == quote and raw[i - 1] != "\\"), None)
+            assert end is not None, f"{name}: no closing quote on the line"
+            rest = raw[end + 1:]
+            assert not rest.strip() or rest.lstrip().startswith("#"), f"{name}: text after the closing quote"
+            body = raw[1:end]
+            if quote == "'":
+                assert "\\\\" not in body, f"{name}: '\\\\' in single quotes is not in the rules"
+                out[name] = body.replace("\\'", "'")
+                continue
+            assert "$" not in body, f"{name}: interpolated"
+            value, i = [], 0
+            while i < len(body):
+                if body[i] == "\\":
+                    escapes = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"'}
+                    assert body[i + 1:i + 2] in escapes, f"{name}: escape not in the rules"
+                    value.append(escapes[body[i + 1]])
+                    i += 2
+                else:
+                    value.append(body[i])
+                    i += 1
+            out[name] = "".join(value)
+        else:
+            assert "$" not in raw and "'" not in raw and '"' not in raw, f"{name}: unquoted value needs quoting"
+            out[name] = raw.split(" #", 1)[0]
+    return out
+
+
+def read_with_shell(shell: str, path: Path, names: list[str]) -> dict[str, str]:
+    """What ``set -a; . FILE`` gives a program started from ``shell``."""
+    dump = "import json, os, sys; json.dump({k: os.environ[k] for k in sys.argv[1:] if k in os.environ}, sys.stdout)"
+    result = subprocess.run([shell, "-c", 'set -a; . "$1"; shift; exec "$@"', shell, str(path),
+                             sys.executable, "-c", dump, *names],
+                            capture_output=True, text=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def readers_agree(values: dict[str, str], tmp_path: Path, *, compose: bool = True) -> None:
+    text = envfile.format_env(values, style=envfile.PORTABLE, header="test")
+    path = tmp_path / "exported.env"
+    path.write_text(text)
+    for shell in ("bash", "sh"):
+        assert read_with_shell(shell, path, list(values)) == values, shell
+    for interpolate in (False, True):  # load_dotenv interpolates by default
+        assert dotenv_values(path, interpolate=interpolate) == values, interpolate
+    if compose:
+        assert compose_env_file(text) == values
+    assert values_from_text(text) == values  # and import-env
+
+
+def test_export_env_portable_format_reads_alike_in_sh_compose_and_python_dotenv(tmp_path: Path) -> None:
+    readers_agree(PORTABLE_OK, tmp_path)
+    assert envfile.format_env({"A": "1"}, style=envfile.PORTABLE) == "A=1\n"  # plain values stay bare
+
+
+@pytest.mark.parametrize("name", sorted(PORTABLE_REFUSED))
+def test_export_env_portable_format_refuses_what_readers_would_read_differently(name: str) -> None:
+    with pytest.raises(RequestError) as info:
+        envfile.format_env({"OK": "fine", name: PORTABLE_REFUSED[name]}, style=envfile.PORTABLE,
+                           sources={name: f"app/{name}"})
+    message = info.value.message
+    assert message.startswith(f"cannot write app/{name} as {name} in the portable format")
+    assert "\n" not in message and PORTABLE_REFUSED[name] not in message and "--format sh" in message
+
+
+def test_export_env_portable_format_random_values(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    alphabet = "ab \t\\\"'$`#={}:-~*;|&()!é🔑"
+    accepted: dict[str, str] = {}
+    for i in range(400):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 10)))
+        if envfile.quote_portable(value)[0] is not None:
+            accepted[f"K{i}"] = value
+    assert len(accepted) > 100
+    readers_agree(accepted, tmp_path)
+
+
+def test_export_env_sh_format_carries_any_value_to_a_shell(tmp_path: Path) -> None:
+    values = PORTABLE_OK | {k: v for k, v in PORTABLE_REFUSED.items()} | {"QUOTES": "'''\"\"\"'"}
+    path = tmp_path / "sh.env"
+    path.write_text(envfile.format_env(values, style=envfile.SH))
+    for shell in ("bash", "sh"):
+        assert read_with_shell(shell, path, list(values)) == values, shell
+
+
+def test_export_env_names_and_formats_against_a_daemon(cli: Any, tmp_path: Path) -> None:
+    client: SecretsClient = cli.client
+    client.put("exp/stripe-key", "it's $HOME")  # a ' with a $: not portable
+    client.put("exp/DOTTED.NAME", "$HOME")
+    client.put("exp/PEM", "a\nb")
+    out = tmp_path / "out.env"
+    refused = cli("export-env", "exp", "-o", str(out))
+    assert refused.exit_code == 1 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.startswith("error: cannot write exp/PEM as PEM in the portable format")
+    assert "and 1 more: stripe_key" in refused.stderr and not out.exists()
+    shell = cli("export-env", "exp", "--format", "sh", "-o", str(out), "--json")
+    assert shell.exit_code == 0, shell.output
+    assert json.loads(shell.stdout)["names"] == ["DOTTED_NAME", "PEM", "stripe_key"]
+    assert read_with_shell("bash", out, ["DOTTED_NAME", "PEM", "stripe_key"]) == {
+        "DOTTED_NAME": "$HOME", "PEM": "a\nb", "stripe_key": "it's $HOME"}
+    raw = cli("export-env", "exp", "--format", "dotenv")
+    assert "stripe-key=" in raw.stdout and "DOTTED.NAME=" in raw.stdout  # the stored names, for import-env
+    client.put("exp/stripe_key", "x")
+    clash = cli("export-env", "exp", "--format", "sh")
+    assert clash.exit_code == 1 and "exp/stripe-key and exp/stripe_key would all be the variable stripe_key" in (
+        clash.stderr) and clash.stdout == ""
+    skipped = cli("export-env", "exp", "--format", "sh", "--skip-invalid")
+    assert skipped.exit_code == 0 and "stripe_key=" not in skipped.stdout and "warning: exp/stripe-key" in (
+        skipped.stderr)

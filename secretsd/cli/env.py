@@ -2,17 +2,19 @@
 
 The contract: ``import-env FILE --prefix P`` stores each ``KEY`` as the secret ``P/KEY``;
 ``export-env P`` and ``run --prefix P`` use each secret directly under ``P`` by its last path
-segment. Values are never printed, except by ``export-env`` whose output is the values.
+segment, made an environment variable name by ``environment_name`` (docs/cli.md). Values are
+never printed, except by ``export-env`` whose output is the values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,12 +24,84 @@ import click
 from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, remote, table, write_private
 from secretsd.client import SecretsClient
 from secretsd.client.operations import children
-from secretsd.errors import ConflictError, NotFoundError, SecretsdError
+from secretsd.errors import ConflictError, NotFoundError, RequestError, SecretsdError
 from secretsd.paths import validate_path
+from secretsd.problems import error_from_problem
 
 #: Plan rows shown in a table; --json lists them all.
 PLAN_ROWS = 50
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Writes per POST /v1/secrets:batch (the API's limit).
+BATCH_ITEMS = 1000
+
+#: What ``run`` passes on to the command, as tini and dumb-init do: every signal someone sends to
+#: ask a program for something (reload, stop, reopen logs, resize, resume), and the real-time
+#: ones. Not KILL and STOP (they cannot be caught); not TSTP/TTIN/TTOU (job control: the wrapper
+#: must stop itself so the shell sees a stopped job, and a terminal sends them to the command too);
+#: not CHLD (about our own child); not PIPE, XCPU, XFSZ, VTALRM, PROF (about this process's own
+#: writes, limits and timers: passing them on would kill a command that did nothing); not the
+#: faults SEGV, BUS, FPE, ILL, TRAP, SYS, ABRT; not URG (out-of-band data on our own sockets).
+FORWARDED_SIGNALS: tuple[signal.Signals | int, ...] = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGWINCH, signal.SIGCONT, signal.SIGALRM,
+    *((signal.SIGPWR,) if hasattr(signal, "SIGPWR") else ()),
+    *(range(signal.SIGRTMIN, signal.SIGRTMAX + 1) if hasattr(signal, "SIGRTMIN") else ()),
+)
+
+#: A name every shell, compose and python-dotenv accept (POSIX "Name").
+_POSIX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def environment_name(key: str) -> str | None:
+    """The environment variable a secret ``PREFIX/KEY`` becomes: ``KEY`` with each ``-`` and ``.``
+    made ``_``, case kept (a name that is already valid is used as it is); ``None`` when even that
+    is not a POSIX name (a key starting with a digit)."""
+    name = key.replace("-", "_").replace(".", "_")
+    return name if _POSIX_NAME.fullmatch(name) else None
+
+
+def environment_names(keys: Iterable[str], *, prefix: str, skip_invalid: bool) -> dict[str, str]:
+    """``name -> key`` for the secrets ``prefix/KEY``; rule: never inject a name silently.
+
+    A key without a valid name, or two keys that become the same name (``a-b`` and ``a_b``), are
+    a one-line ``RequestError`` naming them -- or, with ``skip_invalid``, left out with a warning on
+    stderr each. Values are never in these messages.
+    """
+    by_name: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for key in keys:
+        name = environment_name(key)
+        if name is None:
+            problems.append(f"{prefix}/{key} has no valid environment variable name ('-' and '.' become '_'; "
+                            "a name may not start with a digit)")
+        else:
+            by_name.setdefault(name, []).append(key)
+    for name, clashing in by_name.items():
+        if len(clashing) > 1:
+            problems.append(f"{' and '.join(f'{prefix}/{k}' for k in clashing)} would all be the variable {name}")
+    if problems and not skip_invalid:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RequestError(f"{problems[0]}{more}; rename the secret, name it with --map NAME=PATH, "
+                           "or leave such secrets out with --skip-invalid")
+    for problem in problems:
+        click.echo(f"warning: {problem}; left out (--skip-invalid)", err=True)
+    return {name: ks[0] for name, ks in by_name.items() if len(ks) == 1}
+
+
+def _read_under(client: SecretsClient, prefix: str, *, progress: bool = False) -> tuple[dict[str, str], list[str]]:
+    """``key -> current value`` of each secret directly under ``prefix``, and the paths left out
+    because their current version is deleted. ``run`` shows no progress bar: rich is not imported
+    on its path (start-up, docs/cli.md)."""
+    values: dict[str, str] = {}
+    missing: list[str] = []
+    found = children(client.list_all(prefix), prefix)
+    with _progress("reading", len(found)) if progress else contextlib.nullcontext(lambda n=1: None) as advance:
+        for s in found:
+            try:
+                values[s["path"].rsplit("/", 1)[-1]] = client.get(s["path"])["value"]
+            except NotFoundError:  # current version deleted or destroyed
+                missing.append(s["path"])
+            advance()
+    return values, missing
 
 
 def _prefix(text: str) -> str:
@@ -52,18 +126,19 @@ def _progress(description: str, total: int) -> Iterator[Any]:
 
 
 def _current_values(client: SecretsClient, prefix: str, keys: set[str]) -> dict[str, tuple[int, str | None]]:
-    """path -> (current version, current value or None if unreadable) for the paths that exist."""
+    """path -> (current version, current value or None if unreadable) for the paths that exist.
+
+    One ``POST /v1/secrets:read`` per 1,000 secrets below the prefix; only a secret that cannot
+    be served (its current version deleted or expired) costs a listing to learn its version.
+    """
     wanted = {f"{prefix}/{k}" for k in keys}
-    existing = {s["path"]: int(s["current_version"]) for s in children(client.list_all(prefix), prefix)
-                if s["path"] in wanted}
-    current: dict[str, tuple[int, str | None]] = {}
-    with _progress("reading current values", len(existing)) as advance:
-        for path, version in existing.items():
-            try:
-                current[path] = (version, client.get(path)["value"])
-            except NotFoundError:  # current version deleted or destroyed
-                current[path] = (version, None)
-            advance()
+    found, skipped = client.read_all(prefix)
+    current: dict[str, tuple[int, str | None]] = {
+        s["path"]: (int(s["version"]), s["value"]) for s in found if s["path"] in wanted}
+    if any(s["path"] in wanted for s in skipped):
+        for s in client.list_all(prefix):
+            if s["path"] in wanted and s["path"] not in current:
+                current[s["path"]] = (int(s["current_version"]), None)
     return current
 
 
@@ -135,73 +210,96 @@ def _show_plan(items: list[Any], parsed: Any) -> None:
 
 
 def _write(client: SecretsClient, parsed: Any, to_write: list[Any]) -> int:
+    """Write the plan's items with check-and-set, 1,000 per ``POST /v1/secrets:batch``."""
     written = 0
     with _progress("importing", len(to_write)) as advance:
-        for item in to_write:
-            value = parsed.entries[item.key].value
+        for start in range(0, len(to_write), BATCH_ITEMS):
+            chunk = to_write[start:start + BATCH_ITEMS]
+            # Check-and-set: nothing changed since the plan, and a retried batch cannot create a
+            # second version of anything.
             try:
-                # Check-and-set: nothing changed since the plan, and a retried write cannot
-                # create a second version.
-                client.put(item.path, value, cas=item.cas)
-            except ConflictError:
-                try:
-                    now = client.get(item.path)["value"]
-                except NotFoundError:
-                    now = None
-                if now != value:
-                    raise ConflictError(f"{item.path} changed while importing (after writing {written} of "
-                                        f"{len(to_write)}); run import-env again to see the new plan") from None
+                results = client.write_batch([
+                    {"path": i.path, "value": parsed.entries[i.key].value, "cas": i.cas} for i in chunk])["results"]
             except SecretsdError as exc:
                 raise type(exc)(f"{exc.message} (after writing {written} of {len(to_write)}; "
                                 "running import-env again continues where it stopped)") from exc
-            written += 1
-            advance()
+            for item, result in zip(chunk, results, strict=True):
+                if result["status"] == 409:
+                    _check_unchanged(client, item.path, parsed.entries[item.key].value, written, len(to_write))
+                elif result["status"] != 200:
+                    error = error_from_problem(result["error"], result["status"])
+                    raise type(error)(f"{item.path}: {error.message} (after writing {written} of "
+                                      f"{len(to_write)}; running import-env again continues where it stopped)")
+                written += 1
+            advance(len(chunk))
     return written
+
+
+def _check_unchanged(client: SecretsClient, path: str, value: str, written: int, total: int) -> None:
+    """A check-and-set refused: fine if the secret already holds our value (a retried batch)."""
+    try:
+        now = client.get(path)["value"]
+    except NotFoundError:
+        now = None
+    if now != value:
+        raise ConflictError(f"{path} changed while importing (after writing {written} of {total}); "
+                            "run import-env again to see the new plan")
 
 
 @main.command(name="export-env")
 @click.argument("prefix")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file (mode 0600, replaced atomically); default: standard output.")
+@click.option("--format", "style", type=click.Choice(["portable", "sh", "dotenv"]), default="portable",
+              show_default=True,
+              help="portable: read alike by sh/bash, docker compose and python-dotenv; sh: shells only "
+                   "(any value, line breaks too); dotenv: for import-env (names as stored).")
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave out (with a warning) secrets without a valid variable name instead of failing.")
 @json_option
 @remote
-def export_env(ctx: Ctx, prefix: str, output: Path | None, as_json: bool) -> None:
-    """Write the secrets directly under PREFIX as a dotenv file (NAME=value).
+def export_env(ctx: Ctx, prefix: str, output: Path | None, style: str, skip_invalid: bool, as_json: bool) -> None:
+    """Write the secrets directly under PREFIX as an env file (NAME=value).
 
-    NAME is each secret's last path segment. Values are quoted so that the file reads back
-    unchanged through 'secretsd import-env' (newlines, quotes, backslashes, '$', unicode, empty
-    values); import it without --interpolate. Secrets whose current version is deleted are left out.
+    NAME is the secret's last path segment with '-' and '.' made '_' (as 'run' names them); a
+    segment that gives no valid name, or two that give the same, is an error unless
+    --skip-invalid. The default format reads the same through 'set -a; . FILE' in sh or bash,
+    docker compose's env_file and python-dotenv ('$' is never expanded); a value that no single
+    form can carry to all three (a line break, say) is an error naming the secret, and nothing is
+    written: use --format sh for shells, or --format dotenv, which keeps the stored names and
+    reads back unchanged through 'secretsd import-env' (not through a shell). Secrets whose
+    current version is deleted are left out.
 
     \b
     Examples:
       secretsd export-env billing -o billing.env
       secretsd export-env billing > /dev/shm/billing.env
+      secretsd export-env billing --format dotenv -o backup.env   # for import-env
     """
     from secretsd.cli import envfile
 
     prefix = _prefix(prefix)
-    values: dict[str, str] = {}
-    missing: list[str] = []
     with ctx.client() as client:
-        found = children(client.list_all(prefix), prefix)
-        with _progress("reading", len(found)) as advance:
-            for s in found:
-                try:
-                    values[s["path"].rsplit("/", 1)[-1]] = client.get(s["path"])["value"]
-                except NotFoundError:
-                    missing.append(s["path"])
-                advance()
-    text = envfile.format_dotenv(values, header=f"exported by secretsd export-env {prefix}")
+        values, missing = _read_under(client, prefix, progress=True)
+    header = f"exported by secretsd export-env {prefix}" + (f" --format {style}" if style != envfile.PORTABLE else "")
+    if style == envfile.DOTENV:
+        text = envfile.format_dotenv(values, header=header)
+        names = list(values)
+    else:
+        by_name = environment_names(values, prefix=prefix, skip_invalid=skip_invalid)
+        text = envfile.format_env({name: values[key] for name, key in by_name.items()}, style=style, header=header,
+                                  sources={name: f"{prefix}/{key}" for name, key in by_name.items()})
+        names = list(by_name)
     if output is None:
         click.echo(text, nl=False)
     else:
         write_private(output, text.encode("utf-8"))
-    summary = {"prefix": prefix, "file": None if output is None else str(output),
-               "names": list(values), "left_out_deleted": missing}
+    summary = {"prefix": prefix, "file": None if output is None else str(output), "format": style,
+               "names": names, "left_out_deleted": missing}
     if as_json and output is not None:
         emit_json(summary)
     elif output is not None:
-        click.echo(f"wrote {len(values)} secret(s) to {output} (mode 0600)")
+        click.echo(f"wrote {len(names)} secret(s) to {output} (mode 0600)")
     for path in missing:
         click.echo(f"note: {path} left out: its current version is deleted", err=True)
 
@@ -210,8 +308,11 @@ def _mapping(items: tuple[str, ...]) -> dict[str, str]:
     result: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name or "\0" in name:
+        if not sep or not name:
             raise click.BadParameter(f"{item!r} is not NAME=path", param_hint="--map")
+        if not _POSIX_NAME.fullmatch(name):
+            raise click.BadParameter(f"{name!r} is not a valid environment variable name "
+                                     "(letters, digits and '_', not starting with a digit)", param_hint="--map")
         try:
             result[name] = validate_path(path.strip("/"))
         except SecretsdError as exc:
@@ -220,19 +321,29 @@ def _mapping(items: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--prefix", help="Expose each secret directly under PREFIX as NAME (its last path segment).")
+@click.option("--prefix", help="Expose each secret directly under PREFIX as NAME (its last path segment, "
+                               "'-' and '.' made '_').")
 @click.option("--map", "maps", multiple=True, metavar="NAME=PATH",
               help="Expose the secret PATH as NAME (repeatable; wins over --prefix).")
+@click.option("--allow-empty", is_flag=True,
+              help="Run the command even when nothing is under --prefix (by default that is an error, exit 3).")
+@click.option("--skip-invalid", is_flag=True,
+              help="Leave out (with a warning) secrets without a valid variable name instead of failing.")
 @click.option("--pass-token", is_flag=True,
               help="Let the command see SECRETSD_TOKEN too (by default it is removed from its environment).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @remote
-def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], pass_token: bool, command: tuple[str, ...]) -> None:
+def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], allow_empty: bool, skip_invalid: bool,
+        pass_token: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND with secrets in its environment; exit with its exit code.
 
     Secrets are added to the current environment (a secret wins over a variable of the same
-    name) and written nowhere. SIGINT, SIGTERM and SIGHUP are passed on to the command; if it is
-    killed by a signal, the exit code is 128 + the signal number, as in a shell.
+    name) and written nowhere. A secret PREFIX/KEY becomes the variable KEY with '-' and '.'
+    made '_'; a key that gives no valid name, or two keys that give the same, stop the command
+    from starting (unless --skip-invalid). Nothing under PREFIX (a typo, say) is an error, exit 3,
+    unless --allow-empty. Like tini, every signal meant for the program (HUP, INT, QUIT, TERM,
+    USR1, USR2, WINCH, CONT, ALRM, PWR, real-time) is passed on to it; if it is killed by a
+    signal, the exit code is 128 + the signal number, as in a shell.
 
     \b
     Examples:
@@ -246,9 +357,12 @@ def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], pass_token: bool, c
     with ctx.client() as client:
         if prefix:
             base = _prefix(prefix)
-            for s in children(client.list_all(base), base):
-                with contextlib.suppress(NotFoundError):  # current version deleted
-                    secrets[s["path"].rsplit("/", 1)[-1]] = client.get(s["path"])["value"]
+            values, _ = _read_under(client, base)
+            if not values and not allow_empty:
+                raise NotFoundError(f"nothing under the prefix {base!r} (no secret directly under it with a current "
+                                    f"value); {command[0]} was not started (--allow-empty runs it anyway)")
+            by_name = environment_names(values, prefix=base, skip_invalid=skip_invalid)
+            secrets = {name: values[key] for name, key in by_name.items()}
         for name, path in mapping.items():
             secrets[name] = client.get(path)["value"]
     env = dict(os.environ)
@@ -259,7 +373,8 @@ def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], pass_token: bool, c
 
 
 def run_child(argv: list[str], env: dict[str, str]) -> int:
-    """Run ``argv``, passing on SIGINT/SIGTERM/SIGHUP; its exit code, or 128+N if signal N killed it."""
+    """Run ``argv``, passing on every signal in ``FORWARDED_SIGNALS``; its exit code, or 128+N if
+    signal N killed it. A signal that arrives before the child exists is sent once it does."""
     proc: subprocess.Popen[bytes] | None = None
     pending: list[int] = []
 

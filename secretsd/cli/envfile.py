@@ -20,6 +20,7 @@ multi-line quoted values, comments. Differences, on purpose:
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,3 +184,79 @@ def format_dotenv(values: Mapping[str, str], *, header: str | None = None) -> st
             "(a value ending in a backslash that also needs quotes); export those with 'secretsd get'"
         )
     return text
+
+
+# -- writing for several readers at once -----------------------------------------------------------
+# ``export-env --format``: which readers must read the file as we mean it.
+PORTABLE, SH, DOTENV = "portable", "sh", "dotenv"
+FORMATS = (PORTABLE, SH, DOTENV)
+
+
+#: What python-dotenv's interpolation expands (its own pattern), in any quotes; there is no escape.
+_DOTENV_VARIABLE = re.compile(r"\$\{[^}:]*(?::-[^}]*)?\}")
+
+
+def quote_portable(value: str) -> tuple[str | None, str]:
+    """``value`` written so that ``sh``/``bash`` (``set -a; . FILE``), docker compose ``env_file``
+    (its documented rules) and python-dotenv (interpolation on or off) all read it unchanged;
+    ``(None, why)`` when no form does.
+
+    Bare when every character is plain. Otherwise single quotes, literal in all three -- except
+    that python-dotenv and compose treat ``\\'`` (and python-dotenv ``\\\\``) as escapes, so a
+    value with two backslashes in a row or a trailing one cannot be single-quoted. A value with a
+    ``'`` is double-quoted, only when it holds none of ``$`` `` ` `` ``"`` (each special in a shell's
+    or compose's double quotes): the backslash, the one escape all three read alike, is doubled.
+    A line break has no common form (compose's documented lines are one per variable; only
+    double-quoted ``\\n`` would do and a shell reads that literally), nor has ``${NAME}``: python-dotenv
+    interpolates it in every kind of quotes.
+    """
+    if value and set(value) <= _UNQUOTED_SAFE:
+        return value, ""
+    if "\0" in value:
+        return None, "a NUL character (no environment can hold one)"
+    if "\n" in value or "\r" in value:
+        return None, "a line break (docker compose env files have no form of it that sh reads alike)"
+    if _DOTENV_VARIABLE.search(value):
+        return None, "${...} (python-dotenv expands it even in single quotes, as load_dotenv does by default)"
+    if "'" not in value:
+        if "\\\\" in value or value.endswith("\\"):
+            return None, "two backslashes in a row or a trailing backslash (python-dotenv and compose unescape them)"
+        return f"'{value}'", ""
+    if set(value) & set('$`"'):
+        return None, "a single quote together with $, ` or \" (no quoting reads alike in sh, compose and python-dotenv)"
+    if value.endswith("\\"):
+        # compose takes a quote right after a backslash as escaped, even after an escaped backslash.
+        return None, "a single quote and a trailing backslash (compose would read the closing quote as escaped)"
+    return '"' + value.replace("\\", "\\\\") + '"', ""
+
+
+def quote_sh(value: str) -> tuple[str | None, str]:
+    """``value`` for a POSIX shell only: single quotes, a ``'`` written ``'"'"'``; any value but NUL."""
+    if value and set(value) <= _UNQUOTED_SAFE:
+        return value, ""
+    if "\0" in value:
+        return None, "a NUL character (no environment can hold one)"
+    return "'" + value.replace("'", "'\"'\"'") + "'", ""
+
+
+def format_env(values: Mapping[str, str], *, style: str, header: str | None = None,
+               sources: Mapping[str, str] | None = None) -> str:
+    """An env file of ``values`` (``NAME -> value``) in ``style`` (``portable`` or ``sh``), or a
+    one-line ``RequestError`` naming each value that style cannot carry (``sources`` maps a name to
+    the secret it comes from, for that message). Nothing is written unless every value fits."""
+    quote_one = quote_portable if style == PORTABLE else quote_sh
+    lines = [f"# {h}" for h in (header or "").splitlines()]
+    refused: list[tuple[str, str]] = []
+    for name, value in values.items():
+        quoted, why = quote_one(value)
+        if quoted is None:
+            refused.append((name, why))
+        else:
+            lines.append(f"{name}={quoted}")
+    if refused:
+        name, why = refused[0]
+        what = (sources or {}).get(name, name)
+        more = f" (and {len(refused) - 1} more: {', '.join(n for n, _ in refused[1:6])})" if len(refused) > 1 else ""
+        raise RequestError(f"cannot write {what} as {name} in the {style} format: its value holds {why}{more}; "
+                           "choose --format sh or --format dotenv for that reader, or read it with 'secretsd get'")
+    return "\n".join(lines) + "\n"
