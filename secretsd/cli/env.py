@@ -259,7 +259,7 @@ def _check_unchanged(client: SecretsClient, path: str, value: str, written: int,
 @json_option
 @remote
 def export_env(ctx: Ctx, prefix: str, output: Path | None, style: str, skip_invalid: bool, as_json: bool) -> None:
-    """Write the secrets directly under PREFIX as an env file (NAME=value).
+    """Write the secrets directly under PREFIX as a dotenv file (NAME=value).
 
     NAME is the secret's last path segment with '-' and '.' made '_' (as 'run' names them); a
     segment that gives no valid name, or two that give the same, is an error unless
