@@ -64,3 +64,11 @@ def validate_prefix(prefix: str) -> str:
     if prefix.endswith("//"):
         raise InvalidPathError("the prefix has an empty segment")
     return validate_path(stripped)
+
+
+def is_child(prefix: str, path: str) -> bool:
+    """``path`` sits directly under ``prefix`` (exactly one more segment; the prefix itself is not)."""
+    base = prefix.strip("/")
+    if not base:
+        return "/" not in path
+    return path.startswith(base + "/") and "/" not in path[len(base) + 1:]

@@ -163,3 +163,22 @@ async def test_a_batch_read_needs_list_on_the_prefix_and_is_audited_per_item(api
     assert [(r["action"], r["path"], r["outcome"]) for r in recs] == [
         ("batch.read", "other", 403),
         ("secret.read", "app/a", 200), ("secret.read", "app/b", 200), ("batch.read", "app", 200)]
+
+
+async def test_a_children_read_decrypts_and_records_only_the_direct_children(api: Api) -> None:
+    # What `secretsd run --prefix app` injects: app/a, not app/deep/b (never read, never recorded).
+    await batch(api, [{"path": "app/a", "value": "A"}, {"path": "app/deep/b", "value": "B"}])
+    resp = await api.client.get("/v1/secrets:read", params={"prefix": "app", "children": "1"}, headers=api.auth())
+    assert [s["path"] for s in (await resp.json())["secrets"]] == ["app/a"]
+    reads = [r["path"] for r in records(api.daemon.settings) if r["action"] == "secret.read"]
+    assert reads == ["app/a"]
+    bad = await api.client.get("/v1/secrets:read", params={"prefix": "app", "children": "2"}, headers=api.auth())
+    assert bad.status == 400
+
+
+def test_is_child_is_one_segment_below() -> None:
+    from secretsd.paths import is_child
+
+    assert is_child("app", "app/a") and is_child("", "top") and is_child("app/", "app/a")
+    assert not is_child("app", "app") and not is_child("app", "app/a/b") and not is_child("app", "apple/a")
+    assert not is_child("", "a/b")

@@ -42,7 +42,7 @@ from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put, SecretValue
 from secretsd.errors import PermissionDeniedError, RequestError, SecretsdError
-from secretsd.paths import validate_path
+from secretsd.paths import is_child, validate_path
 from secretsd.problems import problem_document, problem_for
 from secretsd.records import SecretRecord, TokenRecord, VersionInfo
 
@@ -204,12 +204,20 @@ async def read_batch(request: web.Request) -> web.Response:
     who = authorize(request, Capability.LIST, prefix)
     limit = int_query(request, "limit")
     after = request.query.get("after", "")
-    # Listed as GET /v1/secrets lists (a path hidden from `list` stays hidden), keeping only the
-    # paths the caller may also read, each read as its GET would read it.
+    children = int_query(request, "children", 0)
+    if children not in (0, 1):
+        raise RequestError("children must be 0 or 1")
+
+    def visible(paths: list[str]) -> set[str]:
+        # Listed as GET /v1/secrets lists (a path hidden from `list` stays hidden), keeping only the
+        # paths the caller may also read; with children=1 only those one segment below the prefix
+        # (what `run` injects), so nothing else is decrypted or recorded as read.
+        if children:
+            paths = [p for p in paths if is_child(prefix, p)]
+        return allowed_paths(request, Capability.LIST, paths) & allowed_paths(request, Capability.READ, paths)
+
     found, next_after = await services(request).secrets.read_page(
-        who, prefix, after=after, limit=MAX_LIST_LIMIT if limit is None else limit,
-        visible=lambda paths: allowed_paths(request, Capability.LIST, paths) & allowed_paths(
-            request, Capability.READ, paths))
+        who, prefix, after=after, limit=MAX_LIST_LIMIT if limit is None else limit, visible=visible)
     secrets: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     records: list[tuple[str, int, dict[str, Any]]] = []

@@ -137,7 +137,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/v1/secrets:read", h.read_batch,
               "Read the current values below a prefix, a page at a time (list on the prefix; only the "
               "paths the caller may list and read); each item audited as its own GET", "batch.read",
-              Capability.LIST, "on the prefix", query=_LISTING),
+              Capability.LIST, "on the prefix", query=(*_LISTING, Query(
+                  "children", "integer", "1: only the secrets one segment below the prefix",
+                  (("minimum", 0), ("maximum", 1))))),
     Operation("POST", "/v1/secrets/{path:.+}/rotate", h.rotate_secret,
               "Rotate now: a generated (or the supplied) value becomes current, the old one previous; "
               "502 rotation-failed when the hook fails",

@@ -23,6 +23,7 @@ import click
 
 from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, remote, table, write_private
 from secretsd.client import SecretsClient
+from secretsd.client.calls import value_of
 from secretsd.client.operations import children
 from secretsd.errors import ConflictError, NotFoundError, RequestError, SecretsdError
 from secretsd.paths import validate_path
@@ -87,21 +88,19 @@ def environment_names(keys: Iterable[str], *, prefix: str, skip_invalid: bool) -
     return {name: ks[0] for name, ks in by_name.items() if len(ks) == 1}
 
 
-def _read_under(client: SecretsClient, prefix: str, *, progress: bool = False) -> tuple[dict[str, str], list[str]]:
+def _read_under(client: SecretsClient, prefix: str) -> tuple[dict[str, str], list[str]]:
     """``key -> current value`` of each secret directly under ``prefix``, and the paths left out
-    because their current version is deleted. ``run`` shows no progress bar: rich is not imported
-    on its path (start-up, docs/cli.md)."""
+    because their current version cannot be served (deleted, destroyed, expired). One
+    ``GET /v1/secrets:read`` per 1,000 secrets below the prefix, not a request per secret."""
+    found, skipped = client.read_all(prefix, children=True)
     values: dict[str, str] = {}
-    missing: list[str] = []
-    found = children(client.list_all(prefix), prefix)
-    with _progress("reading", len(found)) if progress else contextlib.nullcontext(lambda n=1: None) as advance:
-        for s in found:
-            try:
-                values[s["path"].rsplit("/", 1)[-1]] = client.get(s["path"])["value"]
-            except NotFoundError:  # current version deleted or destroyed
-                missing.append(s["path"])
-            advance()
-    return values, missing
+    for item in children(found, prefix):
+        value = value_of(item)
+        if isinstance(value, bytes):
+            raise RequestError(f"{item['path']} holds a binary value, which cannot be an environment variable; "
+                               "read it with 'secretsd get'")
+        values[item["path"].rsplit("/", 1)[-1]] = value
+    return values, [item["path"] for item in children(skipped, prefix)]
 
 
 def _prefix(text: str) -> str:
@@ -280,7 +279,7 @@ def export_env(ctx: Ctx, prefix: str, output: Path | None, style: str, skip_inva
 
     prefix = _prefix(prefix)
     with ctx.client() as client:
-        values, missing = _read_under(client, prefix, progress=True)
+        values, missing = _read_under(client, prefix)
     header = f"exported by secretsd export-env {prefix}" + (f" --format {style}" if style != envfile.PORTABLE else "")
     if style == envfile.DOTENV:
         text = envfile.format_dotenv(values, header=header)

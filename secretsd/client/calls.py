@@ -84,8 +84,10 @@ def write_batch(items: list[dict[str, Any]]) -> Call:
                 idempotent=all(item.get("cas") is not None for item in items))
 
 
-def read_batch(prefix: str = "", after: str = "", limit: int | None = None) -> Call:
-    return dataclasses.replace(list_secrets(prefix, after, limit), path="/v1/secrets:read")
+def read_batch(prefix: str = "", after: str = "", limit: int | None = None, *, children: bool = False) -> Call:
+    call = list_secrets(prefix, after, limit)
+    query = call.query | ({"children": "1"} if children else {})
+    return dataclasses.replace(call, path="/v1/secrets:read", query=query)
 
 
 def list_secrets(prefix: str = "", after: str = "", limit: int | None = None) -> Call:

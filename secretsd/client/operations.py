@@ -121,9 +121,11 @@ class Operations(ABC, Generic[R]):
         each); the answer has a result per item, in order (docs/api.md)."""
         return self.call(calls.write_batch(items))
 
-    def read_batch(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
-        """A page of the current values below ``prefix`` that this token may read (docs/api.md)."""
-        return self.call(calls.read_batch(prefix, after, limit))
+    def read_batch(self, prefix: str = "", *, after: str = "", limit: int | None = None,
+                   children: bool = False) -> R:
+        """A page of the current values below ``prefix`` (with ``children``: only one segment below
+        it) that this token may read (docs/api.md)."""
+        return self.call(calls.read_batch(prefix, after, limit, children=children))
 
     def list_secrets(self, prefix: str = "", *, after: str = "", limit: int | None = None) -> R:
         """One page of the paths under ``prefix``, in order, starting after ``after``; never values."""

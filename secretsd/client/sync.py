@@ -91,14 +91,16 @@ class SecretsClient(Operations[dict[str, Any]]):
                     raise self.endpoint.unreachable(exc) from exc
         return calls.decode(call, response.status, response.getheader("Content-Type", ""), body)
 
-    def read_all(self, prefix: str = "") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Every value below ``prefix`` this token may read (all pages of ``read_batch``), and the
-        secrets that could not be served (each with its status and error)."""
+    def read_all(self, prefix: str = "", *, children: bool = False,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every value below ``prefix`` (with ``children``: only one segment below it) this token may
+        read (all pages of ``read_batch``), and the secrets that could not be served (each with its
+        status and error)."""
         found: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
         after = ""
         while True:
-            page = self.read_batch(prefix, after=after)
+            page = self.read_batch(prefix, after=after, children=children)
             found.extend(page["secrets"])
             skipped.extend(page["skipped"])
             after = page.get("next_after") or ""

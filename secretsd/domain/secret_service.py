@@ -8,10 +8,10 @@ calls it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
@@ -25,6 +25,7 @@ from secretsd.records import SecretRecord, VersionInfo, VersionRecord, VersionSt
 from secretsd.storage import Storage
 from secretsd.storage.base import BatchWrite, Seal
 
+T = TypeVar("T")
 MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1024
@@ -75,6 +76,13 @@ class SecretValue:
             return self.data.decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+
+def _listing(prefix: str, limit: int) -> str:
+    """A listing's prefix, normalised, once its page size is checked."""
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise RequestError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    return validate_prefix(prefix)
 
 
 def _plaintext(value: str | bytes) -> bytes:
@@ -272,61 +280,63 @@ class SecretsService:
 
     async def list_secrets(self, who: Principal, prefix: str, *, after: str = "",
                    limit: int = MAX_LIST_LIMIT) -> list[SecretRecord]:
-        prefix = validate_prefix(prefix)
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise RequestError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        return await self._storage.list_secrets(prefix, after=after, limit=limit)
+        return await self._storage.list_secrets(_listing(prefix, limit), after=after, limit=limit)
 
     async def list_page(self, who: Principal, prefix: str, *, after: str = "", limit: int = MAX_LIST_LIMIT,
                         visible: Callable[[list[str]], set[str]]) -> ListPage:
         """A page of at most ``limit`` secrets below ``prefix``, after ``after``, of those ``visible``
-        lets the caller see (the policy filter: a deny on one path hides it).
+        lets the caller see (the policy filter: a deny on one path hides it)."""
+        shown, next_after = await self._page(prefix, after, limit, visible, self._storage.list_secrets,
+                                             lambda s: s.path)
+        return ListPage(shown, next_after)
+
+    async def _page(self, prefix: str, after: str, limit: int, visible: Callable[[list[str]], set[str]],
+                    fetch: Callable[..., Awaitable[list[T]]], path_of: Callable[[T], str],
+                    ) -> tuple[list[T], str | None]:
+        """The rule of a listing page, for secrets (``list_page``) and for values (``read_page``).
 
         Storage pages are scanned until the page is full, the store ends or MAX_LIST_SCANS pages
         were read; the cursor is always a shown path, so it never names a hidden one.
         """
+        prefix = _listing(prefix, limit)
         if after:
             validate_path(after)
-        shown: list[SecretRecord] = []
+        shown: list[T] = []
         more = False
         for _ in range(MAX_LIST_SCANS):
-            found = await self.list_secrets(who, prefix, after=after, limit=limit)
-            seen = visible([s.path for s in found])
+            found = await fetch(prefix, after=after, limit=limit)
+            seen = visible([path_of(item) for item in found])
             left_over = False
-            for record in found:
-                if record.path in seen:
+            for item in found:
+                if path_of(item) in seen:
                     if len(shown) < limit:
-                        shown.append(record)
+                        shown.append(item)
                     else:
                         left_over = True
             more = len(found) == limit or left_over
             if len(shown) == limit or not more:
                 break
-            after = found[-1].path
-        return ListPage(shown, shown[-1].path if shown and more else None)
+            after = path_of(found[-1])
+        return shown, path_of(shown[-1]) if shown and more else None
 
     async def read_page(self, who: Principal, prefix: str, *, after: str = "", limit: int = MAX_LIST_LIMIT,
                         visible: Callable[[list[str]], set[str]],
                         ) -> tuple[list[tuple[str, SecretValue | SecretsdError]], str | None]:
         """The current values of a page of the secrets below ``prefix`` that ``visible`` lets the
-        caller read, each read as ``get`` reads it; one that cannot be served (deleted, expired)
-        is reported in its place with the reason, and does not stop the others."""
-        page = await self.list_page(who, prefix, after=after, limit=limit, visible=visible)
-        if not page.secrets:
-            return [], page.next_after
-        # One range read for the page's values; a path listed but gone by now is not found.
-        current = {s.path: (s, v) for s, v in await self._storage.read_current_between(
-            page.secrets[0].path, page.secrets[-1].path)}
+        caller read, each served as ``get`` serves it; one that cannot be served (deleted, expired)
+        is reported in its place with the reason, and does not stop the others. The page is one
+        read of the store: the listing and the current versions together."""
+        page, next_after = await self._page(prefix, after, limit, visible, self._storage.read_current_page,
+                                            lambda found: found[0].path)
         out: list[tuple[str, SecretValue | SecretsdError]] = []
-        for secret in page.secrets:
+        for secret, record in page:
             try:
-                found = current.get(secret.path)
-                if found is None:
+                if record is None:
                     raise NotFoundError(f"no secret at {secret.path}")
-                out.append((secret.path, await self._serve(who, *found)))
+                out.append((secret.path, await self._serve(who, secret, record)))
             except SecretsdError as exc:
                 out.append((secret.path, exc))
-        return out, page.next_after
+        return out, next_after
 
     async def metadata(self, who: Principal, path: str) -> tuple[SecretRecord, list[VersionInfo]]:
         validate_path(path)

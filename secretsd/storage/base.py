@@ -195,9 +195,11 @@ class Storage(Protocol):
         secret may still meet the primary key on PostgreSQL: ``ConflictError``, try again.)"""
         ...
 
-    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
-        """Every secret with a path from ``first`` to ``last`` (inclusive), with its current version,
-        in path order: the values of a page a listing returned, in one read."""
+    async def read_current_page(
+        self, prefix: str, *, after: str = "", limit: int = 1000,
+    ) -> list[tuple[SecretRecord, VersionRecord | None]]:
+        """The page ``list_secrets`` returns, each secret with its current version (None if that
+        row is missing), in one read."""
         ...
 
     async def write_batch(

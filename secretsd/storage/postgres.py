@@ -408,11 +408,17 @@ class PostgresStorage:
         values, split = list(rows[0].values()), queries.SECRET_WIDTH
         return engine.secret_from_row(values[:split], sql.as_is), engine.version_from_row(values[split:], sql.as_is)
 
-    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
+    async def read_current_page(
+        self, prefix: str, *, after: str = "", limit: int = 1000,
+    ) -> list[tuple[SecretRecord, VersionRecord | None]]:
+        low, high = codec.prefix_bounds(prefix)
         split = queries.SECRET_WIDTH
-        return [(engine.secret_from_row(values[:split], sql.as_is), engine.version_from_row(values[split:], sql.as_is))
-                for values in (list(row.values()) for row in await self._fetch(sql.SQL.read_current_between,
-                                                                                first, last))]
+        out: list[tuple[SecretRecord, VersionRecord | None]] = []
+        for row in await self._fetch(sql.SQL.read_current_page, low, high, prefix, after, limit):
+            values = list(row.values())
+            out.append((engine.secret_from_row(values[:split], sql.as_is),
+                        None if values[split] is None else engine.version_from_row(values[split:], sql.as_is)))
+        return out
 
     async def write_version(
         self,

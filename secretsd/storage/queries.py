@@ -113,10 +113,15 @@ READ_BY_LABEL: Mapping[str, Query] = {
 }
 READ_BY_NUMBER = Query("SELECT {s.secret}, {v.version} " + _JOIN + ":version WHERE s.path = :path",
                        ("path", "version"))
-#: The current versions of the secrets in one stretch of paths (a page a listing returned), in path
-#: order: one range scan instead of a lookup per secret (``POST /v1/secrets:read``).
-READ_CURRENT_BETWEEN = Query(f"SELECT {{s.secret}}, {{v.version}} {_JOIN}s.current_version "
-                             "WHERE s.path >= :first AND s.path <= :last ORDER BY s.path", ("first", "last"))
+#: A listing page (as ``LIST_SECRETS``) with each secret's current version beside it, in one read
+#: (``GET /v1/secrets:read``); a secret whose current version row is missing comes with NULLs.
+READ_CURRENT_PAGE = Query(
+    "SELECT {s.secret}, {v.version} FROM secrets s "
+    "LEFT JOIN secret_versions v ON v.path = s.path AND v.version = s.current_version "
+    "WHERE ((s.path >= :low AND s.path < :high) OR s.path = :prefix) AND s.path > :after "
+    "ORDER BY s.path LIMIT :limit",
+    ("low", "high", "prefix", "after", "limit"),
+)
 LIST_VERSIONS = Query("SELECT {version_info} FROM secret_versions WHERE path = :path ORDER BY version", ("path",))
 #: Paths under a prefix: the range ``codec.prefix_bounds`` gives (a primary-key range scan, bytewise
 #: in both backends: SQLite's BINARY collation, PostgreSQL's COLLATE "C") plus the prefix itself,
@@ -167,7 +172,7 @@ class Statements:
     get_current_version: str
     read_by_label: Mapping[str, str]
     read_by_number: str
-    read_current_between: str
+    read_current_page: str
     list_versions: str
     list_secrets: str
     count_secrets: str
@@ -195,7 +200,7 @@ class Statements:
             put_meta_if_absent=r(PUT_META_IF_ABSENT), keyring_terms=r(KEYRING_TERMS),
             get_secret=r(GET_SECRET), get_version=r(GET_VERSION), get_current_version=r(GET_CURRENT_VERSION),
             read_by_label={column: r(q) for column, q in READ_BY_LABEL.items()},
-            read_by_number=r(READ_BY_NUMBER), read_current_between=r(READ_CURRENT_BETWEEN),
+            read_by_number=r(READ_BY_NUMBER), read_current_page=r(READ_CURRENT_PAGE),
             list_versions=r(LIST_VERSIONS), list_secrets=r(LIST_SECRETS),
             count_secrets=r(COUNT_SECRETS), rotation_candidates=r(ROTATION_CANDIDATES), get_token=r(GET_TOKEN),
             list_tokens=r(LIST_TOKENS), lock_secret=locked(GET_SECRET), lock_active_tokens=locked(ACTIVE_TOKENS),

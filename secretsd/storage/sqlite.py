@@ -394,9 +394,13 @@ class SQLiteStorage:
             return None
         return engine.secret_from_row(rows[0][:_SPLIT], _dt), engine.version_from_row(rows[0][_SPLIT:], _dt)
 
-    async def read_current_between(self, first: str, last: str) -> list[tuple[SecretRecord, VersionRecord]]:
-        rows = self._query(_SQL.read_current_between, (first, last))
-        return [(engine.secret_from_row(r[:_SPLIT], _dt), engine.version_from_row(r[_SPLIT:], _dt)) for r in rows]
+    async def read_current_page(
+        self, prefix: str, *, after: str = "", limit: int = 1000,
+    ) -> list[tuple[SecretRecord, VersionRecord | None]]:
+        low, high = codec.prefix_bounds(prefix)
+        rows = self._query(_SQL.read_current_page, (low, high, prefix, after, limit))
+        return [(engine.secret_from_row(r[:_SPLIT], _dt),
+                 None if r[_SPLIT] is None else engine.version_from_row(r[_SPLIT:], _dt)) for r in rows]
 
     async def write_version(
         self,

@@ -321,17 +321,19 @@ class StorageConformance(CopyConformance):
         assert new is not None and new.metadata == {"o": "n"}
         assert await storage.get_secret("b/exists") is None  # the refused item left nothing behind
 
-    async def test_read_current_between_gives_each_secret_of_the_stretch_its_current_version(
-            self, storage: Storage) -> None:
+    async def test_read_current_page_is_the_listing_with_each_current_version(self, storage: Storage) -> None:
         await initialized(storage)
-        for path, versions in (("r/a", 1), ("r/b", 2), ("r/c", 1), ("r/d", 1), ("s/x", 1)):
+        for path, versions in (("r", 1), ("r/a", 1), ("r/b", 2), ("r/c", 1), ("rr", 1), ("s/x", 1)):
             for n in range(1, versions + 1):
                 await storage.write_version(version(path, n, ct=bytes([96 + n])), expected_current=n - 1,
                                             metadata=None, max_versions=10)
-        found = await storage.read_current_between("r/b", "r/d")
-        assert [(s.path, s.current_version, v.version, v.ciphertext) for s, v in found] == [
-            ("r/b", 2, 2, b"b" * 20), ("r/c", 1, 1, b"a" * 20), ("r/d", 1, 1, b"a" * 20)]
-        assert await storage.read_current_between("r/e", "r/z") == []
+        listed = [s.path for s in await storage.list_secrets("r", after="r/a", limit=2)]
+        found = await storage.read_current_page("r", after="r/a", limit=2)
+        assert [s.path for s, _ in found] == listed == ["r/b", "r/c"]
+        assert [(s.current_version, v.version if v else None, v.ciphertext if v else None) for s, v in found] == [
+            (2, 2, b"b" * 20), (1, 1, b"a" * 20)]
+        assert [s.path for s, _ in await storage.read_current_page("r")] == ["r", "r/a", "r/b", "r/c"]
+        assert await storage.read_current_page("t") == []
 
     async def test_an_empty_batch_writes_nothing(self, storage: Storage) -> None:
         await initialized(storage)
