@@ -226,7 +226,11 @@ async def read_batch(request: web.Request) -> web.Response:
             skipped.append(_item_error(path, got))
             records.append((path, skipped[-1]["status"], {}))
         else:
-            secrets.append({"path": path} | _value(got) | {"labels": list(got.labels)} | _version(got.info))
+            # The current version of each: no labels, state or deletion fields (always current,
+            # active and undeleted here); a caller wanting those reads the one secret.
+            info = got.info
+            secrets.append({"path": path} | _value(got) | {"version": info.version, "created_at": _t(info.created_at),
+                                                           "expires_at": _t(info.expires_at)})
             records.append((path, 200, {"version": got.info.version}))
     await _record_items(request, "secret.read", records)
     audit_note(request, items=len(records))

@@ -131,7 +131,7 @@ def _current_values(client: SecretsClient, prefix: str, keys: set[str]) -> dict[
     be served (its current version deleted or expired) costs a listing to learn its version.
     """
     wanted = {f"{prefix}/{k}" for k in keys}
-    found, skipped = client.read_all(prefix)
+    found, skipped = client.read_all(prefix, children=True)
     current: dict[str, tuple[int, str | None]] = {
         s["path"]: (int(s["version"]), s["value"]) for s in found if s["path"] in wanted}
     if any(s["path"] in wanted for s in skipped):
