@@ -95,3 +95,13 @@ def test_rotation_candidates_reads_through_both_partial_indexes(schema: sqlite3.
     plan = " | ".join(details)
     assert "secrets_rotation_pending" in plan and "secrets_rotation_due" in plan, plan
     assert not [d for d in details if d.startswith("SCAN secrets") and "USING INDEX" not in d], plan
+
+
+@pytest.mark.parametrize("read", ["list_secrets", "read_current_page"])
+def test_a_listing_page_is_one_ordered_range_scan_that_limit_stops(schema: sqlite3.Connection, read: str) -> None:
+    # Not a MULTI-INDEX OR with a sort: that read (and sorted) every path under the prefix for each
+    # page, so listing or reading N secrets cost O(N) per page of 1,000.
+    plan = [r[3] for r in schema.execute(
+        f"EXPLAIN QUERY PLAN {getattr(Statements.render(SQLITE), read)}", ("a/", "a0", "a", "", 1000))]
+    assert any("USING INDEX sqlite_autoindex_secrets_1 (path>? AND path<?)" in step for step in plan), plan
+    assert not any("TEMP B-TREE" in step or "MULTI-INDEX OR" in step for step in plan), plan

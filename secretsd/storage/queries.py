@@ -113,24 +113,23 @@ READ_BY_LABEL: Mapping[str, Query] = {
 }
 READ_BY_NUMBER = Query("SELECT {s.secret}, {v.version} " + _JOIN + ":version WHERE s.path = :path",
                        ("path", "version"))
-#: A listing page (as ``LIST_SECRETS``) with each secret's current version beside it, in one read
-#: (``GET /v1/secrets:read``); a secret whose current version row is missing comes with NULLs.
-READ_CURRENT_PAGE = Query(
-    "SELECT {s.secret}, {v.version} FROM secrets s "
-    "LEFT JOIN secret_versions v ON v.path = s.path AND v.version = s.current_version "
-    "WHERE ((s.path >= :low AND s.path < :high) OR s.path = :prefix) AND s.path > :after "
-    "ORDER BY s.path LIMIT :limit",
-    ("low", "high", "prefix", "after", "limit"),
-)
 LIST_VERSIONS = Query("SELECT {version_info} FROM secret_versions WHERE path = :path ORDER BY version", ("path",))
 #: Paths under a prefix: the range ``codec.prefix_bounds`` gives (a primary-key range scan, bytewise
 #: in both backends: SQLite's BINARY collation, PostgreSQL's COLLATE "C") plus the prefix itself,
 #: strictly after the cursor, in path order.
-LIST_SECRETS = Query(
-    "SELECT {secret} FROM secrets WHERE ((path >= :low AND path < :high) OR path = :prefix) AND path > :after "
-    "ORDER BY path LIMIT :limit",
-    ("low", "high", "prefix", "after", "limit"),
-)
+#: One range of the primary key, [prefix, high), so the index gives the order and LIMIT stops the
+#: scan: paths in it below ``low`` other than the prefix itself (siblings such as 'a/b-c' of 'a/b')
+#: are filtered out. (An OR of the two ranges made SQLite sort the whole prefix for every page.)
+_UNDER_PREFIX = ("{p}path >= :prefix AND {p}path < :high AND {p}path > :after "
+                 "AND ({p}path = :prefix OR {p}path >= :low) ORDER BY {p}path LIMIT :limit")
+_PAGE_PARAMS = ("low", "high", "prefix", "after", "limit")
+LIST_SECRETS = Query("SELECT {secret} FROM secrets WHERE " + _UNDER_PREFIX.replace("{p}", ""),  # noqa: S608 - constants
+                     _PAGE_PARAMS)
+#: A listing page (as ``LIST_SECRETS``) with each secret's current version beside it, in one read
+#: (``GET /v1/secrets:read``); a secret whose current version row is missing comes with NULLs.
+_READ_CURRENT_PAGE = ("SELECT {s.secret}, {v.version} FROM secrets s LEFT JOIN secret_versions v "
+                      "ON v.path = s.path AND v.version = s.current_version WHERE ")
+READ_CURRENT_PAGE = Query(_READ_CURRENT_PAGE + _UNDER_PREFIX.replace("{p}", "s."), _PAGE_PARAMS)
 COUNT_SECRETS = Query("SELECT count(*) FROM secrets")
 #: The rotation scheduler's candidates: every secret with a pending version (whenever it is due),
 #: and every one due by ``now``; those without a due time first, then by due time, then by path.

@@ -354,14 +354,17 @@ class StorageConformance(CopyConformance):
 
     async def test_list_by_prefix(self, storage: Storage) -> None:
         await initialized(storage)
-        for path in ["app", "app/a", "app/b/c", "app0", "apple", "other/x"]:
+        # app-x and app.y sort between "app" and "app/": siblings, never under the prefix.
+        for path in ["app", "app-x", "app.y", "app/a", "app/b/c", "app0", "apple", "other/x"]:
             await storage.write_version(version(path, 1), expected_current=0, metadata=None, max_versions=3)
         assert [s.path for s in await storage.list_secrets("app")] == ["app", "app/a", "app/b/c"]
-        assert await storage.count_secrets() == 6
+        assert [s.path for s in await storage.list_secrets("app", after="app")] == ["app/a", "app/b/c"]
+        assert [s.path for s, _ in await storage.read_current_page("app", limit=2)] == ["app", "app/a"]
+        assert await storage.count_secrets() == 8
         assert [s.path for s in await storage.list_secrets("app/b")] == ["app/b/c"]
-        assert len(await storage.list_secrets("")) == 6
+        assert len(await storage.list_secrets("")) == 8
         page = await storage.list_secrets("", limit=2)
-        assert [s.path for s in page] == ["app", "app/a"]
+        assert [s.path for s in page] == ["app", "app-x"]
         rest = await storage.list_secrets("", after="app/a", limit=10)
         assert [s.path for s in rest] == ["app/b/c", "app0", "apple", "other/x"]
 
