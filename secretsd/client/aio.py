@@ -17,7 +17,7 @@ from typing import Any, Self
 import aiohttp
 
 from secretsd.client import calls
-from secretsd.client.operations import Endpoint, Operations
+from secretsd.client.operations import Endpoint, Operations, Pages
 from secretsd.client.retry import RetryPolicy
 from secretsd.errors import SecretsdError
 
@@ -106,24 +106,14 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         """Every value below ``prefix`` (with ``children``: only one segment below it) this token may
         read (all pages of ``read_batch``), and the secrets that could not be served (each with its
         status and error)."""
-        found: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
-        after = ""
-        while True:
-            page = await self.read_batch(prefix, after=after, children=children)
-            found.extend(page["secrets"])
-            skipped.extend(page["skipped"])
-            after = page.get("next_after") or ""
-            if not after:
-                return found, skipped
+        pages = Pages()
+        while pages.add(await self.read_batch(prefix, after=pages.after, children=children)):
+            pass
+        return pages.found, pages.skipped
 
     async def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
         """Every secret below ``prefix`` (all pages of ``list_secrets``)."""
-        found: list[dict[str, Any]] = []
-        after = ""
-        while True:
-            page = await self.list_secrets(prefix, after=after)
-            found.extend(page["secrets"])
-            after = page.get("next_after") or ""
-            if not after:
-                return found
+        pages = Pages()
+        while pages.add(await self.list_secrets(prefix, after=pages.after)):
+            pass
+        return pages.found

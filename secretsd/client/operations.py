@@ -194,6 +194,23 @@ class Operations(ABC, Generic[R]):
         return self.call(calls.whoami())
 
 
+class Pages:
+    """What the pages of a listing or batch read add up to: each face loops ``while
+    pages.add(await-or-not self.<call>(prefix, after=pages.after))``."""
+
+    def __init__(self) -> None:
+        self.found: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.after = ""
+
+    def add(self, page: dict[str, Any]) -> bool:
+        """Take one page; True while there is a next one."""
+        self.found.extend(page["secrets"])
+        self.skipped.extend(page.get("skipped", ()))
+        self.after = page.get("next_after") or ""
+        return bool(self.after)
+
+
 def children(listing: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     """The entries of a listing that sit directly under ``prefix`` (one more path segment)."""
     base = prefix.strip("/")
