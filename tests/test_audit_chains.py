@@ -202,9 +202,9 @@ def test_two_daemons_on_one_sqlite_data_dir_write_separate_chains_that_verify(tm
         status = run_cli("status", env={"SECRETSD_ADDR": second.url, "SECRETSD_TOKEN": token})
         assert f"main-{HOST}" in status.stdout, status.stdout + status.stderr
     finally:
-        for daemon in (second, first):
-            if daemon is not None:
-                assert daemon.stop() == 0, daemon.logs()
+        for proc in (second, first):
+            if proc is not None:
+                assert proc.stop() == 0, proc.logs()
     assert sorted(p.name for p in (data / "audit").glob("*.jsonl")) == ["main-" + HOST + ".jsonl", "main.jsonl"]
     for chain, path in (("main", "app/k0"), (f"main-{HOST}", "app/k1")):
         writes = [r for r in records(data / "audit" / f"{chain}.jsonl") if r.get("action") == "secret.write"]
