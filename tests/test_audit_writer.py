@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from secretsd.audit.log import AuditLog, _last_record
+from secretsd.audit.files import last_record
+from secretsd.audit.log import AuditLog
 from secretsd.audit.record import Signer, canonical, load_public_pem
 from secretsd.audit.verify import Head, log_files, verify
 from secretsd.errors import AuditError
@@ -132,10 +133,10 @@ def test_a_torn_last_line_is_never_taken_as_the_chain_head(tmp_path: Path) -> No
     first = canonical({"action": "x", "seq": 1, "prev_hash": "0" * 64}).decode()
     torn = canonical({"action": "y", "seq": 2, "prev_hash": "1" * 64}).decode()  # parses, but no newline
     path.write_text(first + "\n" + torn)
-    assert _last_record(path) == json.loads(first)
+    assert last_record(path) == json.loads(first)
     big = {"action": "x", "seq": 7, "prev_hash": "0" * 64, "detail": "z" * 200_000}  # longer than one read
     path.write_text(canonical(big).decode() + "\n" + "not json\n")
-    assert _last_record(path) == big
+    assert last_record(path) == big
 
 
 def test_a_short_write_is_cut_back_so_the_chain_does_not_fork(tmp_path: Path) -> None:

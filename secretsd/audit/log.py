@@ -19,12 +19,10 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import queue
 import stat
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from secretsd.audit import files
 from secretsd.audit.failures import FailureBudget, FailureCounter
 from secretsd.audit.record import GENESIS_HASH, Signer, canonical, record_hash
 from secretsd.audit.verify import Head, log_files
@@ -51,92 +50,6 @@ class _Pending:
     wall: float  # when the request was recorded (time.time())
     deadline: float  # loop time after which its request is refused
     sealed_late: bool = False  # its request had ended before the record was sealed
-
-
-def _last_record(path: Path) -> dict[str, Any] | None:
-    """The last complete record of a file.
-
-    Only newline-terminated lines count: a final line without its newline was torn by a crash
-    and never acknowledged, even if it happens to parse. Lines that do not parse (someone else's
-    bytes) are skipped here and reported by `audit verify`.
-    """
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        return None
-    with fh:
-        pos = fh.seek(0, os.SEEK_END)
-        carry = b""
-        while pos > 0:
-            start = max(0, pos - 65536)
-            fh.seek(start)
-            lines = (fh.read(pos - start) + carry).split(b"\n")
-            pos = start
-            # lines[-1] follows the last newline; lines[0] may continue further back.
-            for raw in reversed(lines[1:-1] if start > 0 else lines[:-1]):
-                if raw.strip():
-                    try:
-                        record = json.loads(raw)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict) and isinstance(record.get("seq"), int):
-                        return record
-            carry = lines[0] + b"\n" if start > 0 else b""
-    return None
-
-
-@dataclass(frozen=True)
-class _Rotated:
-    path: Path
-    first_seq: int
-    last_seq: int
-    last_hash: str
-
-    def describe(self) -> dict[str, Any]:
-        return {"file": self.path.name, "first_seq": self.first_seq, "last_seq": self.last_seq,
-                "last_hash": self.last_hash}
-
-
-def _first_record(path: Path) -> dict[str, Any] | None:
-    with path.open("rb") as fh:
-        line = fh.readline()
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("seq"), int) else None
-
-
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _complete_size(path: Path) -> int:
-    """Bytes up to and including the last newline."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            while size > 0:
-                start = max(0, size - 65536)
-                fh.seek(start)
-                chunk = fh.read(size - start)
-                cut = chunk.rfind(b"\n")
-                if cut >= 0:
-                    return start + cut + 1
-                size = start
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AuditLog:
@@ -223,7 +136,7 @@ class AuditLog:
         try:
             last = None
             for candidate in reversed(log_files(self.path)):
-                last = await asyncio.to_thread(_last_record, candidate)
+                last = await asyncio.to_thread(files.last_record, candidate)
                 if last is not None:
                     break
         except BaseException as exc:
@@ -345,7 +258,7 @@ class AuditLog:
                 for victim in await asyncio.to_thread(self._beyond_retention):
                     await self.append({"action": "audit.pruned", "client": "system", "decision": "allow",
                                        "outcome": "ok", **victim.describe()})
-                    await asyncio.to_thread(_remove, victim.path)
+                    await asyncio.to_thread(files.remove, victim.path)
                     log.info("audit retention removed %s (records %d to %d)", victim.path, victim.first_seq,
                              victim.last_seq)
             except (AuditError, OSError) as exc:  # kept, and tried again after the next rotation
@@ -354,22 +267,22 @@ class AuditLog:
             if not self._prune_again:
                 return
 
-    def _beyond_retention(self) -> list[_Rotated]:
+    def _beyond_retention(self) -> list[files.Rotated]:
         """The oldest rotated files that keep_rotated_files / keep_rotated_bytes leave no room for.
 
         The newest rotated file is always kept: rotation numbers the next file after it, so numbers
         never repeat and a shipper copying files by name never overwrites an older one."""
         rotated = [p for p in log_files(self.path) if p != self.path]
         sizes = [p.stat().st_size for p in rotated]
-        victims: list[_Rotated] = []
+        victims: list[files.Rotated] = []
         while len(rotated) > 1 and ((self._keep_files is not None and len(rotated) > self._keep_files)
                            or (self._keep_bytes is not None and sum(sizes) > self._keep_bytes)):
             path = rotated.pop(0)
             sizes.pop(0)
-            first, last = _first_record(path), _last_record(path)
+            first, last = files.first_record(path), files.last_record(path)
             if first is None or last is None:
                 raise AuditError(f"{path} holds no readable record; it is kept for `audit verify` to report")
-            victims.append(_Rotated(path, int(first["seq"]), int(last["seq"]), record_hash(last)))
+            victims.append(files.Rotated(path, int(first["seq"]), int(last["seq"]), record_hash(last)))
         return victims
 
     # -- event-loop side -----------------------------------------------------------------------
@@ -611,13 +524,13 @@ class AuditLog:
             if self._cut_to is not None and self._cut_to[0] == identity:
                 size = min(self._cut_to[1], st.st_size)  # a failed write's records, cut back
             else:
-                size = _complete_size(self.path)  # a record torn by a crash was never acknowledged
+                size = files.complete_size(self.path)  # a record torn by a crash was never acknowledged
             if size != st.st_size:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             self._cut_to = None
             if current is None:
-                _fsync_dir(self.path.parent)  # the new file's name must survive a crash too
+                files.fsync_dir(self.path.parent)  # the new file's name must survive a crash too
         except BaseException:
             os.close(fd)
             raise
@@ -634,21 +547,5 @@ class AuditLog:
         rotated = [p for p in log_files(self.path) if p != self.path]
         number = 1 + max((int(p.name.rsplit(".", 1)[1]) for p in rotated), default=0)
         os.replace(self.path, self.path.with_name(f"{self.path.name}.{number:06d}"))
-        _fsync_dir(self.path.parent)
+        files.fsync_dir(self.path.parent)
         self._durable_size = 0
-
-
-def stdout_mirror(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def syslog_mirror() -> Callable[[str], None]:
-    import syslog
-
-    syslog.openlog("secretsd-audit", 0, syslog.LOG_AUTH)
-
-    def emit(line: str) -> None:
-        syslog.syslog(syslog.LOG_INFO, line)
-
-    return emit

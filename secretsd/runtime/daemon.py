@@ -17,7 +17,8 @@ from keyproviders import KeyProvider
 from secretsd import __version__, tokens
 from secretsd.audit.chains import ChainClaim, candidates, claim_chain, release
 from secretsd.audit.keys import AUDIT_KEY_META, ValueHasher, load_signer, new_key_document
-from secretsd.audit.log import AuditLog, stdout_mirror, syslog_mirror
+from secretsd.audit.log import AuditLog
+from secretsd.audit.mirrors import stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
 from secretsd.auth import AuthenticatorContext, create_authenticators
 from secretsd.clock import Clock, utcnow

@@ -27,7 +27,8 @@ from pathlib import Path
 from secretsd import tokens
 from secretsd.audit.chains import ChainClaim, candidates, claim_chain
 from secretsd.audit.keys import load_signer
-from secretsd.audit.log import AuditLog, syslog_mirror
+from secretsd.audit.log import AuditLog
+from secretsd.audit.mirrors import syslog_mirror
 from secretsd.audit.verify import Head
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
