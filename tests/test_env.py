@@ -527,3 +527,32 @@ def test_export_env_names_and_formats_against_a_daemon(cli: Any, tmp_path: Path)
     skipped = cli("export-env", "exp", "--format", "sh", "--skip-invalid")
     assert skipped.exit_code == 0 and "stripe_key=" not in skipped.stdout and "warning: exp/stripe-key" in (
         skipped.stderr)
+
+
+def test_the_fast_line_parser_reads_every_quote_free_file_as_python_dotenv_does() -> None:
+    # envfile._bindings parses a file without quotes line by line, and plain KEY=value lines
+    # without python-dotenv's parser; on generated files it must give python-dotenv's bindings.
+    import io
+    import random
+
+    from dotenv.parser import parse_stream
+
+    from secretsd.cli.envfile import _bindings, _line_of
+
+    rng = random.Random(16)
+    chars = "abcXYZ019_-./:@+%,=~?&!$#\\ \t"
+    keys = ["KEY", "a.b", "x-y", "_u", "K9", "export", "#k", "=", ""]
+
+    def line() -> str:
+        kind = rng.randrange(9)
+        value = "".join(rng.choice(chars) for _ in range(rng.randrange(8)))
+        key = rng.choice(keys)
+        return [f"{key}={value}", f"export {key}={value}", f" {key} = {value} ", f"# {value}", "", "   ",
+                key, f"={value}", f"{key}={value} # note"][kind]
+
+    for _ in range(1500):
+        text = "\n".join(line() for _ in range(rng.randrange(1, 8))) + rng.choice(["", "\n"])
+        expected = [(b.key, b.value, _line_of(b.original.string, b.original.line), b.error)
+                    for b in parse_stream(io.StringIO(text)) if b.key is not None or b.error]
+        got = [b for b in _bindings(text) if b[0] is not None or b[3]]
+        assert got == expected, repr(text)

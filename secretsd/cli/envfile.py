@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,33 @@ def _line_of(original: str, line: int) -> int:
     return line + original[: len(original) - len(stripped)].count("\n")
 
 
+#: ``KEY=value`` with nothing python-dotenv would treat specially (no quote, space, '#', '$' or
+#: backslash): its key and value are the text on either side of the first '='.
+_PLAIN_LINE = re.compile(r"([A-Za-z0-9_.-]+)=([A-Za-z0-9_./:@+%,=~?&!-]*)")
+
+
+def _bindings(text: str) -> Iterator[tuple[str | None, str | None, int, bool]]:
+    """(key, value, line, malformed) for each binding of ``text``, as python-dotenv parses it.
+
+    Without a quote anywhere in the text, no value can span lines, so each line is parsed on its
+    own, and a plain ``KEY=value`` line without python-dotenv's parser (which costs ~50 µs a line:
+    most of a 10,000-line import). With a quote, the whole text goes through python-dotenv.
+    ``tests/test_env.py`` checks the two agree on generated files.
+    """
+    if "'" in text or '"' in text:
+        for binding in parse_stream(io.StringIO(text)):
+            yield (binding.key, binding.value, _line_of(binding.original.string, binding.original.line),
+                   binding.error)
+        return
+    for number, raw in enumerate(text.split("\n"), start=1):
+        plain = _PLAIN_LINE.fullmatch(raw)
+        if plain is not None:
+            yield plain[1], plain[2], number, False
+        elif raw.strip():
+            for binding in parse_stream(io.StringIO(raw)):
+                yield binding.key, binding.value, number, binding.error
+
+
 def parse(text: str, *, prefix: str, source: str = ".env", interpolate: bool = False) -> ParsedEnv:
     """Parse ``text`` and check every key becomes a valid path ``prefix/KEY``.
 
@@ -70,15 +97,14 @@ def parse(text: str, *, prefix: str, source: str = ".env", interpolate: bool = F
     problems: list[str] = []
     result = ParsedEnv()
     lines: dict[str, list[int]] = {}
-    for binding in parse_stream(io.StringIO(text)):
-        line = _line_of(binding.original.string, binding.original.line)
-        if binding.error:
+    for key_or_none, value, line, error in _bindings(text):
+        if error:
             # Never quote the line: it may hold a value.
             problems.append(f"{source}:{line}: malformed line: expected KEY=VALUE, a comment or a blank line")
             continue
-        if binding.key is None:
+        if key_or_none is None:
             continue
-        key = binding.key
+        key = key_or_none
         try:
             if "/" in key:
                 raise InvalidPathError("a key may not contain '/'")
@@ -86,11 +112,11 @@ def parse(text: str, *, prefix: str, source: str = ".env", interpolate: bool = F
         except InvalidPathError as exc:
             problems.append(f"{source}:{line}: key {_shorten(key)!r} cannot be a secret name: {exc.message}")
             continue
-        if binding.value is None:
+        if value is None:
             result.without_value.append((key, line))
             continue
         lines.setdefault(key, []).append(line)
-        result.entries[key] = Entry(key, binding.value, line)
+        result.entries[key] = Entry(key, value, line)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise RequestError(problems[0] + more + "; nothing was imported")
