@@ -165,10 +165,11 @@ def test_an_import_loads_only_into_an_empty_store() -> None:
 def test_sealing_under_an_unknown_term_is_a_conflict() -> None:
     # SQLite's foreign key refuses such a version too; the rule must not rest on a schema detail.
     class Counts:
-        def count_encryption(self, term: int) -> int | None:
-            return {1: 7}.get(term)
+        def count_encryption(self, term: int, n: int) -> int | None:
+            return {1: 6 + n}.get(term)
 
     assert engine.run_sync(engine.count_encryption_plan(1), Counts()) == 7
+    assert engine.run_sync(engine.count_encryption_plan(1, 3), Counts()) == 9
     with pytest.raises(ConflictError, match="keyring term 9 does not exist"):
         engine.run_sync(engine.count_encryption_plan(9), Counts())
 

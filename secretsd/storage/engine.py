@@ -23,8 +23,8 @@ The row operations a dialect implements (``RowOps`` spells out their signatures)
     The named versions that exist, locked.
 ``insert_version(record)`` / ``update_version(path, version, values)``
 ``prunable_versions(path, upto) -> list[(version, grace_until)]`` / ``delete_versions(path, versions)``
-``count_encryption(term) -> int | None``
-    Add one to the term's count and return it; None if the term does not exist.
+``count_encryption(term, n) -> int | None``
+    Add ``n`` to the term's count and return it; None if the term does not exist.
 ``claim_initialized(at) -> bool``, ``insert_meta(items)``, ``insert_term(term)``
 ``lock_term_wrappings(term) -> str | None`` / ``update_term_wrappings(term, wrappings_json)``
 ``insert_token(token)``, ``lock_active_tokens() -> list[TokenRecord]``, ``revoke_token(token_id, now) -> bool``
@@ -101,7 +101,7 @@ class RowOps(Protocol):
     def update_version(self, path: str, version: int, values: Mapping[str, Any]) -> None: ...
     def prunable_versions(self, path: str, upto: int) -> list[tuple[int, datetime | None]]: ...
     def delete_versions(self, path: str, versions: Sequence[int]) -> None: ...
-    def count_encryption(self, term: int) -> int | None: ...
+    def count_encryption(self, term: int, n: int) -> int | None: ...
     def claim_initialized(self, at: datetime) -> bool: ...
     def insert_meta(self, items: Sequence[tuple[str, str]]) -> None: ...
     def insert_term(self, term: KeyringTerm) -> None: ...
@@ -289,9 +289,9 @@ def _prune(path: str, newest: int, max_versions: int, keep: set[int | None], now
         yield Op("delete_versions", (path, drop))
 
 
-def count_encryption_plan(term: int) -> Plan[int]:
-    """One more value sealed under ``term`` (the count drives automatic retirement of terms)."""
-    count = yield Op("count_encryption", (term,))
+def count_encryption_plan(term: int, n: int = 1) -> Plan[int]:
+    """``n`` more values sealed under ``term`` (the count drives automatic retirement of terms)."""
+    count = yield Op("count_encryption", (term, n))
     if count is None:
         raise ConflictError(f"keyring term {term} does not exist")
     return int(count)
@@ -344,29 +344,39 @@ def write_unconditional(
     transaction locked it, so it is never a conflict and costs its caller no read before."""
     if max_versions < 1:
         raise ValueError("max_versions must be at least 1")
-    return (yield from _write_sealed(BatchWrite(path, seal, metadata=metadata), max_versions))
+    return (yield from _write_sealed(BatchWrite(path, seal, metadata=metadata), max_versions))[0]
 
 
 def write_batch(items: Sequence[BatchWrite], *, max_versions: int) -> Plan[list[WriteResult | ConflictError]]:
     """Each item as ``write_unconditional`` (or, with ``expected_current``, check-and-set first), in
-    a savepoint of its own: a refused item is undone alone and its error takes its place."""
+    a savepoint of its own: a refused item is undone alone and its error takes its place. The
+    sealing terms' encryption counts move once per term at the end, by the items written."""
     if max_versions < 1:
         raise ValueError("max_versions must be at least 1")
     results: list[WriteResult | ConflictError] = []
+    terms: list[int | None] = []
     for item in items:
         yield Op("savepoint")
         try:
-            results.append((yield from _write_sealed(item, max_versions)))
+            result, term = yield from _write_sealed(item, max_versions, count=False)
         except ConflictError as exc:
             yield Op("rollback_savepoint")
             results.append(exc)
+            terms.append(None)
         else:
             yield Op("release_savepoint")
-    return results
+            results.append(result)
+            terms.append(term)
+    counts: dict[int, int] = {}
+    for term in dict.fromkeys(t for t in terms if t is not None):
+        counts[term] = yield from count_encryption_plan(term, terms.count(term))
+    return [r if isinstance(r, ConflictError) or t is None else dataclasses.replace(r, term_encryptions=counts[t])
+            for r, t in zip(results, terms, strict=True)]
 
 
-def _write_sealed(item: BatchWrite, max_versions: int) -> Plan[WriteResult]:
-    """Seal ``item`` against its secret as this transaction locked it, and append it."""
+def _write_sealed(item: BatchWrite, max_versions: int, *, count: bool = True) -> Plan[tuple[WriteResult, int]]:
+    """Seal ``item`` against its secret as this transaction locked it, and append it; the result
+    and the term that sealed it (``count=False``: the caller counts the encryption)."""
     path = item.path
     secret: SecretRecord | None = yield Op("lock_secret", (path,))
     record, grace_until = item.seal(secret)
@@ -375,12 +385,13 @@ def _write_sealed(item: BatchWrite, max_versions: int) -> Plan[WriteResult]:
     current = secret.current_version if secret else 0
     check_and_set(path, secret, current if item.expected_current is None else item.expected_current,
                   record.version)
-    return (yield from _write_next(secret, record, item.metadata, max_versions, grace_until))
+    result = yield from _write_next(secret, record, item.metadata, max_versions, grace_until, count=count)
+    return result, record.term
 
 
 def _write_next(
     secret: SecretRecord | None, record: VersionRecord, metadata: Mapping[str, Any] | None, max_versions: int,
-    grace_until: datetime | None,
+    grace_until: datetime | None, *, count: bool = True,
 ) -> Plan[WriteResult]:
     """Append ``record`` (already checked to be the next version) and make it current."""
     path = record.path
@@ -412,6 +423,8 @@ def _write_next(
     yield Op("insert_version", (record,))
     yield from _prune(path, record.version, max_versions, {out.previous_version, out.pending_version},
                       record.created_at)
+    if not count:
+        return WriteResult(out, 0)
     # Last, so PostgreSQL holds the term's row lock (which every writer needs) only until commit.
     return WriteResult(out, (yield from count_encryption_plan(record.term)))
 

@@ -87,8 +87,8 @@ class PostgresRowOps:
         await self.conn.execute("DELETE FROM secret_versions WHERE path = $1 AND version = ANY($2::integer[])",
                                 path, list(versions))
 
-    async def count_encryption(self, term: int) -> int | None:
-        count = await self.conn.fetchval(SQL.count_encryption, term)
+    async def count_encryption(self, term: int, n: int) -> int | None:
+        count = await self.conn.fetchval(SQL.count_encryption, term, n)
         return None if count is None else int(count)
 
     async def claim_initialized(self, at: datetime) -> bool:

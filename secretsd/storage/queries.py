@@ -148,8 +148,8 @@ LIST_TOKENS = Query("SELECT {token} FROM tokens ORDER BY created_at, token_id")
 ACTIVE_TOKENS = Query("SELECT {token} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id")
 TERM_WRAPPINGS = Query("SELECT {wrappings} FROM keyring_terms WHERE term = :term", ("term",))
 #: The sealing term's count grows in the write's own transaction; no row back: the term does not exist.
-COUNT_ENCRYPTION = Query("UPDATE keyring_terms SET encryptions = encryptions + 1 WHERE term = :term "
-                         "RETURNING encryptions", ("term",))
+COUNT_ENCRYPTION = Query("UPDATE keyring_terms SET encryptions = encryptions + :n WHERE term = :term "
+                         "RETURNING encryptions", ("term", "n"))
 #: Only an unrevoked token is revoked, so its first revocation time stays; a row back iff this one did.
 REVOKE_TOKEN = Query("UPDATE tokens SET revoked_at = :now WHERE token_id = :token_id AND revoked_at IS NULL "
                      "RETURNING 1", ("token_id", "now"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -119,6 +120,13 @@ def _assignments(table: str, values: Mapping[str, Any]) -> str:
     return ", ".join(f"{column} = ?" for column in values)
 
 
+@functools.lru_cache(maxsize=16)
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """An INSERT of ``columns``, built (and its column names checked) once per column set."""
+    _assignments(table, dict.fromkeys(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
+
+
 class _Ops:
     """The engine's row operations (``engine.RowOps``) on the writer connection, inside BEGIN IMMEDIATE.
 
@@ -133,9 +141,7 @@ class _Ops:
         return engine.secret_from_row(row, _dt) if row else None
 
     def insert_secret(self, values: Mapping[str, Any]) -> None:
-        _assignments("secrets", values)
-        self.conn.execute(f"INSERT INTO secrets ({', '.join(values)}) "  # noqa: S608 - checked columns
-                          f"VALUES ({', '.join('?' for _ in values)})", [_param(v) for v in values.values()])
+        self.conn.execute(_insert_sql("secrets", tuple(values)), [_param(v) for v in values.values()])
 
     def update_secret(self, path: str, values: Mapping[str, Any]) -> None:
         self.conn.execute(f"UPDATE secrets SET {_assignments('secrets', values)} WHERE path = ?",  # noqa: S608
@@ -173,8 +179,8 @@ class _Ops:
         self.conn.executemany("DELETE FROM secret_versions WHERE path = ? AND version = ?",
                               [(path, v) for v in versions])
 
-    def count_encryption(self, term: int) -> int | None:
-        row = self.conn.execute(_SQL.count_encryption, (term,)).fetchone()
+    def count_encryption(self, term: int, n: int) -> int | None:
+        row = self.conn.execute(_SQL.count_encryption, (term, n)).fetchone()
         return None if row is None else int(row[0])
 
     def claim_initialized(self, at: datetime) -> bool:

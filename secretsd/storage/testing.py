@@ -315,6 +315,8 @@ class StorageConformance(CopyConformance):
         ], max_versions=10)
         assert [r.secret.current_version if isinstance(r, WriteResult) else type(r).__name__ for r in results] == [
             1, 2, 1, "ConflictError", "ConflictError"]
+        # The term's count moved once, by the three written: each result carries the count after them.
+        assert {r.term_encryptions for r in results if isinstance(r, WriteResult)} == {4}
         assert [p.path for p in await storage.list_secrets("b")] == ["b/cas-ok", "b/new", "b/old"]
         assert [v.version for v in await storage.list_versions("b/old")] == [1, 2]
         new = await storage.get_secret("b/new")
