@@ -12,12 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol, TextIO
+from typing import Protocol
 
 LOGGER = "secretsd.http"
 
 #: Builds a complete log line from (created, level name, logger name, message, extra fields).
 LineBuilder = Callable[[float, str, str, str, dict[str, str]], str]
+
+
+class Writable(Protocol):
+    """Where request lines go: a text stream, or the daemon's log pipe (``runtime.logs.LogPipe``)."""
+
+    def write(self, text: str, /) -> int: ...
 
 
 class AccessLog(Protocol):
@@ -43,7 +49,7 @@ class LoggingAccessLog:
 class StreamAccessLog:
     """Straight to a stream, one write per line, formatted by the daemon's own line builder."""
 
-    def __init__(self, stream: TextIO, build: LineBuilder) -> None:
+    def __init__(self, stream: Writable, build: LineBuilder) -> None:
         self._stream = stream
         self._build = build
 

@@ -5,9 +5,12 @@ Request lines carry the request id that the response header (and, later, the aud
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import TextIO
@@ -69,12 +72,76 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def access_log(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None) -> AccessLog:
+class LogPipe:
+    """The daemon's log stream, written by a thread of its own.
+
+    A write only queues the text, so a stderr that nobody reads (a full pipe, a stuck log shipper)
+    stalls that thread, never the event loop and the requests on it. Beyond ``capacity`` queued
+    writes, new ones are dropped and counted; the first line queued after a gap says how many.
+    Behaves as a text stream (``write``, ``flush``) for ``logging.StreamHandler``.
+    """
+
+    def __init__(self, stream: TextIO, *, capacity: int = 10_000) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[str | None] = queue.Queue(capacity)
+        self.dropped = 0
+        self._reported = 0
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, text: str) -> int:
+        # The first line that gets through after a gap says how many went missing, where they went.
+        missed = self.dropped - self._reported
+        if missed:
+            text = f"secretsd: {missed} log line(s) dropped: the log stream was not being read\n{text}"
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+        else:
+            self._reported += missed
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do here: the writer thread flushes after each line."""
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Write what is queued, for at most ``timeout`` seconds (a stuck stream must not hold up exit);
+        drops not reported yet are reported last."""
+        try:
+            missed = self.dropped - self._reported
+            if missed:
+                self._queue.put(f"secretsd: {missed} log line(s) dropped: the log stream was not being read\n",
+                                timeout=timeout)
+                self._reported += missed
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (text := self._queue.get()) is not None:
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream: the lines have nowhere to go
+                pass
+
+
+_pipe: LogPipe | None = None
+
+
+def log_stream() -> TextIO | LogPipe | None:
+    """Where the daemon's lines go: the log pipe once ``configure_logging`` made it, else stderr."""
+    return _pipe or sys.stderr
+
+
+def access_log(level: str = "INFO", fmt: str = "console", stream: TextIO | LogPipe | None = None) -> AccessLog:
     """The request-line writer for ``serve``: the same lines as the formatters above, without
     the logging machinery (``secretsd.api.access_log``); none at all when INFO is not logged."""
     if logging.getLevelName(level.upper()) > logging.INFO:
         return no_access_log
-    stream = stream or sys.stderr
+    stream = stream or log_stream()
     if stream is None:
         # Started with stderr closed (``serve 2>&-``): Python has no sys.stderr, and logging drops
         # its lines then; so do we, rather than fail every request after its answer was decided.
@@ -89,7 +156,11 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    global _pipe
+    if _pipe is None and sys.stderr is not None:
+        _pipe = LogPipe(sys.stderr)
+        atexit.register(_pipe.close)
+    handler = logging.StreamHandler(log_stream())
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
