@@ -366,7 +366,7 @@ def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture
     from aiohttp.http_exceptions import BadHttpMessage
 
     from secretsd.runtime.edge_log import install_log_scrubbing
-    from secretsd.runtime.logs import configure_logging
+    from secretsd.runtime.logs import configure_logging, drain_logs
 
     configure_logging("DEBUG")
     install_log_scrubbing()
@@ -375,6 +375,7 @@ def test_scrub_request_data_keeps_no_request_bytes(capsys: pytest.CaptureFixture
     except BadHttpMessage as exc:
         logging.getLogger("aiohttp.server").exception("Error handling request from %s", FAKE_TOKEN, exc_info=exc)
         logging.getLogger("aiohttp.server").debug(f"got {FAKE_TOKEN!r}")
+    drain_logs()  # the daemon's log lines leave through their own thread
     out = capsys.readouterr().err
     assert "Error handling request from (BadHttpMessage)" in out
     assert not leaks(out.encode(), FAKE_TOKEN)
@@ -385,7 +386,7 @@ def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.Capt
     import asyncio
 
     from secretsd.runtime.edge_log import loop_exception_handler
-    from secretsd.runtime.logs import configure_logging
+    from secretsd.runtime.logs import configure_logging, drain_logs
 
     configure_logging("INFO")
     loop = asyncio.new_event_loop()
@@ -394,6 +395,7 @@ def test_loop_exception_handler_prints_no_callback_arguments(capsys: pytest.Capt
                                       "exception": ValueError(FAKE_TOKEN), "protocol": FAKE_TOKEN})
     finally:
         loop.close()
+    drain_logs()  # the daemon's log lines leave through their own thread
     out = capsys.readouterr().err
     assert "Exception in callback feed (ValueError)" in out
     assert not leaks(out.encode(), FAKE_TOKEN)

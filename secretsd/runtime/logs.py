@@ -82,7 +82,7 @@ class LogPipe:
     """
 
     def __init__(self, stream: TextIO, *, capacity: int = 10_000) -> None:
-        self._stream = stream
+        self.stream = stream
         self._queue: queue.Queue[str | None] = queue.Queue(capacity)
         self.dropped = 0
         self._reported = 0
@@ -103,7 +103,17 @@ class LogPipe:
         return len(text)
 
     def flush(self) -> None:
-        """Nothing to do here: the writer thread flushes after each line."""
+        """Nothing to do here: the writer thread flushes after each line (``logging`` calls this
+        after every record, so it must not wait)."""
+
+    def drain(self, timeout: float = 1.0) -> bool:
+        """Wait until every queued line is written, for at most ``timeout`` seconds; whether it was."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def close(self, timeout: float = 1.0) -> None:
         """Write what is queued, for at most ``timeout`` seconds (a stuck stream must not hold up exit);
@@ -122,13 +132,20 @@ class LogPipe:
     def _run(self) -> None:
         while (text := self._queue.get()) is not None:
             try:
-                self._stream.write(text)
-                self._stream.flush()
+                self.stream.write(text)
+                self.stream.flush()
             except (OSError, ValueError):  # a closed or broken stream: the lines have nowhere to go
                 pass
+            finally:
+                self._queue.task_done()
 
 
 _pipe: LogPipe | None = None
+
+
+def drain_logs(timeout: float = 1.0) -> bool:
+    """Wait until the lines logged so far are written (nothing to wait for before ``configure_logging``)."""
+    return _pipe.drain(timeout) if _pipe is not None else True
 
 
 def log_stream() -> TextIO | LogPipe | None:
@@ -157,6 +174,9 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     global _pipe
+    if _pipe is not None and _pipe.stream is not sys.stderr:  # configured again, onto another stderr
+        _pipe.close()
+        _pipe = None
     if _pipe is None and sys.stderr is not None:
         _pipe = LogPipe(sys.stderr)
         atexit.register(_pipe.close)
