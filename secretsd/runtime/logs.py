@@ -8,7 +8,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import queue
 import sys
 import threading
 import time
@@ -75,69 +74,99 @@ class ConsoleFormatter(logging.Formatter):
 class LogPipe:
     """The daemon's log stream, written by a thread of its own.
 
-    A write only queues the text, so a stderr that nobody reads (a full pipe, a stuck log shipper)
-    stalls that thread, never the event loop and the requests on it. Beyond ``capacity`` queued
-    writes, new ones are dropped and counted; the first line queued after a gap says how many.
-    Behaves as a text stream (``write``, ``flush``) for ``logging.StreamHandler``.
+    A write only appends the text to a buffer, so a stderr that nobody reads (a full pipe, a stuck
+    log shipper) stalls that thread, never the event loop and the requests on it. The thread wakes
+    once for whatever gathered (not once a line: a wake-up per request line cost ~13% of a GET's
+    CPU) and writes it in one call. Beyond ``capacity`` waiting lines, new ones are dropped and
+    counted; the first line buffered after a gap says how many. Behaves as a text stream
+    (``write``, ``flush``) for ``logging.StreamHandler``.
     """
+
+    #: How long the thread lets lines gather after the first one arrives.
+    GATHER_SECONDS = 0.005
 
     def __init__(self, stream: TextIO, *, capacity: int = 10_000) -> None:
         self.stream = stream
-        self._queue: queue.Queue[str | None] = queue.Queue(capacity)
         self.dropped = 0
+        self._capacity = capacity
         self._reported = 0
+        self._lines: list[str] = []
+        self._unwritten = 0  # buffered or being written
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     def write(self, text: str) -> int:
-        # The first line that gets through after a gap says how many went missing, where they went.
-        missed = self.dropped - self._reported
-        if missed:
-            text = f"secretsd: {missed} log line(s) dropped: the log stream was not being read\n{text}"
-        try:
-            self._queue.put_nowait(text)
-        except queue.Full:
-            self.dropped += 1
-        else:
-            self._reported += missed
+        with self._lock:
+            if len(self._lines) >= self._capacity:
+                self.dropped += 1
+                return len(text)
+            # The first line that gets through after a gap says how many went missing, where they went.
+            missed = self.dropped - self._reported
+            if missed:
+                text = f"{_dropped_line(missed)}{text}"
+                self._reported += missed
+            self._lines.append(text)
+            self._unwritten += 1
+            first = len(self._lines) == 1
+        if first:
+            self._wake.set()
         return len(text)
 
     def flush(self) -> None:
-        """Nothing to do here: the writer thread flushes after each line (``logging`` calls this
+        """Nothing to do here: the writer thread flushes what it writes (``logging`` calls this
         after every record, so it must not wait)."""
 
     def drain(self, timeout: float = 1.0) -> bool:
-        """Wait until every queued line is written, for at most ``timeout`` seconds; whether it was."""
+        """Wait until every buffered line is written, for at most ``timeout`` seconds; whether it was."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while self._unwritten:
             if time.monotonic() > deadline:
                 return False
+            self._wake.set()
             time.sleep(0.001)
         return True
 
     def close(self, timeout: float = 1.0) -> None:
-        """Write what is queued, for at most ``timeout`` seconds (a stuck stream must not hold up exit);
-        drops not reported yet are reported last."""
-        try:
+        """Write what is buffered, for at most ``timeout`` seconds (a stuck stream must not hold up
+        exit); drops not reported yet are reported last."""
+        with self._lock:
             missed = self.dropped - self._reported
             if missed:
-                self._queue.put(f"secretsd: {missed} log line(s) dropped: the log stream was not being read\n",
-                                timeout=timeout)
+                self._lines.append(_dropped_line(missed))
+                self._unwritten += 1
                 self._reported += missed
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
+            self._closing = True
+        self._wake.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (text := self._queue.get()) is not None:
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except (OSError, ValueError):  # a closed or broken stream: the lines have nowhere to go
-                pass
-            finally:
-                self._queue.task_done()
+        while True:
+            self._wake.wait()
+            if not self._closing:
+                time.sleep(self.GATHER_SECONDS)
+            with self._lock:
+                batch, self._lines = self._lines, []
+                self._wake.clear()
+                closing = self._closing
+            if batch:
+                try:
+                    self.stream.write("".join(batch))
+                    self.stream.flush()
+                except (OSError, ValueError):  # a closed or broken stream: the lines have nowhere to go
+                    pass
+                with self._lock:
+                    self._unwritten -= len(batch)
+            if closing:
+                with self._lock:
+                    if not self._lines:
+                        return
+
+
+def _dropped_line(missed: int) -> str:
+    return f"secretsd: {missed} log line(s) dropped: the log stream was not being read\n"
 
 
 _pipe: LogPipe | None = None
