@@ -113,3 +113,19 @@ async def test_cli_set_file_and_get_keep_a_binary_file_byte_for_byte(api: Api, t
     runner_in = await asyncio.to_thread(runner.invoke, main, ["set", "app/piped", "--stdin"], input=BLOB, env=env)
     assert runner_in.exit_code == 0, runner_in.output
     assert await run("get", "app/piped") == BLOB
+
+
+async def test_env_commands_meet_a_binary_value_with_a_clear_answer(api: Api, tmp_path: Path) -> None:
+    # import-env sees it as changed (no .env line is those bytes); run refuses it as a variable.
+    resp = await api.client.put("/v1/secrets/svc/KEY", json={"value_base64": b64(BLOB)}, headers=api.auth())
+    assert resp.status == 200
+    env = {"SECRETSD_ADDR": str(api.client.make_url("")).rstrip("/"), "SECRETSD_TOKEN": api.admin}
+    dotenv = tmp_path / "x.env"
+    dotenv.write_text("KEY=text\n")
+    runner = CliRunner()
+    imported = await asyncio.to_thread(runner.invoke, main, ["import-env", str(dotenv), "--prefix", "svc", "--json"],
+                                       env=env)
+    assert imported.exit_code == 0, imported.output
+    assert '"changed": 1' in imported.stdout and '"written": 0' in imported.stdout
+    ran = await asyncio.to_thread(runner.invoke, main, ["run", "--prefix", "svc", "--", "true"], env=env)
+    assert ran.exit_code != 0 and "binary value" in ran.output and "Traceback" not in ran.output

@@ -93,14 +93,17 @@ def _read_under(client: SecretsClient, prefix: str) -> tuple[dict[str, str], lis
     because their current version cannot be served (deleted, destroyed, expired). One
     ``GET /v1/secrets:read`` per 1,000 secrets below the prefix, not a request per secret."""
     found, skipped = client.read_all(prefix, children=True)
-    values: dict[str, str] = {}
-    for item in children(found, prefix):
-        value = value_of(item)
-        if isinstance(value, bytes):
-            raise RequestError(f"{item['path']} holds a binary value, which cannot be an environment variable; "
-                               "read it with 'secretsd get'")
-        values[item["path"].rsplit("/", 1)[-1]] = value
+    values = {item["path"].rsplit("/", 1)[-1]: _env_value(item) for item in children(found, prefix)}
     return values, [item["path"] for item in children(skipped, prefix)]
+
+
+def _env_value(read: dict[str, Any]) -> str:
+    """A read's value as an environment variable holds it: text; a binary value is an error."""
+    value = value_of(read)
+    if isinstance(value, bytes):
+        raise RequestError(f"{read['path']} holds a binary value, which cannot be an environment variable; "
+                           "read it with 'secretsd get'")
+    return value
 
 
 def _prefix(text: str) -> str:
@@ -133,7 +136,7 @@ def _current_values(client: SecretsClient, prefix: str, keys: set[str]) -> dict[
     wanted = {f"{prefix}/{k}" for k in keys}
     found, skipped = client.read_all(prefix, children=True)
     current: dict[str, tuple[int, str | None]] = {
-        s["path"]: (int(s["version"]), s["value"]) for s in found if s["path"] in wanted}
+        s["path"]: (int(s["version"]), _text_or_none(value_of(s))) for s in found if s["path"] in wanted}
     if any(s["path"] in wanted for s in skipped):
         for s in client.list_all(prefix):
             if s["path"] in wanted and s["path"] not in current:
@@ -234,10 +237,15 @@ def _write(client: SecretsClient, parsed: Any, to_write: list[Any]) -> int:
     return written
 
 
+def _text_or_none(value: str | bytes) -> str | None:
+    """A current value as the plan compares it: a binary one matches no line of a .env file."""
+    return value if isinstance(value, str) else None
+
+
 def _check_unchanged(client: SecretsClient, path: str, value: str, written: int, total: int) -> None:
     """A check-and-set refused: fine if the secret already holds our value (a retried batch)."""
     try:
-        now = client.get(path)["value"]
+        now: str | bytes | None = value_of(client.get(path))
     except NotFoundError:
         now = None
     if now != value:
@@ -363,7 +371,7 @@ def run(ctx: Ctx, prefix: str | None, maps: tuple[str, ...], allow_empty: bool, 
             by_name = environment_names(values, prefix=base, skip_invalid=skip_invalid)
             secrets = {name: values[key] for name, key in by_name.items()}
         for name, path in mapping.items():
-            secrets[name] = client.get(path)["value"]
+            secrets[name] = _env_value(client.get(path))
     env = dict(os.environ)
     if not pass_token:
         env.pop("SECRETSD_TOKEN", None)
