@@ -180,13 +180,11 @@ async def write_batch(request: web.Request) -> web.Response:
     done = await d.secrets.put_batch(who, [
         Put(body.items[n].path, values[n], body.items[n].cas, body.items[n].metadata, body.items[n].expires_at)
         for n in todo])
-    outcomes: list[VersionInfo | SecretsdError] = [
-        PermissionDeniedError(f"permission denied: write on {item.path}") for item in body.items]
-    for n, outcome in zip(todo, done, strict=True):
-        outcomes[n] = outcome
+    outcomes: dict[int, VersionInfo | SecretsdError] = dict(zip(todo, done, strict=True))
     results: list[dict[str, Any]] = []
     records: list[tuple[str, int, dict[str, Any]]] = []
-    for item, value, outcome in zip(body.items, values, outcomes, strict=True):
+    for n, (item, value) in enumerate(zip(body.items, values, strict=True)):
+        outcome = outcomes.get(n) or PermissionDeniedError(f"permission denied: write on {item.path}")
         if isinstance(outcome, SecretsdError):
             results.append(_item_error(item.path, outcome))
             records.append((item.path, results[-1]["status"], {}))

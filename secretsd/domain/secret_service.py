@@ -195,14 +195,17 @@ class SecretsService:
         return [o for o in outcomes if o is not None]
 
     def _checked(self, item: Put) -> Put:
-        """``item`` with its metadata and expiry validated, or the reason it cannot be written."""
+        """``item`` with its value as bytes and its metadata and expiry validated, or the reason it
+        cannot be written."""
         validate_path(item.path)
-        if len(_plaintext(item.value)) > self._max_value_bytes:
+        plaintext = _plaintext(item.value)
+        if len(plaintext) > self._max_value_bytes:
             raise PayloadTooLargeError(f"the value is larger than {self._max_value_bytes} bytes")
         if item.cas is not None and item.cas < 0:
             raise RequestError("cas must be 0 (create only) or an existing version number")
+        # The value as the bytes to seal, encoded once here rather than again in the seal.
         return dataclasses.replace(
-            item, metadata=validate_metadata(item.metadata) if item.metadata is not None else None,
+            item, value=plaintext, metadata=validate_metadata(item.metadata) if item.metadata is not None else None,
             expires_at=validate_expiry(item.expires_at, self._clock()))
 
     def _sealer(self, who: Principal, item: Put, written: list[VersionRecord]) -> Seal:
