@@ -154,6 +154,23 @@ class HttpSettings(BaseModel):
     error_log_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
 
 
+class VaultSettings(BaseModel):
+    """``[vault]``: the Vault KV v2 façade (docs/vault-compat.md), over the same secrets and rules."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    #: Served as ``/v1/<kv_mount>/data/...``; one path segment, not a name of our own API under /v1.
+    kv_mount: str = Field(default="secret", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+    @field_validator("kv_mount")
+    @classmethod
+    def _not_ours(cls, value: str) -> str:
+        # These segments under /v1 are the native API's (and Vault's own sys/ and auth/).
+        if value in ("secrets", "metadata", "rotation", "sys", "auth", "openapi.json", "identity", "cubbyhole"):
+            raise ValueError(f"kv_mount {value!r} is taken by another part of the API")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SECRETSD_", env_nested_delimiter="__", extra="forbid"
@@ -172,6 +189,7 @@ class Settings(BaseSettings):
     rotation: RotationSettings = Field(default_factory=RotationSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    vault: VaultSettings = Field(default_factory=VaultSettings)
     #: How requests authenticate (secretsd.auth): without this setting, bearer tokens, as always.
     authenticators: list[AuthenticatorSettings] = Field(default_factory=_default_authenticators, min_length=1)
 
@@ -283,6 +301,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "rotation": RotationSettings(**data["rotation"]),
         "metrics": MetricsSettings(**data["metrics"]),
         "http": HttpSettings(**data["http"]),
+        "vault": VaultSettings(**data["vault"]),
         "authenticators": [AuthenticatorSettings(**a) for a in data["authenticators"]],
     })
 
