@@ -1,6 +1,5 @@
-"""Defaults shared by the daemon and the client, kept import-light for the CLI's start-up time."""
+"""Defaults shared by the daemon and the client: defined in ``secretsd_client.defaults``, re-exported here."""
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8750
-DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
-DEFAULT_ADDR = f"http://{DEFAULT_LISTEN}"
+from secretsd_client.defaults import DEFAULT_ADDR, DEFAULT_HOST, DEFAULT_LISTEN, DEFAULT_PORT
+
+__all__ = ["DEFAULT_ADDR", "DEFAULT_HOST", "DEFAULT_LISTEN", "DEFAULT_PORT"]

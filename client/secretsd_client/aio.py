@@ -1,0 +1,119 @@
+"""The asynchronous client, on aiohttp: ``await AsyncSecretsClient().get("app/db-password")``.
+
+The same calls (``secretsd.client.calls``), operations, retry policy and exceptions as the sync
+face; only the transport differs. Use it as ``async with AsyncSecretsClient() as client: ...`` or
+call ``await client.close()``: the aiohttp session is opened on first use, inside the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Self
+
+import aiohttp
+
+from secretsd_client import calls
+from secretsd_client.errors import SecretsdError
+from secretsd_client.operations import Endpoint, Operations, Pages
+from secretsd_client.retry import RetryPolicy
+
+
+class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
+    """A pooled keep-alive aiohttp session to one daemon; safe to share between tasks of one loop."""
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ca_file: Path | str | None = None,
+        client_cert: tuple[Path | str, Path | str] | None = None,
+        retry: RetryPolicy | None = None,
+        connection_limit: int = 16,
+    ) -> None:
+        self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
+                                 retry=retry)
+        self.addr = self.endpoint.addr
+        self.token = self.endpoint.token
+        self.retry = self.endpoint.retry
+        self._limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            e = self.endpoint
+            ssl_option: ssl.SSLContext | bool = e.ssl_context if e.ssl_context is not None else False
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl_option)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=e.timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the aiohttp session (a later call opens a new one)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def call(self, call: calls.Call) -> Awaitable[dict[str, Any]]:
+        return self._call(call)
+
+    async def _call(self, call: calls.Call) -> dict[str, Any]:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._once(call)
+            except SecretsdError as exc:
+                wait = self.retry.next_delay(call, exc, attempt, time.monotonic() - start)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+
+    async def _once(self, call: calls.Call) -> dict[str, Any]:
+        session = self._open()
+        url = self.addr + call.target()
+        headers = self.endpoint.headers(call)
+        # As in the sync face: a pooled connection the server closed is replaced at once for calls
+        # that are safe to repeat.
+        for attempt in (1, 2):
+            try:
+                async with session.request(call.method, url, data=call.payload(), headers=headers) as resp:
+                    body = await resp.read()
+                    status, content_type = resp.status, resp.headers.get("Content-Type", "")
+                break
+            except aiohttp.ServerDisconnectedError as exc:
+                if attempt == 2 or not call.idempotent:
+                    raise self.endpoint.unreachable(exc) from exc
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise self.endpoint.unreachable(exc) from exc
+        return calls.decode(call, status, content_type, body)
+
+    async def read_all(self, prefix: str = "", *, children: bool = False,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every value below ``prefix`` (with ``children``: only one segment below it) this token may
+        read (all pages of ``read_batch``), and the secrets that could not be served (each with its
+        status and error)."""
+        pages = Pages()
+        while pages.add(await self.read_batch(prefix, after=pages.after, children=children)):
+            pass
+        return pages.found, pages.skipped
+
+    async def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Every secret below ``prefix`` (all pages of ``list_secrets``)."""
+        pages = Pages()
+        while pages.add(await self.list_secrets(prefix, after=pages.after)):
+            pass
+        return pages.found

@@ -1,0 +1,109 @@
+"""The synchronous client: ``SecretsClient(addr, token).get("app/db-password")["value"]``."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+from typing import Any, Self
+
+from secretsd_client import calls
+from secretsd_client.errors import SecretsdError
+from secretsd_client.operations import Endpoint, Operations, Pages
+from secretsd_client.retry import RetryPolicy
+
+
+class SecretsClient(Operations[dict[str, Any]]):
+    """One keep-alive connection to a daemon; not thread-safe (make one per thread).
+
+    Configured from arguments or ``SECRETSD_ADDR`` / ``SECRETSD_TOKEN`` / ``SECRETSD_CA_FILE``. ``ca_file`` and
+    ``client_cert`` (certificate, key) apply to ``https://`` addresses; ``timeout`` bounds each
+    attempt; ``retry`` says how idempotent calls are retried on 503s and connection errors.
+    """
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ca_file: Path | str | None = None,
+        client_cert: tuple[Path | str, Path | str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
+                                 retry=retry)
+        self.addr = self.endpoint.addr
+        self.token = self.endpoint.token
+        self.retry = self.endpoint.retry
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            e = self.endpoint
+            if e.https:
+                self._conn = http.client.HTTPSConnection(e.host, e.port, timeout=e.timeout, context=e.ssl_context)
+            else:
+                self._conn = http.client.HTTPConnection(e.host, e.port, timeout=e.timeout)
+        return self._conn
+
+    def close(self) -> None:
+        """Close the keep-alive connection (a later call opens a new one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, call: calls.Call) -> dict[str, Any]:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._once(call)
+            except SecretsdError as exc:
+                wait = self.retry.next_delay(call, exc, attempt, time.monotonic() - start)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    def _once(self, call: calls.Call) -> dict[str, Any]:
+        headers = self.endpoint.headers(call)
+        payload = call.payload()
+        # A kept-alive connection the server closed fails on first use: reconnect at once for
+        # calls that are safe to repeat (the retry policy then decides about anything further).
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._connection()
+            try:
+                conn.request(call.method, call.target(), body=payload, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if attempt == 2 or not reused or not call.idempotent:
+                    raise self.endpoint.unreachable(exc) from exc
+        return calls.decode(call, response.status, response.getheader("Content-Type", ""), body)
+
+    def read_all(self, prefix: str = "", *, children: bool = False,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every value below ``prefix`` (with ``children``: only one segment below it) this token may
+        read (all pages of ``read_batch``), and the secrets that could not be served (each with its
+        status and error)."""
+        pages = Pages()
+        while pages.add(self.read_batch(prefix, after=pages.after, children=children)):
+            pass
+        return pages.found, pages.skipped
+
+    def list_all(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Every secret below ``prefix`` (all pages of ``list_secrets``)."""
+        pages = Pages()
+        while pages.add(self.list_secrets(prefix, after=pages.after)):
+            pass
+        return pages.found
