@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from secretsd import tokens
-from secretsd.api import openapi, routes
+from secretsd.api import routes, vault_routes
 from secretsd.api.access_log import AccessLog, LoggingAccessLog
 from secretsd.api.context import (
     AUDIT_NOTES,
@@ -29,6 +29,7 @@ from secretsd.api.context import (
 )
 from secretsd.api.handlers import metrics_response
 from secretsd.api.services import Services
+from secretsd.api.vault import MOUNT
 from secretsd.auth import authenticate
 from secretsd.domain.identity import Credentials
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
@@ -38,6 +39,10 @@ log = logging.getLogger("secretsd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+#: The public paths of this app's table (the native ones, and the Vault façade's when enabled).
+PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: A token sent as Vault's clients send it (secretsd.api.vault): taken like ``Authorization: Bearer``.
+VAULT_TOKEN_HEADER = "X-Vault-Token"  # noqa: S105 (a header name, not a secret)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The shape of ``_RequestIds``' ids (16 hex digits of prefix, 12 of counter).
 _FRESH_ID_RE = re.compile(r"[0-9a-f]{28}")
@@ -54,8 +59,11 @@ _HTTP_PROBLEMS = {
 CLIENT_GONE = ProblemType("client-closed-request", 499, "Client closed request")
 
 
-def problem_response(ptype: ProblemType, detail: str, request_id: str) -> web.Response:
+def problem_response(ptype: ProblemType, detail: str, request_id: str, *, vault: bool = False) -> web.Response:
     body = problem_document(ptype, detail, request_id=request_id)
+    if vault:
+        # Vault's clients read the reasons from ``errors`` (an extension member of the problem).
+        body["errors"] = [body["detail"]]
     return web.Response(
         text=json.dumps(body), status=ptype.status, content_type=PROBLEM_CONTENT_TYPE,
         headers={"WWW-Authenticate": "Bearer"} if ptype.status == 401 else None,
@@ -74,7 +82,24 @@ def _credentials(request: web.Request) -> Credentials:
     header = headers[0] if headers else ""
     scheme, _, value = header.partition(" ")
     bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    if VAULT_TOKEN_HEADER in request.headers:  # the one lookup a native request pays for the façade
+        bearer = _vault_token(request, header)
     return Credentials(bearer=bearer)
+
+
+def _vault_token(request: web.Request, authorization: str) -> str | None:
+    """The rule "one credential at most": an X-Vault-Token beside an Authorization header, or two
+    X-Vault-Token headers, is a 400, for the reason two Authorization headers are."""
+    sent = request.headers.getall(VAULT_TOKEN_HEADER)
+    if len(sent) > 1 or authorization:
+        raise RequestError("send one credential: one Authorization or one X-Vault-Token header, not several")
+    return sent[0].strip() or None
+
+
+def _on_vault_surface(request: web.Request) -> bool:
+    """Whether the request reached a route of the Vault façade (asked on errors only)."""
+    op = routes.operation_of(request)
+    return op is not None and op.vault
 
 
 def _route_name(request: web.Request) -> str:
@@ -140,7 +165,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
     d = request.app[SERVICES]
-    audited = request.path not in PUBLIC_ROUTES
+    audited = request.path not in request.app[PUBLIC_PATHS]
     response: web.StreamResponse
     try:
         if audited:
@@ -152,10 +177,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             await d.audit_ready()
         response = await handler(request)
     except SecretsdError as exc:
-        response = problem_response(problem_for(exc), exc.message, request_id)
+        response = problem_response(problem_for(exc), exc.message, request_id, vault=_on_vault_surface(request))
     except web.HTTPException as exc:
         ptype = _HTTP_PROBLEMS.get(exc.status) or ProblemType("http-error", exc.status, exc.reason)
-        response = problem_response(ptype, exc.reason, request_id)
+        response = problem_response(ptype, exc.reason, request_id, vault=_on_vault_surface(request))
         if "Allow" in exc.headers:
             # Only a caller past authentication gets here, so the methods of a route are no news.
             response.headers["Allow"] = exc.headers["Allow"]
@@ -183,7 +208,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         try:
             await d.record_request(_audit_fields(request, request_id, response.status))
         except AuditError as exc:
-            response = problem_response(problem_for(exc), exc.message, request_id)
+            response = problem_response(problem_for(exc), exc.message, request_id,
+                                        vault=_on_vault_surface(request))
     response.headers["X-Request-Id"] = request_id
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -207,11 +233,17 @@ def create_metrics_app(daemon: Services) -> web.Application:
     return app
 
 
-def create_app(daemon: Services, *, access_log: AccessLog | None = None) -> web.Application:
-    """The API application; ``access_log`` writes the line per request (default: through ``logging``)."""
+def create_app(daemon: Services, *, access_log: AccessLog | None = None,
+               vault_mount: str | None = None) -> web.Application:
+    """The API application; ``access_log`` writes the line per request (default: through ``logging``);
+    ``vault_mount``: serve the Vault KV version 2 façade at ``/v1/{vault_mount}`` ([vault] settings)."""
     app = web.Application(middlewares=[request_middleware], client_max_size=daemon.max_body_bytes)
+    table = vault_routes.table(vault_mount)
     app[SERVICES] = daemon
     app[ACCESS_LOG] = access_log or LoggingAccessLog()
-    app[OPENAPI] = openapi.document()
-    routes.register(app)
+    app[OPENAPI] = vault_routes.document(vault_mount)
+    app[PUBLIC_PATHS] = routes.public_paths(table)
+    if vault_mount is not None:
+        app[MOUNT] = vault_mount
+    routes.register(app, table)
     return app

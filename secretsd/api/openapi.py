@@ -28,18 +28,23 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
              "schema": {"type": "string", "pattern": POLICY_NAME_PATTERN}},
 }
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
+# The Vault façade's errors: a problem document that also carries Vault's ``errors`` list, or (sys/health
+# while sealed) Vault's own JSON body.
+_VAULT_PROBLEM = {"$ref": "#/components/responses/VaultProblem"}
 _TEMPLATE_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
 
 
 def _op(summary: str, requires: str | None, *, body: str | None = None,
         params: list[dict[str, Any]] | None = None, ok: int = 200, ok_type: str = "application/json",
-        more: tuple[str, ...] = ()) -> dict[str, Any]:
+        more: tuple[str, ...] = (), vault: bool = False) -> dict[str, Any]:
     # 415: a body that is not application/json; ``more``: what only this operation answers.
     problems = ("400", "401", "403", "404", "409", "413", *(("415",) if body else ()), "503", *more)
+    # 204 (the Vault façade's deletes) has no body.
+    success: dict[str, Any] = {"description": "OK"} | ({} if ok == 204 else {"content": {ok_type: {}}})
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {str(ok): {"description": "OK", "content": {ok_type: {}}}}
-        | {code: _PROBLEM for code in sorted(problems)},
+        "responses": {str(ok): success}
+        | {code: _VAULT_PROBLEM if vault else _PROBLEM for code in sorted(problems)},
     }
     if requires:
         op["description"] = f"Requires {requires}."
@@ -84,10 +89,10 @@ def _path_items(op: Operation) -> list[tuple[str, dict[str, Any]]]:
     if not op.variants:
         cap = op.capability.value if op.capability else None
         return [(template, _op(op.summary, _requires(op, cap), body=body, params=params, ok=op.ok,
-                               ok_type=op.ok_type, more=op.more))]
+                               ok_type=op.ok_type, more=op.more, vault=op.vault))]
     return [(template.replace("{action}", v.value),
              _op(v.summary, _requires(op, v.capability.value), body=body, params=params, ok=op.ok,
-                 ok_type=op.ok_type, more=op.more))
+                 ok_type=op.ok_type, more=op.more, vault=op.vault))
             for v in op.variants]
 
 
@@ -118,8 +123,14 @@ def build(operations: tuple[Operation, ...]) -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": schemas,
-            "responses": {"Problem": {"description": "An RFC 9457 problem document", "content": {
-                PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
+            "responses": {
+                "Problem": {"description": "An RFC 9457 problem document", "content": {
+                    PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                "VaultProblem": {
+                    "description": "A problem document with Vault's `errors` list (docs/vault-compat.md)",
+                    "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}},
+                                "application/json": {}}},
+            },
         },
     }
 

@@ -81,10 +81,15 @@ class Operation:
     #: Statuses only this operation answers, beyond the common ones.
     more: tuple[str, ...] = ()
     variants: tuple[Variant, ...] = ()
+    #: (query parameter, value, action when the request has that value, action otherwise): an
+    #: operation whose audit action depends on its query (Vault's ``?list=true``), with ``action`` None.
+    query_actions: tuple[str, str, str, str] | None = None
+    #: Part of the Vault façade (secretsd.api.vault): its errors also carry Vault's ``errors`` list.
+    vault: bool = False
 
     def __post_init__(self) -> None:
         # Checked when the table is built, so a route without its audit action cannot start.
-        if not self.public and self.action is None and not self.variants:
+        if not self.public and self.action is None and not self.variants and not self.query_actions:
             raise ValueError(f"{self.method} {self.path}: an audited operation needs an audit action")
         if self.public and (self.action is not None or self.capability is not None or self.while_sealed):
             raise ValueError(f"{self.method} {self.path}: a public operation is neither recorded nor authorized")
@@ -100,9 +105,12 @@ class Operation:
             return self.path
         return self.path.replace("{action}", "{action:" + "|".join(re.escape(v.value) for v in self.variants) + "}")
 
-    def audit_action(self, match_info: Mapping[str, str]) -> str:
+    def audit_action(self, match_info: Mapping[str, str], query: Mapping[str, str] | None = None) -> str:
         if self.action is not None:
             return self.action
+        if self.query_actions is not None:
+            name, wanted, when, otherwise = self.query_actions
+            return when if query is not None and query.get(name) == wanted else otherwise
         value = match_info.get("action")
         return next((v.action for v in self.variants if v.value == value), "http.unknown")
 
@@ -191,12 +199,12 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 
-def _paths(want: Callable[[Operation], bool]) -> frozenset[str]:
+def _paths(want: Callable[[Operation], bool], operations: tuple[Operation, ...] = OPERATIONS) -> frozenset[str]:
     """The paths of the operations ``want`` picks, after checking that every operation on such a
     path is picked too: the middleware decides by path, so a wrong method on a public path is
     answered (405) without a token, as the right one is."""
-    picked = {op.path for op in OPERATIONS if want(op)}
-    mixed = [op for op in OPERATIONS if op.path in picked and not want(op)]
+    picked = {op.path for op in operations if want(op)}
+    mixed = [op for op in operations if op.path in picked and not want(op)]
     if mixed:
         raise ValueError(f"{mixed[0].method} {mixed[0].path} differs from the other operations on its path")
     return frozenset(picked)
@@ -206,6 +214,11 @@ def _paths(want: Callable[[Operation], bool]) -> frozenset[str]:
 PUBLIC_PATHS = _paths(lambda op: op.public)
 #: While sealed the API answers 503 `sealed` (after authentication), except on these paths.
 SEALED_PATHS = _paths(lambda op: op.while_sealed)
+
+
+def public_paths(operations: tuple[Operation, ...]) -> frozenset[str]:
+    """PUBLIC_PATHS of another table (the native one with the Vault façade's operations added)."""
+    return _paths(lambda op: op.public, operations)
 
 OPERATIONS_KEY = web.AppKey("operations", dict)
 
@@ -236,4 +249,11 @@ def action_of(request: web.Request) -> str:
     op: Operation | None = match_info.current_app[OPERATIONS_KEY].get(match_info.route)
     if op is None:
         return "http.unknown"
-    return op.action if op.action is not None else op.audit_action(match_info)
+    return op.action if op.action is not None else op.audit_action(match_info, request.query)
+
+
+def operation_of(request: web.Request) -> Operation | None:
+    """The operation a request reached (None: no route matched)."""
+    match_info = request.match_info
+    found: Operation | None = match_info.current_app[OPERATIONS_KEY].get(match_info.route)
+    return found

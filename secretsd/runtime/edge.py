@@ -132,8 +132,11 @@ class ConnectionGate:
 class Edge:
     """The limits of one daemon's listeners, shared by the API and metrics listeners."""
 
-    def __init__(self, settings: HttpSettings, *, bounded: BoundedLog) -> None:
+    def __init__(self, settings: HttpSettings, *, bounded: BoundedLog, list_prefix: bytes | None = None) -> None:
         self.settings = settings
+        #: ``/v1/{mount}/metadata`` of the Vault façade, where a LIST request is taken as Vault's
+        #: GET ?list=true (``list_as_get``); None: the façade is off and LIST stays a bad request.
+        self.list_prefix = list_prefix
         self.safe_cap = default_max_connections()
         self.cap = settings.max_connections or self.safe_cap
         self.stats = EdgeStats()
@@ -153,6 +156,22 @@ class Edge:
             "access_log": None,  # our middleware logs route templates, never raw request lines
         }
         return EdgeHandler(server, self, **options)
+
+
+def list_as_get(data: bytes, list_prefix: bytes) -> bytes:
+    """A request head with Vault's LIST verb (hvac sends it) as the ``GET ...?list=true`` it means.
+
+    aiohttp's parser (llhttp) refuses methods it does not know, LIST among them, with a 400 before
+    any handler runs; Vault's own clients send GET ?list=true, which this makes of it. Only for a
+    target under the façade's metadata path, and only when the head starts the bytes received (a
+    LIST whose first line arrives split stays a 400): anything else is left for the parser to judge.
+    """
+    line, sep, rest = data.partition(b"\r\n")
+    parts = line.split(b" ")
+    if not sep or len(parts) != 3 or not parts[1].startswith(list_prefix):
+        return data
+    target = parts[1] + (b"&" if b"?" in parts[1] else b"?") + b"list=true"
+    return b"GET " + target + b" " + parts[2] + sep + rest
 
 
 class EdgeHandler(RequestHandler):
@@ -185,6 +204,8 @@ class EdgeHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if data.startswith(b"LIST ") and self._edge.list_prefix is not None and not self._body_pending():
+            data = list_as_get(data, self._edge.list_prefix)
         heads_before = self._request_count
         waiting_for_head = self._waiting_for_head()
         super().data_received(data)

@@ -87,7 +87,9 @@ def _edge(settings: Settings) -> Edge:
     bounded = BoundedLog(settings.http.error_log_interval_seconds)
     install_log_scrubbing()
     asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
-    return Edge(settings.http, bounded=bounded)
+    vault = settings.vault
+    return Edge(settings.http, bounded=bounded,
+                list_prefix=f"/v1/{vault.kv_mount}/metadata".encode() if vault.enabled else None)
 
 
 async def _start_daemon(stack: contextlib.AsyncExitStack, settings: Settings, edge: Edge,
@@ -109,7 +111,8 @@ async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web
 async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
                        context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[str, int]:
     requests_log = access_log(settings.log_level, settings.log_format)
-    runner = await _runner(stack, create_app(daemon, access_log=requests_log))
+    runner = await _runner(stack, create_app(daemon, access_log=requests_log,
+                                             vault_mount=settings.vault.kv_mount if settings.vault.enabled else None))
     host, port = parse_listen(settings.listen)
     try:
         await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
