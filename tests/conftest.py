@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,15 @@ from secretsd.runtime.daemon import Daemon, initialize_store
 from secretsd.storage.sqlite import SQLiteStorage
 from secretsd.storage.testing import initialized
 from tests.helpers import DaemonProcess, init_store
+
+# The light client distribution's source, client/, ahead of any installed copy, for this process
+# (pyproject's pytest pythonpath) and every process the tests start (daemons, CLI runs):
+# `pip install -e '.[test]'` installs jarvis-secretsd-client from client/ as a copy (pip installs a
+# dependency's direct URL non-editable, and even replaces an editable install of it), so without this
+# an edit to client/secretsd_client would reach neither the tests nor the daemons until a reinstall.
+CLIENT_SOURCE = str(Path(__file__).resolve().parents[1] / "client")
+if CLIENT_SOURCE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CLIENT_SOURCE, os.environ.get("PYTHONPATH")]))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -24,7 +24,8 @@ from softhsm.pytest_plugin import SoftHSMToken
 from tests.test_layering import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGED = ("pyproject.toml", "README.md", "keyproviders", "secretsd", "softhsm")
+# No client/: the tree of an sdist (setup.py then pins the client distribution by version).
+PACKAGED = ("pyproject.toml", "setup.py", "README.md", "keyproviders", "secretsd", "softhsm")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,16 @@ def test_the_wheel_depends_on_python_pkcs11_and_keeps_the_pkcs11_extra(wheel: zi
     # A base dependency: no "; extra == ..." marker, so `pip install jarvis-secretsd` brings it.
     assert any(r.startswith("python-pkcs11") and ";" not in r for r in requires), requires
     assert "pkcs11" in (metadata.get_all("Provides-Extra") or []), "old install commands name the extra"
+
+
+def test_the_wheel_depends_on_the_client_distribution_of_its_own_version(wheel: zipfile.ZipFile) -> None:
+    # Built from a tree without client/ (as from an sdist): the light client of the same release, from
+    # the index; never a file: URL of the build machine. The client's modules are not in this wheel.
+    metadata = email.parser.Parser().parsestr(dist_info(wheel, "METADATA"))
+    requires = metadata.get_all("Requires-Dist") or []
+    assert f"jarvis-secretsd-client=={metadata['Version']}" in requires, requires
+    assert not any("file:" in r for r in requires), requires
+    assert not any(n.startswith("secretsd_client/") for n in wheel.namelist())
 
 
 def test_the_softhsm_kit_imports_nothing_of_secretsd_but_its_client() -> None:

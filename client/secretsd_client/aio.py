@@ -1,8 +1,10 @@
 """The asynchronous client, on aiohttp: ``await AsyncSecretsClient().get("app/db-password")``.
 
-The same calls (``secretsd.client.calls``), operations, retry policy and exceptions as the sync
+The same calls (``secretsd_client.calls``), operations, retry policy and exceptions as the sync
 face; only the transport differs. Use it as ``async with AsyncSecretsClient() as client: ...`` or
 call ``await client.close()``: the aiohttp session is opened on first use, inside the running loop.
+aiohttp is the ``[aio]`` extra of ``jarvis-secretsd-client``: without it, importing this module raises
+an ``ImportError`` that says what to install.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Self
 
-import aiohttp
+try:
+    import aiohttp
+except ImportError as exc:  # the light distribution's base install has no aiohttp (the sync client needs none)
+    raise ImportError(
+        "AsyncSecretsClient needs aiohttp: pip install 'jarvis-secretsd-client[aio]' "
+        f"(or use the synchronous SecretsClient) [{exc}]"
+    ) from exc
 
 from secretsd_client import calls
 from secretsd_client.errors import SecretsdError

@@ -1,0 +1,68 @@
+"""The daemon's install requirements, computed here: one of them is the client distribution.
+
+``jarvis-secretsd`` depends on ``jarvis-secretsd-client`` (the client and its settings source, in
+``client/``). During development that distribution is not on any index, so ``pip install .`` and
+``pip install -e '.[test]'`` from a checkout take it from the sibling folder through an absolute
+``file:`` URL computed from this file's location. A release build sets ``SECRETSD_CLIENT_REQUIREMENT``
+(``jarvis-secretsd-client==X.Y.Z``) so that the published wheel names an index requirement, never a
+path on the build machine; a build from a tree without ``client/`` (an sdist) pins the same version as
+this distribution. docs/releasing.md has the procedure; tests/test_client_distribution.py the rules.
+
+Everything else about the distribution is in pyproject.toml (``dependencies`` is declared dynamic there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLIENT_DIR = HERE / "client"
+CLIENT_DISTRIBUTION = "jarvis-secretsd-client"
+CLIENT_REQUIREMENT_ENV = "SECRETSD_CLIENT_REQUIREMENT"
+
+# The daemon's own stack, besides the client distribution.
+DEPENDENCIES = [
+    "aiohttp>=3.13",
+    "cryptography>=42",
+    "pydantic>=2.6",
+    "pydantic-settings>=2.3",
+    "prometheus-client>=0.20",
+    "click>=8.1",
+    "rich>=13",
+    "python-dotenv>=1.2.4",
+    "python-pkcs11>=0.7",  # the pkcs11 key provider and the `hsm` commands work right after `pip install` (wheels)
+]
+
+# A requirement that names the client distribution (any spelling PEP 503 normalises to it), then a
+# version specifier, an extra, a URL or nothing.
+_NAMES_THE_CLIENT = re.compile(r"jarvis[-_.]+secretsd[-_.]+client\s*(?:$|[\[@=<>~!;(])", re.IGNORECASE)
+
+
+def client_requirement(environ: Mapping[str, str] | None = None) -> str:
+    """The requirement on the client distribution: the override, else the sibling folder, else this version."""
+    env = os.environ if environ is None else environ
+    override = env.get(CLIENT_REQUIREMENT_ENV, "").strip()
+    if override:
+        # A typo here would publish a daemon that depends on some other package: refuse it.
+        if not _NAMES_THE_CLIENT.match(override):
+            raise SystemExit(f"{CLIENT_REQUIREMENT_ENV}={override!r} does not name {CLIENT_DISTRIBUTION}; "
+                             f"set it to e.g. '{CLIENT_DISTRIBUTION}=={version()}'")
+        return override
+    if (CLIENT_DIR / "pyproject.toml").is_file():
+        return f"{CLIENT_DISTRIBUTION} @ {CLIENT_DIR.as_uri()}"
+    return f"{CLIENT_DISTRIBUTION}=={version()}"
+
+
+def version() -> str:
+    project: dict[str, str] = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    return project["version"]
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; the tests import it
+    from setuptools import setup
+
+    setup(install_requires=[client_requirement(), *DEPENDENCIES])
