@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from secretsd.client.settings_source import SecretPath, SecretsdSettingsSource
+from secretsd_client.settings_source import SecretPath, SecretsdSettingsSource
 
 
 class Settings(BaseSettings):

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from secretsd.client.settings_source import SecretPath, SecretsdSettingsSource
+from secretsd_client.settings_source import SecretPath, SecretsdSettingsSource
 
 
 class Settings(BaseSettings):

@@ -1,7 +1,7 @@
 """The billing service's settings against a real secretsd whose master key is in a SoftHSM2 token.
 
 No conftest.py: ``secretsd_server`` and ``softhsm_token`` come from the pytest plugin installed with
-jarvis-secretsd.
+jarvis-secretsd (the test extra); the service itself needs only jarvis-secretsd-client.
 """
 
 from __future__ import annotations
