@@ -83,11 +83,11 @@ def _credentials(request: web.Request) -> Credentials:
     scheme, _, value = header.partition(" ")
     bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
     if VAULT_TOKEN_HEADER in request.headers:  # the one lookup a native request pays for the façade
-        bearer = _vault_token(request, header)
+        bearer = _vault_token(request, authorization=bool(headers))
     return Credentials(bearer=bearer)
 
 
-def _vault_token(request: web.Request, authorization: str) -> str | None:
+def _vault_token(request: web.Request, *, authorization: bool) -> str | None:
     """The rule "one credential at most": an X-Vault-Token beside an Authorization header, or two
     X-Vault-Token headers, is a 400, for the reason two Authorization headers are."""
     sent = request.headers.getall(VAULT_TOKEN_HEADER)

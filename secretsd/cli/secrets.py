@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_versions, remote, table, write_private
+from secretsd.cli.common import Ctx, emit_json, fail, json_option, main, parse_versions, remote, table, write_private
+from secretsd.errors import SecretsdError
 
 
 @main.command()
@@ -19,10 +20,12 @@ from secretsd.cli.common import Ctx, emit_json, json_option, main, parse_version
 @click.option("--newline", is_flag=True, help="Add a newline after the value (for reading it on a terminal).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the value to this file (mode 0600, replaced atomically) instead of standard output.")
+@click.option("--field", metavar="KEY",
+              help="Print one field of a JSON-object value (as the Vault façade reads it: docs/vault-compat.md).")
 @json_option
 @remote
 def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bool, output: Path | None,
-        as_json: bool) -> None:
+        field: str | None, as_json: bool) -> None:
     """Print a secret's value: its stored bytes and nothing else.
 
     No newline is added (so 'get > key.pem' is the stored file); --newline adds one.
@@ -33,12 +36,17 @@ def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bo
       secretsd get app/tls-key -o key.pem
       secretsd get app/db-password --version 2 --json
       secretsd get app/db-password --label previous
+      secretsd get app/db --field user
     """
     from secretsd.client.calls import value_of
 
     with ctx.client() as client:
         data = client.get(path, version, label=label)
     stored = value_of(data)
+    if field is not None:
+        stored = _field(stored, field)
+        data = {k: v for k, v in data.items() if k not in ("value", "value_base64")} | {"field": field,
+                                                                                       "value": stored}
     value = (stored if isinstance(stored, bytes) else stored.encode("utf-8")) + (b"\n" if newline else b"")
     if output is not None:
         write_private(output, value)
@@ -50,6 +58,20 @@ def get(ctx: Ctx, path: str, version: int | None, label: str | None, newline: bo
         sys.stdout.flush()
         sys.stdout.buffer.write(value)
         sys.stdout.buffer.flush()
+
+
+def _field(stored: str | bytes, key: str) -> str:
+    """``key`` of a JSON-object value, by the façade's one mapping (secretsd.domain.kv_map)."""
+    from secretsd.domain.kv_map import field_of
+
+    if isinstance(stored, bytes):
+        fail("the value is binary, not a JSON object: read it without --field")
+    assert isinstance(stored, str)
+    try:
+        return field_of(stored, key)
+    except SecretsdError as exc:
+        fail(exc.message)
+        raise  # fail() exits; this line is for the type checker
 
 
 @main.command(name="set")
