@@ -7,6 +7,7 @@ same conformance suite (``secretsd.storage.testing``); nothing backend-specific 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -105,6 +106,17 @@ class LeaderLock(Protocol):
         ...
 
     async def release(self) -> None: ...
+
+
+class StoreSnapshot(Protocol):
+    """The whole store as of one moment (``Storage.snapshot``): every read through it sees the same
+    committed state, whatever writers commit meanwhile (``secretsd backup create``)."""
+
+    async def count_rows(self, table: str) -> int: ...
+
+    def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        """As ``Storage.export_rows``, inside the snapshot's read transaction."""
+        ...
 
 
 class Storage(Protocol):
@@ -323,6 +335,11 @@ class Storage(Protocol):
         Raises ``StorageError`` if the table has columns this version cannot carry
         (``rows.COLUMN_KINDS``), so a copy never silently drops data a newer schema added.
         """
+        ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[StoreSnapshot]:
+        """One read transaction over every table (a consistent snapshot), on a connection of its own,
+        so a backup taken while a daemon serves sees one moment of the store. Writes go on meanwhile."""
         ...
 
     async def import_rows(self, batches: AsyncIterable[tuple[str, Sequence[ExportRow]]]) -> None:

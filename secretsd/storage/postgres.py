@@ -76,6 +76,7 @@ from secretsd.storage.base import (
     Seal,
     SecretRecord,
     Storage,
+    StoreSnapshot,
     TokenRecord,
     VersionInfo,
     VersionRecord,
@@ -550,31 +551,47 @@ class PostgresStorage:
         return int(found[0][0])
 
     async def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        pool = self._require_pool()
+        try:
+            async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn:
+                async for batch in self._export_on(conn, table, batch_size):
+                    yield batch
+        except self._DRIVER_ERRORS as exc:
+            raise self._convert(exc) from exc
+
+    async def _export_on(self, conn: Any, table: str, batch_size: int) -> AsyncIterator[list[ExportRow]]:
         if table not in rows.COLUMN_KINDS:
             raise ValueError(f"unknown table {table!r}")
-        pool = self._require_pool()
         # Keys compare bytewise (COLLATE "C"), the order SQLite's BINARY collation gives too.
         keys = rows.key_columns(table)
         order = ", ".join(f'{k} COLLATE "C"' if rows.kind(table, k) == "text" else k for k in keys)
+        columns = await self._copy_columns(conn, table)
+        select = ", ".join(f"{c}::text" if rows.kind(table, c) == "json" else c for c in columns)
+        after: list[Any] | None = None
+        while True:
+            if after is None:
+                sql = f"SELECT {select} FROM {table} ORDER BY {order} LIMIT $1"  # noqa: S608
+                found = await conn.fetch(sql, batch_size)
+            else:
+                marks = ", ".join(f"${i + 2}" for i in range(len(keys)))
+                sql = (f"SELECT {select} FROM {table} WHERE ({order}) > ({marks}) "  # noqa: S608
+                       f"ORDER BY {order} LIMIT $1")
+                found = await conn.fetch(sql, batch_size, *after)
+            if not found:
+                return
+            batch = [_decode_row(table, columns, r) for r in found]
+            after = [batch[-1][k] for k in keys]
+            yield batch
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[StoreSnapshot]:
+        pool = self._require_pool()
         try:
-            async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn:
-                columns = await self._copy_columns(conn, table)
-                select = ", ".join(f"{c}::text" if rows.kind(table, c) == "json" else c for c in columns)
-                after: list[Any] | None = None
-                while True:
-                    if after is None:
-                        sql = f"SELECT {select} FROM {table} ORDER BY {order} LIMIT $1"  # noqa: S608
-                        found = await conn.fetch(sql, batch_size)
-                    else:
-                        marks = ", ".join(f"${i + 2}" for i in range(len(keys)))
-                        sql = (f"SELECT {select} FROM {table} WHERE ({order}) > ({marks}) "  # noqa: S608
-                               f"ORDER BY {order} LIMIT $1")
-                        found = await conn.fetch(sql, batch_size, *after)
-                    if not found:
-                        return
-                    batch = [_decode_row(table, columns, r) for r in found]
-                    after = [batch[-1][k] for k in keys]
-                    yield batch
+            # REPEATABLE READ: every statement of the transaction sees the snapshot its first one took.
+            async with pool.acquire(timeout=self.connect_timeout_ms / 1000) as conn, \
+                    conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute("SET LOCAL statement_timeout = 0")  # a big table takes a while to read
+                yield _PostgresSnapshot(self, conn)
         except self._DRIVER_ERRORS as exc:
             raise self._convert(exc) from exc
 
@@ -633,3 +650,26 @@ if TYPE_CHECKING:  # mypy proves the backend still satisfies the protocol when i
 
     def _conforms(storage: PostgresStorage) -> Storage:
         return storage
+
+
+class _PostgresSnapshot:
+    """``StoreSnapshot`` over one REPEATABLE READ, read-only transaction (``PostgresStorage.snapshot``)."""
+
+    def __init__(self, store: PostgresStorage, conn: Any) -> None:
+        self._store = store
+        self._conn = conn
+
+    async def count_rows(self, table: str) -> int:
+        if table not in rows.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+        try:
+            return int(await self._conn.fetchval(f"SELECT count(*) FROM {table}"))  # noqa: S608 - a known table
+        except PostgresStorage._DRIVER_ERRORS as exc:
+            raise self._store._convert(exc) from exc
+
+    async def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        try:
+            async for batch in self._store._export_on(self._conn, table, batch_size):
+                yield batch
+        except PostgresStorage._DRIVER_ERRORS as exc:
+            raise self._store._convert(exc) from exc

@@ -116,6 +116,36 @@ def canonical_line(table: str, row: Mapping[str, Any]) -> bytes:
     return to_json_text(doc).encode() + b"\n"
 
 
+def from_canonical(table: str, doc: Mapping[str, Any]) -> Row:
+    """The row ``canonical_line`` wrote, back as neutral values; ``ValueError`` for anything it could
+    not have written (an unknown column, a value of the wrong kind)."""
+    kinds = COLUMN_KINDS[table][1]
+    row: Row = {}
+    for column, value in doc.items():
+        kind_ = kinds.get(column)
+        if kind_ is None:
+            raise ValueError(f"table {table} has no column {column!r}")
+        if value is None or kind_ == "json":
+            row[column] = value
+        elif kind_ in ("text", "bytes", "time") and not isinstance(value, str):
+            raise ValueError(f"column {table}.{column} holds {type(value).__name__}, not text")
+        elif kind_ == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"column {table}.{column} holds {type(value).__name__}, not an integer")
+        elif kind_ == "bytes":
+            row[column] = base64.b64decode(value, validate=True)
+        elif kind_ == "time":
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:
+                raise ValueError(f"column {table}.{column} holds a time without its zone")
+            row[column] = parsed
+        else:
+            row[column] = value
+    missing = [k for k in key_columns(table) if row.get(k) is None]
+    if missing:
+        raise ValueError(f"a row of table {table} lacks its key column(s) {', '.join(missing)}")
+    return row
+
+
 class TableDigest:
     """Row count and SHA-256 over the canonical rows of one table, in key order."""
 

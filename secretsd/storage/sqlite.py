@@ -12,6 +12,7 @@ few microseconds, far less than a hop to a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
@@ -40,6 +41,7 @@ from secretsd.storage.base import (
     RotationStatus,
     Seal,
     SecretRecord,
+    StoreSnapshot,
     TokenRecord,
     VersionInfo,
     VersionRecord,
@@ -519,15 +521,31 @@ class SQLiteStorage:
         return rowcodec.copy_columns(table, found, f"SQLite database {self.path}")
 
     async def count_rows(self, table: str) -> int:
-        if table not in rowcodec.COLUMN_KINDS:
-            raise ValueError(f"unknown table {table!r}")
-        return int(self._query(f"SELECT count(*) FROM {table}")[0][0])  # noqa: S608 - a known table name
+        return self._count_on(self._read(), table)
 
-    async def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+    def _count_on(self, conn: sqlite3.Connection, table: str) -> int:
         if table not in rowcodec.COLUMN_KINDS:
             raise ValueError(f"unknown table {table!r}")
         try:
-            columns = self._copy_columns(self._read(), table)
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - a known table
+        except sqlite3.Error as exc:
+            raise self._convert(exc) from exc
+
+    def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        return self._export_on(self._read(), table, batch_size)
+
+    async def _export_on(self, conn: sqlite3.Connection, table: str, batch_size: int) -> AsyncIterator[list[ExportRow]]:
+        if table not in rowcodec.COLUMN_KINDS:
+            raise ValueError(f"unknown table {table!r}")
+
+        def query(sql: str, params: Sequence[Any]) -> list[Any]:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._convert(exc) from exc
+
+        try:
+            columns = self._copy_columns(conn, table)
         except sqlite3.Error as exc:
             raise self._convert(exc) from exc
         keys = rowcodec.key_columns(table)
@@ -536,12 +554,12 @@ class SQLiteStorage:
         while True:
             if after is None:
                 sql = f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order} LIMIT ?"  # noqa: S608
-                found = self._query(sql, (batch_size,))
+                found = query(sql, (batch_size,))
             else:
                 marks = ", ".join("?" for _ in keys)
                 sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE ({order}) > ({marks}) "  # noqa: S608
                        f"ORDER BY {order} LIMIT ?")
-                found = self._query(sql, (*after, batch_size))
+                found = query(sql, (*after, batch_size))
             if not found:
                 return
             batch = [self._decode_row(table, columns, r) for r in found]
@@ -549,6 +567,27 @@ class SQLiteStorage:
             after = [last[columns.index(k)] for k in keys]
             yield batch
             await asyncio.sleep(0)  # reads run on the event loop: let it breathe between batches
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[StoreSnapshot]:
+        if self._reader is None:
+            raise StorageUnavailableError("the SQLite store is not open")
+        # A connection of its own: the shared reader's statements must not join this transaction.
+        # In WAL mode the first read fixes what the transaction sees until it ends; writers go on.
+        try:
+            conn = _connect(self.path, 1_000)
+        except sqlite3.Error as exc:
+            raise self._convert(exc) from exc
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT count(*) FROM meta").fetchone()
+            yield _SQLiteSnapshot(self, conn)
+        except sqlite3.Error as exc:
+            raise self._convert(exc) from exc
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
 
     @staticmethod
     def _decode_row(table: str, columns: list[str], record: Sequence[Any]) -> ExportRow:
@@ -612,3 +651,17 @@ class SQLiteStorage:
         finally:
             if began or conn.in_transaction:
                 await loop.run_in_executor(executor, conn.execute, "ROLLBACK")
+
+
+class _SQLiteSnapshot:
+    """``StoreSnapshot`` over one SQLite read transaction (``SQLiteStorage.snapshot``)."""
+
+    def __init__(self, store: SQLiteStorage, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    async def count_rows(self, table: str) -> int:
+        return self._store._count_on(self._conn, table)
+
+    def export_rows(self, table: str, *, batch_size: int = 500) -> AsyncIterator[list[ExportRow]]:
+        return self._store._export_on(self._conn, table, batch_size)

@@ -156,6 +156,22 @@ class CopyConformance:
         await initialized(storage)  # and the store is usable afterwards
 
 
+    async def test_snapshot_sees_one_moment(self, storage: Storage) -> None:
+        """``snapshot``: every read through it sees the store as it was when it began (a backup's rule)."""
+        await initialized(storage)
+        await storage.write_version(version("a/1", 1), expected_current=0, metadata=None, max_versions=5)
+        async with storage.snapshot() as snap:
+            first = [r["path"] async for batch in snap.export_rows("secrets") for r in batch]
+            await storage.write_version(version("a/2", 1), expected_current=0, metadata=None, max_versions=5)
+            await storage.put_meta("written-during-the-snapshot", "x")
+            again = [r["path"] async for batch in snap.export_rows("secrets", batch_size=1) for r in batch]
+            meta = [r["key"] async for batch in snap.export_rows("meta") for r in batch]
+            assert first == again == ["a/1"]
+            assert await snap.count_rows("secrets") == 1 and await snap.count_rows("secret_versions") == 1
+            assert "written-during-the-snapshot" not in meta
+        assert await storage.count_rows("secrets") == 2
+
+
 class StorageConformance(CopyConformance):
     async def test_fresh_store_is_not_initialized(self, storage: Storage) -> None:
         assert not await storage.is_initialized()
