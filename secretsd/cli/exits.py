@@ -20,6 +20,10 @@ class Exit(IntEnum):
     DENIED = 4  # unauthenticated or denied by policy (401, 403)
     UNAVAILABLE = 5  # the daemon cannot be reached, or answers 503 (sealed, storage or provider down)
     CONFLICT = 6  # check-and-set or another 409
+    # secretsd backup verify / restore (docs/backup.md): which check refused the file
+    INTEGRITY = 7  # damaged, truncated, not a backup, or a section/byte that does not match its manifest
+    AUTHENTICITY = 8  # the manifest does not verify under the store's keyring (altered, or another store's)
+    NO_KEY = 9  # no configured key provider unwraps the backup's keyring
 
 
 # The client turns each problem document back into its error class; the class's problem status

@@ -45,6 +45,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "token": LazyCommand((_P + "system", _P + "recovery"), "Create, list and revoke tokens."),
     "hsm": LazyCommand((_P + "masterkey",), "Provision and check the HSM (PKCS#11) key provider."),
     "storage": LazyCommand((_P + "storage",), "Storage backends: copy a store from one to another."),
+    "backup": LazyCommand((_P + "backup",), "Back up a store to one authenticated file, verify it, restore it."),
     "audit": LazyCommand((_P + "audit",), "Verify the tamper-evident audit trail."),
     "import-env": LazyCommand((_P + "env",), "Import a .env file: each KEY becomes the secret PREFIX/KEY."),
     "export-env": LazyCommand((_P + "env",),

@@ -1,0 +1,170 @@
+"""``secretsd backup create | verify | restore``: on the store directly, offline (docs/backup.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from secretsd.cli.common import emit_json, fail, json_option, main
+from secretsd.cli.exits import Exit
+from secretsd.errors import (
+    AlreadyInitializedError,
+    ConfigError,
+    ProviderUnavailable,
+    SecretsdError,
+    StorageUnavailableError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def backup_exit_code(exc: SecretsdError) -> Exit:
+    """The rule: a refused backup's exit status names the check that refused it (docs/backup.md)."""
+    from secretsd.backup.errors import BackupCorruptError, BackupForgedError, BackupKeyError
+
+    if isinstance(exc, BackupCorruptError):
+        return Exit.INTEGRITY
+    if isinstance(exc, BackupForgedError):
+        return Exit.AUTHENTICITY
+    if isinstance(exc, BackupKeyError):
+        return Exit.NO_KEY
+    if isinstance(exc, AlreadyInitializedError):
+        return Exit.CONFLICT  # a store that is not empty, an --out file that exists
+    if isinstance(exc, (ProviderUnavailable, StorageUnavailableError)):
+        return Exit.UNAVAILABLE
+    if isinstance(exc, ConfigError):
+        return Exit.USAGE
+    return Exit.ERROR
+
+
+def _backup_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Per-provider warnings (one per term a provider cannot open) would bury the one-line error.
+        quiet = logging.StreamHandler()
+        quiet.setLevel(logging.ERROR)
+        logging.getLogger("secretsd").addHandler(quiet)
+        try:
+            return fn(*args, **kwargs)
+        except SecretsdError as exc:
+            fail(exc.message, int(backup_exit_code(exc)))
+        except OSError as exc:
+            fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        finally:
+            logging.getLogger("secretsd").removeHandler(quiet)
+
+    return cast(F, wrapper)
+
+
+_STORE_OPTIONS = (
+    click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives."),
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="TOML config file (storage and key providers)."),
+)
+
+
+def _store_options(fn: F) -> F:
+    for option in reversed(_STORE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _settings(config_file: Path | None, data_dir: Path | None) -> Any:
+    from secretsd.runtime.config import load_settings
+
+    return load_settings(config_file, data_dir=data_dir)
+
+
+@main.group()
+def backup() -> None:
+    """Back up a store to one authenticated file, verify it, restore it."""
+
+
+@backup.command(name="create")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The backup file to write (must not exist).")
+@_store_options
+@json_option
+@_backup_errors
+def backup_create(out: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Write one consistent snapshot of the store to a compressed, authenticated file.
+
+    Everything travels as stored: ciphertext, keyring terms wrapped by every provider, token hashes,
+    metadata, rotation state, audit chain heads; never a value or a key. The key provider must
+    unwrap the newest keyring term (the manifest's MAC key is derived from it). Safe while a daemon
+    serves: the snapshot is one read transaction.
+
+    \b
+    Example:
+      secretsd backup create --out /backups/secretsd-$(date +%F).sdbk --config /etc/secretsd/secretsd.toml
+    """
+    from secretsd.runtime.backup import create_backup
+
+    manifest = asyncio.run(create_backup(_settings(config_file, data_dir), out))
+    if as_json:
+        emit_json({"file": str(out), "backup_id": manifest.backup_id, "created_at": manifest.created_at,
+                   "source": manifest.source, "manifest_sha256": manifest.sha256, "rows": manifest.total_rows,
+                   "sections": [s.to_dict() for s in manifest.sections]})
+        return
+    counts = ", ".join(f"{s.name} {s.rows}" for s in manifest.sections)
+    click.echo(f"Wrote {out}: {manifest.total_rows} rows ({counts}); manifest sha256 {manifest.sha256}.")
+
+
+@backup.command(name="verify")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_store_options
+@json_option
+@_backup_errors
+def backup_verify(file: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Check a backup file without a daemon, writing nothing; exit 0 only if every check holds.
+
+    Exit 7: damaged, truncated or altered (integrity); 8: the manifest does not verify under the
+    keyring (authenticity: altered, or another store's); 9: no configured key provider unwraps the
+    backup's keyring.
+    """
+    from secretsd.runtime.backup import verify_backup_file
+
+    verified = asyncio.run(verify_backup_file(_settings(config_file, data_dir), file))
+    if as_json:
+        emit_json(verified.to_dict())
+        return
+    m = verified.manifest
+    click.echo(f"{file}: ok. Backup {m.backup_id} of {m.created_at} ({m.source}), {m.total_rows} rows; "
+               f"{len(verified.unwrapped)} of {verified.terms} keyring terms unwrap; manifest sha256 {m.sha256}.")
+
+
+@backup.command(name="restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_store_options
+@json_option
+@_backup_errors
+def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Restore a backup into an empty store (SQLite or PostgreSQL); nothing is written unless every
+    check holds.
+
+    The file is verified first (as by 'backup verify'), the configured providers must unwrap every
+    keyring term, then it is imported in one transaction and read back. The first record of a new
+    audit chain names the backup's manifest digest.
+
+    \b
+    Example:
+      secretsd backup restore /backups/secretsd-2026-11-29.sdbk --data-dir /var/lib/secretsd
+    """
+    from secretsd.runtime.backup import restore_backup
+
+    restored = asyncio.run(restore_backup(_settings(config_file, data_dir), file))
+    m = restored.verified.manifest
+    if as_json:
+        emit_json({**restored.verified.to_dict(), "restored_rows": restored.imported.rows,
+                   "audit_chain": restored.audit_chain,
+                   "audit_file": None if restored.audit_file is None else str(restored.audit_file)})
+        return
+    click.echo(f"Restored backup {m.backup_id} of {m.created_at}: {restored.imported.rows} rows, verified.")
+    if restored.audit_chain is not None:
+        click.echo(f"Audit record backup.restore starts chain {restored.audit_chain!r} ({restored.audit_file}).")
