@@ -78,6 +78,8 @@ def redact_secrets(text: str) -> str:
     """``text`` with the secret part of anything token-shaped replaced: the rule for whatever a caller
     sends that is copied into a record or a log (a path, a prefix). The public id stays, so an
     operator can still tell whose token was pasted there and revoke it."""
+    if TOKEN_PREFIX not in text:  # the pattern starts with it (case-sensitive): skip the regex
+        return text
     return _SECRET_IN_TEXT_RE.sub(lambda m: f"{TOKEN_PREFIX}{m.group(1)}_[redacted]", text)
 
 

@@ -201,3 +201,32 @@ async def test_append_many_writes_a_batchs_records_in_order_and_fails_closed(tmp
     with pytest.raises(AuditError, match="not open"):
         await log.append_many([{"action": "closed"}])
     assert "lost1" not in actions(path) and verified(path, signer)
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+async def test_append_many_fails_when_any_of_its_writer_batches_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int) -> None:
+    # A batch's records share one future that only the last record's durability settles: the first
+    # writer batch landing must not answer the call (failing=2), and its failing must stand even
+    # though the records after it are written fine (failing=1).
+    signer = Signer.generate()
+    path = tmp_path / "a.jsonl"
+    log = make_log(path, signer)
+    await log.open()
+    real_write, calls = log._write, []
+
+    def first_write_fails(data: bytes) -> None:
+        calls.append(len(data))
+        if len(calls) == failing:
+            raise OSError(28, "No space left on device")
+        real_write(data)
+
+    monkeypatch.setattr(log, "_write", first_write_fails)
+    with pytest.raises(AuditError):
+        await log.append_many([{"action": f"item{n}"} for n in range(700)])  # two writer batches
+    await asyncio.sleep(0.2)  # let any writer batch after the failure land
+    assert len(calls) >= failing
+    monkeypatch.setattr(log, "_write", real_write)
+    await log.append_many([{"action": "after"}])
+    await log.close()
+    assert actions(path)[-1] == "after" and verified(path, signer)

@@ -55,24 +55,40 @@ def audit_note(request: web.Request, **fields: object) -> None:
 def audit_record(request: web.Request, request_id: str, *, action: str, status: int, path: str | None,
                  decision: str, **notes: object) -> dict[str, object]:
     """The fields of an audit record about this request (or one item of a batch it carries)."""
+    return _audit_base(request, request_id, action) | _audit_path(request, path) | {
+        "decision": decision, "outcome": status, **notes}
+
+
+def audit_records(request: web.Request, request_id: str, action: str,
+                  items: list[tuple[str, int, dict[str, object]]]) -> list[dict[str, object]]:
+    """``audit_record`` for each item of a batch (path, status, notes), the request's own fields
+    worked out once: a 1,000-item page is 1,000 records."""
+    base = _audit_base(request, request_id, action)
+    return [base | _audit_path(request, path) | {"decision": "deny" if status == 403 else "allow",
+                                                  "outcome": status, "batch_item": n, **notes}
+            for n, (path, status, notes) in enumerate(items)]
+
+
+def _audit_base(request: web.Request, request_id: str, action: str) -> dict[str, object]:
     who = request.get(PRINCIPAL)
-    cut = False
-    if path is not None:  # anyone may send a path: an unauthenticated one gets less room
-        path = tokens.redact_secrets(path)  # a token pasted into a URL never reaches the log
-        path, cut = fields.clip(path, fields.MAX_PATH_BYTES if who else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
     return {
         "request_id": request_id,
         "client": who.client if who else None,
         "auth": who.method if who else None,
         "token": tokens.display_id(who.token_id) if who and who.token_id else None,
         "action": action,
-        "path": path,
-        **({"path_truncated": True} if cut else {}),
-        "decision": decision,
-        "outcome": status,
         "remote": fields.clip(request.remote, fields.MAX_REMOTE_BYTES)[0] if request.remote else request.remote,
-        **notes,
     }
+
+
+def _audit_path(request: web.Request, path: str | None) -> dict[str, object]:
+    if path is None:
+        return {"path": None}
+    # Anyone may send a path: an unauthenticated one gets less room.
+    path = tokens.redact_secrets(path)  # a token pasted into a URL never reaches the log
+    path, cut = fields.clip(path, fields.MAX_PATH_BYTES if request.get(PRINCIPAL)
+                            else fields.MAX_UNAUTHENTICATED_PATH_BYTES)
+    return {"path": path, "path_truncated": True} if cut else {"path": path}
 
 
 def allowed_paths(request: web.Request, capability: Capability, paths: list[str]) -> set[str]:

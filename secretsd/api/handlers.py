@@ -29,7 +29,7 @@ from secretsd.api.context import (
     REQUEST_ID,
     allowed_paths,
     audit_note,
-    audit_record,
+    audit_records,
     authorize,
     int_query,
     list_prefix,
@@ -161,11 +161,7 @@ def _item_error(path: str, exc: SecretsdError) -> dict[str, Any]:
 async def _record_items(request: web.Request, action: str, items: list[tuple[str, int, dict[str, Any]]]) -> None:
     """One audit record per item of a batch, like the request each item stands for; all durable
     before the answer (the request's own record follows them in the chain)."""
-    d = services(request)
-    records = [audit_record(request, request[REQUEST_ID], action=action, status=status, path=path,
-                            decision="deny" if status == 403 else "allow", batch_item=n, **notes)
-               for n, (path, status, notes) in enumerate(items)]
-    await d.record_requests(records)
+    await services(request).record_requests(audit_records(request, request[REQUEST_ID], action, items))
 
 
 async def write_batch(request: web.Request) -> web.Response:

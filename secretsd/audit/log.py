@@ -50,6 +50,10 @@ class _Pending:
     wall: float  # when the request was recorded (time.time())
     deadline: float  # loop time after which its request is refused
     sealed_late: bool = False  # its request had ended before the record was sealed
+    #: Whether its durability settles ``done``. A batch's records share one future that only the
+    #: last one settles: records are written in order, so the last being durable means all are,
+    #: while any record's failure settles it at once (and a later success cannot undo that).
+    last: bool = True
 
 
 class AuditLog:
@@ -207,13 +211,15 @@ class AuditLog:
         loop = self._loop
         if self._thread is None or loop is None:
             raise AuditError("the audit log is not open")
-        items = [self._enqueue(fields) for fields in records]
-        if self._watchdog is None and items:
+        if not records:
+            return
+        done: asyncio.Future[None] = loop.create_future()
+        wall = time.time()  # one request: one time for all its records
+        items = [self._enqueue(fields, done=done, wall=wall, last=False) for fields in records]
+        items[-1].last = True
+        if self._watchdog is None:
             self._watchdog = loop.call_at(items[0].deadline, self._refuse_overdue)
-        outcomes = await asyncio.gather(*(item.done for item in items), return_exceptions=True)
-        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if failed is not None:
-            raise failed
+        await done
 
     def summarised(self, fields: dict[str, Any]) -> bool:
         """For a request's record: True if it is an unauthenticated failure beyond its budget, now
@@ -286,9 +292,11 @@ class AuditLog:
         return victims
 
     # -- event-loop side -----------------------------------------------------------------------
-    def _enqueue(self, fields: dict[str, Any]) -> _Pending:
+    def _enqueue(self, fields: dict[str, Any], *, done: asyncio.Future[None] | None = None,
+                 wall: float | None = None, last: bool = True) -> _Pending:
         assert self._loop is not None
-        item = _Pending(fields, self._loop.create_future(), time.time(), self._loop.time() + self._write_timeout)
+        item = _Pending(fields, self._loop.create_future() if done is None else done,
+                        time.time() if wall is None else wall, self._loop.time() + self._write_timeout, last=last)
         self._waiting.append(item)
         self._flush_later()
         return item
@@ -322,10 +330,12 @@ class AuditLog:
         """Chain and sign a batch; a record that cannot be encoded fails its own request only."""
         seq, prev = self._seq, self._hash
         entries: list[tuple[_Pending, dict[str, Any], bytes]] = []
+        wall, stamp = -1.0, ""
         for item in batch:
+            if item.wall != wall:  # a batch request's records share one time: format it once
+                wall, stamp = item.wall, datetime.fromtimestamp(item.wall, UTC).isoformat()
             # The chain's own fields last, so no caller field can replace them.
-            record = {**item.fields, "time": datetime.fromtimestamp(item.wall, UTC).isoformat(),
-                      "seq": seq + 1, "prev_hash": prev}
+            record = {**item.fields, "time": stamp, "seq": seq + 1, "prev_hash": prev}
             if item.done.done():
                 record["late"] = True  # its request had ended (refused, abandoned) before this was sealed
                 item.sealed_late = True
@@ -400,7 +410,7 @@ class AuditLog:
             ended = [first + i for i, item in enumerate(batch)
                      if item.done.done() and not item.sealed_late and item.fields.get("action") != "audit.late"]
             for item in batch:
-                if not item.done.done():
+                if item.last and not item.done.done():
                     item.done.set_result(None)
             if ended:
                 event = self._enqueue({"action": "audit.late", "client": "system", "decision": "allow",
