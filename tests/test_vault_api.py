@@ -70,8 +70,8 @@ async def test_x_vault_token_is_taken_like_a_bearer_token_on_any_route(vapi: Api
     resp = await vapi.client.get("/v1/secret/data/app/a", headers=vt(vapi.admin))
     assert resp.status == 200 and (await resp.json())["data"]["data"] == {"value": "v1"}
     resp = await vapi.client.get("/v1/secret/data/app/a", headers=vt("sdt_0123456789abcdef_" + "A" * 43))
-    doc = await vault_error(resp, 401)
-    assert doc["type"].endswith(":unauthenticated")
+    doc = await vault_error(resp, 403)  # Vault's status for a bad token, our problem type
+    assert doc["type"].endswith(":unauthenticated") and "WWW-Authenticate" not in resp.headers
 
 
 async def test_one_credential_at_most_both_headers_or_two_vault_tokens_is_a_400(vapi: Api) -> None:
@@ -89,7 +89,7 @@ async def test_one_credential_at_most_both_headers_or_two_vault_tokens_is_a_400(
     assert resp.status == 400
 
 
-async def test_every_facade_route_refuses_a_missing_token_with_vaults_errors(vapi: Api) -> None:
+async def test_every_facade_route_refuses_a_missing_token_with_vaults_403_audited_as_401(vapi: Api) -> None:
     app = vapi.client.app
     assert app is not None
     ops = app[routes.OPERATIONS_KEY]
@@ -100,10 +100,13 @@ async def test_every_facade_route_refuses_a_missing_token_with_vaults_errors(vap
             continue
         path = op.path.replace("{path:.+}", "app/x").replace("{action}", "undelete")
         resp = await vapi.client.request(route.method, path, json={"data": {"a": "b"}})
-        doc = await vault_error(resp, 401)
-        assert "app/x" not in json.dumps(doc)
+        doc = await vault_error(resp, 403)
+        assert doc["type"].endswith(":unauthenticated") and "app/x" not in json.dumps(doc)
         seen += 1
     assert seen >= 15
+    # Recorded as what they are, unauthenticated (401): the budget that bounds them applies.
+    refused = [r for r in records(vapi.daemon.settings) if r["action"].startswith("vault.")]
+    assert refused and {(r["outcome"], r["client"]) for r in refused} == {(401, None)}
 
 
 # -- the same policies and the same audit ---------------------------------------------------------

@@ -55,6 +55,8 @@ _HTTP_PROBLEMS = {
     405: ProblemType("method-not-allowed", 405, "Method not allowed"),
     413: ProblemType("payload-too-large", 413, "Request body too large"),
 }
+# How the Vault façade answers an unauthenticated request: Vault's 403, our problem type.
+VAULT_UNAUTHENTICATED = ProblemType("unauthenticated", 403, "Authentication required")
 # What a request whose client left before the answer is recorded as (nginx's 499): nobody reads it.
 CLIENT_GONE = ProblemType("client-closed-request", 499, "Client closed request")
 
@@ -167,6 +169,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     d = request.app[SERVICES]
     audited = request.path not in request.app[PUBLIC_PATHS]
     response: web.StreamResponse
+    vault_unauthenticated = False
     try:
         if audited:
             # Authenticate before anything else, so an unauthenticated caller learns nothing, not
@@ -177,7 +180,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             await d.audit_ready()
         response = await handler(request)
     except SecretsdError as exc:
-        response = problem_response(problem_for(exc), exc.message, request_id, vault=_on_vault_surface(request))
+        ptype = problem_for(exc)
+        vault = _on_vault_surface(request)
+        vault_unauthenticated = vault and ptype.status == 401
+        response = problem_response(ptype, exc.message, request_id, vault=vault)
     except web.HTTPException as exc:
         ptype = _HTTP_PROBLEMS.get(exc.status) or ProblemType("http-error", exc.status, exc.reason)
         response = problem_response(ptype, exc.reason, request_id, vault=_on_vault_surface(request))
@@ -210,6 +216,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         except AuditError as exc:
             response = problem_response(problem_for(exc), exc.message, request_id,
                                         vault=_on_vault_surface(request))
+    if vault_unauthenticated:
+        # Vault answers a missing or unknown token with 403 (hvac's is_authenticated counts on it).
+        # Only after the record, which says 401: unauthenticated failures keep their audit budget.
+        response = problem_response(VAULT_UNAUTHENTICATED, VAULT_UNAUTHENTICATED.title, request_id, vault=True)
     response.headers["X-Request-Id"] = request_id
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
