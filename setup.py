@@ -37,9 +37,11 @@ DEPENDENCIES = [
     "python-pkcs11>=0.7",  # the pkcs11 key provider and the `hsm` commands work right after `pip install` (wheels)
 ]
 
-# A requirement that names the client distribution (any spelling PEP 503 normalises to it), then a
-# version specifier, an extra, a URL or nothing.
-_NAMES_THE_CLIENT = re.compile(r"jarvis[-_.]+secretsd[-_.]+client\s*(?:$|[\[@=<>~!;(])", re.IGNORECASE)
+# The client distribution (any spelling PEP 503 normalises to it), optional extras, then either an exact
+# version or a direct URL.
+_CLIENT_NAME = r"jarvis[-_.]+secretsd[-_.]+client\s*(?:\[[\w,\s-]*\])?\s*"
+_PINNED = re.compile(_CLIENT_NAME + r"==\s*(?P<version>[\w.+!-]+)", re.IGNORECASE)
+_DIRECT_URL = re.compile(_CLIENT_NAME + r"@\s*\S+", re.IGNORECASE)
 
 
 def client_requirement(environ: Mapping[str, str] | None = None) -> str:
@@ -47,14 +49,26 @@ def client_requirement(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     override = env.get(CLIENT_REQUIREMENT_ENV, "").strip()
     if override:
-        # A typo here would publish a daemon that depends on some other package: refuse it.
-        if not _NAMES_THE_CLIENT.match(override):
-            raise SystemExit(f"{CLIENT_REQUIREMENT_ENV}={override!r} does not name {CLIENT_DISTRIBUTION}; "
-                             f"set it to e.g. '{CLIENT_DISTRIBUTION}=={version()}'")
+        check_override(override)
         return override
     if (CLIENT_DIR / "pyproject.toml").is_file():
         return f"{CLIENT_DISTRIBUTION} @ {CLIENT_DIR.as_uri()}"
     return f"{CLIENT_DISTRIBUTION}=={version()}"
+
+
+def check_override(override: str) -> None:
+    """Refuse a release requirement that could install some other package, or another client release.
+
+    The client distribution holds rules the daemon enforces too (the secret path rule, the problem
+    table), so a daemon release requires exactly its own client release (or a URL, for a test build).
+    """
+    pinned = _PINNED.fullmatch(override)
+    if pinned and pinned["version"] == version():
+        return
+    if _DIRECT_URL.fullmatch(override):
+        return
+    raise SystemExit(f"{CLIENT_REQUIREMENT_ENV}={override!r} is not {CLIENT_DISTRIBUTION} pinned to this "
+                     f"release: set it to '{CLIENT_DISTRIBUTION}=={version()}' (or '{CLIENT_DISTRIBUTION} @ URL')")
 
 
 def version() -> str:

@@ -162,17 +162,22 @@ def test_setup_py_takes_the_client_from_this_checkout_by_an_absolute_file_url() 
 
 def test_setup_py_release_override_names_the_index_requirement() -> None:
     setup_py = _load_setup_py(ROOT)
-    env = {"SECRETSD_CLIENT_REQUIREMENT": " jarvis-secretsd-client==0.1.0 "}
-    assert setup_py.client_requirement(env) == "jarvis-secretsd-client==0.1.0"
-    assert setup_py.client_requirement({"SECRETSD_CLIENT_REQUIREMENT": "jarvis_secretsd_client[aio]>=0.1"}) == \
-        "jarvis_secretsd_client[aio]>=0.1"
+    version = setup_py.version()
+    env = {"SECRETSD_CLIENT_REQUIREMENT": f" jarvis-secretsd-client=={version} "}
+    assert setup_py.client_requirement(env) == f"jarvis-secretsd-client=={version}"
+    for accepted in (f"jarvis_secretsd_client[aio]=={version}", "jarvis-secretsd-client @ file:///tmp/c.whl"):
+        assert setup_py.client_requirement({"SECRETSD_CLIENT_REQUIREMENT": accepted}) == accepted
 
 
-@pytest.mark.parametrize("override", ["jarvis-secretsd==0.1.0", "requests", "jarvis-secretsd-clientx==1",
-                                      "evil @ https://example.invalid/x.whl"])
-def test_setup_py_refuses_an_override_that_names_another_distribution(override: str) -> None:
+@pytest.mark.parametrize("override", [
+    "jarvis-secretsd==0.1.0", "requests", "jarvis-secretsd-clientx==0.1.0", "evil @ https://example.invalid/x.whl",
+    # The client holds rules the daemon enforces (the path rule): a release pins exactly its own client.
+    "jarvis-secretsd-client>=0.1", "jarvis-secretsd-client", "jarvis-secretsd-client==0.0.9",
+    "jarvis-secretsd-client==0.1.0; python_version < '4'", "jarvis-secretsd-client==0.1.0, evil",
+])
+def test_setup_py_release_override_must_pin_this_client_release(override: str) -> None:
     setup_py = _load_setup_py(ROOT)
-    with pytest.raises(SystemExit, match="does not name jarvis-secretsd-client"):
+    with pytest.raises(SystemExit, match="is not jarvis-secretsd-client pinned to this release"):
         setup_py.client_requirement({"SECRETSD_CLIENT_REQUIREMENT": override})
 
 
