@@ -302,3 +302,19 @@ def test_handlers_are_thin_web_handlers() -> None:
         assert inspect.iscoroutinefunction(op.handler)
         assert list(inspect.signature(op.handler).parameters) == ["request"], op.path
     assert web is not None
+
+
+async def test_a_vault_list_reads_a_bounded_number_of_pages(vapi: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Vault's LIST has no pages: one request reads at most MAX_LIST_PAGES pages of ours, then refuses.
+    from secretsd.api import vault
+
+    for first in (0, 1000):
+        items = [{"path": f"app/many/s{n:04d}", "value": "x"} for n in range(first, min(first + 1000, 1001))]
+        resp = await vapi.client.post("/v1/secrets:batch", json={"items": items}, headers=vapi.auth())
+        assert resp.status == 200, await resp.text()
+    h = vt(vapi.admin)
+    listed = await vapi.client.get("/v1/secret/metadata/app/many", headers=h, params={"list": "true"})
+    assert len((await listed.json())["data"]["keys"]) == 1001
+    monkeypatch.setattr(vault, "MAX_LIST_PAGES", 1)
+    refused = await vapi.client.get("/v1/secret/metadata/app/many", headers=h, params={"list": "true"})
+    assert "page through GET /v1/secrets" in (await vault_error(refused, 400))["detail"]
