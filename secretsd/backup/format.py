@@ -258,17 +258,16 @@ class BackupReader:
         pending = bytearray()
         while not z.eof:
             chunk = self._fh.read(CHUNK)
-            if not chunk:
-                raise BackupCorruptError("the backup is truncated (its compressed stream does not end)")
             data = chunk
-            while data and not z.eof:
+            while not z.eof:
                 try:
                     out = z.decompress(data, CHUNK)
                 except zlib.error as exc:
                     raise BackupCorruptError(f"the backup is damaged (invalid compressed stream: {exc})") from exc
-                used = len(data) - len(z.unconsumed_tail) - (len(z.unused_data) if z.eof else 0)
+                # At the stream's end the input left over is unused_data (unconsumed_tail may hold it too).
+                used = len(data) - (len(z.unused_data) if z.eof else len(z.unconsumed_tail))
                 digest.update(data[:used])
-                data = z.unconsumed_tail
+                data = b"" if z.eof else z.unconsumed_tail
                 pending += out
                 start = 0
                 while (end := pending.find(b"\n", start)) >= 0:
@@ -277,6 +276,10 @@ class BackupReader:
                 del pending[:start]
                 if len(pending) > MAX_LINE:
                     raise BackupCorruptError(f"the backup holds a line longer than {MAX_LINE} bytes")
+                if not data and len(out) < CHUNK:
+                    break  # this input is consumed and no output is held back
+            if not chunk and not z.eof:
+                raise BackupCorruptError("the backup is truncated (its compressed stream does not end)")
         if pending:
             raise BackupCorruptError("the backup's stream ends inside a line")
         trailer = z.unused_data + self._fh.read(MAX_TRAILER + 1 - len(z.unused_data))
