@@ -50,13 +50,19 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         self.token = self.endpoint.token
         self.retry = self.endpoint.retry
         self._limit = connection_limit
+        # Over a Unix socket the URL only names the Host header: the connector knows the path.
+        self._base = "http://localhost" if self.endpoint.unix_path is not None else self.addr
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             e = self.endpoint
             ssl_option: ssl.SSLContext | bool = e.ssl_context if e.ssl_context is not None else False
-            connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl_option)
+            connector: aiohttp.BaseConnector
+            if e.unix_path is not None:
+                connector = aiohttp.UnixConnector(path=e.unix_path, limit=self._limit)
+            else:
+                connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl_option)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=e.timeout),
             )
@@ -92,7 +98,7 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
 
     async def _once(self, call: calls.Call) -> dict[str, Any]:
         session = self._open()
-        url = self.addr + call.target()
+        url = self._base + call.target()
         headers = self.endpoint.headers(call)
         # As in the sync face: a pooled connection the server closed is replaced at once for calls
         # that are safe to repeat.

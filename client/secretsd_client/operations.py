@@ -39,13 +39,15 @@ class Endpoint:
         if self.token and not (self.token.isascii() and self.token.isprintable() and " " not in self.token):
             # The HTTP library's own error would quote the header, token included.
             raise ConfigError("SECRETSD_TOKEN is malformed (a stray newline or carriage return from a file?)")
+        #: The socket file of a ``unix:///PATH`` address (then host and port only name the HTTP Host).
+        self.unix_path = unix_socket_path(self.addr)
         parts = urlsplit(self.addr)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"SECRETSD_ADDR must be http(s)://HOST:PORT, got {self.addr!r}")
+        if self.unix_path is None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ConfigError(f"SECRETSD_ADDR must be http(s)://HOST:PORT or unix:///PATH, got {self.addr!r}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.https = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = parts.hostname or "localhost"
         self.port = parts.port or (443 if self.https else 80)
         self.timeout = timeout
         self.retry = retry if retry is not None else DEFAULT_RETRY
@@ -72,6 +74,20 @@ class Endpoint:
         if call.body is not None:
             headers["Content-Type"] = "application/json"
         return headers
+
+
+def unix_socket_path(addr: str) -> str | None:
+    """The socket path of a ``unix:///PATH`` address; None for any other scheme.
+
+    The rule: a unix address is the scheme and an absolute path, nothing else. ``unix://host/path``
+    (a host part), a port, a query or a fragment is a ConfigError, never half-used.
+    """
+    parts = urlsplit(addr)
+    if parts.scheme != "unix":
+        return None
+    if parts.netloc or parts.query or parts.fragment or not parts.path.startswith("/") or parts.path == "/":
+        raise ConfigError(f"a unix address is unix:///ABSOLUTE/PATH with no host, port or query, got {addr!r}")
+    return parts.path
 
 
 def _certificate_error(exc: BaseException | None) -> bool:

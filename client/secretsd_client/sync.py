@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import socket
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -11,6 +12,24 @@ from secretsd_client import calls
 from secretsd_client.errors import SecretsdError
 from secretsd_client.operations import Endpoint, Operations, Pages
 from secretsd_client.retry import RetryPolicy
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix-domain socket (``unix:///PATH`` addresses); Host: localhost."""
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class SecretsClient(Operations[dict[str, Any]]):
@@ -41,7 +60,9 @@ class SecretsClient(Operations[dict[str, Any]]):
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             e = self.endpoint
-            if e.https:
+            if e.unix_path is not None:
+                self._conn = UnixHTTPConnection(e.unix_path, timeout=e.timeout)
+            elif e.https:
                 self._conn = http.client.HTTPSConnection(e.host, e.port, timeout=e.timeout, context=e.ssl_context)
             else:
                 self._conn = http.client.HTTPConnection(e.host, e.port, timeout=e.timeout)

@@ -86,7 +86,9 @@ def _credentials(request: web.Request) -> Credentials:
     bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
     if VAULT_TOKEN_HEADER in request.headers:  # the one lookup a native request pays for the façade
         bearer = _vault_token(request, authorization=bool(headers))
-    return Credentials(bearer=bearer)
+    # The Unix-socket peer, read by the listener once per connection (runtime/unix_listener.py);
+    # a TCP connection's handler has none.
+    return Credentials(bearer=bearer, peer=getattr(request.protocol, "peer", None))
 
 
 def _vault_token(request: web.Request, *, authorization: bool) -> str | None:

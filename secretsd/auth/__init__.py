@@ -75,6 +75,10 @@ class Authenticators:
     def __init__(self, members: Sequence[Authenticator]) -> None:
         self._members = tuple(members)
         self._caches = tuple(m for m in self._members if isinstance(m, CredentialCache))
+        #: Authentications by (method, outcome): plain integers, read by the metrics at scrape time
+        #: (secretsd.runtime.metrics), so a request pays one dict update. Method "none": nothing
+        #: presented that any method recognised.
+        self.counts: dict[tuple[str, str], int] = {}
 
     def __iter__(self) -> Iterator[Authenticator]:
         return iter(self._members)
@@ -94,9 +98,38 @@ class Authenticators:
         for cache in self._caches:
             cache.invalidate_all()
 
+    def member(self, method: str) -> Authenticator | None:
+        return next((m for m in self._members if m.method == method), None)
+
+    async def authenticate(self, credentials: Credentials) -> Principal:
+        """``authenticate`` over these members, each outcome counted under the method that decided."""
+        counts = self.counts
+        for authenticator in self._members:
+            try:
+                principal = await authenticator.authenticate(credentials)
+            except UnauthenticatedError:
+                key = (authenticator.method, "failure")
+                counts[key] = counts.get(key, 0) + 1
+                raise
+            if principal is not None:
+                key = (authenticator.method, "success")
+                counts[key] = counts.get(key, 0) + 1
+                return principal
+        counts[_NOTHING] = counts.get(_NOTHING, 0) + 1
+        raise UnauthenticatedError()
+
+
+_NOTHING = ("none", "failure")
+
 
 async def authenticate(authenticators: Iterable[Authenticator], credentials: Credentials) -> Principal:
-    """The first authenticator that recognises the credentials decides; none means 401."""
+    """The rule: the first authenticator that recognises the credentials decides; none means 401.
+
+    The order is the configured one, the token method first by default: a bearer token, when
+    present, wins over the connection's own identity (a Unix peer, a client certificate).
+    """
+    if isinstance(authenticators, Authenticators):
+        return await authenticators.authenticate(credentials)
     for authenticator in authenticators:
         principal = await authenticator.authenticate(credentials)
         if principal is not None:

@@ -104,6 +104,7 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
       secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
       secretsd serve --config /etc/secretsd/secretsd.toml --workers 2
     """
+    from secretsd.errors import ConfigError
     from secretsd.runtime.config import load_settings
     from secretsd.runtime.logs import configure_logging
     from secretsd.runtime.process_hardening import harden_process
@@ -133,6 +134,11 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
             f"  echo -n s3cret | secretsd set app/db-password --stdin\n"
             f"  secretsd get app/db-password\n"
         )
+    if workers > 1 and settings.listen_unix is not None:
+        # One socket path cannot be bound by N processes, and handing one descriptor to N workers
+        # is not built: refused rather than served by one worker only (docs/auth.md).
+        raise ConfigError("listen_unix cannot be combined with --workers N (one socket path, one process): "
+                          "serve the socket with one process, or use TCP for the workers")
     if workers > 1 and worker_index is None:
         from secretsd.runtime.workers import supervise
 

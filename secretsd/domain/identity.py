@@ -20,13 +20,23 @@ class Principal:
 
     client: str
     policies: tuple[str, ...]
-    method: str  # the authenticator's method ("token"), or "internal" for the daemon's own actors
+    method: str  # the authenticator's method ("token", "unix"), or "internal" for the daemon's own actors
     token_id: str | None = None  # the public id of the token used, never its secret part
     expires_at: datetime | None = None  # the credential's own end: what it may delegate is bounded by it
 
     @property
     def display(self) -> str:
         return f"{self.client} ({tokens.display_id(self.token_id)})" if self.token_id else self.client
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """The Unix-socket peer as the kernel saw it when it connected (``SO_PEERCRED``): not a secret,
+    and not something the caller can choose -- the kernel records them at ``connect()``."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +54,9 @@ class Credentials:
     """
 
     bearer: str | None = field(default=None, repr=False)
+    #: Set only on a connection accepted on the Unix socket (``listen_unix``): read once per
+    #: connection by the listener (secretsd.runtime.unix_listener), never from anything sent.
+    peer: PeerCredentials | None = None
 
 
 @runtime_checkable

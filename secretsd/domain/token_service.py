@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from secretsd import tokens
 from secretsd.clock import Clock, utcnow
+
+# The client-name rule lives in client_names (the unix rules obey it too); importable from here as before.
+from secretsd.domain.client_names import RESERVED_CLIENTS as RESERVED_CLIENTS
+from secretsd.domain.client_names import check_client_name as check_client_name
+from secretsd.domain.client_names import is_reserved_client as is_reserved_client
 from secretsd.domain.identity import CredentialCache, Principal
 from secretsd.domain.policy import ROOT_POLICY, PolicyStore
 from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
@@ -18,43 +22,11 @@ from secretsd.storage import Storage
 
 log = logging.getLogger("secretsd.tokens")
 
-_CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
-#: The client names the daemon itself writes into ``client`` and ``created_by``: ``system`` (its own
-#: records: unseal, rotation scheduler, hooks, policy reloads), ``admin`` (the tokens made by
-#: ``init`` and ``token create-root``), ``init`` and ``recovery`` (their ``created_by``), and
-#: ``root`` (the policy's name: a client so named reads as the superuser in any listing).
-RESERVED_CLIENTS = frozenset({"admin", "system", "root", "init", "recovery"})
-#: Name spaces kept for the daemon's own actors to come (``system.scheduler``, ``secretsd-worker``):
-#: ``system`` followed by a separator, and anything beginning with ``secretsd``.
-_RESERVED_PREFIX = re.compile(r"(?:system[._@-]|secretsd)")
 #: Who the daemon names as the creator of a token made offline by ``token create-root``.
 RECOVERY_CREATOR = "recovery"
 #: Tokens the daemon itself gives a reserved name: (client, created_by).
 _OWN_TOKENS = {("admin", "init"), ("admin", RECOVERY_CREATOR)}
-
-
-def is_reserved_client(client: str) -> bool:
-    # Case-folded: "Admin" and "SYSTEM" read the same as the real ones in an audit log.
-    name = client.lower()
-    return name in RESERVED_CLIENTS or _RESERVED_PREFIX.match(name) is not None
-
-
-def check_client_name(client: str) -> None:
-    """The rule for a client name given to a new token: well formed, and not one the daemon uses.
-
-    Without the reservation a delegated token admin could mint a token for ``admin`` or
-    ``system`` whose actions then read, in ``created_by`` and the audit log, as the store's own
-    administrator or the daemon itself.
-    """
-    if not _CLIENT.fullmatch(client):
-        raise RequestError("client names are 1-128 letters, digits, '.', '_', '@' or '-'")
-    if is_reserved_client(client):
-        raise RequestError(
-            f"the client name {client!r} is reserved for the daemon itself (reserved: "
-            f"{', '.join(sorted(RESERVED_CLIENTS))}, and names beginning with 'system.', 'system-', "
-            "'system_', 'system@' or 'secretsd', in any case); choose another name"
-        )
 
 
 def is_active_root(token: TokenRecord, now: datetime) -> bool:

@@ -53,6 +53,21 @@ def _default_authenticators() -> list[AuthenticatorSettings]:
     return [AuthenticatorSettings(method="token")]
 
 
+class UnixAuthSettings(BaseModel):
+    """``[auth.unix]``: ``[[auth.unix.rules]]`` map a Unix-socket peer's uid/gid to a client and
+    policies (checked by secretsd.auth.unix.UnixRule when the daemon builds the authenticator)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class AuthSettings(BaseModel):
+    """``[auth]``: the options of the identity methods that are not bearer tokens (docs/auth.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unix: UnixAuthSettings = Field(default_factory=UnixAuthSettings)
+
+
 class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
     backend: str = "sqlite"
@@ -177,7 +192,14 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path | None = None
+    #: HOST:PORT, or "none" for no TCP listener (then ``listen_unix`` must be set).
     listen: str = DEFAULT_LISTEN
+    #: A Unix-domain socket to serve on as well (or instead, with listen = "none"): docs/auth.md.
+    listen_unix: Path | None = None
+    unix_socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    #: The group the socket file is given (a name or a number); None keeps the daemon's own.
+    unix_socket_group: str | None = None
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     policy_file: Path | None = None
     key_provider: KeyProviderSettings = Field(default_factory=KeyProviderSettings)
     # Further providers every keyring term is also wrapped for (an offline recovery key, say): any
@@ -222,8 +244,14 @@ class Settings(BaseSettings):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        parse_listen(value)
+        if value != NO_LISTEN:
+            parse_listen(value)
         return value
+
+    @property
+    def tcp_listen(self) -> str | None:
+        """The TCP HOST:PORT to serve on, or None (``listen = "none"``: the Unix socket only)."""
+        return None if self.listen == NO_LISTEN else self.listen
 
     @classmethod
     def settings_customise_sources(
@@ -244,12 +272,24 @@ class Settings(BaseSettings):
         return [self.key_provider.options(), *(p.options() for p in self.recovery_providers)]
 
     def authenticator_specs(self) -> list[dict[str, Any]]:
-        return [a.options() for a in self.authenticators]
+        """The ``[[authenticators]]`` entries; with ``listen_unix`` the ``unix`` method joins them
+        (after the others: a bearer token, when present, wins), its rules from ``[auth.unix]``."""
+        specs = [a.options() for a in self.authenticators]
+        if self.listen_unix is not None and all(s["method"] != "unix" for s in specs):
+            specs.append({"method": "unix"})
+        for spec in specs:
+            if spec["method"] == "unix" and "rules" not in spec:
+                spec["rules"] = self.auth.unix.rules
+        return specs
 
     def require_data_dir(self) -> Path:
         if self.data_dir is None:
             raise ConfigError("no data directory: pass --data-dir DIR or set SECRETSD_DATA_DIR")
         return self.data_dir
+
+
+#: ``listen = "none"``: no TCP listener.
+NO_LISTEN = "none"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -278,7 +318,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         model_config = SettingsConfigDict(toml_file=config_file)
 
     given = {k: v for k, v in overrides.items() if v is not None}
-    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file"):
+    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file", "listen_unix"):
         if name in given:
             given[name] = Path(given[name]).resolve()  # flags are relative to where they were typed
     try:
@@ -288,7 +328,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     # Relative paths in a config file are relative to the file, not to wherever the daemon started.
     base = config_file.parent if config_file else Path.cwd()
     data = settings.model_dump()
-    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file"):
+    for name in ("data_dir", "policy_file", "tls_cert_file", "tls_key_file", "listen_unix"):
         value = data[name]
         if value is not None and not Path(value).is_absolute():
             data[name] = (base / value).resolve()
@@ -303,6 +343,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "http": HttpSettings(**data["http"]),
         "vault": VaultSettings(**data["vault"]),
         "authenticators": [AuthenticatorSettings(**a) for a in data["authenticators"]],
+        "auth": AuthSettings(**data["auth"]),
     })
 
 

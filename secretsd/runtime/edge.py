@@ -36,6 +36,7 @@ from aiohttp.web_server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from secretsd.domain.identity import PeerCredentials
 from secretsd.errors import RequestError, RequestTimeoutError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, PROBLEMS, ProblemType, problem_document
 from secretsd.runtime.config import HttpSettings
@@ -186,6 +187,8 @@ class EdgeHandler(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         #: The accepted socket, until the connection is made (a TLS handshake may be under way).
         self.sock: socket.socket | None = None
+        #: The Unix-socket peer, read once when the connection was accepted (runtime/unix_listener.py).
+        self.peer: PeerCredentials | None = None
 
     def __repr__(self) -> str:
         # asyncio's error reports print protocols; aiohttp's own repr is safe today, this stays so.

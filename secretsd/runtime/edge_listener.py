@@ -84,7 +84,11 @@ class EdgeListener:
                 self._loop.call_later(RETRY_SECONDS, self._resume)
                 return
             conn.setblocking(False)
-            handler = self._site.make_handler()
+            try:
+                handler = self._site.make_handler(conn)
+            except OSError:  # the peer left before its credentials could be read
+                conn.close()
+                continue
             handler.sock = conn
             self._edge.gate.add(handler)
             task = self._loop.create_task(self._connect(handler, conn))
@@ -131,7 +135,8 @@ class EdgeSite(web.BaseSite):
     def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl_context
 
-    def make_handler(self) -> EdgeHandler:
+    def make_handler(self, conn: socket.socket | None = None) -> EdgeHandler:
+        """The protocol for a connection just accepted on ``conn`` (a subclass may read the socket)."""
         server = self._runner.server
         assert server is not None
         return self._edge.handler(server)

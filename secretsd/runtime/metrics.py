@@ -130,8 +130,19 @@ class _StateCollector(Collector):
                                   "auth.failures summary record instead of a record of their own",
                                   value=audit.failures_summarised if audit else 0)
         yield from _policy_metrics(d)
+        yield _auth_metrics(d)
         yield GaugeMetricFamily("secretsd_secrets", "Secrets stored", value=self._gauges["secrets"])
         yield GaugeMetricFamily("secretsd_tokens", "Active tokens", value=self._gauges["tokens"])
+
+
+def _auth_metrics(d: Daemon) -> Metric:
+    """Authentications per method (token, unix, ... ; "none": nothing recognised) and outcome."""
+    family = CounterMetricFamily("secretsd_auth_attempts", "Requests authenticated (success) or refused "
+                                 "(failure), by the method that decided", labels=["method", "outcome"])
+    for method in (*d.authenticators.methods, "none"):
+        for outcome in ("success", "failure"):
+            family.add_metric([method, outcome], d.authenticators.counts.get((method, outcome), 0))
+    return family
 
 
 def _policy_metrics(d: Daemon) -> Iterator[Metric]:

@@ -23,13 +23,16 @@ from secretsd.runtime.edge import Edge, EdgeCollector
 from secretsd.runtime.edge_listener import EdgeSite
 from secretsd.runtime.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
 from secretsd.runtime.logs import access_log
+from secretsd.runtime.unix_listener import UnixEdgeSite, parse_mode, resolve_group
 
 log = logging.getLogger("secretsd")
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The server's TLS context, or None; refuses plaintext off loopback unless explicitly allowed."""
-    host, _ = parse_listen(settings.listen)
+    if settings.tcp_listen is None:
+        return None  # the Unix socket alone: nothing crosses a network
+    host, _ = parse_listen(settings.tcp_listen)
     cert, key = settings.tls_cert_file, settings.tls_key_file
     if (cert is None) != (key is None):
         raise ConfigError("set both tls_cert_file and tls_key_file, or neither")
@@ -68,12 +71,11 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         # forwards to a stopping worker must not kill it with the default action).
         signals = stack.enter_context(SignalHandlers(asyncio.get_running_loop()))
         daemon = await _start_daemon(stack, settings, edge, worker)
-        host, port = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
+        where = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
         if settings.metrics.enabled and settings.metrics.listen and not worker:
             await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
         stop = _install_signal_handlers(signals, daemon)
-        scheme = "https" if context else "http"
-        log.info("listening on %s://%s:%d (%s; at most %d connections)", scheme, host, port,
+        log.info("listening on %s (%s; at most %d connections)", " and ".join(where),
                  "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
         if on_ready:
             print(on_ready, flush=True)
@@ -109,16 +111,30 @@ async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web
 
 
 async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
-                       context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[str, int]:
+                       context: ssl.SSLContext | None, *, reuse_port: bool) -> list[str]:
+    """The API on TCP ``listen`` and/or the Unix socket ``listen_unix`` (one app, one edge); their URLs."""
     requests_log = access_log(settings.log_level, settings.log_format)
     runner = await _runner(stack, create_app(daemon, access_log=requests_log,
                                              vault_mount=settings.vault.kv_mount if settings.vault.enabled else None))
-    host, port = parse_listen(settings.listen)
-    try:
-        await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
-    return host, port
+    where = []
+    if settings.tcp_listen is not None:
+        host, port = parse_listen(settings.tcp_listen)
+        try:
+            await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
+        where.append(f"{'https' if context else 'http'}://{host}:{port}")
+    if settings.listen_unix is not None:
+        if reuse_port:
+            # One path cannot be bound by N processes (docs/auth.md); `serve` refuses it earlier.
+            raise ConfigError("listen_unix cannot be combined with serve --workers")
+        site = UnixEdgeSite(runner, settings.listen_unix, edge, mode=parse_mode(settings.unix_socket_mode),
+                            gid=resolve_group(settings.unix_socket_group))
+        await site.start()  # runner.cleanup stops it (and removes its file)
+        where.append(site.name)
+    if not where:
+        raise ConfigError('listen = "none" needs listen_unix: there would be nothing to serve on')
+    return where
 
 
 async def _listen_metrics(stack: contextlib.AsyncExitStack, listen: str, daemon: Daemon, edge: Edge) -> None:

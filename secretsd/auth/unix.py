@@ -1,0 +1,114 @@
+"""The ``unix`` authenticator: the kernel's peer credentials of a Unix-socket connection.
+
+A connection accepted on ``listen_unix`` carries the peer's uid, gid and pid as the kernel recorded
+them at ``connect()`` (``SO_PEERCRED``, read once per connection by secretsd.runtime.unix_listener).
+``[[auth.unix.rules]]`` map them to a client and policies, first match wins; the caller names
+neither. Registered under the entry point ``secretsd.authenticators: unix``.
+
+The executable path of the peer's pid is not matched: reading it by pid races with the pid's reuse
+(the peer may exit and another process take its pid between connect and the read), and a race-free
+read needs a pidfd taken from the socket (SO_PEERPIDFD, Linux 6.5), which this daemon does not rely
+on. docs/auth.md says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secretsd.auth import AuthenticatorContext
+from secretsd.domain.client_names import check_client_name
+from secretsd.domain.identity import Credentials, PeerCredentials, Principal
+from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+
+
+class UnixRule(BaseModel):
+    """One ``[[auth.unix.rules]]`` entry: uid and/or gid (both must match when both are given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    uid: int | None = Field(default=None, ge=0)
+    gid: int | None = Field(default=None, ge=0)
+    client: str
+    policies: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("client")
+    @classmethod
+    def _client_name(cls, value: str) -> str:
+        # The same rule as a token's client name: well formed, and none of the daemon's own names.
+        try:
+            check_client_name(value)
+        except RequestError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> UnixRule:
+        if self.uid is None and self.gid is None:
+            raise ValueError("a unix rule needs uid, gid or both (a rule matching every peer is not allowed)")
+        return self
+
+    def matches(self, peer: PeerCredentials) -> bool:
+        return (self.uid is None or self.uid == peer.uid) and (self.gid is None or self.gid == peer.gid)
+
+
+def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[UnixRule, ...]:
+    try:
+        return tuple(UnixRule.model_validate(dict(r)) for r in raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'rule'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid [[auth.unix.rules]]: {problems}") from None
+
+
+@dataclass(frozen=True)
+class _Decision:
+    client: str
+    policies: tuple[str, ...]
+
+
+class UnixAuthenticator:
+    """Peer credentials mapped by the operator's rules; the rules are the only source of identity."""
+
+    method = "unix"
+
+    def __init__(self, rules: Sequence[UnixRule]) -> None:
+        self._rules = tuple(rules)
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], context: AuthenticatorContext) -> UnixAuthenticator:
+        unknown = set(options) - {"rules"}
+        if unknown:
+            raise ConfigError(f"authenticator 'unix' takes only rules (given: {', '.join(sorted(unknown))})")
+        rules = options.get("rules", [])
+        if not isinstance(rules, list | tuple):
+            raise ConfigError("authenticator 'unix': rules must be a list of tables ([[auth.unix.rules]])")
+        return cls(parse_rules(rules))
+
+    def __repr__(self) -> str:
+        return f"UnixAuthenticator(rules={len(self._rules)})"
+
+    @property
+    def rules(self) -> tuple[UnixRule, ...]:
+        return self._rules
+
+    def replace_rules(self, rules: Sequence[UnixRule]) -> None:
+        """New rules (a reload); requests already authenticated keep their principal."""
+        self._rules = tuple(rules)
+
+    def decide(self, peer: PeerCredentials) -> Principal | None:
+        """The rule "peer credentials map by the first matching rule": None when no rule matches."""
+        for rule in self._rules:
+            if rule.matches(peer):
+                return Principal(rule.client, rule.policies, self.method)
+        return None
+
+    async def authenticate(self, credentials: Credentials) -> Principal | None:
+        if credentials.peer is None:
+            return None
+        principal = self.decide(credentials.peer)
+        if principal is None:
+            # One refusal for every peer no rule names: which rules exist is not the caller's business.
+            raise UnauthenticatedError()
+        return principal
