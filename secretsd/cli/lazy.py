@@ -48,6 +48,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "backup": LazyCommand((_P + "backup",), "Back up a store to one authenticated file, verify it, restore it."),
     "audit": LazyCommand((_P + "audit",), "Verify the tamper-evident audit trail."),
     "import-env": LazyCommand((_P + "env",), "Import a .env file: each KEY becomes the secret PREFIX/KEY."),
+    "import-vault": LazyCommand((_P + "vault_import",),
+                                "Copy a Vault or OpenBao KV version 2 mount into this daemon (current versions)."),
     "export-env": LazyCommand((_P + "env",),
                               "Write the secrets directly under PREFIX as a dotenv file (NAME=value)."),
     "run": LazyCommand((_P + "env",), "Run COMMAND with secrets in its environment; exit with its exit code."),
