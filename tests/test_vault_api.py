@@ -318,3 +318,20 @@ async def test_a_vault_list_reads_a_bounded_number_of_pages(vapi: Api, monkeypat
     monkeypatch.setattr(vault, "MAX_LIST_PAGES", 1)
     refused = await vapi.client.get("/v1/secret/metadata/app/many", headers=h, params={"list": "true"})
     assert "page through GET /v1/secrets" in (await vault_error(refused, 400))["detail"]
+
+
+async def test_sealed_sys_health_is_503_and_the_kv_routes_answer_sealed(tmp_path: Path) -> None:
+    settings = load_settings(None, data_dir=tmp_path / "data", unseal_retry_max_seconds=0.5)
+    admin = (await initialize_store(settings)).admin_token
+    (tmp_path / "data" / "master.key").rename(tmp_path / "master.key.away")  # the key provider cannot unwrap
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        async with TestClient(TestServer(create_app(daemon, vault_mount="secret"))) as client:
+            resp = await client.get("/v1/sys/health")
+            assert resp.status == 503 and (await resp.json())["sealed"] is True
+            assert (await client.get("/v1/sys/health", params={"sealedcode": "200"})).status == 200
+            resp = await client.get("/v1/secret/data/app/a", headers=vt(admin))
+            assert (await vault_error(resp, 503))["type"].endswith(":sealed")
+    finally:
+        await daemon.stop()
