@@ -130,6 +130,17 @@ def test_dockerfile_copies_no_key_token_or_secret_file() -> None:
     assert "**/master.key" in ignore and "**/*.key" in ignore
 
 
+def test_dockerfile_copies_what_the_build_needs() -> None:
+    # setup.py declares the dependencies (the client among them, from client/): without either, the
+    # image's `pip install .` would build a daemon with no dependencies or fail on the client.
+    copied = {src.rstrip("/").removeprefix("./") for op, args in _dockerfile_instructions() if op == "COPY"
+              for src in [a for a in args.split() if not a.startswith("--")][:-1]}
+    assert {"pyproject.toml", "setup.py", "README.md", "client", "keyproviders", "secretsd"} <= copied, copied
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text("utf-8").splitlines()
+    for needed in ("!pyproject.toml", "!setup.py", "!README.md", "!client/", "!keyproviders/", "!secretsd/"):
+        assert needed in ignore, needed
+
+
 def _kube_text() -> str:
     return "\n".join(p.read_text("utf-8") for p in sorted(KUBE.glob("*.yaml")))
 
