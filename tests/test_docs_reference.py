@@ -15,10 +15,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from secretsd_client import AsyncSecretsClient, RetryPolicy, SecretsClient, settings_source
 
 import softhsm.postgres
 import softhsm.pytest_plugin
-from secretsd_client import AsyncSecretsClient, RetryPolicy, SecretsClient, settings_source
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCED: list[Any] = [SecretsClient, AsyncSecretsClient, RetryPolicy, settings_source,

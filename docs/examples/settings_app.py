@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
 from secretsd_client.settings_source import SecretPath, SecretsdSettingsSource
 
 

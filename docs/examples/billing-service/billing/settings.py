@@ -9,7 +9,6 @@ from typing import Annotated
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
 from secretsd_client.settings_source import SecretPath, SecretsdSettingsSource
 
 
