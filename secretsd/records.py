@@ -168,6 +168,10 @@ class TokenRecord:
     created_by: str
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    #: What a renewal extends the token by (its creation TTL); None: it does not renew.
+    ttl_seconds: int | None = None
+    #: The end no renewal passes (creation time + max TTL); None: its first expiry is its last.
+    max_expires_at: datetime | None = None
 
     def is_active(self, now: datetime) -> bool:
         """The rule "a token is active": not revoked, and not expired at ``now`` (its expiry

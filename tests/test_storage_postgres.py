@@ -130,7 +130,39 @@ async def test_migrations_are_recorded_and_idempotent(dsn: str) -> None:
         rows = await conn.fetch("SELECT number, name FROM schema_migrations")
     finally:
         await conn.close()
-    assert sorted(tuple(r) for r in rows) == [(1, "initial"), (2, "lifecycle")]
+    assert sorted(tuple(r) for r in rows) == [(1, "initial"), (2, "lifecycle"), (3, "token_renewal")]
+
+
+async def test_an_old_store_opens_and_its_tokens_do_not_renew(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store made before 0003_token_renewal: migrated at open, its tokens keep their expiry."""
+    from datetime import UTC, datetime, timedelta
+
+    from secretsd.domain.token_service import renewed_expiry
+    from secretsd.storage.migrations import load_migrations
+
+    every = load_migrations("postgres")
+    with monkeypatch.context() as m:
+        m.setattr("secretsd.storage.postgres.load_migrations", lambda backend: every[:2])
+        old = PostgresStorage(dsn)
+        await old.open()
+        await old.close()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
+                           "expires_at) VALUES ('0123456789abcdef', $1, 'svc', '[\"p\"]'::jsonb, $2, 'admin', $3)",
+                           bytes(32), t0, t0 + timedelta(days=1))
+    finally:
+        await conn.close()
+    store = PostgresStorage(dsn)
+    await store.open()
+    try:
+        record = await store.get_token("0123456789abcdef")
+        assert record is not None and record.client == "svc" and record.expires_at == t0 + timedelta(days=1)
+        assert record.ttl_seconds is None and record.max_expires_at is None
+        assert renewed_expiry(record, t0) == record.expires_at
+    finally:
+        await store.close()
 
 
 async def test_replicas_migrating_at_once_apply_each_migration_once(dsn: str) -> None:
@@ -143,7 +175,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(dsn: str) ->
         await asyncio.gather(*(s.close() for s in stores))
     conn = await asyncpg.connect(dsn)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 3
     finally:
         await conn.close()
 

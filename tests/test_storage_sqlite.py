@@ -42,7 +42,8 @@ async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
         await s.open()
         await s.close()
     conn = sqlite3.connect(tmp_path / "db.sqlite")
-    assert conn.execute("SELECT number, name FROM schema_migrations").fetchall() == [(1, "initial"), (2, "lifecycle")]
+    assert conn.execute("SELECT number, name FROM schema_migrations").fetchall() == [
+        (1, "initial"), (2, "lifecycle"), (3, "token_renewal")]
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -127,6 +127,8 @@ class CreateTokenBody(_Body):
     client: str
     policies: list[str] = Field(min_length=1, max_length=64)
     ttl_seconds: int | None = Field(None, ge=1, le=MAX_TTL_SECONDS)
+    #: Renewable (POST /v1/auth/tokens/renew-self) up to this long after creation.
+    max_ttl_seconds: int | None = Field(None, ge=1, le=MAX_TTL_SECONDS)
 
 
 class PolicyCheckBody(_Body):

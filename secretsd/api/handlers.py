@@ -97,6 +97,7 @@ def _token(record: TokenRecord) -> dict[str, Any]:
         "created_by": record.created_by,
         "expires_at": _t(record.expires_at),
         "revoked_at": _t(record.revoked_at),
+        "max_expires_at": _t(record.max_expires_at),
     }
 
 
@@ -405,7 +406,8 @@ async def policy_reload(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     who = authorize(request, Capability.ADMIN, "sys/tokens")
     body = await read_body(request, CreateTokenBody)
-    token, record = await services(request).tokens.create(who, body.client, body.policies, body.ttl_seconds)
+    token, record = await services(request).tokens.create(who, body.client, body.policies, body.ttl_seconds,
+                                                          body.max_ttl_seconds)
     audit_note(request, subject_token=tokens.display_id(record.token_id), subject_client=record.client)
     return web.json_response({"token": token} | _token(record), status=201)
 
@@ -425,4 +427,12 @@ async def revoke_token(request: web.Request) -> web.Response:
 async def whoami(request: web.Request) -> web.Response:
     # Every caller may ask who it is: it reveals only what its own token already carries.
     who = principal(request)
-    return web.json_response({"client": who.client, "policies": list(who.policies), "method": who.method})
+    return web.json_response({"client": who.client, "policies": list(who.policies), "method": who.method,
+                              "expires_at": _t(who.expires_at)})
+
+
+async def renew_self(request: web.Request) -> web.Response:
+    # Any token may renew itself (within its own max TTL): it gains no right it did not have.
+    record = await services(request).tokens.renew_self(principal(request))
+    audit_note(request, subject_token=tokens.display_id(record.token_id))
+    return web.json_response(_token(record))

@@ -196,6 +196,9 @@ OPERATIONS: tuple[Operation, ...] = (
     # Every caller may ask who it is: it reveals only what its own token already carries.
     Operation("GET", "/v1/auth/whoami", h.whoami, "The calling token's client and policies", "auth.whoami",
               while_sealed=True),
+    Operation("POST", "/v1/auth/tokens/renew-self", h.renew_self,
+              "Extend the calling token by its TTL, up to its max TTL (answers the new expires_at)",
+              "token.renew"),
 )
 
 

@@ -286,10 +286,13 @@ async def lookup_self(request: web.Request) -> web.Response:
 
 
 async def renew_self(request: web.Request) -> web.Response:
-    # Our tokens do not renew: the answer is the token's unchanged lifetime (docs/vault-compat.md).
+    # The one renewal rule (TokenService.renew_self, as POST /v1/auth/tokens/renew-self): a token
+    # made with a max TTL is extended by its TTL up to it; any other answers its unchanged lifetime.
     who = principal(request)
+    record = await services(request).tokens.renew_self(who)
     return _reply(request, None, auth={
         "client_token": "", "accessor": "", "policies": list(who.policies), "token_policies": list(who.policies),
-        "metadata": {"client": who.client}, "lease_duration": _ttl(who.expires_at), "renewable": False,
+        "metadata": {"client": who.client}, "lease_duration": _ttl(record.expires_at),
+        "renewable": record.max_expires_at is not None,
         "entity_id": "", "token_type": "service", "orphan": True,
     })

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -15,7 +16,7 @@ from secretsd.domain.client_names import check_client_name as check_client_name
 from secretsd.domain.client_names import is_reserved_client as is_reserved_client
 from secretsd.domain.identity import CredentialCache, Principal
 from secretsd.domain.policy import ROOT_POLICY, PolicyStore
-from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError
+from secretsd.errors import ConflictError, NotFoundError, PermissionDeniedError, RequestError, UnauthenticatedError
 from secretsd.events import Event, EventBus
 from secretsd.records import TokenRecord
 from secretsd.storage import Storage
@@ -66,6 +67,20 @@ def check_delegation(creator: Principal, policies: tuple[str, ...], *, verb: str
         )
 
 
+def renewed_expiry(record: TokenRecord, now: datetime) -> datetime | None:
+    """The rule "a renewal extends a token by its TTL up to its max TTL", never shortening it.
+
+    None: the token has no expiry (nothing to renew). A token made without ``max_ttl_seconds``
+    (or before renewal existed) has no further end than its first expiry, so it stays put.
+    """
+    if record.expires_at is None:
+        return None
+    if record.ttl_seconds is None or record.max_expires_at is None:
+        return record.expires_at
+    wanted = min(now + timedelta(seconds=record.ttl_seconds), record.max_expires_at)
+    return max(wanted, record.expires_at)
+
+
 def check_lifetime(creator: Principal, expires_at: datetime | None) -> None:
     """A token may not outlive the token that created it."""
     if creator.expires_at is None:
@@ -93,9 +108,12 @@ class TokenService:
         self._clock = clock
 
     async def create(
-        self, creator: Principal, client: str, policies: list[str], ttl_seconds: int | None = None
+        self, creator: Principal, client: str, policies: list[str], ttl_seconds: int | None = None,
+        max_ttl_seconds: int | None = None,
     ) -> tuple[str, TokenRecord]:
-        """Mint a token; returns the token string (shown once) and its stored record."""
+        """Mint a token; returns the token string (shown once) and its stored record.
+
+        ``max_ttl_seconds`` makes it renewable (``renew_self``) up to that long after creation."""
         check_client_name(client)
         if not policies:
             raise RequestError("a token needs at least one policy")
@@ -106,18 +124,50 @@ class TokenService:
         check_delegation(creator, wanted)
         if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
             raise RequestError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
+        if max_ttl_seconds is not None:
+            if ttl_seconds is None:
+                raise RequestError("max_ttl_seconds needs ttl_seconds: a token without expiry has nothing to renew")
+            if not ttl_seconds <= max_ttl_seconds <= MAX_TTL_SECONDS:
+                raise RequestError(f"max_ttl_seconds must be between ttl_seconds and {MAX_TTL_SECONDS}")
         now = self._clock()
         expires_at = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        max_expires_at = now + timedelta(seconds=max_ttl_seconds) if max_ttl_seconds else None
         check_lifetime(creator, expires_at)
+        # Renewals must not carry it past its creator's end either.
+        check_lifetime(creator, max_expires_at or expires_at)
         new = tokens.generate_token()
         record = TokenRecord(
             token_id=new.token_id, secret_hash=new.secret_hash, client=client, policies=wanted,
             created_at=now, created_by=creator.client, expires_at=expires_at,
+            ttl_seconds=ttl_seconds if max_ttl_seconds else None, max_expires_at=max_expires_at,
         )
         await self._storage.create_token(record)
         self._events.emit(Event("token.create", now, creator.client,
                                 detail={"token": tokens.display_id(new.token_id), "for": client}))
         return new.token, record
+
+    async def renew_self(self, who: Principal) -> TokenRecord:
+        """Extend the caller's own token (``renewed_expiry``); answer its record as it now stands.
+
+        A revoked or expired token cannot renew (UnauthenticatedError, the 401 of authentication:
+        it may have been revoked between authentication and here); a caller not using a token
+        (a Unix peer) has none to renew (RequestError)."""
+        if who.token_id is None:
+            raise RequestError(f"only a token renews; this request authenticated by {who.method}")
+        now = self._clock()
+        record = await self._storage.get_token(who.token_id)
+        if record is None or not record.is_active(now):
+            raise UnauthenticatedError()
+        new = renewed_expiry(record, now)
+        if new is None or new == record.expires_at:
+            return record
+        if not await self._storage.renew_token(record.token_id, new, now):
+            raise UnauthenticatedError()
+        # The cached verification holds the old expiry: drop it (other processes hear the notice).
+        self._credential_cache.invalidate(record.token_id)
+        self._events.emit(Event("token.renew", now, who.client,
+                                detail={"token": tokens.display_id(record.token_id)}))
+        return dataclasses.replace(record, expires_at=new)
 
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._storage.list_tokens()

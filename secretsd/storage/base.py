@@ -315,6 +315,12 @@ class Storage(Protocol):
 
     async def list_tokens(self) -> list[TokenRecord]: ...
 
+    async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        """Set an active token's expiry to ``expires_at``; False if it is revoked, expired at
+        ``now``, has no expiry, or does not exist. The caller decides the new expiry
+        (secretsd.domain.token_service.renewed_expiry)."""
+        ...
+
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         """Mark a token revoked; False if there is no such token or it was revoked already.
 

@@ -68,7 +68,7 @@ OpName = Literal[
     "lock_secret", "insert_secret", "update_secret", "lock_versions", "insert_version", "update_version",
     "prunable_versions", "delete_versions", "count_encryption", "claim_initialized", "insert_meta",
     "insert_term", "lock_term_wrappings", "update_term_wrappings", "insert_token", "lock_active_tokens",
-    "revoke_token", "notify", "savepoint", "release_savepoint", "rollback_savepoint",
+    "revoke_token", "renew_token", "notify", "savepoint", "release_savepoint", "rollback_savepoint",
 ]
 OP_NAMES: tuple[str, ...] = get_args(OpName)
 
@@ -110,6 +110,7 @@ class RowOps(Protocol):
     def insert_token(self, token: TokenRecord) -> None: ...
     def lock_active_tokens(self) -> list[TokenRecord]: ...
     def revoke_token(self, token_id: str, now: datetime) -> bool: ...
+    def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool: ...
     def notify(self, channel: str, payload: str) -> None: ...
     def savepoint(self) -> None: ...
     def release_savepoint(self) -> None: ...
@@ -169,7 +170,7 @@ VERSION_INFO_COLUMNS = ("path", "version", "created_at", "created_by", "state", 
 TERM_COLUMNS = ("term", "wrappings", "created_at", "encryptions")
 #: ``tokens`` columns in the order ``token_from_row`` reads them.
 TOKEN_COLUMNS = ("token_id", "secret_hash", "client", "policies", "created_at", "created_by", "expires_at",
-                 "revoked_at")
+                 "revoked_at", "ttl_seconds", "max_expires_at")
 
 #: A stored state to its enum member: a dict lookup, not the Enum call (on every read).
 _STATES: Mapping[str, VersionState] = {s.value: s for s in VersionState}
@@ -221,6 +222,7 @@ def token_from_row(r: Sequence[Any], when: TimeDecoder) -> TokenRecord:
     return TokenRecord(
         token_id=r[0], secret_hash=bytes(r[1]), client=r[2], policies=codec.policies_from_json(r[3]),
         created_at=when(r[4]), created_by=r[5], expires_at=when(r[6]), revoked_at=when(r[7]),
+        ttl_seconds=r[8], max_expires_at=when(r[9]),
     )
 
 
@@ -513,6 +515,15 @@ def set_version_state(path: str, versions: Sequence[int], state: VersionState, n
 
 def create_token(token: TokenRecord) -> Plan[None]:
     yield Op("insert_token", (token,))
+
+
+def renew_token(token_id: str, expires_at: datetime, now: datetime) -> Plan[bool]:
+    """Move an active token's expiry; False if it is revoked or expired at ``now`` (or unknown).
+    Other processes hear of it on the tokens channel, as of a revocation (their caches drop it)."""
+    if not (yield Op("renew_token", (token_id, expires_at, now))):
+        return False
+    yield Op("notify", (TOKENS_CHANNEL, token_id))
+    return True
 
 
 def revoke_token(token_id: str, now: datetime, guard: RevokeGuard | None) -> Plan[bool]:

@@ -528,6 +528,9 @@ class PostgresStorage:
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         return await self._plan(lambda: engine.revoke_token(token_id, now, guard))
 
+    async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        return await self._plan(lambda: engine.renew_token(token_id, expires_at, now))
+
     # -- change feed (LISTEN/NOTIFY) ------------------------------------------------------------
     async def subscribe(
         self, channels: Sequence[str], callback: Callable[[str, str], None]

@@ -119,9 +119,11 @@ class PostgresRowOps:
     async def insert_token(self, token: TokenRecord) -> None:
         await self.conn.execute(
             "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
-            "expires_at, revoked_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)",
+            "expires_at, revoked_at, ttl_seconds, max_expires_at) "
+            "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)",
             token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
             token.created_at, token.created_by, token.expires_at, token.revoked_at,
+            token.ttl_seconds, token.max_expires_at,
         )
 
     async def lock_active_tokens(self) -> list[TokenRecord]:
@@ -133,6 +135,10 @@ class PostgresRowOps:
 
     async def revoke_token(self, token_id: str, now: datetime) -> bool:
         hit = await self.conn.fetchval(SQL.revoke_token, token_id, now)
+        return hit is not None
+
+    async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        hit = await self.conn.fetchval(SQL.renew_token, token_id, expires_at, now)
         return hit is not None
 
     async def notify(self, channel: str, payload: str) -> None:

@@ -153,6 +153,9 @@ COUNT_ENCRYPTION = Query("UPDATE keyring_terms SET encryptions = encryptions + :
 #: Only an unrevoked token is revoked, so its first revocation time stays; a row back iff this one did.
 REVOKE_TOKEN = Query("UPDATE tokens SET revoked_at = :now WHERE token_id = :token_id AND revoked_at IS NULL "
                      "RETURNING 1", ("token_id", "now"))
+#: Only an active token renews (not revoked, not expired at :now); a row back iff it did.
+RENEW_TOKEN = Query("UPDATE tokens SET expires_at = :expires_at WHERE token_id = :token_id AND revoked_at IS NULL "
+                    "AND expires_at IS NOT NULL AND expires_at > :now RETURNING 1", ("token_id", "expires_at", "now"))
 PRUNABLE_VERSIONS = Query("SELECT version, grace_until FROM secret_versions WHERE path = :path AND version <= :upto",
                           ("path", "upto"))
 
@@ -185,6 +188,7 @@ class Statements:
     prunable_versions: str
     count_encryption: str
     revoke_token: str
+    renew_token: str
 
     @classmethod
     def render(cls, dialect: Dialect) -> Statements:
@@ -204,5 +208,5 @@ class Statements:
             count_secrets=r(COUNT_SECRETS), rotation_candidates=r(ROTATION_CANDIDATES), get_token=r(GET_TOKEN),
             list_tokens=r(LIST_TOKENS), lock_secret=locked(GET_SECRET), lock_active_tokens=locked(ACTIVE_TOKENS),
             lock_term_wrappings=locked(TERM_WRAPPINGS), prunable_versions=r(PRUNABLE_VERSIONS),
-            count_encryption=r(COUNT_ENCRYPTION), revoke_token=r(REVOKE_TOKEN),
+            count_encryption=r(COUNT_ENCRYPTION), revoke_token=r(REVOKE_TOKEN), renew_token=r(RENEW_TOKEN),
         )

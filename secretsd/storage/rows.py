@@ -46,6 +46,8 @@ COLUMN_KINDS: dict[str, tuple[tuple[str, ...], dict[str, Kind]]] = {
     "tokens": (("token_id",), {
         "token_id": "text", "secret_hash": "bytes", "client": "text", "policies": "json",
         "created_at": "time", "created_by": "text", "expires_at": "time", "revoked_at": "time",
+        # 0003_token_renewal
+        "ttl_seconds": "int", "max_expires_at": "time",
     }),
 }
 TABLES = tuple(COLUMN_KINDS)

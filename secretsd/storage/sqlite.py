@@ -206,11 +206,12 @@ class _Ops:
 
     def insert_token(self, token: TokenRecord) -> None:
         self.conn.execute(
-            f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant columns
+            f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant columns
             (token.token_id, token.secret_hash, token.client, codec.policies_to_json(token.policies),
              _ts(token.created_at), token.created_by,
              _ts(token.expires_at) if token.expires_at else None,
-             _ts(token.revoked_at) if token.revoked_at else None),
+             _ts(token.revoked_at) if token.revoked_at else None,
+             token.ttl_seconds, _ts(token.max_expires_at) if token.max_expires_at else None),
         )
 
     def lock_active_tokens(self) -> list[TokenRecord]:
@@ -219,6 +220,9 @@ class _Ops:
 
     def revoke_token(self, token_id: str, now: datetime) -> bool:
         return bool(self.conn.execute(_SQL.revoke_token, (token_id, _ts(now))).fetchall())
+
+    def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        return bool(self.conn.execute(_SQL.renew_token, (token_id, _ts(expires_at), _ts(now))).fetchall())
 
     def notify(self, channel: str, payload: str) -> None:
         """No change feed on one host: other workers poll (``secretsd.runtime.replication``)."""
@@ -509,6 +513,9 @@ class SQLiteStorage:
     async def list_tokens(self) -> list[TokenRecord]:
         rows = self._query(_SQL.list_tokens)
         return [engine.token_from_row(r, _dt) for r in rows]
+
+    async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        return await self._plan(engine.renew_token(token_id, expires_at, now))
 
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         # BEGIN IMMEDIATE holds the database's write lock from here to COMMIT: the guard's view

@@ -417,6 +417,27 @@ class StorageConformance(CopyConformance):
         assert again is not None and again.revoked_at == T0
         assert len(await storage.list_tokens()) == 2
 
+    async def test_renewal_columns_round_trip_and_only_an_active_token_renews(self, storage: Storage) -> None:
+        await initialized(storage)
+        cap = T0 + timedelta(hours=10)
+        await storage.create_token(token("00000000000000bb", expires_at=T0 + timedelta(hours=1), ttl_seconds=3600,
+                                         max_expires_at=cap))
+        got = await storage.get_token("00000000000000bb")
+        assert got is not None and got.ttl_seconds == 3600 and got.max_expires_at == cap
+        assert await storage.renew_token("00000000000000bb", T0 + timedelta(hours=2), T0 + timedelta(minutes=30))
+        got = await storage.get_token("00000000000000bb")
+        assert got is not None and got.expires_at == T0 + timedelta(hours=2)
+        # Expired at ``now``: no renewal, the expiry stays.
+        assert not await storage.renew_token("00000000000000bb", T0 + timedelta(hours=9), T0 + timedelta(hours=2))
+        await storage.create_token(token("00000000000000cc", expires_at=T0 + timedelta(hours=1)))
+        assert await storage.revoke_token("00000000000000cc", T0)
+        assert not await storage.renew_token("00000000000000cc", T0 + timedelta(hours=2), T0)  # revoked
+        await storage.create_token(token("00000000000000dd"))
+        assert not await storage.renew_token("00000000000000dd", T0 + timedelta(hours=2), T0)  # no expiry
+        assert not await storage.renew_token("0000000000000000", T0 + timedelta(hours=2), T0)  # unknown
+        never = await storage.get_token("00000000000000dd")
+        assert never is not None and never.expires_at is None
+
     async def test_a_revoked_token_keeps_its_first_revocation_time(self, storage: Storage) -> None:
         await initialized(storage)
         await storage.create_token(token("00000000000000bb"))
