@@ -10,6 +10,7 @@ an ``ImportError`` that says what to install.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable
@@ -27,6 +28,7 @@ except ImportError as exc:  # the light distribution's base install has no aioht
 from secretsd_client import calls
 from secretsd_client.errors import SecretsdError
 from secretsd_client.operations import Endpoint, Operations, Pages
+from secretsd_client.renewal import RenewalPlan
 from secretsd_client.retry import RetryPolicy
 
 
@@ -43,6 +45,7 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         client_cert: tuple[Path | str, Path | str] | None = None,
         retry: RetryPolicy | None = None,
         connection_limit: int = 16,
+        auto_renew: bool = False,
     ) -> None:
         self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
                                  retry=retry)
@@ -53,8 +56,24 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         # Over a Unix socket the URL only names the Host header: the connector knows the path.
         self._base = "http://localhost" if self.endpoint.unix_path is not None else self.addr
         self._session: aiohttp.ClientSession | None = None
+        #: ``auto_renew``: a task renews the token (secretsd_client.renewal) from the first call
+        #: (or ``async with``) until ``close``; the plan it follows is ``renewal_plan``.
+        self._auto_renew = auto_renew
+        self._renewal: asyncio.Task[None] | None = None
+        self.renewal_plan = RenewalPlan()
+
+    async def _renew_forever(self) -> None:
+        delay: float | None = 0.0
+        while delay is not None:
+            await asyncio.sleep(delay)
+            try:
+                delay = self.renewal_plan.after_answer(await self.renew_self())
+            except SecretsdError as exc:
+                delay = self.renewal_plan.after_error(exc)
 
     def _open(self) -> aiohttp.ClientSession:
+        if self._auto_renew and self._renewal is None:
+            self._renewal = asyncio.get_running_loop().create_task(self._renew_forever())
         if self._session is None or self._session.closed:
             e = self.endpoint
             ssl_option: ssl.SSLContext | bool = e.ssl_context if e.ssl_context is not None else False
@@ -69,12 +88,19 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         return self._session
 
     async def close(self) -> None:
-        """Close the aiohttp session (a later call opens a new one)."""
+        """Stop renewing and close the aiohttp session (a later call opens a new one)."""
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def __aenter__(self) -> Self:
+        if self._auto_renew:
+            self._open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

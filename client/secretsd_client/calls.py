@@ -142,10 +142,13 @@ def policy_reload() -> Call:
     return Call("POST", "/v1/sys/policy/reload")
 
 
-def create_token(client: str, policies: list[str], ttl_seconds: int | None = None) -> Call:
+def create_token(client: str, policies: list[str], ttl_seconds: int | None = None,
+                 max_ttl_seconds: int | None = None) -> Call:
     body: dict[str, Any] = {"client": client, "policies": policies}
     if ttl_seconds is not None:
         body["ttl_seconds"] = ttl_seconds
+    if max_ttl_seconds is not None:
+        body["max_ttl_seconds"] = max_ttl_seconds
     return Call("POST", "/v1/auth/tokens", body=body, idempotent=False)
 
 
@@ -159,6 +162,10 @@ def revoke_token(token_id: str) -> Call:
 
 def whoami() -> Call:
     return Call("GET", "/v1/auth/whoami")
+
+
+def renew_self() -> Call:
+    return Call("POST", "/v1/auth/tokens/renew-self")
 
 
 def decode(call: Call, status: int, content_type: str, body: bytes) -> dict[str, Any]:

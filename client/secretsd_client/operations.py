@@ -193,9 +193,15 @@ class Operations(ABC, Generic[R]):
         """Reload the daemon's policy file; ``PolicyFileError`` (and no change) if it is invalid."""
         return self.call(calls.policy_reload())
 
-    def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None) -> R:
-        """Issue a token for ``client`` holding ``policies``; the token is in the answer, once."""
-        return self.call(calls.create_token(client, policies, ttl_seconds))
+    def renew_self(self) -> R:
+        """Extend the calling token by its TTL, up to its max TTL; answers its ``expires_at`` now."""
+        return self.call(calls.renew_self())
+
+    def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None,
+                     max_ttl_seconds: int | None = None) -> R:
+        """Issue a token for ``client`` holding ``policies``; the token is in the answer, once.
+        ``max_ttl_seconds``: it renews (``renew_self``) up to that long after creation."""
+        return self.call(calls.create_token(client, policies, ttl_seconds, max_ttl_seconds))
 
     def list_tokens(self) -> R:
         """The tokens (ids, clients, policies, times), never the tokens themselves."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import http.client
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -11,6 +13,7 @@ from typing import Any, Self
 from secretsd_client import calls
 from secretsd_client.errors import SecretsdError
 from secretsd_client.operations import Endpoint, Operations, Pages
+from secretsd_client.renewal import RenewalPlan
 from secretsd_client.retry import RetryPolicy
 
 
@@ -32,6 +35,30 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class Renewer(threading.Thread):
+    """The background renewal of ``SecretsClient(auto_renew=True)``: ``RenewalPlan`` decides when."""
+
+    def __init__(self, client: SecretsClient) -> None:
+        super().__init__(name="secretsd-token-renewal", daemon=True)
+        self._client = client
+        self._stopped = threading.Event()
+        self.plan = RenewalPlan()
+
+    def run(self) -> None:
+        delay: float | None = 0.0
+        try:
+            while delay is not None and not self._stopped.wait(delay):
+                try:
+                    delay = self.plan.after_answer(self._client.renew_self())
+                except SecretsdError as exc:
+                    delay = self.plan.after_error(exc)
+        finally:
+            self._client.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class SecretsClient(Operations[dict[str, Any]]):
     """One keep-alive connection to a daemon; not thread-safe (make one per thread).
 
@@ -49,6 +76,7 @@ class SecretsClient(Operations[dict[str, Any]]):
         ca_file: Path | str | None = None,
         client_cert: tuple[Path | str, Path | str] | None = None,
         retry: RetryPolicy | None = None,
+        auto_renew: bool = False,
     ) -> None:
         self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
                                  retry=retry)
@@ -56,6 +84,17 @@ class SecretsClient(Operations[dict[str, Any]]):
         self.token = self.endpoint.token
         self.retry = self.endpoint.retry
         self._conn: http.client.HTTPConnection | None = None
+        #: ``auto_renew``: a thread renews the token (secretsd_client.renewal) until ``close``.
+        self.renewer: Renewer | None = None
+        if auto_renew:
+            self.renewer = Renewer(self._renewal_client())
+            self.renewer.start()
+
+    def _renewal_client(self) -> SecretsClient:
+        # Its own connection (a client is not thread-safe), the same endpoint and token.
+        clone = copy.copy(self)
+        clone._conn, clone.renewer = None, None
+        return clone
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -69,7 +108,10 @@ class SecretsClient(Operations[dict[str, Any]]):
         return self._conn
 
     def close(self) -> None:
-        """Close the keep-alive connection (a later call opens a new one)."""
+        """Close the keep-alive connection (a later call opens a new one) and stop renewing."""
+        if self.renewer is not None:
+            self.renewer.stop()
+            self.renewer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

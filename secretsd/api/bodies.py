@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -215,8 +216,10 @@ def parse_json_object(text: str) -> dict[str, Any]:
     return data
 
 
-async def read_body(request: web.Request, model: type[M]) -> M:
-    require_json_media_type(request)
+async def read_body(request: web.Request, model: type[M], *,
+                    media_type: Callable[[web.Request], None] | None = None) -> M:
+    """The body as ``model``: ``media_type`` checks the Content-Type (default: ``require_json_media_type``)."""
+    (media_type or require_json_media_type)(request)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:

@@ -38,6 +38,7 @@ from secretsd.api.context import (
     services,
 )
 from secretsd.api.services import METRICS_CONTENT_TYPE, Services
+from secretsd.domain.identity import Principal
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put, SecretValue
@@ -304,20 +305,28 @@ async def delete_secret(request: web.Request) -> web.Response:
     return web.json_response({"path": path, "deleted": changed})
 
 
+def version_action_capability(action: str) -> Capability:
+    """What a version action (delete, undelete, destroy) takes, on this API and the Vault façade's."""
+    # Destroy cannot be undone, so it takes more than the right to (soft) delete.
+    return Capability.ADMIN if action == "destroy" else Capability.DELETE
+
+
+async def apply_version_action(request: web.Request, who: Principal, path: str, action: str,
+                               versions: list[int]) -> list[int]:
+    """Delete, undelete or destroy ``versions`` of ``path``; the versions changed, noted for the audit."""
+    service = services(request).secrets
+    change = {"delete": service.delete, "undelete": service.undelete, "destroy": service.destroy}[action]
+    changed = await change(who, path, versions)
+    audit_note(request, versions=changed)
+    return changed
+
+
 async def version_action(request: web.Request) -> web.Response:
     path = secret_path(request)
     action = request.match_info["action"]
-    # Destroy cannot be undone, so it takes more than the right to (soft) delete.
-    who = authorize(request, Capability.ADMIN if action == "destroy" else Capability.DELETE, path)
+    who = authorize(request, version_action_capability(action), path)
     body = await read_body(request, VersionsBody)
-    service = services(request).secrets
-    if action == "delete":
-        changed = await service.delete(who, path, body.versions)
-    elif action == "undelete":
-        changed = await service.undelete(who, path, body.versions)
-    else:
-        changed = await service.destroy(who, path, body.versions)
-    audit_note(request, versions=changed)
+    changed = await apply_version_action(request, who, path, action, body.versions)
     key = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[action]
     return web.json_response({"path": path, key: changed})
 

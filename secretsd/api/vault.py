@@ -26,6 +26,7 @@ from secretsd.api.context import (
     secret_path,
     services,
 )
+from secretsd.api.handlers import apply_version_action, version_action_capability
 from secretsd.api.vault_bodies import KvPatchBody, KvVersionsBody, KvWriteBody, read_vault_body
 from secretsd.domain import kv_map
 from secretsd.domain.policy import Capability
@@ -133,17 +134,9 @@ async def kv_delete(request: web.Request) -> web.Response:
 async def kv_versions(request: web.Request) -> web.Response:
     path = secret_path(request)
     action = request.match_info["action"]
-    # As the native route: destroy cannot be undone, so it takes more than the right to delete.
-    who = authorize(request, Capability.ADMIN if action == "destroy" else Capability.DELETE, path)
+    who = authorize(request, version_action_capability(action), path)
     body = await read_vault_body(request, KvVersionsBody)
-    service = services(request).secrets
-    if action == "delete":
-        changed = await service.delete(who, path, body.versions)
-    elif action == "undelete":
-        changed = await service.undelete(who, path, body.versions)
-    else:
-        changed = await service.destroy(who, path, body.versions)
-    audit_note(request, versions=changed)
+    await apply_version_action(request, who, path, action, body.versions)
     return _no_content()
 
 

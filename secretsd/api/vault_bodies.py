@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import Annotated, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
-from secretsd.api.bodies import MAX_VERSION, body_text, describe, parse_json_object
-from secretsd.api.context import SERVICES
-from secretsd.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
+from secretsd.api.bodies import MAX_VERSION, read_body
+from secretsd.errors import UnsupportedMediaTypeError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,20 +33,7 @@ def require_vault_media_type(request: web.Request) -> None:
 
 
 async def read_vault_body(request: web.Request, model: type[M]) -> M:
-    require_vault_media_type(request)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLargeError(
-            f"the request body is larger than {request.app[SERVICES].max_body_bytes} bytes") from exc
-    if not raw:
-        raise RequestError("the request needs a JSON body")
-    text = body_text(raw)
-    parse_json_object(text)
-    try:
-        return model.model_validate_json(text, strict=True)
-    except ValidationError as exc:
-        raise RequestError(describe(exc)) from None
+    return await read_body(request, model, media_type=require_vault_media_type)
 
 
 def _version(value: object) -> int:

@@ -187,6 +187,10 @@ def require_address(addr: str | None, from_env: bool) -> str | None:
     if addr is None and os.environ.get("SECRETSD_ADDR", "unset").strip() == "":
         addr, from_env = "", True  # a click that reads an empty variable as unset
     if addr is not None and not addr.strip():
+        if self.token is None:  # no --token, no SECRETSD_TOKEN: the one 'secretsd login' kept, if any
+            from secretsd.cli.login import stored_token
+
+            self.token = stored_token()
         raise ConfigError("SECRETSD_ADDR is set but empty: unset it or give http(s)://HOST:PORT" if from_env
                           else "--addr is empty: give http(s)://HOST:PORT")
     return addr

@@ -220,19 +220,22 @@ def token() -> None:
 @click.option("--client", "client_name", required=True, help="Name of the client (service) it is for.")
 @click.option("--policy", "policies", multiple=True, required=True, help="A policy to attach (repeatable).")
 @click.option("--ttl", help="Lifetime: seconds, or 90m, 12h, 30d. Default: no expiry.")
+@click.option("--max-ttl", help="Renewable (renew-self) up to this long after creation; needs --ttl.")
 @json_option
 @remote
-def token_create(ctx: Ctx, client_name: str, policies: tuple[str, ...], ttl: str | None,
+def token_create(ctx: Ctx, client_name: str, policies: tuple[str, ...], ttl: str | None, max_ttl: str | None,
                  as_json: bool) -> None:
     """Create a token; it is printed once and stored only as a hash.
 
     \b
     Example:
       secretsd token create --client billing --policy billing --ttl 30d
+      secretsd token create --client billing --policy billing --ttl 1h --max-ttl 30d
     """
     ttl_seconds = parse_duration(ttl) if ttl else None
+    max_ttl_seconds = parse_duration(max_ttl) if max_ttl else None
     with ctx.client() as client:
-        data = client.create_token(client_name, list(policies), ttl_seconds)
+        data = client.create_token(client_name, list(policies), ttl_seconds, max_ttl_seconds)
     if as_json:
         emit_json(data)
     else:
