@@ -42,13 +42,14 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         *,
         timeout: float = 10.0,
         ca_file: Path | str | None = None,
-        client_cert: tuple[Path | str, Path | str] | None = None,
+        client_cert: tuple[Path | str, Path | str] | Path | str | None = None,
+        client_key: Path | str | None = None,
         retry: RetryPolicy | None = None,
         connection_limit: int = 16,
         auto_renew: bool = False,
     ) -> None:
         self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
-                                 retry=retry)
+                                 client_key=client_key, retry=retry)
         self.addr = self.endpoint.addr
         self.token = self.endpoint.token
         self.retry = self.endpoint.retry

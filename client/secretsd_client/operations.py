@@ -21,6 +21,29 @@ from secretsd_client.retry import DEFAULT_RETRY, RetryPolicy
 R = TypeVar("R")
 
 
+CLIENT_CERT_ENV = "SECRETSD_CLIENT_CERT"
+CLIENT_KEY_ENV = "SECRETSD_CLIENT_KEY"
+
+
+def client_certificate(cert: tuple[Path | str, Path | str] | Path | str | None,
+                       key: Path | str | None) -> tuple[str, str] | None:
+    """The client certificate and key files for mTLS: the arguments (a (cert, key) pair, or a cert
+    and ``key``), else ``SECRETSD_CLIENT_CERT`` / ``SECRETSD_CLIENT_KEY``; a certificate without its
+    key (or the reverse) is a ConfigError, not a silent connection without one."""
+    if isinstance(cert, tuple):
+        if key is not None:
+            raise ConfigError("give client_cert as a (certificate, key) pair or with client_key, not both")
+        cert, key = cert
+    if cert is None and key is None:
+        cert, key = os.environ.get(CLIENT_CERT_ENV) or None, os.environ.get(CLIENT_KEY_ENV) or None
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError(f"a client certificate needs both its certificate and its key file "
+                          f"(client_cert and client_key, or {CLIENT_CERT_ENV} and {CLIENT_KEY_ENV})")
+    return str(cert), str(key)
+
+
 class Endpoint:
     """The daemon's address, credentials and transport options, from arguments or the environment."""
 
@@ -31,7 +54,8 @@ class Endpoint:
         *,
         timeout: float = 10.0,
         ca_file: Path | str | None = None,
-        client_cert: tuple[Path | str, Path | str] | None = None,
+        client_cert: tuple[Path | str, Path | str] | Path | str | None = None,
+        client_key: Path | str | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.addr = (addr or os.environ.get("SECRETSD_ADDR") or DEFAULT_ADDR).rstrip("/")
@@ -55,8 +79,14 @@ class Endpoint:
         ca_file = ca_file or os.environ.get("SECRETSD_CA_FILE") or None
         if self.https:
             self.ssl_context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-            if client_cert:
-                self.ssl_context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+            pair = client_certificate(client_cert, client_key)
+            if pair is not None:
+                try:
+                    self.ssl_context.load_cert_chain(pair[0], pair[1])
+                except (OSError, ssl.SSLError) as exc:
+                    # Names the files, never their contents (a key file's text must not reach a log).
+                    raise ConfigError(f"cannot load the client certificate {pair[0]} / key {pair[1]}: "
+                                      f"{exc.__class__.__name__}") from None
 
     def unreachable(self, exc: BaseException) -> UnreachableError:
         """The error for a call that never got an HTTP answer, with a hint where one helps."""

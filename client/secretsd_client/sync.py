@@ -63,7 +63,8 @@ class SecretsClient(Operations[dict[str, Any]]):
     """One keep-alive connection to a daemon; not thread-safe (make one per thread).
 
     Configured from arguments or ``SECRETSD_ADDR`` / ``SECRETSD_TOKEN`` / ``SECRETSD_CA_FILE``. ``ca_file`` and
-    ``client_cert`` (certificate, key) apply to ``https://`` addresses; ``timeout`` bounds each
+    ``client_cert`` (a certificate file with ``client_key``, or a (certificate, key) pair; else
+    ``SECRETSD_CLIENT_CERT`` / ``SECRETSD_CLIENT_KEY``) apply to ``https://`` addresses; ``timeout`` bounds each
     attempt; ``retry`` says how idempotent calls are retried on 503s and connection errors.
     """
 
@@ -74,12 +75,13 @@ class SecretsClient(Operations[dict[str, Any]]):
         *,
         timeout: float = 10.0,
         ca_file: Path | str | None = None,
-        client_cert: tuple[Path | str, Path | str] | None = None,
+        client_cert: tuple[Path | str, Path | str] | Path | str | None = None,
+        client_key: Path | str | None = None,
         retry: RetryPolicy | None = None,
         auto_renew: bool = False,
     ) -> None:
         self.endpoint = Endpoint(addr, token, timeout=timeout, ca_file=ca_file, client_cert=client_cert,
-                                 retry=retry)
+                                 client_key=client_key, retry=retry)
         self.addr = self.endpoint.addr
         self.token = self.endpoint.token
         self.retry = self.endpoint.retry

@@ -88,7 +88,10 @@ def _credentials(request: web.Request) -> Credentials:
         bearer = _vault_token(request, authorization=bool(headers))
     # The Unix-socket peer, read by the listener once per connection (runtime/unix_listener.py);
     # a TCP connection's handler has none.
-    return Credentials(bearer=bearer, peer=getattr(request.protocol, "peer", None))
+    # And a TLS client certificate, verified by the handshake and read once per connection (runtime/edge.py).
+    protocol = request.protocol
+    return Credentials(bearer=bearer, peer=getattr(protocol, "peer", None),
+                       client_cert=getattr(protocol, "client_cert", None))
 
 
 def _vault_token(request: web.Request, *, authorization: bool) -> str | None:

@@ -67,6 +67,12 @@ _CONNECTION_OPTIONS = (
     click.option("--ca-file", callback=_override, expose_value=False,
                  type=click.Path(exists=True, dir_okay=False),
                  help="PEM file of the CA for https:// addresses [env SECRETSD_CA_FILE]."),
+    click.option("--client-cert", callback=_override, expose_value=False,
+                 type=click.Path(exists=True, dir_okay=False),
+                 help="PEM client certificate for mTLS [env SECRETSD_CLIENT_CERT]."),
+    click.option("--client-key", callback=_override, expose_value=False,
+                 type=click.Path(exists=True, dir_okay=False),
+                 help="PEM key of --client-cert [env SECRETSD_CLIENT_KEY]."),
 )
 
 
@@ -169,16 +175,25 @@ def parse_versions(text: str | None) -> list[int] | None:
 
 class Ctx:
     def __init__(self, addr: str | None, token: str | None, ca_file: str | None = None, *,
-                 addr_from_env: bool = False) -> None:
+                 addr_from_env: bool = False, client_cert: str | None = None,
+                 client_key: str | None = None) -> None:
         self.addr = addr
         self.token = token
         self.ca_file = ca_file
         self.addr_from_env = addr_from_env
+        #: mTLS (docs/auth.md): None for both leaves SECRETSD_CLIENT_CERT / SECRETSD_CLIENT_KEY to the client.
+        self.client_cert = client_cert
+        self.client_key = client_key
 
     def client(self) -> SecretsClient:
         from secretsd.client import SecretsClient
+        if self.token is None:  # no --token, no SECRETSD_TOKEN: the one 'secretsd login' kept, if any
+            from secretsd.cli.login import stored_token
 
-        return SecretsClient(require_address(self.addr, self.addr_from_env), self.token, ca_file=self.ca_file)
+            self.token = stored_token()
+
+        return SecretsClient(require_address(self.addr, self.addr_from_env), self.token, ca_file=self.ca_file,
+                             client_cert=self.client_cert, client_key=self.client_key)
 
 
 def require_address(addr: str | None, from_env: bool) -> str | None:
@@ -187,10 +202,6 @@ def require_address(addr: str | None, from_env: bool) -> str | None:
     if addr is None and os.environ.get("SECRETSD_ADDR", "unset").strip() == "":
         addr, from_env = "", True  # a click that reads an empty variable as unset
     if addr is not None and not addr.strip():
-        if self.token is None:  # no --token, no SECRETSD_TOKEN: the one 'secretsd login' kept, if any
-            from secretsd.cli.login import stored_token
-
-            self.token = stored_token()
         raise ConfigError("SECRETSD_ADDR is set but empty: unset it or give http(s)://HOST:PORT" if from_env
                           else "--addr is empty: give http(s)://HOST:PORT")
     return addr
@@ -206,8 +217,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 @click.option("--ca-file", envvar="SECRETSD_CA_FILE", type=click.Path(exists=True, dir_okay=False),
               help="PEM file of the CA that signed the daemon's certificate, for https:// addresses "
                    "[env SECRETSD_CA_FILE]. Default: the system's trusted CAs.")
+@click.option("--client-cert", envvar="SECRETSD_CLIENT_CERT", type=click.Path(exists=True, dir_okay=False),
+              help="PEM client certificate for mTLS, with --client-key [env SECRETSD_CLIENT_CERT].")
+@click.option("--client-key", envvar="SECRETSD_CLIENT_KEY", type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of --client-cert [env SECRETSD_CLIENT_KEY].")
 @click.pass_context
-def main(ctx: click.Context, addr: str | None, token: str | None, ca_file: str | None) -> None:
+def main(ctx: click.Context, addr: str | None, token: str | None, ca_file: str | None,
+         client_cert: str | None, client_key: str | None) -> None:
     """jarvis-secretsd: secrets over HTTP, master key in a file or an HSM.
 
     \b
@@ -218,4 +234,4 @@ def main(ctx: click.Context, addr: str | None, token: str | None, ca_file: str |
       secretsd get app/db-password
     """
     from_env = ctx.get_parameter_source("addr") is click.core.ParameterSource.ENVIRONMENT
-    ctx.obj = Ctx(addr, token, ca_file, addr_from_env=from_env)
+    ctx.obj = Ctx(addr, token, ca_file, addr_from_env=from_env, client_cert=client_cert, client_key=client_key)

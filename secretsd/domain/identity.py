@@ -20,7 +20,7 @@ class Principal:
 
     client: str
     policies: tuple[str, ...]
-    method: str  # the authenticator's method ("token", "unix"), or "internal" for the daemon's own actors
+    method: str  # the authenticator's method ("token", "unix", "tls", "jwt"), or "internal" for the daemon's own actors
     token_id: str | None = None  # the public id of the token used, never its secret part
     expires_at: datetime | None = None  # the credential's own end: what it may delegate is bounded by it
 
@@ -37,6 +37,22 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A TLS client certificate the handshake verified (chain to ``client_ca_file``, validity, CRL),
+    as the facts the ``[[auth.tls.rules]]`` match on: read once per connection
+    (secretsd.auth.tls.read_certificate). Public data, no secret."""
+
+    fingerprint_sha256: str  # lower-case hex of the DER's SHA-256
+    subject_cn: str | None
+    dns_sans: tuple[str, ...]
+    uri_sans: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    #: False when an extended key usage is present without clientAuth (or the DER did not parse).
+    client_auth: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +73,9 @@ class Credentials:
     #: Set only on a connection accepted on the Unix socket (``listen_unix``): read once per
     #: connection by the listener (secretsd.runtime.unix_listener), never from anything sent.
     peer: PeerCredentials | None = None
+    #: Set only on a TLS connection whose client presented a certificate the handshake verified:
+    #: read once per connection (secretsd.runtime.edge), never from anything sent in a request.
+    client_cert: ClientCertificate | None = None
 
 
 @runtime_checkable

@@ -28,6 +28,11 @@ from secretsd.errors import ConfigError
 CONFIG_ENV = "SECRETSD_CONFIG"
 
 
+#: The recovery-shares provider (keyproviders.shares) and the file init writes its public key to.
+RECOVERY_SHARES_KIND = "recovery-shares"
+RECOVERY_SHARES_PUBLIC_FILE = "recovery-shares.pub"
+
+
 class KeyProviderSettings(BaseModel):
     """``[key_provider]``: ``kind`` picks the provider, the other keys are its own options."""
 
@@ -61,11 +66,48 @@ class UnixAuthSettings(BaseModel):
     rules: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class TlsAuthSettings(BaseModel):
+    """``[auth.tls]``: client certificates on the TLS listener (secretsd.auth.tls, docs/auth.md).
+    Set ``client_ca_file`` to turn the method on; the rules are checked by secretsd.auth.tls.TlsRule."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_ca_file: Path | None = None
+    #: True: a handshake without a certificate fails; false: such a connection authenticates otherwise.
+    require_client_cert: bool = False
+    #: A PEM CRL of the client CA, read again on SIGHUP.
+    crl_file: Path | None = None
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class JwtAuthSettings(BaseModel):
+    """``[auth.jwt]``: workload JWT login (secretsd.auth.jwt, docs/auth.md). Set ``jwks_file`` or
+    ``jwks_url`` to turn ``POST /v1/auth/jwt/login`` on; the rules are checked by secretsd.auth.jwt."""
+
+    model_config = ConfigDict(extra="forbid")
+    jwks_file: Path | None = None
+    jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    issuer: str | None = None
+    audiences: list[str] = Field(default_factory=list)
+    #: The life of the daemon token a login returns.
+    token_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    #: How often the JWKS is read again (file or URL); a failed fetch keeps the last good keys.
+    refresh_interval_seconds: float = Field(default=300.0, ge=1, le=86400)
+    #: The bound on one JWKS fetch (connect, send, receive).
+    fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    #: How long the last good keys stay in use while every fetch fails; after that logins are refused.
+    max_stale_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    #: Clock skew allowed on exp, nbf and iat.
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class AuthSettings(BaseModel):
     """``[auth]``: the options of the identity methods that are not bearer tokens (docs/auth.md)."""
 
     model_config = ConfigDict(extra="forbid")
     unix: UnixAuthSettings = Field(default_factory=UnixAuthSettings)
+    tls: TlsAuthSettings = Field(default_factory=TlsAuthSettings)
+    jwt: JwtAuthSettings = Field(default_factory=JwtAuthSettings)
 
 
 class StorageSettings(BaseModel):
@@ -269,7 +311,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def provider_specs(self) -> list[dict[str, Any]]:
-        return [self.key_provider.options(), *(p.options() for p in self.recovery_providers)]
+        specs = [self.key_provider.options(), *(p.options() for p in self.recovery_providers)]
+        # A store initialised with recovery shares keeps the recovery key's *public* half in its data
+        # directory (docs/recovery.md): the daemon wraps new terms for it without any configuration.
+        if (self.data_dir is not None and all(s.get("kind") != RECOVERY_SHARES_KIND for s in specs)
+                and (self.data_dir / RECOVERY_SHARES_PUBLIC_FILE).is_file()):
+            specs.append({"kind": RECOVERY_SHARES_KIND, "public_key_file": RECOVERY_SHARES_PUBLIC_FILE})
+        return specs
 
     def authenticator_specs(self) -> list[dict[str, Any]]:
         """The ``[[authenticators]]`` entries; with ``listen_unix`` the ``unix`` method joins them
@@ -277,9 +325,14 @@ class Settings(BaseSettings):
         specs = [a.options() for a in self.authenticators]
         if self.listen_unix is not None and all(s["method"] != "unix" for s in specs):
             specs.append({"method": "unix"})
+        # Client certificates (docs/auth.md): after the others too, so a bearer token wins.
+        if self.auth.tls.client_ca_file is not None and all(s["method"] != "tls" for s in specs):
+            specs.append({"method": "tls"})
         for spec in specs:
             if spec["method"] == "unix" and "rules" not in spec:
                 spec["rules"] = self.auth.unix.rules
+            if spec["method"] == "tls" and "rules" not in spec:
+                spec["rules"] = self.auth.tls.rules
         return specs
 
     def require_data_dir(self) -> Path:
@@ -332,6 +385,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         value = data[name]
         if value is not None and not Path(value).is_absolute():
             data[name] = (base / value).resolve()
+    for table, name in (("tls", "client_ca_file"), ("tls", "crl_file"), ("jwt", "jwks_file")):
+        value = data["auth"][table][name]
+        if value is not None and not Path(value).is_absolute():
+            data["auth"][table][name] = (base / value).resolve()
     return Settings.model_construct(**data | {
         "key_provider": KeyProviderSettings(**data["key_provider"]),
         "recovery_providers": [KeyProviderSettings(**p) for p in data["recovery_providers"]],

@@ -36,7 +36,8 @@ from aiohttp.web_server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from secretsd.domain.identity import PeerCredentials
+from secretsd.auth.tls import peer_certificate
+from secretsd.domain.identity import ClientCertificate, PeerCredentials
 from secretsd.errors import RequestError, RequestTimeoutError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, PROBLEMS, ProblemType, problem_document
 from secretsd.runtime.config import HttpSettings
@@ -189,6 +190,10 @@ class EdgeHandler(RequestHandler):
         self.sock: socket.socket | None = None
         #: The Unix-socket peer, read once when the connection was accepted (runtime/unix_listener.py).
         self.peer: PeerCredentials | None = None
+        #: Set by a TLS site that verifies client certificates ([auth.tls]); then ``client_cert`` is
+        #: the verified certificate, read once when the handshake completed (None: none was sent).
+        self.reads_client_cert = False
+        self.client_cert: ClientCertificate | None = None
 
     def __repr__(self) -> str:
         # asyncio's error reports print protocols; aiohttp's own repr is safe today, this stays so.
@@ -198,6 +203,8 @@ class EdgeHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.sock = None
+        if self.reads_client_cert:
+            self.client_cert = peer_certificate(transport.get_extra_info("ssl_object"))
         super().connection_made(transport)
         self._arm_head_timer()
 

@@ -135,11 +135,19 @@ class EdgeSite(web.BaseSite):
     def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl_context
 
+    def replace_ssl_context(self, context: ssl.SSLContext | None) -> None:
+        """A reloaded TLS context (SIGHUP: a new CRL) for the connections accepted from now on."""
+        self._ssl_context = context
+
     def make_handler(self, conn: socket.socket | None = None) -> EdgeHandler:
         """The protocol for a connection just accepted on ``conn`` (a subclass may read the socket)."""
         server = self._runner.server
         assert server is not None
-        return self._edge.handler(server)
+        handler = self._edge.handler(server)
+        context = self._ssl_context
+        if context is not None and context.verify_mode != ssl.CERT_NONE:
+            handler.reads_client_cert = True  # client certificates are verified: read once when connected
+        return handler
 
     async def start(self) -> None:
         await super().start()

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
+from secretsd.auth.tls import client_verification
 from secretsd.errors import ConfigError, PolicyFileError
 from secretsd.runtime.config import Settings, parse_listen
 from secretsd.runtime.daemon import Daemon
@@ -36,6 +37,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     cert, key = settings.tls_cert_file, settings.tls_key_file
     if (cert is None) != (key is None):
         raise ConfigError("set both tls_cert_file and tls_key_file, or neither")
+    clients = settings.auth.tls
+    if clients.client_ca_file is not None and cert is None:
+        raise ConfigError("[auth.tls] client_ca_file needs the TLS listener: set tls_cert_file and tls_key_file")
     if cert is None or key is None:
         if not is_loopback(host) and not settings.allow_plaintext:
             raise ConfigError(
@@ -44,13 +48,32 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
                 "or sidecar terminates TLS for this daemon"
             )
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if clients.client_ca_file is None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    else:
+        # Not create_default_context: it would trust the system's CAs for client certificates too.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        client_verification(context, client_ca_file=clients.client_ca_file,
+                            require=clients.require_client_cert, crl_file=clients.crl_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from exc
     return context
+
+
+def _reload_tls(settings: Settings, site: EdgeSite) -> None:
+    """SIGHUP: the TLS context built again from its files (the CRL above all, the client CA bundle and
+    the server certificate too) for connections accepted from now on. A file that no longer loads
+    keeps the context in force, and says why."""
+    try:
+        context = tls_context(settings)
+    except ConfigError as exc:
+        log.error("TLS files not reloaded, the previous ones stay in force: %s", exc)
+        return
+    site.replace_ssl_context(context)
+    log.info("TLS context reloaded (client CA, CRL, server certificate)")
 
 
 async def serve(settings: Settings, *, on_ready: str | None = None, worker: int | None = None) -> None:
@@ -71,10 +94,12 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         # forwards to a stopping worker must not kill it with the default action).
         signals = stack.enter_context(SignalHandlers(asyncio.get_running_loop()))
         daemon = await _start_daemon(stack, settings, edge, worker)
-        where = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
+        where, tcp_site = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
         if settings.metrics.enabled and settings.metrics.listen and not worker:
             await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
         stop = _install_signal_handlers(signals, daemon)
+        if context is not None and tcp_site is not None:
+            signals.install(signal.SIGHUP, functools.partial(_reload_all, daemon, settings, tcp_site))
         log.info("listening on %s (%s; at most %d connections)", " and ".join(where),
                  "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
         if on_ready:
@@ -111,16 +136,19 @@ async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web
 
 
 async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
-                       context: ssl.SSLContext | None, *, reuse_port: bool) -> list[str]:
-    """The API on TCP ``listen`` and/or the Unix socket ``listen_unix`` (one app, one edge); their URLs."""
+                       context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[list[str], EdgeSite | None]:
+    """The API on TCP ``listen`` and/or the Unix socket ``listen_unix`` (one app, one edge); their URLs
+    and the TCP site (its TLS context is replaced on SIGHUP)."""
     requests_log = access_log(settings.log_level, settings.log_format)
     runner = await _runner(stack, create_app(daemon, access_log=requests_log,
                                              vault_mount=settings.vault.kv_mount if settings.vault.enabled else None))
     where = []
+    tcp_site = None
     if settings.tcp_listen is not None:
         host, port = parse_listen(settings.tcp_listen)
+        tcp_site = EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port)
         try:
-            await EdgeSite(runner, host, port, edge, ssl_context=context, reuse_port=reuse_port).start()
+            await tcp_site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
         where.append(f"{'https' if context else 'http'}://{host}:{port}")
@@ -134,7 +162,7 @@ async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, dae
         where.append(site.name)
     if not where:
         raise ConfigError('listen = "none" needs listen_unix: there would be nothing to serve on')
-    return where
+    return where, tcp_site
 
 
 async def _listen_metrics(stack: contextlib.AsyncExitStack, listen: str, daemon: Daemon, edge: Edge) -> None:
@@ -186,6 +214,12 @@ def _install_signal_handlers(signals: SignalHandlers, daemon: Daemon) -> asyncio
     signals.install(signal.SIGTERM, stop.set)
     signals.install(signal.SIGINT, stop.set)
     return stop
+
+
+def _reload_all(daemon: Daemon, settings: Settings, site: EdgeSite) -> None:
+    """SIGHUP on a TLS listener: the policies, then the TLS files."""
+    _reload_policies(daemon)
+    _reload_tls(settings, site)
 
 
 def _reload_policies(daemon: Daemon) -> None:
