@@ -42,7 +42,7 @@ from secretsd.domain.identity import Principal
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put, SecretValue
-from secretsd.errors import PermissionDeniedError, RequestError, SecretsdError
+from secretsd.errors import PermissionDeniedError, RequestError, SealedError, SecretsdError
 from secretsd.paths import is_child, validate_path
 from secretsd.problems import problem_document, problem_for
 from secretsd.records import SecretRecord, TokenRecord, VersionInfo
@@ -360,6 +360,28 @@ async def rotate_keyring(request: web.Request) -> web.Response:
     term = await services(request).barrier.rekey(reason="requested", client=who.client)
     audit_note(request, active_term=term)
     return web.json_response({"active_term": term})
+
+
+#: The media type of a backup file (docs/backup.md).
+BACKUP_CONTENT_TYPE = "application/vnd.secretsd.backup"
+
+
+async def backup_create(request: web.Request) -> web.StreamResponse:
+    authorize(request, Capability.ADMIN, "sys/backup")
+    d = services(request)
+    if d.barrier.sealed:
+        raise SealedError("the daemon is sealed: a backup needs the keyring")
+    response = web.StreamResponse(headers={
+        "Content-Type": BACKUP_CONTENT_TYPE, "Content-Disposition": 'attachment; filename="secretsd.sdbk"',
+        "Cache-Control": "no-store",
+    })
+    await response.prepare(request)
+    # Once the first bytes are out, a failure can only cut the stream short: the manifest is its last
+    # line, so a cut file is refused by 'backup verify' and 'backup restore' (exit 7).
+    manifest = await d.backup(response.write)
+    audit_note(request, manifest_sha256=manifest.sha256, backup_id=manifest.backup_id, rows=manifest.total_rows)
+    await response.write_eof()
+    return response
 
 
 async def policy_check(request: web.Request) -> web.Response:

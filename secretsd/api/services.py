@@ -7,10 +7,11 @@ contract) and a handler cannot reach the storage, the providers or the scheduler
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from secretsd.auth import Authenticator
+from secretsd.backup.format import Manifest
 from secretsd.custody.barrier import Barrier
 from secretsd.domain.policy import PolicyStore
 from secretsd.domain.rotation import RotationService
@@ -65,6 +66,9 @@ class Services(Protocol):
 
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
     async def status(self) -> dict[str, Any]: ...
+
+    async def backup(self, send: Callable[[bytes], Awaitable[None]]) -> Manifest:
+        """Write a backup of the whole store through ``send``, a batch at a time; its manifest."""
 
     async def metrics_page(self) -> bytes:
         """The metrics in ``METRICS_CONTENT_TYPE``; ``NotFoundError`` when they are disabled."""

@@ -9,12 +9,11 @@ derived from the newest term, which the providers must unwrap before a byte is w
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import BinaryIO
 
 from keyproviders import KeyProvider
-from secretsd.backup.format import SECTIONS, BackupWriter, Manifest
+from secretsd.backup.format import SECTIONS, BackupWriter, Manifest, Sink
 from secretsd.backup.keys import manifest_key, term_from_row
 from secretsd.errors import NotInitializedError
 from secretsd.storage import Storage
@@ -22,9 +21,13 @@ from secretsd.storage import Storage
 BATCH_ROWS = 500
 
 
-async def write_backup(storage: Storage, providers: Sequence[KeyProvider], out: BinaryIO, *, source: str,
-                       now: datetime, secretsd_version: str) -> Manifest:
-    """Write a backup of ``storage`` (open) to ``out``; the manifest is the file's last line."""
+async def write_backup(storage: Storage, providers: Sequence[KeyProvider], out: Sink, *, source: str,
+                       now: datetime, secretsd_version: str,
+                       flush: Callable[[], Awaitable[None]] | None = None) -> Manifest:
+    """Write a backup of ``storage`` (open) to ``out``; the manifest is the file's last line.
+
+    ``flush`` is awaited after each batch and at the end (an HTTP response sends what ``out`` holds).
+    """
     async with storage.snapshot() as snap:
         terms = [row async for batch in snap.export_rows("keyring_terms") for row in batch]
         if not terms:
@@ -39,4 +42,9 @@ async def write_backup(storage: Storage, providers: Sequence[KeyProvider], out: 
                 continue
             async for batch in snap.export_rows(table, batch_size=BATCH_ROWS):
                 writer.rows(batch)
-        return writer.finish(key=key, mac_term=newest.term, secretsd_version=secretsd_version)
+                if flush is not None:
+                    await flush()
+        manifest = writer.finish(key=key, mac_term=newest.term, secretsd_version=secretsd_version)
+    if flush is not None:
+        await flush()
+    return manifest

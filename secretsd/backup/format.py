@@ -27,7 +27,7 @@ import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from secretsd.backup.errors import BackupCorruptError, BackupForgedError
 from secretsd.custody.crypto import hmac_sha256
@@ -148,10 +148,16 @@ def check_authentic(key: bytes, manifest: Manifest, mac: str) -> None:
 
 
 # -- writing ----------------------------------------------------------------------------------------
+class Sink(Protocol):
+    """Where a backup is written: a file, or what an HTTP response sends next."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class BackupWriter:
     """Writes a backup to ``out`` as rows arrive: compressed, hashed, never held whole."""
 
-    def __init__(self, out: BinaryIO, *, backup_id: str, created_at: str, source: str) -> None:
+    def __init__(self, out: Sink, *, backup_id: str, created_at: str, source: str) -> None:
         self._out = out
         self._stream = hashlib.sha256()
         self._z = zlib.compressobj(6)
@@ -366,6 +372,15 @@ def _row(table: str, line: bytes) -> rows.Row:
     except (ValueError, TypeError) as exc:
         raise BackupCorruptError(f"the backup holds a malformed row in section {table} ({exc})") from exc
     return row
+
+
+def read_trailer(tail: bytes) -> tuple[Manifest, str]:
+    """The manifest and MAC of a file's last bytes (at most ``MAX_TRAILER``), unchecked: what a
+    downloader reports; ``BackupCorruptError`` if they hold no manifest (a cut download)."""
+    start = tail.rfind(b'{"mac":"')
+    if start < 0:
+        raise BackupCorruptError("the backup has no manifest (truncated?)")
+    return _trailer(tail[start:])
 
 
 def _trailer(raw: bytes) -> tuple[Manifest, str]:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from secretsd.cli.common import emit_json, fail, json_option, main
+from secretsd.cli.common import Ctx, emit_json, fail, json_option, main
 from secretsd.cli.exits import Exit
 from secretsd.errors import (
     AlreadyInitializedError,
@@ -86,27 +86,87 @@ def backup() -> None:
     """Back up a store to one authenticated file, verify it, restore it."""
 
 
+def _download(obj: Ctx, out: Path) -> Any:
+    """Online ``backup create``: ``GET /v1/sys/backup`` streamed into ``out`` (via a partial file, as
+    offline); the manifest read back from the file's last line."""
+    import http.client
+    import os
+
+    from secretsd.backup.format import MAX_TRAILER, read_trailer
+    from secretsd.client import calls
+    from secretsd.client.sync import UnixHTTPConnection
+
+    if out.exists():
+        raise AlreadyInitializedError(f"{out} exists; refusing to overwrite it (choose another --out)")
+    endpoint = obj.client().endpoint
+    call = calls.Call("GET", "/v1/sys/backup")
+    conn: http.client.HTTPConnection
+    if endpoint.unix_path is not None:
+        conn = UnixHTTPConnection(endpoint.unix_path, timeout=endpoint.timeout)
+    elif endpoint.https:
+        conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=endpoint.timeout,
+                                           context=endpoint.ssl_context)
+    else:
+        conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=endpoint.timeout)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        try:
+            conn.request("GET", call.target(), headers=endpoint.headers(call))
+            response = conn.getresponse()
+            if response.status != 200:
+                calls.decode(call, response.status, response.getheader("Content-Type", ""), response.read())
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                while chunk := response.read(1 << 16):
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except (OSError, http.client.HTTPException) as exc:
+            raise endpoint.unreachable(exc) from exc
+        finally:
+            conn.close()
+        with partial.open("rb") as fh:
+            fh.seek(max(0, partial.stat().st_size - MAX_TRAILER))
+            manifest, _mac = read_trailer(fh.read())  # a cut stream has no manifest: refused here
+        os.link(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return manifest
+
+
 @backup.command(name="create")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The backup file to write (must not exist).")
 @_store_options
 @json_option
-@_backup_errors
-def backup_create(out: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+@click.pass_obj
+def backup_create(obj: Ctx, out: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """Write one consistent snapshot of the store to a compressed, authenticated file.
 
     Everything travels as stored: ciphertext, keyring terms wrapped by every provider, token hashes,
-    metadata, rotation state, audit chain heads; never a value or a key. The key provider must
-    unwrap the newest keyring term (the manifest's MAC key is derived from it). Safe while a daemon
-    serves: the snapshot is one read transaction.
+    metadata, rotation state, audit chain heads; never a value or a key. Offline (--data-dir or
+    --config): the key provider must unwrap the newest keyring term (the manifest's MAC key is
+    derived from it); safe while a daemon serves, the snapshot is one read transaction. Online
+    (neither option, SECRETSD_ADDR and a token with admin on sys/backup): the daemon streams it.
 
     \b
-    Example:
+    Examples:
       secretsd backup create --out /backups/secretsd-$(date +%F).sdbk --config /etc/secretsd/secretsd.toml
+      SECRETSD_ADDR=http://127.0.0.1:8750 SECRETSD_TOKEN=sdt_... secretsd backup create --out b.sdbk
     """
-    from secretsd.runtime.backup import create_backup
+    online = data_dir is None and config_file is None and bool(obj.addr)
+    if online:
+        try:
+            manifest = _download(obj, out)
+        except SecretsdError as exc:
+            from secretsd.backup.errors import BackupError
+            from secretsd.cli.exits import exit_code
 
-    manifest = asyncio.run(create_backup(_settings(config_file, data_dir), out))
+            # Our own refusals (an --out that exists, a cut download) as offline; the daemon's as remote commands.
+            local = isinstance(exc, (AlreadyInitializedError, BackupError))
+            fail(exc.message, int(backup_exit_code(exc) if local else exit_code(exc)))
+    else:
+        manifest = _offline_create(out, data_dir, config_file)
     if as_json:
         emit_json({"file": str(out), "backup_id": manifest.backup_id, "created_at": manifest.created_at,
                    "source": manifest.source, "manifest_sha256": manifest.sha256, "rows": manifest.total_rows,
@@ -114,6 +174,13 @@ def backup_create(out: Path, data_dir: Path | None, config_file: Path | None, as
         return
     counts = ", ".join(f"{s.name} {s.rows}" for s in manifest.sections)
     click.echo(f"Wrote {out}: {manifest.total_rows} rows ({counts}); manifest sha256 {manifest.sha256}.")
+
+
+@_backup_errors
+def _offline_create(out: Path, data_dir: Path | None, config_file: Path | None) -> Any:
+    from secretsd.runtime.backup import create_backup
+
+    return asyncio.run(create_backup(_settings(config_file, data_dir), out))
 
 
 @backup.command(name="verify")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyproviders import KeyProvider
 from secretsd import __version__
 from secretsd.backup.create import write_backup
 from secretsd.backup.errors import BackupKeyError
@@ -69,6 +71,38 @@ async def create_backup(settings: Settings, out: Path, *, clock: Clock = utcnow)
             group.close()
     finally:
         await storage.close()
+
+
+class _Pending:
+    """The file-like end ``write_backup`` writes to when the bytes go out over HTTP: it holds what was
+    written since the last flush (one batch of rows, compressed), never the whole file."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+async def stream_backup(storage: Storage, providers: Sequence[KeyProvider], send: Callable[[bytes], Awaitable[None]],
+                        *, source: str, clock: Clock = utcnow) -> Manifest:
+    """Online ``backup create`` (``GET /v1/sys/backup``): the same snapshot and file as the offline
+    command, sent a batch at a time. A client that gets less than the whole file holds no manifest
+    (it is the last line), so ``backup verify`` refuses it."""
+    pending = _Pending()
+
+    async def flush() -> None:
+        data = pending.take()
+        if data:
+            await send(data)
+
+    return await write_backup(storage, providers, pending, source=source, now=clock(),
+                              secretsd_version=__version__, flush=flush)
 
 
 def _sync_dir(directory: Path) -> None:

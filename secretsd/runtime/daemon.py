@@ -8,10 +8,10 @@ import json
 import logging
 import platform
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyproviders import KeyProvider
 from secretsd import __version__, tokens
@@ -30,7 +30,14 @@ from secretsd.domain.policy import ROOT_POLICY, PolicyStore
 from secretsd.domain.rotation import RotationService
 from secretsd.domain.secret_service import SecretsService
 from secretsd.domain.token_service import TokenService
-from secretsd.errors import AlreadyInitializedError, AuditError, NotFoundError, NotInitializedError, SecretsdError
+from secretsd.errors import (
+    AlreadyInitializedError,
+    AuditError,
+    NotFoundError,
+    NotInitializedError,
+    SealedError,
+    SecretsdError,
+)
 from secretsd.events import Event, EventBus
 from secretsd.records import TokenRecord
 from secretsd.runtime.config import Settings
@@ -39,6 +46,9 @@ from secretsd.runtime.metrics import Metrics, TimedProvider
 from secretsd.runtime.replication import ReplicaSync
 from secretsd.runtime.scheduler import RotationScheduler
 from secretsd.storage import Storage, create_storage
+
+if TYPE_CHECKING:
+    from secretsd.backup.format import Manifest
 
 log = logging.getLogger("secretsd")
 
@@ -354,6 +364,15 @@ class Daemon:
             raise NotFoundError("metrics are disabled ([metrics] enabled = false)")
         await self.refresh_gauges()
         return self.metrics.render()
+
+    async def backup(self, send: Callable[[bytes], Awaitable[None]]) -> Manifest:
+        """Online ``backup create``: the offline command's snapshot and file (secretsd.runtime.backup)."""
+        from secretsd.runtime.backup import source_of, stream_backup
+
+        if self.barrier.sealed:
+            raise SealedError("the daemon is sealed: a backup needs the keyring")
+        return await stream_backup(self.storage, self.providers.available(), send,
+                                   source=source_of(self.settings), clock=self.clock)
 
     async def audit_ready(self) -> None:
         """While the audit log is failing, refuse up front, before anything is read or changed.
