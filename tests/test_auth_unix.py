@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from secretsd_client import SecretsClient
 from secretsd_client.errors import UnauthenticatedError as ClientUnauthenticatedError
 from secretsd_client.operations import Endpoint, unix_socket_path
+from secretsd_client.sync import UnixHTTPConnection
 
 from secretsd.auth import AuthenticatorContext, Authenticators, authenticate, authenticator_factory
 from secretsd.auth.unix import UnixAuthenticator, parse_rules
@@ -28,7 +30,8 @@ from secretsd.runtime.config import load_settings
 from secretsd.runtime.unix_listener import bind_unix, clear_stale_socket, peer_credentials
 from tests.helpers import DaemonProcess, http, init_store, run_cli
 
-BILLING_UID, OPS_UID, OPS_GID = 65534, 1001, 1001
+# Not 65534: the overflow id is refused as an identity (test_auth_unix_attacks.py).
+BILLING_UID, OPS_UID, OPS_GID = 1002, 1001, 1001
 
 
 def _peer(uid: int, gid: int) -> Credentials:
@@ -294,3 +297,37 @@ def test_the_socket_file_goes_with_the_daemon_and_a_second_daemon_is_refused(
     assert sock.exists()
     daemon.stop()
     assert not sock.exists()
+
+
+@pytest.mark.e2e
+def test_listen_none_serves_the_socket_alone(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    config = tmp_path / "c.toml"
+    config.write_text(f'listen = "none"\nlisten_unix = "{sock}"\n')
+    data = tmp_path / "data"
+    token = init_store(data)
+    log = (tmp_path / "log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "secretsd", "serve", "--data-dir", str(data), "--config",
+                             str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.05)
+        conn = UnixHTTPConnection(str(sock), timeout=5)
+        conn.request("GET", "/readyz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        with SecretsClient(f"unix://{sock}", token=token) as client:
+            assert client.whoami()["client"] == "admin"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+    text = (tmp_path / "log").read_text()
+    assert f"listening on unix://{sock} " in text and "http://" not in text.split("listening on", 1)[1].split("\n")[0]
+    assert not sock.exists()
+    # Nothing to serve on at all is refused.
+    config.write_text('listen = "none"\n')
+    result = run_cli("serve", "--data-dir", str(data), "--config", str(config))
+    assert result.returncode != 0 and 'listen = "none" needs listen_unix' in result.stderr
