@@ -35,6 +35,7 @@ DEPENDENCIES = [
     "rich>=13",
     "python-dotenv>=1.2.4",
     "python-pkcs11>=0.7",  # the pkcs11 key provider and the `hsm` commands work right after `pip install` (wheels)
+    "shamir-mnemonic>=0.3",  # recovery shares (SLIP-0039 reference implementation): init --recovery-shares
 ]
 
 # The client distribution (any spelling PEP 503 normalises to it), optional extras, then either an exact

@@ -11,6 +11,8 @@ keeps opening and another implementation can check itself against the same bytes
 - ``hkdf_expand``: HKDF-Expand-SHA256 under a label; the label keeps keys derived from one root
   independent (env-sealed's KEK and its public key id).
 - ``argon2id`` / ``scrypt``: the memory-hard step of env-sealed.
+- ``x25519_seal`` / ``x25519_open``: ECIES to an X25519 public key (the ``recovery-shares``
+  wrapping: the daemon wraps new terms for the recovery key without holding it).
 - ``kwp_header``: the AAD binding for CKM_AES_KEY_WRAP_PAD (see its docstring); the HSM does the
   wrapping itself, this module only builds the header it wraps.
 
@@ -27,10 +29,12 @@ from functools import cache
 from typing import Any
 
 from cryptography.exceptions import InternalError, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keyproviders.errors import UnwrapError
 
@@ -133,3 +137,59 @@ def kwp_header(nonce: bytes, aad: bytes) -> bytes:
     bytes, a multiple of 8, which sidesteps SoftHSM's wrong RFC 5649 padding for other lengths.
     """
     return hashlib.sha256(KWP_HEADER_LABEL + len(nonce).to_bytes(1, "big") + nonce + aad).digest()
+
+
+# -- public-key wrapping (recovery-shares) ------------------------------------------------------------
+#: Domain labels of the recovery-shares construction; a future scheme is a new label.
+X25519_KEY_LABEL = b"secretsd recovery-shares v1 x25519 private key"
+X25519_WRAP_LABEL = b"secretsd recovery-shares v1 wrap key\x00"
+
+
+def x25519_private_from_secret(secret: bytes) -> bytes:
+    """The X25519 private key (raw 32 bytes) derived from a 256-bit recovery secret.
+
+    Derived, not the secret itself, so the secret that the shares carry is used for one purpose
+    under one label; X25519 clamps any 32 bytes into a valid scalar.
+    """
+    if len(secret) != KEY_BYTES:
+        raise ValueError("the recovery secret must be 32 bytes")
+    return hkdf_expand(secret, X25519_KEY_LABEL, KEY_BYTES)
+
+
+def x25519_public(private: bytes) -> bytes:
+    """The raw 32-byte public key of a raw X25519 private key."""
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _x25519_wrap_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    # The KDF binds both public keys (as age and HPKE's DHKEM do), so a ciphertext cannot be
+    # re-pointed at another recipient or ephemeral key.
+    return HKDF(SHA256(), KEY_BYTES, salt=ephemeral + recipient, info=X25519_WRAP_LABEL).derive(shared)
+
+
+def x25519_seal(recipient: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+    """Encrypt to a raw X25519 public key: ``(ephemeral public key, AES-256-GCM ciphertext)``.
+
+    ECIES in the shape of age's X25519 recipient and HPKE's base mode: a fresh ephemeral key per
+    call, ECDH, HKDF-SHA256 over the shared secret bound to both public keys, AES-256-GCM with
+    ``aad``. Only the holder of the private key can open it; the sender needs no secret.
+    """
+    try:
+        peer = X25519PublicKey.from_public_bytes(recipient)
+    except ValueError as exc:
+        raise ValueError("an X25519 public key is 32 bytes") from exc
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    shared = ephemeral.exchange(peer)
+    return ephemeral_public, aead_seal(_x25519_wrap_key(shared, ephemeral_public, recipient), nonce, plaintext, aad)
+
+
+def x25519_open(private: bytes, ephemeral_public: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Open what ``x25519_seal`` made; any mismatch is ``UnwrapError``."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    try:
+        shared = key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError as exc:  # a malformed or low-order ephemeral key
+        raise UnwrapError("wrapped key failed authentication") from exc
+    recipient = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return aead_open(_x25519_wrap_key(shared, ephemeral_public, recipient), nonce, ciphertext, aad)

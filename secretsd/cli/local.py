@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from secretsd import __version__
-from secretsd.cli.common import emit_json, friendly_errors, json_option, main
+from secretsd.cli.common import emit_json, fail, friendly_errors, json_option, main
 
 DEV_TOKEN_FILE = "dev-admin-token"  # noqa: S105 - a file name
 
@@ -21,27 +21,63 @@ DEV_TOKEN_FILE = "dev-admin-token"  # noqa: S105 - a file name
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--recovery-shares", "recovery_shares", type=int,
+              help="Split a new recovery key into N shares for N operators, printed once (N <= 16).")
+@click.option("--recovery-threshold", "recovery_threshold", type=int,
+              help="How many of the shares recover the store (1 < K <= N).")
 @json_option
 @friendly_errors
-def init(data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+def init(data_dir: Path | None, config_file: Path | None, recovery_shares: int | None,
+         recovery_threshold: int | None, as_json: bool) -> None:
     """Create a store and print its admin token, once.
 
+    With --recovery-shares N --recovery-threshold K a recovery key is made and split among N
+    operators: any K of the shares unseal the store when the HSM is lost (docs/recovery.md).
+
     \b
-    Example:
+    Examples:
       secretsd init --data-dir /var/lib/secretsd --json
+      secretsd init --config /etc/secretsd/secretsd.toml --recovery-shares 5 --recovery-threshold 3
     """
+    from keyproviders.shares import check_split
     from secretsd.runtime.config import load_settings
     from secretsd.runtime.daemon import initialize_store
+    from secretsd.runtime.recovery import SharesInit, file_recovery_on_daemon_host, initialize_with_shares
 
+    # Bad values are one line and exit 2, before anything is created.
+    if (recovery_shares is None) != (recovery_threshold is None):
+        fail("--recovery-shares N and --recovery-threshold K go together", 2)
+    if recovery_shares is not None and recovery_threshold is not None:
+        try:
+            check_split(recovery_shares, recovery_threshold)
+        except ValueError as exc:
+            fail(f"--recovery-shares {recovery_shares} --recovery-threshold {recovery_threshold}: {exc}", 2)
     settings = load_settings(config_file, data_dir=data_dir)
-    result = asyncio.run(initialize_store(settings))
+    for warning in file_recovery_on_daemon_host(settings):
+        click.echo(f"warning: {warning}", err=True)
+    split: SharesInit | None = None
+    if recovery_shares is not None and recovery_threshold is not None:
+        split = asyncio.run(initialize_with_shares(settings, recovery_shares, recovery_threshold))
+        result = split.init
+    else:
+        result = asyncio.run(initialize_store(settings))
     if as_json:
-        emit_json({"admin_token": result.admin_token, "data_dir": str(result.data_dir),
-                   "provider": result.provider, "key_id": result.key_id})
+        doc: dict[str, Any] = {"admin_token": result.admin_token, "data_dir": str(result.data_dir),
+                               "provider": result.provider, "key_id": result.key_id}
+        if split is not None:
+            doc.update({"recovery_shares": split.shares, "recovery_threshold": split.threshold,
+                        "recovery_key_id": split.key_id})
+        emit_json(doc)
         return
     click.echo(f"Initialised {result.data_dir} (key provider {result.provider}, key {result.key_id}).")
     click.echo("Admin token (shown once; store it safely):")
     click.echo(f"  {result.admin_token}")
+    if split is not None:
+        click.echo(f"Recovery key {split.key_id}: {len(split.shares)} shares, any {split.threshold} of which "
+                   "recover the store. Shown once: give each share to a different operator, then clear "
+                   "this screen.")
+        for number, share in enumerate(split.shares, start=1):
+            click.echo(f"  share {number}: {share}")
 
 
 def _dev_store(data_dir: Path, settings_kwargs: dict[str, Any], config_file: Path | None) -> str:

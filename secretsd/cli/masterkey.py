@@ -17,6 +17,7 @@ import click
 from rich.progress import Progress as RichProgress
 
 from secretsd.cli.common import emit_json, friendly_errors, json_option, main, table
+from secretsd.cli.recovery import collect_shares, shares_options
 from secretsd.cli.system import keyring
 from secretsd.errors import ConfigError
 from secretsd.runtime.masterkey import Progress, Report
@@ -80,30 +81,37 @@ def keyring_rewrap(config_file: Path | None, data_dir: Path | None, no_rotate: b
 
 
 @keyring.command(name="migrate")
-@click.option("--to", "to_config", type=click.Path(path_type=Path), required=True,
+@click.option("--to", "--to-config", "to_config", type=click.Path(path_type=Path), required=True,
               help="The configuration naming the new key provider(s).")
 @config_option
 @data_dir_option
+@shares_options
 @json_option
 @friendly_errors
-def keyring_migrate(to_config: Path, config_file: Path | None, data_dir: Path | None, as_json: bool) -> None:
+def keyring_migrate(to_config: Path, config_file: Path | None, data_dir: Path | None, shares_prompt: bool,
+                    shares_stdin: bool, share_files: tuple[Path, ...], as_json: bool) -> None:
     """Move the keyring to the key provider(s) of another configuration (e.g. file -> pkcs11).
 
     Secrets are not re-encrypted. New wrappings are added to every term before any old one is
     removed, so an interrupted run leaves a store that opens with the old or the new configuration.
-    Restart the daemon with the new configuration afterwards.
+    Restart the daemon with the new configuration afterwards. With K recovery shares the keyring
+    opens without the old provider: the way from a lost HSM to a new one (docs/recovery.md).
 
     \b
-    Example:
+    Examples:
       secretsd keyring migrate --config old.toml --to hsm.toml
+      secretsd keyring migrate --config old.toml --to-config new-hsm.toml --recovery-shares
     """
     from secretsd.runtime.config import load_settings
     from secretsd.runtime.masterkey import migrate
+    from secretsd.runtime.recovery import recovery_provider_from_shares
 
     old = load_settings(config_file, data_dir=data_dir)
     new = load_settings(to_config, data_dir=old.require_data_dir())
+    lines = collect_shares(shares_prompt, shares_stdin, share_files)
+    recovery = None if lines is None else recovery_provider_from_shares(lines)
     with progress_bar("migrating keyring", as_json) as progress:
-        report = asyncio.run(migrate(old, new, progress=progress))
+        report = asyncio.run(migrate(old, new, progress=progress, recovery=recovery))
     _report(report, "Migrated", as_json)
 
 
@@ -185,8 +193,15 @@ def hsm_doctor(config_file: Path | None, as_json: bool) -> None:
     """
     with pkcs11_binding():
         from keyproviders.pkcs11 import doctor
+    from keyproviders.pkcs11.tools import CheckResult
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.recovery import file_recovery_on_daemon_host
+
     options, base = _pkcs11_options(config_file)
     results = doctor(options, base_dir=base)
+    # Custody is only as strong as its weakest way in: a key file beside the daemon is one (a warning).
+    results += [CheckResult("recovery provider", "warn", line)
+                for line in file_recovery_on_daemon_host(load_settings(config_file))]
     if as_json:
         emit_json([{"check": r.name, "status": r.status, "detail": r.detail} for r in results])
     else:

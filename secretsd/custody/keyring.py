@@ -115,6 +115,9 @@ def prove_custody(
     adding) asks only that a wrapping under its current id, if the store holds one, opens.
     """
     current = provider.key_id()
+    if not getattr(provider, "can_unwrap", True):
+        _prove_by_public_key_id(provider, current, terms, same_key_id_only=same_key_id_only)
+        return
     newest_per_id: dict[str, tuple[KeyringTerm, WrappedKey]] = {}
     for term in sorted(terms, key=lambda t: t.term):
         for wrapped in term.wrappings:
@@ -147,6 +150,24 @@ def prove_custody(
             continue
         return
     raise mismatch or unknown
+
+
+def _prove_by_public_key_id(
+    provider: KeyProvider, current: str, terms: Sequence[KeyringTerm], *, same_key_id_only: bool
+) -> None:
+    """``prove_custody`` for a wrap-only provider (recovery-shares: the daemon holds a public key).
+
+    It cannot unwrap, but its key id is a hash of its public key, so an id found among the store's
+    wrappings proves it is the very key the store wraps for; a replaced public key file has another id.
+    """
+    stored = {w.key_id for t in terms for w in t.wrappings if w.provider == provider.name}
+    if current in stored or same_key_id_only:  # same_key_id_only: a target an operator names in 'keyring migrate'
+        return
+    raise errors.ProviderKeyMismatch(
+        f"key provider {provider.name} has public key {current}, but this store wraps for "
+        f"{', '.join(sorted(stored)) or 'no such key'}: its public key file was replaced, or it belongs to "
+        "another store. It will not be used"
+    )
 
 
 async def unseal(providers: Sequence[KeyProvider], terms: Sequence[KeyringTerm]) -> Keyring:

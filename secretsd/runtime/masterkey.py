@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keyproviders import KeyProvider, WrappedKey
+from keyproviders.shares import RecoverySharesKeyProvider
 from secretsd.custody.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
 from secretsd.records import KeyringTerm
 from secretsd.runtime.config import Settings
@@ -104,14 +105,23 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
         await storage.close()
 
 
-async def migrate(old: Settings, new: Settings, *, progress: Progress | None = None) -> Report:
+async def migrate(
+    old: Settings, new: Settings, *, progress: Progress | None = None, recovery: RecoverySharesKeyProvider | None = None
+) -> Report:
     """Move the keyring from ``old``'s providers to ``new``'s, without re-encrypting secrets.
 
     Phase one adds wrappings for the new providers next to the old ones; only once every term has
-    them does phase two remove the old ones.
+    them does phase two remove the old ones. ``recovery`` (a recovery-shares provider built from K
+    shares) opens the terms when ``old``'s providers cannot: the way off a lost HSM.
     """
+    decorate = None
+    if recovery is not None:
+        from secretsd.runtime.recovery import shares_settings, with_shares
+
+        old = shares_settings(old, recovery)
+        decorate = with_shares(old, recovery)
     storage = build_storage(old)
-    old_group = provider_set(old)
+    old_group = provider_set(old, decorate=decorate)
     new_group = provider_set(new, create=True)
     await storage.open()
     try:

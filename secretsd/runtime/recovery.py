@@ -16,14 +16,23 @@ chain it claims one as a daemon does, so on a shared store it never writes anoth
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyproviders import KeyProvider
+from keyproviders.shares import (
+    RecoverySharesKeyProvider,
+    check_split,
+    public_key_document,
+    split_new_secret,
+)
 from secretsd import tokens
 from secretsd.audit.chains import ChainClaim, candidates, claim_chain
 from secretsd.audit.keys import load_signer
@@ -32,12 +41,20 @@ from secretsd.audit.mirrors import syslog_mirror
 from secretsd.audit.verify import Head
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
+from secretsd.custody.keyring import provider_errors
 from secretsd.domain.policy import ROOT_POLICY
 from secretsd.domain.token_service import RECOVERY_CREATOR
-from secretsd.errors import NotInitializedError
+from secretsd.errors import ConfigError, NotInitializedError
+from secretsd.errors import ProviderKeyMismatch as ProviderKeyMismatchError
 from secretsd.records import TokenRecord
-from secretsd.runtime.config import AuditSettings, Settings
-from secretsd.runtime.daemon import ADMIN_CLIENT, build_storage, provider_set
+from secretsd.runtime.config import (
+    RECOVERY_SHARES_KIND,
+    RECOVERY_SHARES_PUBLIC_FILE,
+    AuditSettings,
+    KeyProviderSettings,
+    Settings,
+)
+from secretsd.runtime.daemon import ADMIN_CLIENT, InitResult, build_storage, initialize_store, provider_set
 from secretsd.storage import Storage
 
 ACTION = "token.create-root"
@@ -117,12 +134,19 @@ async def _open_audit(settings: Settings, conf: AuditSettings, storage: Storage,
     return audit
 
 
-async def create_root_token(settings: Settings, *, clock: Clock = utcnow) -> RootToken:
+async def create_root_token(
+    settings: Settings, *, clock: Clock = utcnow, recovery: RecoverySharesKeyProvider | None = None
+) -> RootToken:
     """Prove custody of the master key by unsealing, then mint a root token and audit it.
 
     Nothing is written unless the keyring unseals. The record is durable before the token is
     returned; if it cannot be written the new token is revoked again (it was never shown).
+    ``recovery``, built from K shares, unseals when the configured providers cannot (a lost HSM).
     """
+    decorate = None
+    if recovery is not None:
+        settings = shares_settings(settings, recovery)
+        decorate = with_shares(settings, recovery)
     data_dir = settings.require_data_dir()
     if not data_dir.is_dir():
         raise NotInitializedError(f"the store in {data_dir} is not initialised (no such directory); "
@@ -133,7 +157,7 @@ async def create_root_token(settings: Settings, *, clock: Clock = utcnow) -> Roo
         if not await storage.is_initialized():
             raise NotInitializedError(f"the store in {data_dir} is not initialised; nothing was changed")
         # create=False: a missing key file or HSM key is an error here, never a new key.
-        barrier = Barrier(storage, provider_set(settings),
+        barrier = Barrier(storage, provider_set(settings, decorate=decorate),
                           max_encryptions_per_term=settings.max_encryptions_per_term, clock=clock)
         try:
             await barrier.unseal()  # the proof of custody: every keyring term must unwrap
@@ -179,3 +203,116 @@ def _os_user() -> str:
 
         return pwd.getpwuid(os.getuid()).pw_name
     return str(os.getuid())
+
+
+# -- recovery shares (docs/recovery.md) -------------------------------------------------------------
+@dataclass(frozen=True)
+class SharesInit:
+    """What ``init --recovery-shares`` hands back once: the admin token and the N shares."""
+
+    init: InitResult
+    shares: list[str]  # shown once, never stored
+    threshold: int
+    key_id: str
+
+
+def _write_public_file(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+async def initialize_with_shares(settings: Settings, shares: int, threshold: int) -> SharesInit:
+    """``init`` with a fresh recovery key split into ``shares`` SLIP-0039 shares, ``threshold`` of which recover it.
+
+    Only the public half is kept (``recovery-shares.pub`` in the data directory, which the daemon
+    picks up: see ``Settings.provider_specs``); term 1 is wrapped for it beside the configured
+    providers. If init fails, the public file is removed again and nothing else is left behind.
+    """
+    check_split(shares, threshold)  # ValueError: the CLI refuses these before we get here
+    if any(s.get("kind") == RECOVERY_SHARES_KIND for s in settings.provider_specs()):
+        raise ConfigError("a recovery-shares provider is already configured for this store; nothing was changed")
+    data_dir = settings.require_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret, words = split_new_secret(shares, threshold)
+    provider = RecoverySharesKeyProvider.from_secret(secret)
+    del secret
+    public_file = data_dir / RECOVERY_SHARES_PUBLIC_FILE
+    _write_public_file(public_file, public_key_document(provider.public_key))
+    try:
+        result = await initialize_store(settings)
+    except BaseException:
+        public_file.unlink(missing_ok=True)
+        raise
+    finally:
+        provider.close()
+    return SharesInit(result, words, threshold, provider.key_id())
+
+
+def recovery_provider_from_shares(lines: list[str]) -> RecoverySharesKeyProvider:
+    """The unwrapping recovery provider from K shares; a wrong or short set is ``ProviderAuthFailed``."""
+    with provider_errors():
+        return RecoverySharesKeyProvider.from_shares(lines)
+
+
+def with_shares(settings: Settings, holder: RecoverySharesKeyProvider) -> Callable[[KeyProvider], KeyProvider]:
+    """A ``provider_set`` decorator that hands the configured recovery-shares provider the key the shares gave.
+
+    Only when the public keys match: shares of another store must not stand in for this one's.
+    """
+    del settings
+
+    def decorate(provider: KeyProvider) -> KeyProvider:
+        if provider.name != RECOVERY_SHARES_KIND:
+            return provider
+        if provider.key_id() != holder.key_id():
+            raise ProviderKeyMismatchError(
+                f"the recovery shares given recover key {holder.key_id()}, but this store's recovery key is "
+                f"{provider.key_id()}: they are another store's shares, or shares from before a re-split")
+        return holder
+
+    return decorate
+
+
+def shares_settings(settings: Settings, holder: RecoverySharesKeyProvider) -> Settings:
+    """``settings`` with a recovery-shares provider for ``holder``'s key when none is configured
+    (the data directory's public file lost with the server): the shares still unseal."""
+    if any(s.get("kind") == RECOVERY_SHARES_KIND for s in settings.provider_specs()):
+        return settings
+    table = KeyProviderSettings.model_validate(
+        {"kind": RECOVERY_SHARES_KIND, "public_key": base64.b64encode(holder.public_key).decode("ascii")})
+    return settings.model_copy(update={"recovery_providers": [*settings.recovery_providers, table]})
+
+
+def file_recovery_on_daemon_host(settings: Settings) -> list[str]:
+    """The rule: a ``file`` recovery provider is on the daemon's host, so it is warned about.
+
+    The daemon can open a key file only if the file is on (or mounted into) its host, where a
+    stolen or imaged disk, or a wrong HSM PIN, lets it stand in for the HSM: that defeats HSM
+    custody, whatever disk the file is on. The warning says when it even shares the data
+    directory's filesystem. Returned as lines (``init`` and ``hsm doctor`` print them); never raises.
+    """
+    warnings = []
+    base = settings.data_dir or Path.cwd()
+    for table in settings.recovery_providers:
+        options = table.options()
+        if options.get("kind") != "file":
+            continue
+        raw = Path(str(options.get("path") or "master.key"))
+        path = raw if raw.is_absolute() else base / raw
+        where = "on this host"
+        with contextlib.suppress(OSError):
+            if _nearest(path).stat().st_dev == _nearest(base).stat().st_dev:
+                where = "on this host, on the same filesystem as the data directory"
+        warnings.append(
+            f"recovery key file {path} is {where}: whoever can read this server's disk can unseal without the "
+            "HSM. Keep recovery off the server: 'secretsd init --recovery-shares N --recovery-threshold K' "
+            "(docs/recovery.md)")
+    return warnings
+
+
+def _nearest(path: Path) -> Path:
+    """``path`` or its nearest existing parent: at ``init`` neither the key file nor the data directory exists yet."""
+    return next((p for p in (path, *path.parents) if p.exists()), path)
