@@ -147,6 +147,37 @@ async def test_each_facade_operation_is_audited_under_its_own_action(vapi: Api) 
                     ("vault.kv.delete-metadata", "app/a")]
 
 
+async def test_an_audit_record_names_what_was_acted_on_never_a_prefix_the_caller_chose(vapi: Api) -> None:
+    # A ?prefix= query is the record's path only on an operation that reads one; a Vault list records
+    # the prefix it listed, not the spelling of its URL.
+    h = vt(vapi.admin)
+    c = vapi.client
+    assert (await c.post("/v1/secret/data/app/a", headers=h, json={"data": {"u": "1"}})).status == 200
+    assert (await c.get("/v1/secret/metadata/", headers=h, params={"list": "true", "prefix": "decoy/x"})).status == 200
+    assert (await c.get("/v1/secret/metadata/app/", headers=h, params={"list": "true", "prefix": "decoy/x"})
+            ).status == 200
+    assert (await c.get("/v1/auth/whoami", headers=h, params={"prefix": "decoy/x"})).status == 200
+    assert (await c.get("/v1/secrets", headers=h, params={"prefix": "app"})).status == 200
+    seen = [(r["action"], r["path"]) for r in records(vapi.daemon.settings)
+            if r["action"] in ("vault.kv.list", "auth.whoami", "secret.list")]
+    assert seen == [("vault.kv.list", ""), ("vault.kv.list", "app"), ("auth.whoami", None), ("secret.list", "app")]
+
+
+async def test_with_the_facade_off_x_vault_token_authenticates_nothing(tmp_path: Path) -> None:
+    settings = load_settings(None, data_dir=tmp_path / "data")
+    admin = (await initialize_store(settings)).admin_token
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        async with TestClient(TestServer(create_app(daemon, vault_mount=None))) as client:
+            assert (await client.get("/v1/auth/whoami", headers=vt(admin))).status == 401
+            # Beside a bearer token it is not a second credential either: the façade is not there.
+            both = {"Authorization": f"Bearer {admin}"} | vt(admin)
+            assert (await client.get("/v1/auth/whoami", headers=both)).status == 200
+    finally:
+        await daemon.stop()
+
+
 # -- the value mapping through the API -------------------------------------------------------------
 async def test_values_map_both_ways_between_the_native_api_and_the_facade(vapi: Api) -> None:
     h = vt(vapi.admin)
@@ -268,7 +299,8 @@ async def test_the_facades_routes_are_documented_and_answered_where_configured(t
                 assert _router_pairs(app) == _document_pairs(doc)
                 h = vt(admin)
                 resp = await client.put(f"/v1/{other}/data/app/a", headers=h, json={"data": {"a": "b"}})
-                assert resp.status == 404
+                # With the façade off, X-Vault-Token is no credential at all: unauthenticated first.
+                assert resp.status == (404 if mount is not None else 401)
                 if mount is not None:
                     assert ("GET", "/v1/kv/data/{path}") in _router_pairs(app)
                     resp = await client.put("/v1/kv/data/app/a", headers=h, json={"data": {"a": "b"}})

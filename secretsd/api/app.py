@@ -20,6 +20,7 @@ from secretsd.api import routes, vault_routes
 from secretsd.api.access_log import AccessLog, LoggingAccessLog
 from secretsd.api.context import (
     AUDIT_NOTES,
+    AUDIT_PATH,
     AUTHORIZED,
     OPENAPI,
     PRINCIPAL,
@@ -84,7 +85,8 @@ def _credentials(request: web.Request) -> Credentials:
     header = headers[0] if headers else ""
     scheme, _, value = header.partition(" ")
     bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
-    if VAULT_TOKEN_HEADER in request.headers:  # the one lookup a native request pays for the façade
+    # The one lookup a native request pays for the façade; with the façade off, the header is nobody's.
+    if VAULT_TOKEN_HEADER in request.headers and MOUNT in request.app:
         bearer = _vault_token(request, authorization=bool(headers))
     # The Unix-socket peer, read by the listener once per connection (runtime/unix_listener.py);
     # a TCP connection's handler has none.
@@ -117,8 +119,21 @@ def _route_name(request: web.Request) -> str:
 def _audit_fields(request: web.Request, request_id: str, status: int) -> dict[str, object]:
     decision = "deny" if status in (401, 403) else "allow" if request.get(AUTHORIZED) else "none"
     return audit_record(request, request_id, action=routes.action_of(request), status=status,
-                        path=request.match_info.get("path") or request.query.get("prefix"), decision=decision,
-                        **request.get(AUDIT_NOTES, {}))
+                        path=_audit_path(request), decision=decision, **request.get(AUDIT_NOTES, {}))
+
+
+def _audit_path(request: web.Request) -> str | None:
+    """The path a request's record names: what its handler said it acted on, else its ``{path}``,
+    else its ``prefix`` query, only on an operation that takes one (on any other route a caller could
+    write any path it likes into the record)."""
+    noted: str | None = request.get(AUDIT_PATH)
+    if noted is not None:
+        return noted
+    path: str | None = request.match_info.get("path")
+    if path is not None:
+        return path
+    op = routes.operation_of(request)
+    return request.query.get("prefix") if op is not None and op.takes_prefix else None
 
 
 class _RequestIds:

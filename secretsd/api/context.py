@@ -18,6 +18,8 @@ OPENAPI = web.AppKey("openapi", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUTHORIZED = web.RequestKey("authorized", bool)
 AUDIT_NOTES = web.RequestKey("audit_notes", dict)
+#: The path a handler acted on, for its record, when the request does not spell it as ``{path}``.
+AUDIT_PATH = web.RequestKey("audit_path", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 

@@ -99,6 +99,11 @@ class Operation:
             raise ValueError(f"{self.method} {self.path}: with variants, each variant names the audit action")
 
     @property
+    def takes_prefix(self) -> bool:
+        """Whether it reads a ``prefix`` query (its audit record names that prefix)."""
+        return any(q.name == "prefix" for q in self.query)
+
+    @property
     def router_path(self) -> str:
         """The path aiohttp matches: ``{action}`` accepts exactly the variants' values."""
         if not self.variants:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from secretsd import __version__, tokens
 from secretsd.api.context import (
+    AUDIT_PATH,
     REQUEST_ID,
     allowed_paths,
     audit_note,
@@ -172,6 +173,7 @@ async def _list(request: web.Request, raw: str) -> web.Response:
     """Vault's LIST: the keys one level below ``raw`` (a folder ends in '/'), those the caller may list."""
     # Vault's clients name a folder with its trailing slash; ours is a prefix without it.
     prefix = validate_prefix(raw[:-1] if raw.endswith("/") else raw) if raw else ""
+    request[AUDIT_PATH] = prefix  # what was listed, not the spelling of the URL
     who = authorize(request, Capability.LIST, prefix)
     start = f"{prefix}/" if prefix else ""
     keys: set[str] = set()

@@ -107,6 +107,7 @@ def import_vault(ctx: Ctx, vault_addr: str, vault_ca_file: Path | None, mount: s
     Example:
       VAULT_ADDR=https://vault:8200 VAULT_TOKEN=hvs.... secretsd import-vault --mount secret
     """
+    from secretsd.client.calls import value_field
     from secretsd.domain.kv_map import check_map, stored_value
 
     token = next((os.environ[name] for name in TOKEN_ENV if os.environ.get(name)), None)
@@ -125,7 +126,7 @@ def import_vault(ctx: Ctx, vault_addr: str, vault_ca_file: Path | None, mount: s
         except SecretsdError as exc:
             problems.append((path, exc.message))
             continue
-        items.append({"path": _target(prefix, path), "value": value} | ({} if overwrite else {"cas": 0}))
+        items.append({"path": _target(prefix, path)} | value_field(value) | ({} if overwrite else {"cas": 0}))
     written = 0
     if not dry_run and items:
         with ctx.client() as client:

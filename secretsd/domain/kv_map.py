@@ -9,11 +9,14 @@ Decided once, here, and used by the Vault façade (``secretsd.api.vault``) and `
   ``{"value": s}`` where ``s`` is itself the text of a JSON object of strings is stored canonically
   too, or it would read back as that other map;
 - reading (``as_map``): a stored value that is the text of a JSON object whose values are all
-  strings reads as that map; any other text as ``{"value": text}``; bytes that are not UTF-8 as
-  ``{"value_base64": ...}`` (read-only: a map written through the façade is always text).
+  strings reads as that map (but see binary values below); any other text as
+  ``{"value": text}``; bytes that are not UTF-8 as ``{"value_base64": ...}``;
+- a binary value written back: exactly ``{"value_base64": b}``, ``b`` the standard base64 of bytes
+  that are not UTF-8, is stored as those bytes; and a stored *text* of exactly that form reads as
+  ``{"value": text}``, so a text never reads like a binary value.
 
-So ``as_map(stored_value(m)) == m`` for every map of strings (``test_kv_map``). The other way round
-is not the identity: the text ``{"value":"x"}`` reads as ``{"value": "x"}``, which writes back as ``x``.
+So ``as_map(stored_value(m)) == m`` for every map of strings (``test_kv_map``), and reading any
+stored value then writing the map back stores the same value (text or bytes).
 """
 
 from __future__ import annotations
@@ -73,9 +76,37 @@ def check_map(data: object) -> dict[str, str]:
     return data
 
 
-def stored_value(data: dict[str, str]) -> str:
+def _binary(encoded: str) -> bytes | None:
+    """The bytes ``encoded`` is the standard base64 of, if they are not UTF-8 (what a binary value
+    reads as); None for anything else."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return None
+    if base64.b64encode(raw).decode("ascii") != encoded:
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return None
+
+
+def _text_map(text: str) -> dict[str, str] | None:
+    """The map a stored text reads as, if it reads as one. Not a text that spells what a binary value
+    reads as (``{"value_base64": <base64 of bytes that are not UTF-8>}``): that text reads as
+    ``{"value": text}``, so a text and a binary value never read alike."""
+    found = string_map(text)
+    if found is None or (set(found) == {BINARY_KEY} and _binary(found[BINARY_KEY]) is not None):
+        return None
+    return found
+
+
+def stored_value(data: dict[str, str]) -> str | bytes:
     """What a map written through the Vault façade is stored as (the module's rule)."""
-    if set(data) == {VALUE_KEY} and string_map(data[VALUE_KEY]) is None:
+    if set(data) == {BINARY_KEY} and (raw := _binary(data[BINARY_KEY])) is not None:
+        return raw  # a binary value read through the façade and written back: the same bytes
+    if set(data) == {VALUE_KEY} and _text_map(data[VALUE_KEY]) is None:
         return data[VALUE_KEY]
     return canonical(data)
 
@@ -86,7 +117,7 @@ def as_map(stored: bytes) -> dict[str, str]:
         text = stored.decode("utf-8")
     except UnicodeDecodeError:
         return {BINARY_KEY: base64.b64encode(stored).decode("ascii")}
-    found = string_map(text)
+    found = _text_map(text)
     return found if found is not None else {VALUE_KEY: text}
 
 
