@@ -91,7 +91,8 @@ def test_list_is_taken_as_get_with_list_true_under_the_metadata_path_only() -> N
 
 
 STORED: list[bytes] = [b"x", b"", b"\xff\xfehi", b"\x00\x01\x02", b'{"value_base64":"//5oaQ=="}',
-                       b'{"value_base64":"AAEC"}', b'{"a":"b"}', b'{"value":"{\\"a\\":\\"b\\"}"}', "ünï".encode()]
+                       b'{"value_base64":"AAEC"}', b'{"a":"b"}', b'{"value":"{\\"a\\":\\"b\\"}"}', "ünï".encode(),
+                       b'{"value":"x"}', b'{"value":"{\\"value\\":\\"x\\"}"}', b'{"value": "x"}']
 
 
 @pytest.mark.parametrize("stored", STORED)

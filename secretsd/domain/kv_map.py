@@ -9,14 +9,17 @@ Decided once, here, and used by the Vault façade (``secretsd.api.vault``) and `
   ``{"value": s}`` where ``s`` is itself the text of a JSON object of strings is stored canonically
   too, or it would read back as that other map;
 - reading (``as_map``): a stored value that is the text of a JSON object whose values are all
-  strings reads as that map (but see binary values below); any other text as
+  strings reads as that map, except a text ``{"value": s}`` that ``stored_value`` would not have
+  made (``s`` not itself a map's text): that is a plain value; any other text as
   ``{"value": text}``; bytes that are not UTF-8 as ``{"value_base64": ...}``;
 - a binary value written back: exactly ``{"value_base64": b}``, ``b`` the standard base64 of bytes
   that are not UTF-8, is stored as those bytes; and a stored *text* of exactly that form reads as
   ``{"value": text}``, so a text never reads like a binary value.
 
-So ``as_map(stored_value(m)) == m`` for every map of strings (``test_kv_map``), and reading any
-stored value then writing the map back stores the same value (text or bytes).
+So the mapping is one-to-one both ways: ``as_map(stored_value(m)) == m`` for every map of strings,
+and reading any stored value then writing its map back stores the same value, text or bytes (a
+map's JSON text in its canonical spelling: the same map) (``tests/test_vault_values.py``): a
+read-modify-write through a Vault client changes only what it changes.
 """
 
 from __future__ import annotations
@@ -97,8 +100,15 @@ def _text_map(text: str) -> dict[str, str] | None:
     reads as (``{"value_base64": <base64 of bytes that are not UTF-8>}``): that text reads as
     ``{"value": text}``, so a text and a binary value never read alike."""
     found = string_map(text)
-    if found is None or (set(found) == {BINARY_KEY} and _binary(found[BINARY_KEY]) is not None):
+    if found is None:
         return None
+    if set(found) == {BINARY_KEY}:
+        return None if _binary(found[BINARY_KEY]) is not None else found
+    if set(found) == {VALUE_KEY}:
+        # {"value": s} is what a plain s is written as, so only the form stored_value gives it (s
+        # itself reading as a map) reads as a map: any other such text is a plain value of its own.
+        # Each level halves what is left to parse (escapes double), so the recursion is shallow.
+        return found if _text_map(found[VALUE_KEY]) is not None else None
     return found
 
 
