@@ -285,6 +285,11 @@ def test_two_os_users_get_their_own_policies_over_the_socket(unix_daemon: tuple[
     records = [json.loads(line) for line in logs.splitlines() if line.strip()]
     unix = [r for r in records if r.get("auth") == "unix"]
     assert {r["client"] for r in unix} == {"billing", "ops"}
+    assert {r["remote"] for r in unix} == {f"unix:uid={BILLING_UID},gid={BILLING_UID}",
+                                           f"unix:uid={OPS_UID},gid={OPS_GID}"}
+    # A refusal records the identity presented (no client: none was granted).
+    refused = {r["remote"] for r in records if r.get("outcome") == 401}
+    assert {f"unix:uid={OPS_UID},gid=4242", "unix:uid=0,gid=0"} <= refused
 
 
 @pytest.mark.e2e

@@ -79,8 +79,19 @@ def _audit_base(request: web.Request, request_id: str, action: str) -> dict[str,
         "auth": who.method if who else None,
         "token": tokens.display_id(who.token_id) if who and who.token_id else None,
         "action": action,
-        "remote": fields.clip(request.remote, fields.MAX_REMOTE_BYTES)[0] if request.remote else request.remote,
+        "remote": _remote(request),
     }
+
+
+def _remote(request: web.Request) -> str | None:
+    """Who connected: the peer address, or on the Unix socket the uid and gid the kernel reported
+    (recorded for refusals too: the identity presented, never a credential). Not the pid: the
+    unauthenticated failure budget is kept per remote, and a new process must not buy a new one."""
+    peer = getattr(request.protocol, "peer", None)
+    if peer is not None:
+        return f"unix:uid={peer.uid},gid={peer.gid}"
+    remote = request.remote
+    return fields.clip(remote, fields.MAX_REMOTE_BYTES)[0] if remote else remote
 
 
 def _audit_path(request: web.Request, path: str | None) -> dict[str, object]:
