@@ -212,6 +212,29 @@ def test_another_stores_shares_are_refused(shared_store: tuple[Path, str, list[s
     lost = create_root(data, foreign[:3])
     assert lost.exit_code == 1 and "another store" in lost.stderr, lost.stderr
     assert token_count_dir(data) == tokens_before
+    assert not (data / "recovery-shares.pub").exists()  # foreign shares never become the store's key
+
+
+def test_a_deleted_public_key_file_stops_rekeys_until_the_shares_put_it_back(
+        shared_store: tuple[Path, str, list[str]]) -> None:
+    data, admin, shares = shared_store
+    public = (data / "recovery-shares.pub").read_text()
+    (data / "recovery-shares.pub").unlink()
+
+    async def rotate() -> tuple[int, str, list[set[str]]]:
+        async with running(load_settings(None, data_dir=data), admin) as api:
+            resp = await api.client.post("/v1/sys/keyring/rotate", headers=api.auth())
+            terms = await api.daemon.storage.keyring_terms()
+            return resp.status, await resp.text(), [{w.provider for w in t.wrappings} for t in terms]
+
+    status, body, wrapped = asyncio.run(rotate())
+    assert status == 503 and "recovery-shares" in body  # refused: the recovery path never lapses silently
+    assert wrapped == [{"file", "recovery-shares"}]
+    assert create_root(data, shares[2:]).exit_code == 0
+    assert (data / "recovery-shares.pub").read_text() == public
+    status, body, wrapped = asyncio.run(rotate())
+    assert status == 200, body
+    assert wrapped == [{"file", "recovery-shares"}] * 2
 
 
 def token_count_dir(data: Path) -> int:

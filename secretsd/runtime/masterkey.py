@@ -106,7 +106,8 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
 
 
 async def migrate(
-    old: Settings, new: Settings, *, progress: Progress | None = None, recovery: RecoverySharesKeyProvider | None = None
+    old: Settings, new: Settings, *, progress: Progress | None = None,
+    recovery: RecoverySharesKeyProvider | None = None,
 ) -> Report:
     """Move the keyring from ``old``'s providers to ``new``'s, without re-encrypting secrets.
 
@@ -115,11 +116,14 @@ async def migrate(
     shares) opens the terms when ``old``'s providers cannot: the way off a lost HSM.
     """
     decorate = None
+    configured = new
     if recovery is not None:
         from secretsd.runtime.recovery import shares_settings, with_shares
 
         old = shares_settings(old, recovery)
         decorate = with_shares(old, recovery)
+        # The recovery key stays a target even if the new configuration's directory lost its file.
+        new = shares_settings(new, recovery)
     storage = build_storage(old)
     old_group = provider_set(old, decorate=decorate)
     new_group = provider_set(new, create=True)
@@ -154,6 +158,10 @@ async def migrate(
                 await storage.replace_keyring_wrappings(term.term, term.wrappings, keep)
         # A term a daemon made meanwhile keeps its old wrapping and gains the new ones.
         old_terms += await _cover(storage, openers, targets, lacks_targets, add, progress)
+        if recovery is not None:  # the shares opened every term: they are this store's
+            from secretsd.runtime.recovery import restore_public_file
+
+            restore_public_file(configured, recovery)
         return Report(
             terms=len(old_terms), providers=[p.name for p in targets],
             key_ids=sorted(k for _, k in target_ids), retired_key_ids=sorted(k for _, k in retired),

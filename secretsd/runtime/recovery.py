@@ -144,6 +144,7 @@ async def create_root_token(
     ``recovery``, built from K shares, unseals when the configured providers cannot (a lost HSM).
     """
     decorate = None
+    configured = settings
     if recovery is not None:
         settings = shares_settings(settings, recovery)
         decorate = with_shares(settings, recovery)
@@ -161,6 +162,8 @@ async def create_root_token(
                           max_encryptions_per_term=settings.max_encryptions_per_term, clock=clock)
         try:
             await barrier.unseal()  # the proof of custody: every keyring term must unwrap
+            if recovery is not None:
+                restore_public_file(configured, recovery)
             providers = tuple(s.kind for s in barrier.providers.states() if s.ok)
             conf, claim = settings.audit, None
             if settings.audit.enabled and not settings.audit.chain_configured:
@@ -284,6 +287,23 @@ def shares_settings(settings: Settings, holder: RecoverySharesKeyProvider) -> Se
     table = KeyProviderSettings.model_validate(
         {"kind": RECOVERY_SHARES_KIND, "public_key": base64.b64encode(holder.public_key).decode("ascii")})
     return settings.model_copy(update={"recovery_providers": [*settings.recovery_providers, table]})
+
+
+def restore_public_file(settings: Settings, holder: RecoverySharesKeyProvider) -> bool:
+    """Put ``recovery-shares.pub`` back from the shares' key when ``settings`` know no recovery key.
+
+    Call only after the shares opened the store's keyring (so they are its shares): a data
+    directory rebuilt or restored without the file would otherwise give a daemon that refuses to
+    rekey, or a migration that drops the recovery wrappings. Returns whether it wrote the file.
+    """
+    if any(s.get("kind") == RECOVERY_SHARES_KIND for s in settings.provider_specs()):
+        return False
+    path = settings.require_data_dir() / RECOVERY_SHARES_PUBLIC_FILE
+    try:
+        _write_public_file(path, public_key_document(holder.public_key))
+    except FileExistsError:
+        return False
+    return True
 
 
 def file_recovery_on_daemon_host(settings: Settings) -> list[str]:
