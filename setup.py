@@ -35,6 +35,7 @@ DEPENDENCIES = [
     "rich>=13",
     "python-dotenv>=1.2.4",
     "python-pkcs11>=0.7",  # the pkcs11 key provider and the `hsm` commands work right after `pip install` (wheels)
+    "PyJWT[crypto]>=2.10",  # workload JWT login (secretsd.auth.jwt): JWKS keys, RS256/ES256/EdDSA only
     "shamir-mnemonic>=0.3",  # recovery shares (SLIP-0039 reference implementation): init --recovery-shares
 ]
 

@@ -168,6 +168,11 @@ def renew_self() -> Call:
     return Call("POST", "/v1/auth/tokens/renew-self")
 
 
+def jwt_login(jwt: str) -> Call:
+    # Not sent twice: each answer is a new token.
+    return Call("POST", "/v1/auth/jwt/login", body={"jwt": jwt}, idempotent=False)
+
+
 def decode(call: Call, status: int, content_type: str, body: bytes) -> dict[str, Any]:
     """Turn a response into its JSON object, or raise the error its problem document names."""
     try:

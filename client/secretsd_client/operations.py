@@ -245,6 +245,11 @@ class Operations(ABC, Generic[R]):
         """The client name, policies and authentication method of the token this client sends."""
         return self.call(calls.whoami())
 
+    def jwt_login(self, jwt: str) -> R:
+        """Exchange a workload JWT (a Kubernetes service-account token, say) for a short-lived daemon
+        token: ``{"token", "expires_at", "client", "policies"}``. Use the token with a new client."""
+        return self.call(calls.jwt_login(jwt))
+
 
 class Pages:
     """What the pages of a listing or batch read add up to: each face loops ``while

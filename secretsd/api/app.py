@@ -29,9 +29,11 @@ from secretsd.api.context import (
     audit_record,
 )
 from secretsd.api.handlers import metrics_response
+from secretsd.api.jwt_login import JWT_LOGIN
 from secretsd.api.services import Services
 from secretsd.api.vault import MOUNT
 from secretsd.auth import authenticate
+from secretsd.auth.jwt import JwtLogin
 from secretsd.domain.identity import Credentials
 from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
@@ -42,6 +44,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 #: The public paths of this app's table (the native ones, and the Vault façade's when enabled).
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+#: The paths whose handler authenticates the caller itself (POST /v1/auth/jwt/login).
+LOGIN_PATHS = web.AppKey("login_paths", frozenset)
 #: A token sent as Vault's clients send it (secretsd.api.vault): taken like ``Authorization: Bearer``.
 VAULT_TOKEN_HEADER = "X-Vault-Token"  # noqa: S105 (a header name, not a secret)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -193,8 +197,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         if audited:
             # Authenticate before anything else, so an unauthenticated caller learns nothing, not
-            # even whether a route or a path exists.
-            request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
+            # even whether a route or a path exists. A login route authenticates itself (its handler).
+            if request.path not in request.app[LOGIN_PATHS]:
+                request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
             if d.barrier.sealed and request.path not in SEALED_ROUTES:
                 raise SealedError()
             await d.audit_ready()
@@ -264,7 +269,7 @@ def create_metrics_app(daemon: Services) -> web.Application:
 
 
 def create_app(daemon: Services, *, access_log: AccessLog | None = None,
-               vault_mount: str | None = None) -> web.Application:
+               vault_mount: str | None = None, jwt_login: JwtLogin | None = None) -> web.Application:
     """The API application; ``access_log`` writes the line per request (default: through ``logging``);
     ``vault_mount``: serve the Vault KV version 2 façade at ``/v1/{vault_mount}`` ([vault] settings)."""
     app = web.Application(middlewares=[request_middleware], client_max_size=daemon.max_body_bytes)
@@ -273,6 +278,9 @@ def create_app(daemon: Services, *, access_log: AccessLog | None = None,
     app[ACCESS_LOG] = access_log or LoggingAccessLog()
     app[OPENAPI] = vault_routes.document(vault_mount)
     app[PUBLIC_PATHS] = routes.public_paths(table)
+    app[LOGIN_PATHS] = routes.login_paths(table)
+    if jwt_login is not None:
+        app[JWT_LOGIN] = jwt_login
     if vault_mount is not None:
         app[MOUNT] = vault_mount
     routes.register(app, table)

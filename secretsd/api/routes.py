@@ -19,6 +19,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from pydantic import BaseModel
 
 from secretsd.api import handlers as h
+from secretsd.api import jwt_login
 from secretsd.api.bodies import (
     MAX_VERSION,
     BatchWriteBody,
@@ -76,6 +77,9 @@ class Operation:
     public: bool = False
     #: Answers while sealed, so an operator can learn why it is sealed.
     while_sealed: bool = False
+    #: Authenticates itself (a login: its body is the credential): recorded, but the middleware does
+    #: not ask the authenticators; the handler sets the principal (secretsd.api.jwt_login).
+    login: bool = False
     ok: int = 200
     ok_type: str = JSON
     #: Statuses only this operation answers, beyond the common ones.
@@ -201,6 +205,9 @@ OPERATIONS: tuple[Operation, ...] = (
               Capability.ADMIN, "on sys/tokens"),
     Operation("DELETE", "/v1/auth/tokens/{token_id}", h.revoke_token, "Revoke a token", "token.revoke",
               Capability.ADMIN, "on sys/tokens"),
+    Operation("POST", "/v1/auth/jwt/login", jwt_login.jwt_login,
+              "Exchange a workload JWT (Kubernetes service account, OIDC) for a short-lived token",
+              "auth.login", body=jwt_login.JwtLoginBody, login=True),
     # Every caller may ask who it is: it reveals only what its own token already carries.
     Operation("GET", "/v1/auth/whoami", h.whoami, "The calling token's client and policies", "auth.whoami",
               while_sealed=True),
@@ -225,6 +232,11 @@ def _paths(want: Callable[[Operation], bool], operations: tuple[Operation, ...] 
 PUBLIC_PATHS = _paths(lambda op: op.public)
 #: While sealed the API answers 503 `sealed` (after authentication), except on these paths.
 SEALED_PATHS = _paths(lambda op: op.while_sealed)
+
+
+def login_paths(operations: tuple[Operation, ...] = OPERATIONS) -> frozenset[str]:
+    """The paths of the operations that authenticate themselves (``Operation.login``)."""
+    return _paths(lambda op: op.login, operations)
 
 
 def public_paths(operations: tuple[Operation, ...]) -> frozenset[str]:

@@ -59,13 +59,32 @@ def _read_token() -> str:
     return token
 
 
+def _jwt_login(ctx: Ctx, jwt_file: Path | None) -> str:
+    """A daemon token for the workload JWT in ``jwt_file`` (POST /v1/auth/jwt/login)."""
+    if jwt_file is None:
+        raise ConfigError("--method jwt needs --jwt-file FILE (a Kubernetes service-account token, say: "
+                          "/var/run/secrets/tokens/secretsd)")
+    try:
+        jwt = jwt_file.read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the JWT file {jwt_file}: {exc.__class__.__name__}") from None
+    if not jwt:
+        raise ConfigError(f"the JWT file {jwt_file} is empty")
+    with ctx.client() as client:
+        answer = client.jwt_login(jwt)
+    return str(answer["token"])
+
+
 @main.command()
-@click.option("--method", type=click.Choice(["token"]), default="token", show_default=True,
-              help="How to log in (token: paste or pipe an existing token).")
+@click.option("--method", type=click.Choice(["token", "jwt"]), default="token", show_default=True,
+              help="How to log in (token: paste or pipe an existing token; jwt: exchange the workload "
+                   "JWT in --jwt-file for a short-lived token).")
+@click.option("--jwt-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --method jwt: the file holding the JWT (a projected service-account token).")
 @click.option("--print", "print_only", is_flag=True, help="Print the token instead of storing it.")
 @json_option
 @remote
-def login(ctx: Ctx, method: str, print_only: bool, as_json: bool) -> None:
+def login(ctx: Ctx, method: str, jwt_file: Path | None, print_only: bool, as_json: bool) -> None:
     """Keep a token for the CLI (0600, under ~/.config/secretsd), after the daemon accepts it.
 
     \b
@@ -73,8 +92,14 @@ def login(ctx: Ctx, method: str, print_only: bool, as_json: bool) -> None:
       secretsd login                     # prompts for the token
       secretsd token create ... | secretsd login
       secretsd login --print < token.txt
+      secretsd login --method jwt --jwt-file /var/run/secrets/tokens/secretsd --print
     """
-    ctx.token = _read_token()
+    if method == "jwt":
+        ctx.token = _jwt_login(ctx, jwt_file)
+    elif jwt_file is not None:
+        raise ConfigError("--jwt-file goes with --method jwt")
+    else:
+        ctx.token = _read_token()
     with ctx.client() as client:
         who = client.whoami()  # a refused token is never stored
     if who.get("method") != "token":

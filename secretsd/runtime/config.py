@@ -86,6 +86,8 @@ class JwtAuthSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     jwks_file: Path | None = None
     jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    #: The CA that signed the jwks_url server's certificate (the cluster CA, say); default: the system's.
+    jwks_ca_file: Path | None = None
     issuer: str | None = None
     audiences: list[str] = Field(default_factory=list)
     #: The life of the daemon token a login returns.
@@ -385,7 +387,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         value = data[name]
         if value is not None and not Path(value).is_absolute():
             data[name] = (base / value).resolve()
-    for table, name in (("tls", "client_ca_file"), ("tls", "crl_file"), ("jwt", "jwks_file")):
+    for table, name in (("tls", "client_ca_file"), ("tls", "crl_file"), ("jwt", "jwks_file"), ("jwt", "jwks_ca_file")):
         value = data["auth"][table][name]
         if value is not None and not Path(value).is_absolute():
             data["auth"][table][name] = (base / value).resolve()

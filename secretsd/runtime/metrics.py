@@ -139,9 +139,11 @@ def _auth_metrics(d: Daemon) -> Metric:
     """Authentications per method (token, unix, ... ; "none": nothing recognised) and outcome."""
     family = CounterMetricFamily("secretsd_auth_attempts", "Requests authenticated (success) or refused "
                                  "(failure), by the method that decided", labels=["method", "outcome"])
-    for method in (*d.authenticators.methods, "none"):
+    # Login methods (jwt) are no members, but count under their own name too.
+    counts = d.authenticators.counts
+    for method in dict.fromkeys((*d.authenticators.methods, *(m for m, _ in counts), "jwt", "none")):
         for outcome in ("success", "failure"):
-            family.add_metric([method, outcome], d.authenticators.counts.get((method, outcome), 0))
+            family.add_metric([method, outcome], counts.get((method, outcome), 0))
     return family
 
 

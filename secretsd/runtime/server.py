@@ -16,6 +16,7 @@ from aiohttp import web
 
 from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
+from secretsd.auth.jwt import JwtLogin
 from secretsd.auth.tls import client_verification
 from secretsd.errors import ConfigError, PolicyFileError
 from secretsd.runtime.config import Settings, parse_listen
@@ -140,7 +141,11 @@ async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, dae
     """The API on TCP ``listen`` and/or the Unix socket ``listen_unix`` (one app, one edge); their URLs
     and the TCP site (its TLS context is replaced on SIGHUP)."""
     requests_log = access_log(settings.log_level, settings.log_format)
-    runner = await _runner(stack, create_app(daemon, access_log=requests_log,
+    login = JwtLogin.from_settings(settings.auth.jwt)
+    if login is not None:
+        await login.keys.start()  # a jwks_file that does not load stops the start (ConfigError)
+        stack.push_async_callback(login.keys.stop)
+    runner = await _runner(stack, create_app(daemon, access_log=requests_log, jwt_login=login,
                                              vault_mount=settings.vault.kv_mount if settings.vault.enabled else None))
     where = []
     tcp_site = None

@@ -1,0 +1,316 @@
+"""Workload JWT login: a Kubernetes service-account token (or any OIDC issuer's JWT) for a daemon token.
+
+``POST /v1/auth/jwt/login`` hands the JWT to ``JwtLogin.verify``; what it returns names the client
+and policies of the first ``[[auth.jwt.rules]]`` entry whose claims all equal the token's, and the
+daemon mints a short-lived token for them through the token service (no second token store).
+
+The rules, each in one function:
+
+- ``check_jwt_size``: a JWT longer than ``MAX_JWT_BYTES`` is refused before anything parses it.
+- ``check_algorithm``: only RS256, ES256 and EdDSA; ``none`` and every HMAC algorithm are refused
+  before a key is looked up (algorithm confusion: an HS256 token "signed" with the public key).
+- the signature by the JWKS key named by ``kid`` (a JWKS of one key serves tokens without ``kid``);
+  ``iss`` equal to ``issuer``, ``aud`` among ``audiences``, ``exp`` required, ``exp``/``nbf``/``iat``
+  within ``leeway_seconds`` (PyJWT's checks, every one switched on).
+- ``claims_match``: a rule's ``claims`` table, where a nested table names a nested claim:
+  ``claims = { "kubernetes.io" = { namespace = "billing" } }`` matches
+  ``{"kubernetes.io": {"namespace": "billing", ...}}``. Keys are never split on dots (``kubernetes.io``
+  is one key); every listed claim must be present and equal (same JSON type), other claims are ignored.
+
+Every refusal is one bare ``UnauthenticatedError``: which check failed, and which rules exist, is not
+the caller's business. The JWKS (``JwksCache``) comes from ``jwks_file`` or ``jwks_url``, read again
+every ``refresh_interval_seconds`` off the event loop with a bounded timeout and size; a failed
+refresh keeps the last good keys, for at most ``max_stale_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from secretsd.domain.client_names import check_client_name
+from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+
+log = logging.getLogger("secretsd.auth.jwt")
+
+#: Longer than any service-account or OIDC token seen in practice (about 1-2 KiB), short enough that
+#: an anonymous caller cannot make us base64-decode and JSON-parse megabytes.
+MAX_JWT_BYTES = 16 * 1024
+#: The asymmetric algorithms accepted; everything else (none, HS*, PS* unless added here) is refused.
+ALLOWED_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA"})
+#: A JWKS bigger than this is refused (a fetched document is read up to this many bytes).
+MAX_JWKS_BYTES = 1024 * 1024
+_Scalar = str | int | bool
+
+
+class JwtRule(BaseModel):
+    """One ``[[auth.jwt.rules]]`` entry: claims that must all equal, the client and its policies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    claims: dict[str, Any] = Field(min_length=1)
+    client: str
+    policies: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("client")
+    @classmethod
+    def _client_name(cls, value: str) -> str:
+        try:
+            check_client_name(value)
+        except RequestError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("claims")
+    @classmethod
+    def _claims(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_claims(value)
+        return value
+
+
+def _check_claims(claims: Mapping[str, Any], where: str = "claims") -> None:
+    if not claims:
+        raise ValueError(f"{where} is empty (a rule that matches every token is not allowed)")
+    for name, expected in claims.items():
+        if isinstance(expected, Mapping):
+            _check_claims(expected, f"{where}.{name}")
+        elif not isinstance(expected, _Scalar):
+            raise ValueError(f"{where}.{name}: a claim is matched against a string, number, boolean or table")
+
+
+def claims_match(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
+    """The rule "every claim a rule lists equals the token's": nested tables name nested claims;
+    ``True`` never equals ``1`` (JSON types must agree)."""
+    for name, want in expected.items():
+        if name not in actual:
+            return False
+        got = actual[name]
+        if isinstance(want, Mapping):
+            if not isinstance(got, Mapping) or not claims_match(want, got):
+                return False
+        elif type(got) is not type(want) or got != want:
+            return False
+    return True
+
+
+def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[JwtRule, ...]:
+    try:
+        return tuple(JwtRule.model_validate(dict(r)) for r in raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'rule'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid [[auth.jwt.rules]]: {problems}") from None
+
+
+def check_jwt_size(token: str) -> None:
+    """The rule "a JWT larger than MAX_JWT_BYTES is refused before parsing"."""
+    if len(token) > MAX_JWT_BYTES:
+        raise UnauthenticatedError()
+
+
+def check_algorithm(header: Mapping[str, Any]) -> str:
+    """The rule "only RS256, ES256 and EdDSA": ``none`` and HMAC are algorithm confusion."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+        raise UnauthenticatedError()
+    return alg
+
+
+# -- the keys -------------------------------------------------------------------------------------
+def parse_jwks(raw: bytes) -> dict[str | None, pyjwt.PyJWK]:
+    """The usable signing keys of a JWKS document by kid (ValueError if none is usable)."""
+    try:
+        document = json.loads(raw)
+        keys = document["keys"] if isinstance(document, dict) else None
+        if not isinstance(keys, list):
+            raise ValueError("a JWKS is a JSON object with a list 'keys'")
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a JWKS document ({exc.__class__.__name__})") from None
+    found: dict[str | None, pyjwt.PyJWK] = {}
+    for entry in keys:
+        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" or entry.get("kty") == "oct":
+            continue  # encryption keys and symmetric keys never verify a login
+        try:
+            key = pyjwt.PyJWK(entry)
+        except pyjwt.PyJWTError:
+            continue  # an algorithm or key type this library does not know: skipped, not fatal
+        found[entry.get("kid")] = key
+    if not found:
+        raise ValueError("the JWKS holds no usable signing key (RSA, EC or OKP)")
+    return found
+
+
+@dataclass
+class _Keys:
+    keys: dict[str | None, pyjwt.PyJWK]
+    fetched: float  # time.monotonic() of the last good read
+
+
+class JwksCache:
+    """The JWKS from a file or a URL, refreshed in the background; the last good keys are kept while
+    refreshes fail, for ``max_stale`` seconds at most (then every login is refused until one succeeds)."""
+
+    def __init__(self, *, file: Path | None, url: str | None, ca_file: Path | None = None, timeout: float = 5.0,
+                 refresh: float = 300.0, max_stale: float = 3600.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if (file is None) == (url is None):
+            raise ConfigError("[auth.jwt] needs jwks_file or jwks_url (one of them)")
+        self._file, self._url, self._ca_file = file, url, ca_file
+        self._timeout, self._refresh, self._max_stale = timeout, refresh, max_stale
+        self._monotonic = monotonic
+        self._current: _Keys | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    @property
+    def source(self) -> str:
+        return str(self._file) if self._file is not None else str(self._url)
+
+    def _read(self) -> bytes:
+        """One read of the source, blocking: called in a worker thread."""
+        if self._file is not None:
+            with self._file.open("rb") as f:
+                return f.read(MAX_JWKS_BYTES + 1)
+        assert self._url is not None
+        context = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+        # jwks_url is checked to be http(s):// by the settings (no file: or custom schemes).
+        request = urllib.request.Request(self._url, headers={"Accept": "application/json"})  # noqa: S310
+        with urllib.request.urlopen(request, timeout=self._timeout, context=context) as response:  # noqa: S310
+            return bytes(response.read(MAX_JWKS_BYTES + 1))
+
+    async def refresh(self) -> None:
+        """Read the source once (off the event loop, bounded); raises ValueError/OSError on failure."""
+        try:
+            raw = await asyncio.wait_for(asyncio.to_thread(self._read), timeout=self._timeout + 1)
+        except TimeoutError as exc:
+            raise OSError(f"reading the JWKS from {self.source} took longer than {self._timeout}s") from exc
+        if len(raw) > MAX_JWKS_BYTES:
+            raise ValueError(f"the JWKS at {self.source} is larger than {MAX_JWKS_BYTES} bytes")
+        self._current = _Keys(parse_jwks(raw), self._monotonic())
+
+    async def start(self) -> None:
+        """The first read: a file must load (ConfigError); a URL that fails is retried in the background."""
+        try:
+            await self.refresh()
+        except (OSError, ValueError) as exc:
+            if self._file is not None:
+                raise ConfigError(f"[auth.jwt] jwks_file {self._file}: {exc}") from exc
+            self.failures += 1
+            log.warning("cannot fetch the JWKS from %s yet (%s); JWT logins are refused until it loads",
+                        self._url, exc)
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh)
+            try:
+                await self.refresh()
+            except (OSError, ValueError) as exc:
+                self.failures += 1
+                log.warning("JWKS refresh from %s failed (%s); the last good keys stay in use for at most %ds",
+                            self.source, exc, self._max_stale)
+
+    def key(self, kid: object) -> pyjwt.PyJWK:
+        """The key a token names (``kid``); a single-key JWKS serves a token without one."""
+        current = self._current
+        if current is None or self._monotonic() - current.fetched > self._max_stale + self._refresh:
+            raise UnauthenticatedError()  # no keys, or keys too old to trust
+        if isinstance(kid, str) and kid in current.keys:
+            return current.keys[kid]
+        if kid is None and len(current.keys) == 1:
+            return next(iter(current.keys.values()))
+        raise UnauthenticatedError()
+
+
+# -- the login ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JwtIdentity:
+    """What a verified JWT proved: the rule's client and policies, the token's own end, and the
+    identity it presented (``sub``, ``iss``) for the audit log -- never the JWT itself."""
+
+    client: str
+    policies: tuple[str, ...]
+    expires_at: datetime
+    subject: str | None
+    issuer: str
+
+
+def presented_identity(token: str) -> dict[str, str]:
+    """``sub`` and ``iss`` as the caller presented them (unverified, clipped), for the audit record of
+    a refusal; empty when the token does not even parse. Never the token."""
+    try:
+        claims = pyjwt.decode(token, options={"verify_signature": False})
+    except pyjwt.PyJWTError:
+        return {}
+    return {k: v[:256] for k in ("sub", "iss") if isinstance(v := claims.get(k), str)}
+
+
+class JwtLogin:
+    """Verifies JWTs against the JWKS and maps their claims by the rules."""
+
+    def __init__(self, keys: JwksCache, *, issuer: str, audiences: Sequence[str], rules: Sequence[JwtRule],
+                 leeway_seconds: int = 30, token_ttl_seconds: int = 900) -> None:
+        if not issuer or not audiences:
+            raise ConfigError("[auth.jwt] needs issuer and audiences: a token for another service, or from "
+                              "another issuer, must not log in here")
+        self.keys = keys
+        self.issuer = issuer
+        self.audiences = list(audiences)
+        self._rules = tuple(rules)
+        self.leeway = leeway_seconds
+        self.token_ttl_seconds = token_ttl_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> JwtLogin | None:
+        """From ``[auth.jwt]`` (secretsd.runtime.config.JwtAuthSettings); None when it is not configured."""
+        if settings.jwks_file is None and settings.jwks_url is None:
+            return None
+        keys = JwksCache(file=settings.jwks_file, url=settings.jwks_url, ca_file=settings.jwks_ca_file,
+                         timeout=settings.fetch_timeout_seconds, refresh=settings.refresh_interval_seconds,
+                         max_stale=settings.max_stale_seconds)
+        return cls(keys, issuer=settings.issuer or "", audiences=settings.audiences,
+                   rules=parse_rules(settings.rules), leeway_seconds=settings.leeway_seconds,
+                   token_ttl_seconds=settings.token_ttl_seconds)
+
+    def verify(self, token: str) -> JwtIdentity:
+        """The identity a JWT proves, by the first rule its claims match; UnauthenticatedError otherwise."""
+        check_jwt_size(token)
+        try:
+            header = pyjwt.get_unverified_header(token)
+            alg = check_algorithm(header)
+            key = self.keys.key(header.get("kid"))
+            claims = pyjwt.decode(
+                token, key=key.key, algorithms=[alg], audience=self.audiences, issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iss", "aud"], "verify_signature": True, "verify_exp": True,
+                         "verify_nbf": True, "verify_iat": True, "verify_aud": True, "verify_iss": True},
+            )
+        except (pyjwt.PyJWTError, ValueError, TypeError):
+            claims = None
+        if claims is None:
+            # Raised here, not in the handler: no chained exception says which check failed.
+            raise UnauthenticatedError()
+        for rule in self._rules:
+            if claims_match(rule.claims, claims):
+                sub = claims.get("sub")
+                return JwtIdentity(rule.client, rule.policies, datetime.fromtimestamp(claims["exp"], UTC),
+                                   sub if isinstance(sub, str) else None, self.issuer)
+        raise UnauthenticatedError()
