@@ -364,3 +364,15 @@ class TestRecoverySharesProviderConformance(KeyProviderConformance):
         p = RecoverySharesKeyProvider.from_secret(secrets.token_bytes(32))
         yield p
         p.close()
+
+
+def test_shares_typed_at_the_prompt_are_not_echoed(shared_store: tuple[Path, str, list[str]]) -> None:
+    data, _admin, shares = shared_store
+    lose_key_file(data)
+    typed = cli("token", "create-root", "--data-dir", str(data), "--recovery-shares", "--json",
+                stdin="\n".join([shares[1], shares[4], shares[0]]) + "\n")
+    assert typed.exit_code == 0, typed.stderr
+    assert "Recovery share 2 of 3" in typed.stderr  # asked for as many as the set needs
+    assert_nowhere(shares, [typed.stdout.encode(), typed.stderr.encode()])
+    both = cli("token", "create-root", "--data-dir", str(data), "--recovery-shares", "--recovery-shares-stdin")
+    assert both.exit_code == 2
