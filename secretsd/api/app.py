@@ -35,7 +35,7 @@ from secretsd.api.vault import MOUNT
 from secretsd.auth import authenticate
 from secretsd.auth.jwt import JwtLogin
 from secretsd.domain.identity import Credentials
-from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError
+from secretsd.errors import AuditError, RequestError, SealedError, SecretsdError, UnauthenticatedError
 from secretsd.problems import INTERNAL, PROBLEM_CONTENT_TYPE, ProblemType, problem_document, problem_for
 
 log = logging.getLogger("secretsd.http")
@@ -86,12 +86,12 @@ def _credentials(request: web.Request) -> Credentials:
     headers = request.headers.getall("Authorization", [])
     if len(headers) > 1:
         raise RequestError("send one Authorization header, not several")
-    header = headers[0] if headers else ""
-    scheme, _, value = header.partition(" ")
-    bearer = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    bearer = None
     # The one lookup a native request pays for the façade; with the façade off, the header is nobody's.
     if VAULT_TOKEN_HEADER in request.headers and MOUNT in request.app:
         bearer = _vault_token(request, authorization=bool(headers))
+    elif headers:
+        bearer = bearer_of(headers[0])
     # The Unix-socket peer, read by the listener once per connection (runtime/unix_listener.py);
     # a TCP connection's handler has none.
     # And a TLS client certificate, verified by the handshake and read once per connection (runtime/edge.py).
@@ -100,13 +100,28 @@ def _credentials(request: web.Request) -> Credentials:
                        client_cert=getattr(protocol, "client_cert", None))
 
 
-def _vault_token(request: web.Request, *, authorization: bool) -> str | None:
+def bearer_of(authorization: str) -> str:
+    """The rule "a credential presented decides": the token of an ``Authorization: Bearer TOKEN``
+    header. Any other header that is present (another scheme, ``Bearer`` with nothing after it) is
+    a 401 here, never a fall-back to the connection's own identity (a Unix peer, a client
+    certificate), as it is a 401 on a connection that has none."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise UnauthenticatedError()
+    return value.strip()
+
+
+def _vault_token(request: web.Request, *, authorization: bool) -> str:
     """The rule "one credential at most": an X-Vault-Token beside an Authorization header, or two
     X-Vault-Token headers, is a 400, for the reason two Authorization headers are."""
     sent = request.headers.getall(VAULT_TOKEN_HEADER)
     if len(sent) > 1 or authorization:
         raise RequestError("send one credential: one Authorization or one X-Vault-Token header, not several")
-    return sent[0].strip() or None
+    # Present but empty is refused like an unusable Authorization header (bearer_of), never a fall-back.
+    token = sent[0].strip()
+    if not token:
+        raise UnauthenticatedError()
+    return token
 
 
 def _on_vault_surface(request: web.Request) -> bool:

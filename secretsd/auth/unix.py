@@ -9,12 +9,18 @@ The executable path of the peer's pid is not matched: reading it by pid races wi
 (the peer may exit and another process take its pid between connect and the read), and a race-free
 read needs a pidfd taken from the socket (SO_PEERPIDFD, Linux 6.5), which this daemon does not rely
 on. docs/auth.md says so.
+
+The overflow ids (``/proc/sys/kernel/overflowuid`` and ``overflowgid``, usually 65534) are never an
+identity: a daemon in a user namespace sees every peer whose uid or gid its namespace does not map
+as that id, so a rule naming it would admit every such peer. Both are read once, when the rules are
+loaded; a rule naming one is refused, and a peer carrying one is refused (``OverflowIds``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,12 +60,48 @@ class UnixRule(BaseModel):
         return (self.uid is None or self.uid == peer.uid) and (self.gid is None or self.gid == peer.gid)
 
 
-def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[UnixRule, ...]:
+_OVERFLOW_FILES = (Path("/proc/sys/kernel/overflowuid"), Path("/proc/sys/kernel/overflowgid"))
+#: The kernel's default overflow id, used where /proc does not say.
+_DEFAULT_OVERFLOW = 65534
+
+
+@dataclass(frozen=True)
+class OverflowIds:
+    """The uid and gid the kernel reports for an id the reader's user namespace cannot map."""
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def of_this_system(cls, files: tuple[Path, Path] = _OVERFLOW_FILES) -> OverflowIds:
+        def read(file: Path) -> int:
+            try:
+                return int(file.read_text().strip())
+            except (OSError, ValueError):
+                return _DEFAULT_OVERFLOW
+        return cls(read(files[0]), read(files[1]))
+
+    def carried_by(self, peer: PeerCredentials) -> bool:
+        """The rule "an unmapped peer is nobody": a uid or gid equal to the overflow id is no identity."""
+        return peer.uid == self.uid or peer.gid == self.gid
+
+
+def parse_rules(raw: Sequence[Mapping[str, Any]], overflow: OverflowIds | None = None) -> tuple[UnixRule, ...]:
     try:
-        return tuple(UnixRule.model_validate(dict(r)) for r in raw)
+        rules = tuple(UnixRule.model_validate(dict(r)) for r in raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'rule'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid [[auth.unix.rules]]: {problems}") from None
+    overflow = overflow or OverflowIds.of_this_system()
+    for index, rule in enumerate(rules):
+        if rule.uid == overflow.uid or rule.gid == overflow.gid:
+            named = f"uid {rule.uid}" if rule.uid == overflow.uid else f"gid {rule.gid}"
+            raise ConfigError(
+                f"invalid [[auth.unix.rules]]: rule {index + 1} (client {rule.client!r}) names {named}, the "
+                "kernel's overflow id (/proc/sys/kernel/overflowuid, overflowgid): every peer a user "
+                "namespace cannot map is reported as it, so it identifies nobody. Run the service under "
+                "its own uid and name that")
+    return rules
 
 
 @dataclass(frozen=True)
@@ -73,7 +115,8 @@ class UnixAuthenticator:
 
     method = "unix"
 
-    def __init__(self, rules: Sequence[UnixRule]) -> None:
+    def __init__(self, rules: Sequence[UnixRule], overflow: OverflowIds | None = None) -> None:
+        self._overflow = overflow or OverflowIds.of_this_system()  # read once, at start
         self._rules = tuple(rules)
 
     @classmethod
@@ -84,7 +127,8 @@ class UnixAuthenticator:
         rules = options.get("rules", [])
         if not isinstance(rules, list | tuple):
             raise ConfigError("authenticator 'unix': rules must be a list of tables ([[auth.unix.rules]])")
-        return cls(parse_rules(rules))
+        overflow = OverflowIds.of_this_system()
+        return cls(parse_rules(rules, overflow), overflow)
 
     def __repr__(self) -> str:
         return f"UnixAuthenticator(rules={len(self._rules)})"
@@ -98,7 +142,10 @@ class UnixAuthenticator:
         self._rules = tuple(rules)
 
     def decide(self, peer: PeerCredentials) -> Principal | None:
-        """The rule "peer credentials map by the first matching rule": None when no rule matches."""
+        """The rule "peer credentials map by the first matching rule": None when no rule matches,
+        or when the peer is one the kernel could not map (``OverflowIds.carried_by``)."""
+        if self._overflow.carried_by(peer):
+            return None
         for rule in self._rules:
             if rule.matches(peer):
                 return Principal(rule.client, rule.policies, self.method)

@@ -6,9 +6,15 @@ The socket file is prepared with care because its path is a name others can race
 - a socket another live daemon answers on is refused (two daemons, one name: the later would steal
   the name from the earlier's clients);
 - a socket nobody answers on (the file a killed daemon left) is replaced;
-- the mode (``unix_socket_mode``) and group (``unix_socket_group``) are set between ``bind()`` and
-  ``listen()``: until ``listen()`` every ``connect()`` is refused, so no peer connects through a
-  looser mode in between;
+- the socket's directory, and every directory above it, must be owned by root or the daemon's user
+  and not writable by anyone else (``check_socket_directory``): in a directory others can write, one
+  of them could take the name first (and collect the tokens clients send) or swap the file under us;
+- the socket is bound inside a private directory (0700, made beside the final name), its mode
+  (``unix_socket_mode``) and group (``unix_socket_group``) are set there through a descriptor of
+  the file itself (``O_PATH|O_NOFOLLOW``, then ``/proc/self/fd``: never by a path a symlink could be
+  swapped into; ``fchmod`` on the socket's own descriptor would change the sockfs inode, not the
+  file), and only then is it hard-linked to its final name (``link()`` never replaces an entry), so
+  the name never shows a looser mode or the wrong group, and ``listen()`` comes after;
 - at stop the file is removed only if it is still the one this process bound (same inode), so a
   daemon stopping never removes a successor's socket.
 
@@ -27,6 +33,7 @@ import os
 import socket
 import stat
 import struct
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
@@ -96,20 +103,96 @@ def clear_stale_socket(path: Path) -> None:
         path.unlink()
 
 
+def _unsafe_directory(info: os.stat_result, *, final: bool) -> str | None:
+    """Why a directory on the socket's path is not safe for it, or None."""
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {info.st_uid}, neither root nor the daemon's user"
+    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    # Above the socket's own directory a sticky bit suffices (/tmp): others cannot rename or remove
+    # what is not theirs. In the socket's own directory it does not: they could take the name first.
+    if writable and (final or not info.st_mode & stat.S_ISVTX):
+        return "is writable by group or others"
+    return None
+
+
+def check_socket_directory(directory: Path) -> None:
+    """The rule "the socket's directory is trusted": it, and every directory above it (as written and
+    as resolved), are owned by root or the daemon's user and not writable by others (above it, a
+    sticky bit is enough). Otherwise another local user could bind the name first and collect the
+    bearer tokens clients send, or replace the socket while we run (ConfigError)."""
+    try:
+        resolved = directory.resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"listen_unix: the directory {directory} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"listen_unix: cannot examine {directory} ({exc.strerror})") from exc
+    written = directory.absolute()
+    for chain in ((written, *written.parents), (resolved, *resolved.parents)):
+        for index, ancestor in enumerate(chain):
+            try:
+                problem = _unsafe_directory(ancestor.stat(), final=index == 0)
+            except OSError as exc:
+                problem = f"cannot be examined ({exc.strerror})"
+            if problem is not None:
+                raise ConfigError(
+                    f"listen_unix {directory}: {ancestor} {problem}; another local user could take the "
+                    "socket's name or replace it. Use a private directory such as /run/secretsd "
+                    "(owned by the daemon's user, mode 0750; systemd: RuntimeDirectory=secretsd, "
+                    "RuntimeDirectoryMode=0750)")
+
+
+def _set_mode_and_group(path: Path, mode: int, gid: int | None) -> int:
+    """Mode and group of the socket file at ``path``, set on that very file; returns its inode.
+
+    The file is opened without following a symlink (``O_PATH|O_NOFOLLOW``) and checked to be a
+    socket; the changes go through ``/proc/self/fd/N``, which names the opened inode, whatever is at
+    ``path`` by then. (``fchmod`` on the socket's own descriptor changes the sockfs inode, not the
+    file's mode.)
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ConfigError(f"listen_unix {path}: the file we bound was replaced before its mode was set; "
+                              "refusing to start")
+        handle = f"/proc/self/fd/{fd}"
+        os.chmod(handle, mode)
+        if gid is not None:
+            os.chown(handle, -1, gid)
+        return info.st_ino
+    finally:
+        os.close(fd)
+
+
 def bind_unix(path: Path, mode: int, gid: int | None) -> tuple[socket.socket, int]:
     """A listening socket at ``path`` with ``mode`` and group ``gid``; returns it and the file's inode."""
-    if not path.parent.is_dir():
-        raise ConfigError(f"listen_unix {path}: the directory {path.parent} does not exist")
+    check_socket_directory(path.parent)
     clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        # Before listen(): until then every connect() is refused, whatever the mode.
-        os.chmod(path, mode)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        inode = path.lstat().st_ino
+        # Bound in a directory only we can enter, finished there, then linked to the public name.
+        private = Path(tempfile.mkdtemp(prefix=".secretsd-bind-", dir=path.parent))
+        try:
+            staged = private / "s"
+            sock.bind(str(staged))
+            inode = _set_mode_and_group(staged, mode, gid)
+            try:
+                os.link(staged, path)  # never replaces: an entry that appeared since is not ours to take
+            except FileExistsError:
+                raise ConfigError(f"listen_unix {path}: something took the name while we prepared the socket; "
+                                  "refusing to start") from None
+        finally:
+            with contextlib.suppress(OSError):
+                (private / "s").unlink()
+            with contextlib.suppress(OSError):
+                private.rmdir()
+        # Until listen() every connect() is refused.
         sock.listen(ACCEPT_BATCH * 8)
+    except ConfigError:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on unix socket {path}: {exc.strerror}") from exc
