@@ -10,7 +10,7 @@ import json
 import signal
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from secretsd_client.errors import UnauthenticatedError as ClientUnauthenticated
 from secretsd_client.operations import client_certificate
 
 from secretsd.auth import AuthenticatorContext, authenticator_factory
+from secretsd.auth.testing import AuthenticatorConformance, AuthenticatorHarness, Issued
 from secretsd.auth.tls import TlsAuthenticator, allows_client_auth, client_verification, parse_rules, read_certificate
 from secretsd.cli import main
 from secretsd.domain.identity import Credentials
@@ -458,3 +459,62 @@ def test_client_ca_without_tls_listener_is_refused(tmp_path: Path) -> None:
     init_store(data)
     result = run_cli("serve", "--data-dir", str(data), "--config", str(config), "--listen", "127.0.0.1:1")
     assert result.returncode != 0 and "client_ca_file needs the TLS listener" in result.stderr
+
+
+# -- the conformance suite every authenticator passes ---------------------------------------------
+class TlsHarness:
+    """Certificates from the test CA, each pinned by a fingerprint rule (so a certificate with the
+    same names and another key is "tampered"); revoking removes the rule, as an operator would."""
+
+    compares_secrets = False  # the handshake verified the certificate; nothing secret is presented
+
+    def __init__(self) -> None:
+        self._now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        self.authenticator = authenticator_factory("tls").from_config(
+            {"rules": []}, AuthenticatorContext(storage=None, clock=lambda: self._now))  # type: ignore[arg-type]
+        self._rules: dict[str, dict[str, object]] = {}
+        self._n = 0
+
+    def advance(self, seconds: float) -> None:
+        self._now += dt.timedelta(seconds=seconds)
+
+    def _cert(self, name: str, ttl_seconds: float | None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        end = self._now + dt.timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
+        return CA.issue(name, uris=(f"spiffe://test/{name}",), not_before=self._now - dt.timedelta(hours=1),
+                        not_after=end)
+
+    async def issue(self, client: str, policies: tuple[str, ...], *, ttl_seconds: float | None = None) -> Issued:
+        self._n += 1
+        cert, key = self._cert(f"{client}-{self._n}", ttl_seconds)
+        fp = hashlib.sha256(_der(cert)).hexdigest()
+        self._rules[fp] = {"fingerprint_sha256": fp, "client": client, "policies": list(policies)}
+        assert isinstance(self.authenticator, TlsAuthenticator)
+        self.authenticator.replace_rules(parse_rules(list(self._rules.values())))
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        return Issued(Credentials(client_cert=read_certificate(_der(cert))), client, policies, (pem,))
+
+    def unknown(self) -> Credentials:
+        return Credentials(client_cert=read_certificate(_der(self._cert("never-issued", None)[0])))
+
+    def malformed(self) -> Sequence[Credentials]:
+        return [Credentials(client_cert=read_certificate(der)) for der in (b"", b"\x30\x00", b"not DER")]
+
+    def tampered(self, issued: Issued) -> Credentials:
+        # The same names from the same CA, another key: not the certificate the rule pins.
+        cert = issued.credentials.client_cert
+        assert cert is not None
+        name = cert.uri_sans[0].rsplit("/", 1)[-1]
+        return Credentials(client_cert=read_certificate(_der(self._cert(name, None)[0])))
+
+    async def revoke(self, issued: Issued) -> None:
+        cert = issued.credentials.client_cert
+        assert cert is not None and isinstance(self.authenticator, TlsAuthenticator)
+        del self._rules[cert.fingerprint_sha256]
+        self.authenticator.replace_rules(parse_rules(list(self._rules.values())))
+
+
+class TestTlsAuthenticatorConformance(AuthenticatorConformance):
+    @pytest.fixture
+    async def harness(self) -> AsyncIterator[AuthenticatorHarness]:
+        yield TlsHarness()

@@ -205,7 +205,8 @@ class TlsAuthenticator:
 
     def decide(self, cert: ClientCertificate, now: datetime) -> Principal | None:
         """The rule "a certificate maps by the first matching rule, if usable now": None otherwise."""
-        if not cert.client_auth or not cert.not_before <= now <= cert.not_after:
+        # The notAfter instant itself is already too late (as a token's expiry is).
+        if not cert.client_auth or not cert.not_before <= now < cert.not_after:
             return None
         for rule in self._rules:
             if rule.matches(cert):
