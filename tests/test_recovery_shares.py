@@ -376,3 +376,72 @@ def test_shares_typed_at_the_prompt_are_not_echoed(shared_store: tuple[Path, str
     assert_nowhere(shares, [typed.stdout.encode(), typed.stderr.encode()])
     both = cli("token", "create-root", "--data-dir", str(data), "--recovery-shares", "--recovery-shares-stdin")
     assert both.exit_code == 2
+
+
+# -- recovery split: shares for an existing store, or new ones ------------------------------------------
+def split(data: Path, n: int = 3, k: int = 2) -> dict[str, Any]:
+    done = cli("recovery", "split", "--data-dir", str(data), "--recovery-shares", str(n),
+               "--recovery-threshold", str(k), "--json")
+    assert done.exit_code == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_recovery_split_adds_shares_to_a_store_made_without_them(tmp_path: Path) -> None:
+    data = tmp_path / "plain"
+    admin = json.loads(cli("init", "--data-dir", str(data), "--json").stdout)["admin_token"]
+
+    async def rekey() -> None:
+        async with running(load_settings(None, data_dir=data), admin) as api:
+            await api.put("app/x", "before")
+            assert (await api.client.post("/v1/sys/keyring/rotate", headers=api.auth())).status == 200
+
+    asyncio.run(rekey())
+    made = split(data)
+    assert made["replaced_key_id"] is None and len(made["recovery_shares"]) == 3
+    lose_key_file(data)
+    assert create_root(data, made["recovery_shares"][1:]).exit_code == 0
+
+
+def test_recovery_split_replaces_the_old_shares(shared_store: tuple[Path, str, list[str]]) -> None:
+    data, _admin, old = shared_store
+    before = json.loads(cli_pub(data))["key_id"]
+    made = split(data)
+    assert made["replaced_key_id"] == before != made["recovery_key_id"]
+    assert json.loads(cli_pub(data))["key_id"] == made["recovery_key_id"]
+    lose_key_file(data)
+    stale = create_root(data, old[:3])
+    assert stale.exit_code == 1 and "re-split" in stale.stderr, stale.stderr
+    assert create_root(data, made["recovery_shares"][:2]).exit_code == 0
+
+
+def cli_pub(data: Path) -> str:
+    return (data / "recovery-shares.pub").read_text()
+
+
+def test_recovery_split_interrupted_after_showing_the_shares_leaves_both_sets_working(
+        shared_store: tuple[Path, str, list[str]]) -> None:
+    from secretsd.runtime.recovery import Split, split_recovery_key
+
+    data, _admin, old = shared_store
+    shown: list[Split] = []
+
+    def crash(split: Split) -> None:
+        shown.append(split)
+        raise KeyboardInterrupt  # the operator's terminal dies right after the shares were printed
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(split_recovery_key(load_settings(None, data_dir=data), 3, 2, crash))
+    lose_key_file(data)
+    assert create_root(data, old[:3]).exit_code == 0  # the old shares still open every term
+    new = RecoverySharesKeyProvider.from_shares(shown[0].shares[:2])
+
+    async def opens_with_new_shares() -> None:
+        storage = build_storage(load_settings(None, data_dir=data))
+        await storage.open()
+        try:
+            for term in await storage.keyring_terms():
+                prove_custody(new, [term])  # unwraps the new key's wrapping of each term
+        finally:
+            await storage.close()
+
+    asyncio.run(opens_with_new_shares())

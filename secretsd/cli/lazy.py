@@ -44,6 +44,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "keyring": LazyCommand((_P + "system", _P + "masterkey"), "Keyring (data-key) operations."),
     "token": LazyCommand((_P + "system", _P + "recovery"), "Create, list and revoke tokens."),
     "hsm": LazyCommand((_P + "masterkey",), "Provision and check the HSM (PKCS#11) key provider."),
+    "recovery": LazyCommand((_P + "recovery",),
+                            "Recovery shares: a recovery key split among operators (docs/recovery.md)."),
     "storage": LazyCommand((_P + "storage",), "Storage backends: copy a store from one to another."),
     "backup": LazyCommand((_P + "backup",), "Back up a store to one authenticated file, verify it, restore it."),
     "audit": LazyCommand((_P + "audit",), "Verify the tamper-evident audit trail."),

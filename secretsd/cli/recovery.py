@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from secretsd.cli.common import emit_json, friendly_errors, json_option
+from secretsd.cli.common import emit_json, fail, friendly_errors, json_option, main
 from secretsd.cli.system import token
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -97,3 +97,54 @@ def token_create_root(config_file: Path | None, data_dir: Path | None, shares_pr
     click.echo(f"Audit record token.create-root written to chain {result.audit_chain!r} ({result.audit_file}).")
     click.echo("Root token (shown once; store it safely):")
     click.echo(f"  {result.token}")
+
+
+@main.group()
+def recovery() -> None:
+    """Recovery shares: a recovery key split among operators (docs/recovery.md)."""
+
+
+@recovery.command(name="split")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where the store lives.")
+@click.option("--recovery-shares", "count", type=int, required=True, help="N: how many shares (at most 16).")
+@click.option("--recovery-threshold", "threshold", type=int, required=True,
+              help="K: how many of them recover the store (1 < K <= N).")
+@json_option
+@friendly_errors
+def recovery_split(config_file: Path | None, data_dir: Path | None, count: int, threshold: int,
+                   as_json: bool) -> None:
+    """Give an initialised store a new recovery key split into N shares (adds one, or replaces the old one).
+
+    Needs the configured key provider (it unseals the keyring). Prints the shares once; the old
+    shares stop working when it finishes. Restart running daemons afterwards.
+
+    \b
+    Example:
+      secretsd recovery split --config /etc/secretsd/secretsd.toml --recovery-shares 5 --recovery-threshold 3
+    """
+    from keyproviders.shares import check_split
+    from secretsd.runtime.config import load_settings
+    from secretsd.runtime.recovery import Split, split_recovery_key
+
+    try:
+        check_split(count, threshold)
+    except ValueError as exc:
+        fail(f"--recovery-shares {count} --recovery-threshold {threshold}: {exc}", 2)
+    settings = load_settings(config_file, data_dir=data_dir)
+
+    def show(split: Split) -> None:
+        if as_json:
+            emit_json({"recovery_key_id": split.key_id, "recovery_shares": split.shares,
+                       "recovery_threshold": split.threshold, "replaced_key_id": split.replaced})
+            return
+        click.echo(f"Recovery key {split.key_id}: {len(split.shares)} shares, any {split.threshold} of which "
+                   "recover the store. Shown once: give each share to a different operator, then clear "
+                   "this screen.")
+        for number, share in enumerate(split.shares, start=1):
+            click.echo(f"  share {number}: {share}")
+
+    done = asyncio.run(split_recovery_key(settings, count, threshold, show))
+    if not as_json:
+        old = f"; recovery key {done.replaced} no longer opens it" if done.replaced else ""
+        click.echo(f"Every keyring term is wrapped for {done.key_id}{old}. Restart running daemons.")

@@ -336,3 +336,59 @@ def file_recovery_on_daemon_host(settings: Settings) -> list[str]:
 def _nearest(path: Path) -> Path:
     """``path`` or its nearest existing parent: at ``init`` neither the key file nor the data directory exists yet."""
     return next((p for p in (path, *path.parents) if p.exists()), path)
+
+
+@dataclass(frozen=True)
+class Split:
+    """What ``recovery split`` did: the new key's id, its shares (shown once), the key it replaced."""
+
+    key_id: str
+    shares: list[str]
+    threshold: int
+    replaced: str | None
+    terms: int
+
+
+async def split_recovery_key(
+    settings: Settings, shares: int, threshold: int, show: Callable[[Split], None]
+) -> Split:
+    """Give an existing store a new recovery key split into shares (adding one, or replacing the old one).
+
+    The store is opened with its configured providers (custody proven as in ``keyring migrate``).
+    Order, so that an interruption at any point leaves every term open to the old shares or the new
+    ones: (1) every term gains a wrapping for the new key beside the old ones; (2) ``show`` is called,
+    the only time the shares exist outside this process; (3) ``recovery-shares.pub`` is replaced;
+    (4) the old recovery key's wrappings are removed. Running daemons must be restarted after (3):
+    until then they wrap new terms for the old key and refuse rekeys once (4) removed it.
+    """
+    from secretsd.runtime.masterkey import migrate
+
+    check_split(shares, threshold)
+    configured = [t for t in settings.recovery_providers if t.options().get("kind") == RECOVERY_SHARES_KIND]
+    if configured:
+        raise ConfigError("the recovery key is named by a [[recovery_providers]] table in the configuration; "
+                          "'recovery split' manages DATA_DIR/recovery-shares.pub only: put the public key file "
+                          "in the data directory and remove the table first; nothing was changed")
+    public_file = settings.require_data_dir() / RECOVERY_SHARES_PUBLIC_FILE
+    old_id = None
+    if public_file.exists():
+        with provider_errors():
+            old_id = RecoverySharesKeyProvider.from_config({}, base_dir=public_file.parent).key_id()
+    secret, words = split_new_secret(shares, threshold)
+    fresh = RecoverySharesKeyProvider.from_secret(secret)
+    del secret
+    table = KeyProviderSettings.model_validate(
+        {"kind": RECOVERY_SHARES_KIND, "public_key": base64.b64encode(fresh.public_key).decode("ascii")})
+    kept = [KeyProviderSettings.model_validate({"kind": RECOVERY_SHARES_KIND,
+                                                "public_key_file": RECOVERY_SHARES_PUBLIC_FILE})] if old_id else []
+    both = settings.model_copy(update={"recovery_providers": [*settings.recovery_providers, *kept, table]})
+    await migrate(settings, both)  # (1): the old key's wrappings stay
+    split = Split(fresh.key_id(), words, threshold, old_id, 0)
+    show(split)  # (2)
+    tmp = public_file.with_name(f".{public_file.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_public_file(tmp, public_key_document(fresh.public_key))
+    os.replace(tmp, public_file)  # (3)
+    report = await migrate(settings, settings)  # (4): the data directory's key is now the new one
+    fresh.close()
+    return Split(split.key_id, words, threshold, old_id, report.terms)
