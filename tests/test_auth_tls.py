@@ -263,9 +263,16 @@ def test_a_client_key_that_does_not_load_is_a_config_error_naming_the_files(tmp_
     assert str(key) in str(caught.value) and "not-a-key" not in str(caught.value)
 
 
-def test_cli_client_certificate_options_are_checked() -> None:
+def test_cli_client_certificate_options_are_checked(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--client-cert", "/nonexistent/c.pem", "get", "app/x"])
     assert result.exit_code == 2 and "/nonexistent/c.pem" in result.output and "Traceback" not in result.output
+    cert, key = _write_pair(tmp_path, "c", *CA.issue("c"))
+    alone = CliRunner().invoke(main, ["--addr", "https://127.0.0.1:1", "--client-cert", str(cert), "get", "app/x"])
+    assert alone.exit_code == 2 and "needs both" in alone.output and alone.output.count("\n") == 1
+    swapped = CliRunner().invoke(main, ["--addr", "https://127.0.0.1:1", "--client-cert", str(key),
+                                        "--client-key", str(cert), "get", "app/x"])
+    assert swapped.exit_code == 2 and "cannot load the client certificate" in swapped.output
+    assert "PRIVATE KEY" not in swapped.output
 
 
 # -- a real daemon requiring client certificates --------------------------------------------------
