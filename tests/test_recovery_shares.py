@@ -445,3 +445,18 @@ def test_recovery_split_interrupted_after_showing_the_shares_leaves_both_sets_wo
             await storage.close()
 
     asyncio.run(opens_with_new_shares())
+
+
+def test_recovery_wrapping_known_answer() -> None:
+    # Pins the construction (HKDF label, ECIES KDF binding, AES-256-GCM): a store wrapped by this
+    # release must open with every later one, given the same shares.
+    from keyproviders import WrappedKey
+
+    holder = RecoverySharesKeyProvider.from_secret(bytes(range(32)))
+    assert holder.public_key.hex() == "3bf9ecdd560f873d98b673a26318fb353fb151d3f99023b2532fb5ba87696c5a"
+    assert holder.key_id() == "shares-7fd85b0ca0cf7525"
+    record = WrappedKey.from_json(
+        '{"ciphertext":"XswaomoVdsucraru7nawGAENhzXMGCQX4WOUPuCxV1jQKX5z33ZYhSKLWuduGND1lYkG539Mah/XJ4LCh54dOO4N9FNKeQk9'
+        'rUS+jJKl/Z8=","format":1,"key_id":"shares-7fd85b0ca0cf7525","mechanism":"X25519-HKDF-SHA256-AES-256-GCM",'
+        '"nonce":"5vUEAn3p+b9rnAhy","params":{},"provider":"recovery-shares"}')
+    assert holder.unwrap(record, b"secretsd:dek:term=1") == bytes(range(100, 132))
