@@ -405,6 +405,10 @@ def test_client_certificates_end_to_end(mtls: tuple[MtlsDaemon, str, Pki]) -> No
     logs = "\n".join(p.read_text() for p in (daemon.data_dir / "audit").glob("*.jsonl"))
     records = [json.loads(line) for line in logs.splitlines() if line.strip()]
     assert {r["client"] for r in records if r.get("auth") == "tls"} == {"billing", "spiffe-billing"}
+    # The refusal names the certificate that was presented (fingerprint and CN), never a credential.
+    unmapped = x509.load_pem_x509_certificate(pki.unmapped[0].read_bytes())
+    presented = [r["presented"] for r in records if r.get("outcome") == 401 and r.get("presented")]
+    assert {"cert_sha256": hashlib.sha256(_der(unmapped)).hexdigest(), "subject_cn": "nobody"} in presented
 
 
 def _metrics(daemon: MtlsDaemon, pki: Pki, token: str) -> str:

@@ -26,6 +26,7 @@ from secretsd.api.context import (
     PRINCIPAL,
     REQUEST_ID,
     SERVICES,
+    audit_note,
     audit_record,
 )
 from secretsd.api.handlers import metrics_response
@@ -124,6 +125,20 @@ def _vault_token(request: web.Request, *, authorization: bool) -> str:
     return token
 
 
+def _note_presented(request: web.Request, credentials: Credentials) -> None:
+    """A refused client certificate's identity, for the audit record of the refusal: its SHA-256
+    fingerprint and first URI SAN or CN (clipped), never anything secret. Only on the failure path."""
+    cert = credentials.client_cert
+    if cert is None or credentials.bearer is not None:
+        return  # a token decided: the certificate was not what was refused
+    presented = {"cert_sha256": cert.fingerprint_sha256}
+    if cert.uri_sans:
+        presented["uri_san"] = cert.uri_sans[0][:256]
+    elif cert.subject_cn:
+        presented["subject_cn"] = cert.subject_cn[:256]
+    audit_note(request, presented=presented)
+
+
 def _on_vault_surface(request: web.Request) -> bool:
     """Whether the request reached a route of the Vault façade (asked on errors only)."""
     op = routes.operation_of(request)
@@ -214,7 +229,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # Authenticate before anything else, so an unauthenticated caller learns nothing, not
             # even whether a route or a path exists. A login route authenticates itself (its handler).
             if request.path not in request.app[LOGIN_PATHS]:
-                request[PRINCIPAL] = await authenticate(d.authenticators, _credentials(request))
+                credentials = _credentials(request)
+                try:
+                    request[PRINCIPAL] = await authenticate(d.authenticators, credentials)
+                except UnauthenticatedError:
+                    _note_presented(request, credentials)
+                    raise
             if d.barrier.sealed and request.path not in SEALED_ROUTES:
                 raise SealedError()
             await d.audit_ready()
