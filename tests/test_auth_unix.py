@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -336,3 +337,28 @@ def test_listen_none_serves_the_socket_alone(tmp_path: Path) -> None:
     config.write_text('listen = "none"\n')
     result = run_cli("serve", "--data-dir", str(data), "--config", str(config))
     assert result.returncode != 0 and 'listen = "none" needs listen_unix' in result.stderr
+
+
+@pytest.mark.e2e
+def test_sighup_reloads_the_unix_rules(unix_daemon: tuple[DaemonProcess, str, Path]) -> None:
+    daemon, _, sock = unix_daemon
+    config = daemon.data_dir.parent / "secretsd.toml"
+    assert _as_user(BILLING_UID, BILLING_UID, sock)["whoami"] == "billing"
+    # The operator gives the billing uid the ops rule instead, and reloads.
+    text = config.read_text()
+    config.write_text(text.replace(f"uid = {BILLING_UID}\nclient = \"billing\"\npolicies = [\"billing\"]",
+                                   f"uid = {BILLING_UID}\nclient = \"ops-batch\"\npolicies = [\"ops\"]"))
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while (seen := _as_user(BILLING_UID, BILLING_UID, sock))["whoami"] != "ops-batch":
+        assert time.monotonic() < deadline, daemon.logs()
+        time.sleep(0.1)
+    assert seen == {"whoami": "ops-batch", "billing": "PermissionDeniedError", "ops": "ops/db"}
+    # A configuration that no longer parses keeps the rules in force, and says so.
+    config.write_text(text.replace('client = "billing"', 'client = "admin"'))  # a reserved name
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "unix rules not reloaded" not in daemon.logs():
+        assert time.monotonic() < deadline, daemon.logs()
+        time.sleep(0.1)
+    assert _as_user(BILLING_UID, BILLING_UID, sock)["whoami"] == "ops-batch"

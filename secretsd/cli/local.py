@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -189,4 +190,5 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     from secretsd.runtime.server import serve as run_server
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index))
+        asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index,
+                               reload_settings=functools.partial(load_settings, config_file, **kwargs)))

@@ -18,6 +18,7 @@ from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
 from secretsd.auth.jwt import JwtLogin
 from secretsd.auth.tls import client_verification
+from secretsd.auth.unix import UnixAuthenticator
 from secretsd.errors import ConfigError, PolicyFileError
 from secretsd.runtime.config import Settings, parse_listen
 from secretsd.runtime.daemon import Daemon
@@ -25,7 +26,7 @@ from secretsd.runtime.edge import Edge, EdgeCollector
 from secretsd.runtime.edge_listener import EdgeSite
 from secretsd.runtime.edge_log import BoundedLog, install_log_scrubbing, loop_exception_handler
 from secretsd.runtime.logs import access_log
-from secretsd.runtime.unix_listener import UnixEdgeSite, parse_mode, resolve_group
+from secretsd.runtime.unix_listener import UnixEdgeSite, parse_mode, reload_unix_rules, resolve_group
 
 log = logging.getLogger("secretsd")
 
@@ -77,8 +78,12 @@ def _reload_tls(settings: Settings, site: EdgeSite) -> None:
     log.info("TLS context reloaded (client CA, CRL, server certificate)")
 
 
-async def serve(settings: Settings, *, on_ready: str | None = None, worker: int | None = None) -> None:
+async def serve(settings: Settings, *, on_ready: str | None = None, worker: int | None = None,
+                reload_settings: Callable[[], Settings] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``on_ready`` is printed to stdout once listening.
+
+    ``reload_settings``: how to read the configuration again on SIGHUP (the ``[[auth.unix.rules]]``
+    are taken from it); None: they stay as they started.
 
     ``worker``: this process is worker N of ``serve --workers``; the workers share the listening
     port (SO_REUSEPORT) and only worker 0 serves the separate metrics listener.
@@ -99,8 +104,14 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         if settings.metrics.enabled and settings.metrics.listen and not worker:
             await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
         stop = _install_signal_handlers(signals, daemon)
+        reloads: list[Callable[[], object]] = [functools.partial(_reload_policies, daemon)]
         if context is not None and tcp_site is not None:
-            signals.install(signal.SIGHUP, functools.partial(_reload_all, daemon, settings, tcp_site))
+            reloads.append(functools.partial(_reload_tls, settings, tcp_site))
+        unix = daemon.authenticators.member("unix")
+        if isinstance(unix, UnixAuthenticator) and reload_settings is not None:
+            reloads.append(functools.partial(reload_unix_rules, unix, reload_settings))
+        if len(reloads) > 1:
+            signals.install(signal.SIGHUP, functools.partial(_reload_all, reloads))
         log.info("listening on %s (%s; at most %d connections)", " and ".join(where),
                  "sealed" if daemon.barrier.sealed else "unsealed", edge.cap)
         if on_ready:
@@ -221,10 +232,11 @@ def _install_signal_handlers(signals: SignalHandlers, daemon: Daemon) -> asyncio
     return stop
 
 
-def _reload_all(daemon: Daemon, settings: Settings, site: EdgeSite) -> None:
-    """SIGHUP on a TLS listener: the policies, then the TLS files."""
-    _reload_policies(daemon)
-    _reload_tls(settings, site)
+def _reload_all(reloads: list[Callable[[], object]]) -> None:
+    """SIGHUP: the policies, then the TLS files (on a TLS listener), then the unix rules (with
+    ``listen_unix``); each one that fails keeps what is in force and says why."""
+    for reload in reloads:
+        reload()
 
 
 def _reload_policies(daemon: Daemon) -> None:

@@ -34,12 +34,15 @@ import socket
 import stat
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from secretsd.auth.unix import UnixAuthenticator, parse_rules
 from secretsd.domain.identity import PeerCredentials
 from secretsd.errors import ConfigError
+from secretsd.runtime.config import Settings
 from secretsd.runtime.edge import Edge, EdgeHandler
 from secretsd.runtime.edge_listener import ACCEPT_BATCH, EdgeListener, EdgeSite
 
@@ -52,6 +55,20 @@ def peer_credentials(conn: socket.socket) -> PeerCredentials:
     """The connected peer as the kernel recorded it at ``connect()`` (Linux ``SO_PEERCRED``)."""
     pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+def reload_unix_rules(authenticator: UnixAuthenticator, load: Callable[[], Settings]) -> bool:
+    """SIGHUP: the ``[[auth.unix.rules]]`` read again from the configuration. A configuration that
+    no longer loads, or rules that do not parse, keep the rules in force (logged, False)."""
+    try:
+        specs = load().authenticator_specs()
+        rules = parse_rules(next((s.get("rules", []) for s in specs if s["method"] == "unix"), []))
+    except ConfigError as exc:
+        log.error("unix rules not reloaded, the previous ones stay in force: %s", exc)
+        return False
+    authenticator.replace_rules(rules)
+    log.info("unix rules reloaded (%d rules)", len(rules))
+    return True
 
 
 def parse_mode(text: str) -> int:
