@@ -12,7 +12,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from secretsd.api.app import create_app
+from secretsd.domain.identity import Principal
 from secretsd.domain.token_service import renewed_expiry
+from secretsd.errors import RequestError
 from secretsd.records import TokenRecord
 from secretsd.storage import migrations as migration_module
 from secretsd.storage.sqlite import SQLiteStorage
@@ -158,3 +160,9 @@ async def test_an_old_sqlite_store_opens_and_its_tokens_do_not_renew(
         assert not await store.renew_token("0123456789abcdef", T0 + timedelta(days=3), T0 + timedelta(days=5))
     finally:
         await store.close()
+
+
+async def test_a_caller_without_a_token_has_nothing_to_renew(api: Api) -> None:
+    """A Unix-socket peer (method unix, no token id) gets a 400 from the one renewal rule, not a 500."""
+    with pytest.raises(RequestError, match="only a token renews"):
+        await api.daemon.tokens.renew_self(Principal("billing", ("billing",), "unix"))
