@@ -33,6 +33,8 @@ from tests.helpers import DaemonProcess, http, init_store, run_cli
 
 # Not 65534: the overflow id is refused as an identity (test_auth_unix_attacks.py).
 BILLING_UID, OPS_UID, OPS_GID = 1002, 1001, 1001
+#: Running a client as another uid, or giving a file another group, takes root (CI runs as root).
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: setpriv to other uids, chown to another group")
 
 
 def _peer(uid: int, gid: int) -> Credentials:
@@ -151,6 +153,7 @@ def test_a_live_socket_is_refused_and_a_stale_one_replaced(tmp_path: Path) -> No
         sock.close()
 
 
+@needs_root
 def test_socket_mode_and_group_are_set(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     sock, _ = bind_unix(path, 0o660, 4321)
@@ -257,6 +260,7 @@ def _as_user(uid: int, gid: int, sock: Path) -> dict[str, str]:
 
 
 @pytest.mark.e2e
+@needs_root
 def test_two_os_users_get_their_own_policies_over_the_socket(unix_daemon: tuple[DaemonProcess, str, Path]) -> None:
     daemon, token, sock = unix_daemon
     assert stat.S_IMODE(sock.lstat().st_mode) == 0o666
@@ -340,6 +344,7 @@ def test_listen_none_serves_the_socket_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@needs_root
 def test_sighup_reloads_the_unix_rules(unix_daemon: tuple[DaemonProcess, str, Path]) -> None:
     daemon, _, sock = unix_daemon
     config = daemon.data_dir.parent / "secretsd.toml"
