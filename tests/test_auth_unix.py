@@ -82,7 +82,7 @@ async def test_a_bearer_token_wins_over_the_peer() -> None:
             if credentials.bearer is not None:
                 raise UnauthenticatedError()
 
-    members = Authenticators([Tokens(), _authenticator({"uid": 0, "client": "root-peer", "policies": ["p"]})])  # type: ignore[list-item]
+    members = Authenticators([Tokens(), _authenticator({"uid": 0, "client": "root-peer", "policies": ["p"]})])
     with pytest.raises(UnauthenticatedError):
         await authenticate(members, Credentials(bearer="sdt_bad", peer=PeerCredentials(1, 0, 0)))
     assert (await authenticate(members, _peer(0, 0))).client == "root-peer"
