@@ -441,3 +441,26 @@ async def test_without_auth_jwt_the_login_route_refuses_every_jwt(api: Any) -> N
     # A token beside it does not make it succeed either: the route ignores the Authorization header.
     resp = await api.client.post("/v1/auth/jwt/login", json={"jwt": sign(claims())}, headers=api.auth())
     assert resp.status == 401
+
+
+@pytest.mark.e2e
+def test_sighup_reloads_the_jwt_rules(jwt_daemon: tuple[DaemonProcess, str]) -> None:
+    import signal
+
+    daemon, _ = jwt_daemon
+    config = Path(daemon.extra_args[1])
+    newcomer = sign(claims(sub="system:serviceaccount:billing:worker"))
+    assert http("POST", f"{daemon.url}/v1/auth/jwt/login", body={"jwt": newcomer}).status == 401
+    original = config.read_text()
+    config.write_text(original + '[[auth.jwt.rules]]\nclaims = { sub = "system:serviceaccount:billing:worker" }\n'
+                                 'client = "billing-worker"\npolicies = ["billing"]\n')
+    try:
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "jwt rules reloaded (3 rules)" not in daemon.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = http("POST", f"{daemon.url}/v1/auth/jwt/login", body={"jwt": newcomer})
+        assert answer.status == 200 and answer.body["client"] == "billing-worker", daemon.logs()
+    finally:
+        config.write_text(original)
+        daemon.signal(signal.SIGHUP)

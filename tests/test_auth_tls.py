@@ -529,3 +529,33 @@ class TestTlsAuthenticatorConformance(AuthenticatorConformance):
     @pytest.fixture
     async def harness(self) -> AsyncIterator[AuthenticatorHarness]:
         yield TlsHarness()
+
+
+def _wait_for_log(daemon: DaemonProcess, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while daemon.logs().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.logs().count(text) >= count, daemon.logs()
+
+
+@pytest.mark.e2e
+def test_sighup_reloads_the_tls_rules(mtls: tuple[MtlsDaemon, str, Pki]) -> None:
+    daemon, _, pki = mtls
+    config = Path(daemon.extra_args[1])
+    assert _attempt(daemon, pki, pki.unmapped) == "UnauthenticatedError"
+    original = config.read_text()
+    config.write_text(original + '[[auth.tls.rules]]\nsubject_cn = "nobody"\nclient = "nobody-svc"\n'
+                                 'policies = ["billing"]\n')
+    daemon.signal(signal.SIGHUP)
+    _wait_for_log(daemon, "tls rules reloaded (3 rules)")
+    assert _attempt(daemon, pki, pki.unmapped) == "b-value"
+    # Rules that no longer parse keep the ones in force, and the log says why.
+    config.write_text(original + '[[auth.tls.rules]]\nsubject_cn = "x"\nuri_san = "spiffe://two"\n'
+                                 'client = "two"\npolicies = ["billing"]\n')
+    daemon.signal(signal.SIGHUP)
+    _wait_for_log(daemon, "tls rules not reloaded")
+    assert _attempt(daemon, pki, pki.unmapped) == "b-value"
+    config.write_text(original)
+    daemon.signal(signal.SIGHUP)
+    _wait_for_log(daemon, "tls rules reloaded (2 rules)")
+    assert _attempt(daemon, pki, pki.unmapped) == "UnauthenticatedError"

@@ -278,6 +278,10 @@ class JwtLogin:
         self.leeway = leeway_seconds
         self.token_ttl_seconds = token_ttl_seconds
 
+    def replace_rules(self, rules: Sequence[JwtRule]) -> None:
+        """New rules (SIGHUP); tokens already minted keep their client and policies."""
+        self._rules = tuple(rules)
+
     @classmethod
     def from_settings(cls, settings: Any) -> JwtLogin | None:
         """From ``[auth.jwt]`` (secretsd.runtime.config.JwtAuthSettings); None when it is not configured."""

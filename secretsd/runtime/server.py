@@ -17,7 +17,9 @@ from aiohttp import web
 from secretsd.addresses import is_loopback
 from secretsd.api.app import create_app, create_metrics_app
 from secretsd.auth.jwt import JwtLogin
-from secretsd.auth.tls import client_verification
+from secretsd.auth.jwt import parse_rules as parse_jwt_rules
+from secretsd.auth.tls import TlsAuthenticator, client_verification
+from secretsd.auth.tls import parse_rules as parse_tls_rules
 from secretsd.auth.unix import UnixAuthenticator
 from secretsd.errors import ConfigError, PolicyFileError
 from secretsd.runtime.config import Settings, parse_listen
@@ -100,7 +102,12 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         # forwards to a stopping worker must not kill it with the default action).
         signals = stack.enter_context(SignalHandlers(asyncio.get_running_loop()))
         daemon = await _start_daemon(stack, settings, edge, worker)
-        where, tcp_site = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None)
+        login = JwtLogin.from_settings(settings.auth.jwt)
+        if login is not None:
+            await login.keys.start()  # a jwks_file that does not load stops the start (ConfigError)
+            stack.push_async_callback(login.keys.stop)
+        where, tcp_site = await _listen_main(stack, settings, daemon, edge, context, reuse_port=worker is not None,
+                                             jwt_login=login)
         if settings.metrics.enabled and settings.metrics.listen and not worker:
             await _listen_metrics(stack, settings.metrics.listen, daemon, edge)
         stop = _install_signal_handlers(signals, daemon)
@@ -110,6 +117,11 @@ async def serve(settings: Settings, *, on_ready: str | None = None, worker: int 
         unix = daemon.authenticators.member("unix")
         if isinstance(unix, UnixAuthenticator) and reload_settings is not None:
             reloads.append(functools.partial(reload_unix_rules, unix, reload_settings))
+        tls_rules = daemon.authenticators.member("tls")
+        if isinstance(tls_rules, TlsAuthenticator) and reload_settings is not None:
+            reloads.append(functools.partial(_reload_tls_rules, tls_rules, reload_settings))
+        if login is not None and reload_settings is not None:
+            reloads.append(functools.partial(_reload_jwt_rules, login, reload_settings))
         if len(reloads) > 1:
             signals.install(signal.SIGHUP, functools.partial(_reload_all, reloads))
         log.info("listening on %s (%s; at most %d connections)", " and ".join(where),
@@ -148,15 +160,12 @@ async def _runner(stack: contextlib.AsyncExitStack, app: web.Application) -> web
 
 
 async def _listen_main(stack: contextlib.AsyncExitStack, settings: Settings, daemon: Daemon, edge: Edge,
-                       context: ssl.SSLContext | None, *, reuse_port: bool) -> tuple[list[str], EdgeSite | None]:
+                       context: ssl.SSLContext | None, *, reuse_port: bool,
+                       jwt_login: JwtLogin | None = None) -> tuple[list[str], EdgeSite | None]:
     """The API on TCP ``listen`` and/or the Unix socket ``listen_unix`` (one app, one edge); their URLs
     and the TCP site (its TLS context is replaced on SIGHUP)."""
     requests_log = access_log(settings.log_level, settings.log_format)
-    login = JwtLogin.from_settings(settings.auth.jwt)
-    if login is not None:
-        await login.keys.start()  # a jwks_file that does not load stops the start (ConfigError)
-        stack.push_async_callback(login.keys.stop)
-    runner = await _runner(stack, create_app(daemon, access_log=requests_log, jwt_login=login,
+    runner = await _runner(stack, create_app(daemon, access_log=requests_log, jwt_login=jwt_login,
                                              vault_mount=settings.vault.kv_mount if settings.vault.enabled else None))
     where = []
     tcp_site = None
@@ -230,6 +239,30 @@ def _install_signal_handlers(signals: SignalHandlers, daemon: Daemon) -> asyncio
     signals.install(signal.SIGTERM, stop.set)
     signals.install(signal.SIGINT, stop.set)
     return stop
+
+
+def _reload_tls_rules(authenticator: TlsAuthenticator, load: Callable[[], Settings]) -> None:
+    """SIGHUP: the ``[[auth.tls.rules]]`` read again; a configuration that no longer loads, or rules
+    that do not parse, keep the rules in force (logged)."""
+    try:
+        specs = load().authenticator_specs()
+        rules = parse_tls_rules(next((s.get("rules", []) for s in specs if s["method"] == "tls"), []))
+    except ConfigError as exc:
+        log.error("tls rules not reloaded, the previous ones stay in force: %s", exc)
+        return
+    authenticator.replace_rules(rules)
+    log.info("tls rules reloaded (%d rules)", len(rules))
+
+
+def _reload_jwt_rules(login: JwtLogin, load: Callable[[], Settings]) -> None:
+    """SIGHUP: the ``[[auth.jwt.rules]]`` read again (the JWKS follows its own refresh interval)."""
+    try:
+        rules = parse_jwt_rules(load().auth.jwt.rules)
+    except ConfigError as exc:
+        log.error("jwt rules not reloaded, the previous ones stay in force: %s", exc)
+        return
+    login.replace_rules(rules)
+    log.info("jwt rules reloaded (%d rules)", len(rules))
 
 
 def _reload_all(reloads: list[Callable[[], object]]) -> None:
