@@ -44,6 +44,13 @@ MAX_LINE = 32 << 20
 MAX_TRAILER = 1 << 16
 #: Keyring rows are kept in memory to unwrap; a store makes a term per ~2^31 encryptions.
 MAX_TERMS = 10_000
+#: A keyring row is ~300 bytes per provider wrapping it; a longer one is refused as it is read. The
+#: rows are kept as read (bytes, at most ``MAX_KEYRING_BYTES`` in all) and decoded one at a time, so
+#: a forged row cannot expand in memory before the MAC is checked (threat model: backup bombs).
+MAX_TERM_LINE = 64 << 10
+MAX_KEYRING_BYTES = 16 << 20
+#: The import pass hands rows over in batches of at most this many bytes of lines (or batch_size rows).
+MAX_BATCH_BYTES = 8 << 20
 #: A declared row count above this is refused as malformed (nothing is ever sized by a count).
 MAX_ROWS = 1 << 40
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -223,7 +230,12 @@ class ReadResult:
     mac: str
     stream_sha256: str
     counted: dict[str, Section]
-    keyring: list[dict[str, Any]] = field(default_factory=list)
+    keyring_lines: list[bytes] = field(default_factory=list)
+
+    @property
+    def keyring(self) -> Iterator[rows.Row]:
+        """The keyring rows, decoded one at a time (``BackupCorruptError`` at the first malformed one)."""
+        return (_row("keyring_terms", line) for line in self.keyring_lines)
 
     def check_integrity(self) -> None:
         """The rule: every section's count and digest, the header and every byte of the stream are
@@ -255,6 +267,9 @@ class BackupReader:
         # Verification needs the keyring rows only: every other line is hashed and counted, not parsed
         # (nothing unauthenticated is imported, and the MAC covers every byte of an authentic file).
         self._decode = decode
+        # The longest line the current section may hold, so a long keyring row is refused before it
+        # is buffered whole (batches() sets it as each section starts).
+        self._line_limit = MAX_LINE
         self.result: ReadResult | None = None
 
     def _lines(self, stream: Any) -> Iterator[bytes]:
@@ -283,8 +298,8 @@ class BackupReader:
                     yield bytes(pending[start:end + 1])
                     start = end + 1
                 del pending[:start]
-                if len(pending) > MAX_LINE:
-                    raise BackupCorruptError(f"the backup holds a line longer than {MAX_LINE} bytes")
+                if len(pending) > self._line_limit:
+                    raise BackupCorruptError(f"the backup holds a line longer than {self._line_limit} bytes")
                 if not data and len(out) < CHUNK:
                     break  # this input is consumed and no output is held back
             if not chunk and not z.eof:
@@ -303,11 +318,13 @@ class BackupReader:
         lines = self._lines(stream)
         header = _header(next(lines, b""))
         counted: dict[str, Section] = {}
-        keyring: list[dict[str, Any]] = []
+        keyring: list[bytes] = []
+        keyring_bytes = 0
         table: str | None = None
         digest: Any = None
         count = 0
         batch: list[rows.Row] = []
+        batch_bytes = 0
 
         def close() -> Iterator[tuple[str, list[rows.Row]]]:
             if table is not None:
@@ -318,12 +335,13 @@ class BackupReader:
         for line in lines:
             if line.startswith(SECTION_PREFIX):
                 yield from close()
-                batch = []
+                batch, batch_bytes = [], 0
                 name = line[len(SECTION_PREFIX):-1].decode("ascii", "replace")
                 expected = SECTIONS[len(counted)] if len(counted) < len(SECTIONS) else None
                 if name != expected:
                     raise BackupCorruptError(f"the backup's section {name!r} is out of place (expected {expected})")
                 table, digest, count = name, hashlib.sha256(), 0
+                self._line_limit = MAX_TERM_LINE if table == "keyring_terms" else MAX_LINE
                 continue
             if table is None:
                 raise BackupCorruptError("the backup holds rows outside any section")
@@ -332,15 +350,16 @@ class BackupReader:
             digest.update(line)
             count += 1
             if table == "keyring_terms":
-                if count > MAX_TERMS:
-                    raise BackupCorruptError(f"the backup holds more than {MAX_TERMS} keyring terms")
-                keyring.append(_row(table, line))
+                keyring_bytes += len(line)
+                _check_keyring_bounds(count, len(line), keyring_bytes)
+                keyring.append(line)
             if not self._decode:
                 continue
-            batch.append(keyring[-1] if table == "keyring_terms" else _row(table, line))
-            if len(batch) >= self._batch_size:
+            batch.append(_row(table, line))
+            batch_bytes += len(line)
+            if len(batch) >= self._batch_size or batch_bytes >= MAX_BATCH_BYTES:
                 yield table, batch
-                batch = []
+                batch, batch_bytes = [], 0
         yield from close()
         if len(counted) != len(SECTIONS):
             raise BackupCorruptError(f"the backup lacks section(s) {', '.join(SECTIONS[len(counted):])}")
@@ -348,12 +367,23 @@ class BackupReader:
         self.result = ReadResult(header, manifest, mac, stream["sha256"], counted, keyring)
 
     def read_all(self) -> ReadResult:
-        """Read the whole file for its checks: the keyring rows decoded, the other rows hashed only."""
+        """Read the whole file for its checks: the keyring rows kept as read, the other rows hashed only."""
         self._decode = False
         for _ in self.batches():
             pass
         assert self.result is not None
         return self.result
+
+
+def _check_keyring_bounds(count: int, line_bytes: int, total_bytes: int) -> None:
+    """The rule "a backup bomb is refused before the MAC check": the keyring rows, the only rows read
+    into memory before the manifest is authenticated, are bounded in number, length and total."""
+    if count > MAX_TERMS:
+        raise BackupCorruptError(f"the backup holds more than {MAX_TERMS} keyring terms")
+    if line_bytes > MAX_TERM_LINE:
+        raise BackupCorruptError(f"the backup holds a keyring row longer than {MAX_TERM_LINE} bytes")
+    if total_bytes > MAX_KEYRING_BYTES:
+        raise BackupCorruptError(f"the backup's keyring rows exceed {MAX_KEYRING_BYTES} bytes")
 
 
 def _header(line: bytes) -> dict[str, Any]:

@@ -11,12 +11,19 @@ table by table.
 The audit chain heads and owners of the source (``audit_head:*``, ``audit_owner:*`` in meta) stay in
 the backup but are not imported: the source's log files are not part of it, and the restored store
 starts a new chain whose first record names the manifest (``secretsd.runtime.backup``).
+
+The import's transaction also writes the meta row ``restored_from`` with ``audited: false``; a daemon
+refuses to serve such a store (``require_restore_audited``) until the restore's audit record is
+written and the row says ``audited: true``. So a restore whose record cannot be written (or that is
+killed between the two) leaves a store that is never served without that record.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,8 @@ from secretsd.backup.errors import BackupCorruptError, BackupError, BackupKeyErr
 from secretsd.backup.format import SECTIONS, BackupReader, Manifest, ReadResult, check_authentic
 from secretsd.backup.keys import manifest_key, term_from_row
 from secretsd.custody.keyring import unwrap_term
-from secretsd.errors import CryptoError, KeyProviderFailure, ProviderUnavailable
+from secretsd.domain.policy import ROOT_POLICY
+from secretsd.errors import CryptoError, KeyProviderFailure, NotInitializedError, ProviderUnavailable
 from secretsd.records import KeyringTerm
 from secretsd.storage import Storage
 from secretsd.storage.rows import TableDigest
@@ -91,9 +99,36 @@ async def verify_backup(path: Path, providers: Sequence[KeyProvider]) -> Verifie
     return Verified(path, result.manifest, result.mac, len(terms), await _unwrapped(providers, terms))
 
 
+#: The meta row a restore writes in its import transaction: which backup, and whether its audit
+#: record is written (a daemon serves the store only then).
+RESTORED_META = "restored_from"
+
+
 def _carried(key: str) -> bool:
-    """Whether a meta row of the backup is imported: not the source's audit chain heads and owners."""
-    return not key.startswith((HEAD_META, OWNER_META))
+    """Whether a meta row of the backup is imported: not the source's audit chain heads and owners,
+    nor the source's own ``restored_from`` (this restore writes its own)."""
+    return not key.startswith((HEAD_META, OWNER_META)) and key != RESTORED_META
+
+
+def restored_marker(manifest: Manifest, *, audited: bool) -> str:
+    return json.dumps({"manifest_sha256": manifest.sha256, "backup_id": manifest.backup_id,
+                       "backup_created_at": manifest.created_at, "audited": audited}, sort_keys=True)
+
+
+async def require_restore_audited(storage: Storage) -> None:
+    """The rule "a restored store is served only after its restore is audited": a store whose
+    ``restored_from`` row says the restore's audit record was not written is refused."""
+    raw = await storage.get_meta(RESTORED_META)
+    if raw is None:
+        return
+    try:
+        audited = json.loads(raw).get("audited") is True
+    except (ValueError, AttributeError):
+        audited = False
+    if not audited:
+        raise NotInitializedError(
+            "this store was restored from a backup but the restore's audit record was never written; it is "
+            "not served: run the same 'secretsd backup restore' again (it writes the record), or empty the store")
 
 
 @dataclass
@@ -102,8 +137,33 @@ class Imported:
     previous_heads: dict[str, str] = field(default_factory=dict)  # the source's audit chain heads
 
 
+@dataclass(frozen=True)
+class RestoredTokens:
+    """The tokens a restore makes valid again: every one active in the backup, including any revoked
+    since it was taken (the store cannot know those)."""
+
+    active: tuple[str, ...]
+    root: int  # of them, holding the root policy
+    revoked: int = 0  # revoked by this restore (--revoke-tokens)
+
+
+async def restored_tokens(storage: Storage, now: datetime) -> RestoredTokens:
+    active = [t for t in await storage.list_tokens() if t.is_active(now)]
+    return RestoredTokens(tuple(t.token_id for t in active), sum(ROOT_POLICY in t.policies for t in active))
+
+
+async def revoke_restored_tokens(storage: Storage, tokens: RestoredTokens, now: datetime) -> RestoredTokens:
+    """``--revoke-tokens``: revoke every token the restore brought back (a new root comes from
+    ``secretsd token create-root``); done before the store may be served."""
+    revoked = 0
+    for token_id in tokens.active:
+        revoked += await storage.revoke_token(token_id, now)
+    return RestoredTokens(tokens.active, tokens.root, revoked)
+
+
 async def import_backup(verified: Verified, storage: Storage, *, batch_size: int = 500) -> Imported:
-    """Load a verified backup into the empty ``storage`` (one transaction), then read it back."""
+    """Load a verified backup into the empty ``storage`` (one transaction, with the ``restored_from``
+    row saying it is not yet audited), then read it back."""
     imported = Imported()
     meta = TableDigest("meta")
 
@@ -125,12 +185,13 @@ async def import_backup(verified: Verified, storage: Storage, *, batch_size: int
             if (again.manifest, again.mac) != (verified.manifest, verified.mac):
                 raise BackupCorruptError("the backup file changed after it was verified; nothing was restored")
             again.check_integrity()
+        yield "meta", [{"key": RESTORED_META, "value": restored_marker(verified.manifest, audited=False)}]
 
     await storage.import_rows(batches())
     for table in SECTIONS:
         found = TableDigest(table)
         async for batch in storage.export_rows(table, batch_size=batch_size):
-            found.add(batch)
+            found.add([row for row in batch if table != "meta" or row["key"] != RESTORED_META])
         declared = verified.manifest.section(table)
         want = (meta.rows, meta.sha256) if table == "meta" else (declared.rows, declared.sha256)
         if (found.rows, found.sha256) != want:

@@ -209,15 +209,22 @@ def backup_verify(file: Path, data_dir: Path | None, config_file: Path | None, a
 @backup.command(name="restore")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_store_options
+@click.option("--revoke-tokens", is_flag=True,
+              help="Revoke every token the backup brings back (then mint a new root: 'secretsd token create-root').")
 @json_option
 @_backup_errors
-def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, revoke_tokens: bool,
+                   as_json: bool) -> None:
     """Restore a backup into an empty store (SQLite or PostgreSQL); nothing is written unless every
     check holds.
 
     The file is verified first (as by 'backup verify'), the configured providers must unwrap every
     keyring term, then it is imported in one transaction and read back. The first record of a new
-    audit chain names the backup's manifest digest.
+    audit chain names the backup's manifest digest; a daemon serves the store only once it is written.
+
+    Every token active in the backup is valid again, including any revoked after the backup was
+    taken: the restore says how many (and how many are root tokens). --revoke-tokens revokes them
+    all; then mint a new root token with 'secretsd token create-root' (docs/backup.md).
 
     \b
     Example:
@@ -225,13 +232,25 @@ def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, 
     """
     from secretsd.runtime.backup import restore_backup
 
-    restored = asyncio.run(restore_backup(_settings(config_file, data_dir), file))
+    restored = asyncio.run(restore_backup(_settings(config_file, data_dir), file, revoke_tokens=revoke_tokens))
     m = restored.verified.manifest
+    tokens = restored.tokens
+    if tokens.active and not tokens.revoked:
+        click.echo(f"warning: {len(tokens.active)} tokens ({tokens.root} root) from the backup are valid again, "
+                   f"including any revoked after the backup was taken ({m.created_at}): those revocations are "
+                   "undone; re-revoke them, or restore with --revoke-tokens and run 'secretsd token create-root'",
+                   err=True)
     if as_json:
         emit_json({**restored.verified.to_dict(), "restored_rows": restored.imported.rows,
                    "audit_chain": restored.audit_chain,
-                   "audit_file": None if restored.audit_file is None else str(restored.audit_file)})
+                   "audit_file": None if restored.audit_file is None else str(restored.audit_file),
+                   "tokens_restored": len(tokens.active), "root_tokens_restored": tokens.root,
+                   "tokens_revoked": tokens.revoked, "resumed": restored.resumed})
         return
-    click.echo(f"Restored backup {m.backup_id} of {m.created_at}: {restored.imported.rows} rows, verified.")
+    click.echo(f"Restored backup {m.backup_id} of {m.created_at}: {restored.imported.rows} rows, verified"
+               + (" (its import was already done; the audit record is now written)." if restored.resumed else "."))
+    click.echo(f"Tokens active again: {len(tokens.active)} ({tokens.root} root); revoked now: {tokens.revoked}.")
+    if tokens.revoked:
+        click.echo("Mint a new root token: secretsd token create-root (with the store's key provider).")
     if restored.audit_chain is not None:
         click.echo(f"Audit record backup.restore starts chain {restored.audit_chain!r} ({restored.audit_file}).")

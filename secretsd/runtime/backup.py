@@ -8,6 +8,7 @@ helpers of ``secretsd.runtime.recovery``), so no unseal or chain logic is writte
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,10 +20,20 @@ from secretsd import __version__
 from secretsd.backup.create import write_backup
 from secretsd.backup.errors import BackupKeyError
 from secretsd.backup.format import Manifest
-from secretsd.backup.restore import Imported, Verified, import_backup, verify_backup
+from secretsd.backup.restore import (
+    RESTORED_META,
+    Imported,
+    RestoredTokens,
+    Verified,
+    import_backup,
+    restored_marker,
+    restored_tokens,
+    revoke_restored_tokens,
+    verify_backup,
+)
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
-from secretsd.errors import AlreadyInitializedError, NotInitializedError
+from secretsd.errors import AlreadyInitializedError, ConfigError, NotInitializedError
 from secretsd.runtime.config import Settings
 from secretsd.runtime.daemon import build_storage, private_data_dir, provider_set
 from secretsd.runtime.recovery import _claim_unconfigured, _open_audit, _os_user, audit_chain_for
@@ -128,6 +139,8 @@ class Restored:
     imported: Imported
     audit_chain: str | None
     audit_file: Path | None
+    tokens: RestoredTokens
+    resumed: bool = False  # an earlier restore of this backup had imported it but not written its record
 
 
 async def _require_empty(storage: Storage, where: str) -> None:
@@ -147,39 +160,109 @@ def _require_no_audit_log(settings: Settings) -> None:
                                       "one: move the old log away first; nothing was changed")
 
 
-async def restore_backup(settings: Settings, path: Path, *, clock: Clock = utcnow) -> Restored:
-    """``backup restore``: into the configured, empty store; every check first, nothing written on failure.
+def _require_audit_writable(settings: Settings) -> None:
+    """Checked before the target is touched: the restore's record goes to the log's directory, so its
+    nearest existing ancestor must be a directory we may write (the record itself is made durable
+    before the store may be served: ``require_restore_audited``)."""
+    if not settings.audit.enabled:
+        return
+    log_path = settings.audit.log_path(settings.require_data_dir())
+    directory = log_path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"the audit log {log_path} cannot be written ({directory} is not a directory this user "
+                          "may write); a restore must write its audit record; nothing was changed")
 
-    After the import the keyring is unsealed from the restored store (the proof a daemon will serve
-    it) and the first record of a new audit chain names the backup's manifest digest.
+
+def _store_file_exists(settings: Settings) -> bool:
+    """Whether the target is a store file that exists already (SQLite); a server's database is only
+    opened once the file has passed every check."""
+    path = getattr(build_storage(settings), "path", None)
+    return isinstance(path, Path) and path.exists()
+
+
+async def _with_storage(settings: Settings, check: Callable[[Storage], Awaitable[None]]) -> None:
+    storage = build_storage(settings)
+    await storage.open()
+    try:
+        await check(storage)
+    finally:
+        await storage.close()
+
+
+async def _require_empty_or_pending(storage: Storage) -> None:
+    """Empty, or holding an unaudited restore (which the restore resumes only for the same backup)."""
+    raw = await storage.get_meta(RESTORED_META)
+    try:
+        pending = raw is not None and json.loads(raw).get("audited") is False
+    except (ValueError, AttributeError):
+        pending = False
+    if not pending:
+        await _require_empty(storage, str(getattr(storage, "description", None) or "at the target"))
+
+
+async def _pending_restore(storage: Storage, verified: Verified) -> bool:
+    """Whether the store holds this very backup, imported by a restore whose record was not written."""
+    raw = await storage.get_meta(RESTORED_META)
+    return raw is not None and raw == restored_marker(verified.manifest, audited=False)
+
+
+async def restore_backup(settings: Settings, path: Path, *, revoke_tokens: bool = False,
+                         clock: Clock = utcnow) -> Restored:
+    """``backup restore``: every check of the file first, then into the configured, empty store.
+
+    Nothing creates the target (no directory, database file or schema) until the file has passed
+    every check and the audit log is known to be writable; a store file that exists already is
+    opened first only to refuse it as not empty. The import writes ``restored_from``
+    (not audited) in its transaction; then the keyring is unsealed from the restored store (the
+    proof a daemon will serve it), ``--revoke-tokens`` revokes every restored token, the first
+    record of a new audit chain names the backup's manifest digest, and only then is the store
+    marked audited, which a daemon requires before serving it. Run again after a failure there, the
+    same restore finds its own unaudited import and writes the record.
     """
     data_dir = settings.require_data_dir()
+    if _store_file_exists(settings):
+        # An existing store is refused as not empty before the file is read (opening it creates nothing).
+        await _with_storage(settings, _require_empty_or_pending)
+    group = provider_set(settings)
+    try:
+        verified = await verify_backup(path, await group.ready_any())
+    finally:
+        group.close()
+    if len(verified.unwrapped) != verified.terms:
+        missing = verified.terms - len(verified.unwrapped)
+        raise BackupKeyError(
+            f"the configured key providers unwrap {len(verified.unwrapped)} of the backup's {verified.terms} "
+            f"keyring terms ({missing} not): a daemon could not unseal the restored store; nothing was changed")
+    _require_audit_writable(settings)
+    # Every check on the file holds: only now is the target created and opened.
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_data_dir(data_dir)
     storage = build_storage(settings)
     await storage.open()
     try:
-        await _require_empty(storage, str(getattr(storage, "description", None) or data_dir))
-        _require_no_audit_log(settings)
-        group = provider_set(settings)
-        try:
-            verified = await verify_backup(path, await group.ready_any())
-            if len(verified.unwrapped) != verified.terms:
-                missing = verified.terms - len(verified.unwrapped)
-                raise BackupKeyError(
-                    f"the configured key providers unwrap {len(verified.unwrapped)} of the backup's {verified.terms} "
-                    f"keyring terms ({missing} not): a daemon could not unseal the restored store; nothing was changed")
+        where = str(getattr(storage, "description", None) or data_dir)
+        resumed = await _pending_restore(storage, verified)
+        if resumed:
+            imported = Imported(rows=verified.manifest.total_rows)
+        else:
+            await _require_empty(storage, where)
+            _require_no_audit_log(settings)
             imported = await import_backup(verified, storage)
-        finally:
-            group.close()
-        chain, audit_file = await _audit_restore(settings, storage, verified, imported, clock)
-        return Restored(verified, imported, chain, audit_file)
+        tokens = await restored_tokens(storage, clock())
+        if revoke_tokens:
+            tokens = await revoke_restored_tokens(storage, tokens, clock())
+        chain, audit_file = await _audit_restore(settings, storage, verified, imported, tokens, clock)
+        # The record is durable: from now on a daemon serves the store.
+        await storage.put_meta(RESTORED_META, restored_marker(verified.manifest, audited=True))
+        return Restored(verified, imported, chain, audit_file, tokens, resumed)
     finally:
         await storage.close()
 
 
 async def _audit_restore(settings: Settings, storage: Storage, verified: Verified, imported: Imported,
-                         clock: Clock) -> tuple[str | None, Path | None]:
+                         tokens: RestoredTokens, clock: Clock) -> tuple[str | None, Path | None]:
     barrier = Barrier(storage, provider_set(settings), max_encryptions_per_term=settings.max_encryptions_per_term,
                       clock=clock)
     try:
@@ -200,6 +283,8 @@ async def _audit_restore(settings: Settings, storage: Storage, verified: Verifie
                 "manifest_sha256": manifest.sha256, "backup_id": manifest.backup_id,
                 "backup_created_at": manifest.created_at, "backup_source": manifest.source,
                 "rows": imported.rows, "previous_chain_heads": dict(heads),
+                "tokens_restored": len(tokens.active), "root_tokens_restored": tokens.root,
+                "tokens_revoked": tokens.revoked,
                 "host": platform.node(), "os_user": _os_user(),
             })
         finally:
