@@ -21,6 +21,7 @@ from secretsd.audit.log import AuditLog
 from secretsd.audit.mirrors import stdout_mirror, syslog_mirror
 from secretsd.audit.verify import Head
 from secretsd.auth import AuthenticatorContext, create_authenticators
+from secretsd.backup.restore import require_restore_audited
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
 from secretsd.custody.crypto import DataKey
@@ -204,6 +205,7 @@ class Daemon:
                 f"the store in {self.settings.data_dir} is not initialised; "
                 f"run 'secretsd init --data-dir {self.settings.data_dir}'"
             )
+        await require_restore_audited(self.storage)  # a restore whose audit record is missing is not served
         stack.callback(self.barrier.close)
         stack.push_async_callback(self._close_audit)  # the log may open later, after a background unseal
         stack.push_async_callback(self._drain_event_tasks)
