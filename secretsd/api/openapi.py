@@ -74,8 +74,8 @@ def _schemas(operations: tuple[Operation, ...]) -> dict[str, Any]:
 
 
 def _requires(op: Operation, capability: str | None) -> str | None:
-    if op.public:
-        return None
+    if op.public or op.login:
+        return None  # no bearer token: public, or the body is the credential (a login)
     if capability is None:
         return "any valid token (no capability)"
     return f"the `{capability}{' ' + op.scope if op.scope else ''}` capability"
