@@ -24,6 +24,7 @@ from secretsd.audit.failures import FailureBudget
 from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.domain.rotation_settings import RotationSettings
 from secretsd.errors import ConfigError
+from secretsd.runtime.backup_settings import BackupSettings
 
 CONFIG_ENV = "SECRETSD_CONFIG"
 
@@ -253,6 +254,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     rotation: RotationSettings = Field(default_factory=RotationSettings)
+    backup: BackupSettings = Field(default_factory=BackupSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)
@@ -387,6 +389,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         value = data[name]
         if value is not None and not Path(value).is_absolute():
             data[name] = (base / value).resolve()
+    if data["backup"]["directory"] is not None and not Path(data["backup"]["directory"]).is_absolute():
+        data["backup"]["directory"] = (base / data["backup"]["directory"]).resolve()
     for table, name in (("tls", "client_ca_file"), ("tls", "crl_file"), ("jwt", "jwks_file"), ("jwt", "jwks_ca_file")):
         value = data["auth"][table][name]
         if value is not None and not Path(value).is_absolute():
@@ -398,6 +402,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         # Only the keys that were given: an unset chain is derived (AuditSettings.chain_configured).
         "audit": AuditSettings(**settings.audit.model_dump(exclude_unset=True)),
         "rotation": RotationSettings(**data["rotation"]),
+        "backup": BackupSettings(**data["backup"]),
         "metrics": MetricsSettings(**data["metrics"]),
         "http": HttpSettings(**data["http"]),
         "vault": VaultSettings(**data["vault"]),

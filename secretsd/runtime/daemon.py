@@ -8,7 +8,7 @@ import json
 import logging
 import platform
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from secretsd.errors import (
 )
 from secretsd.events import Event, EventBus
 from secretsd.records import TokenRecord
+from secretsd.runtime.backup_schedule import BackupScheduler
 from secretsd.runtime.config import Settings
 from secretsd.runtime.leadership import Leadership
 from secretsd.runtime.metrics import Metrics, TimedProvider
@@ -176,6 +177,10 @@ class Daemon:
         )
         self.scheduler = RotationScheduler(self.rotation, self.barrier, self.leadership,
                                            tick_seconds=settings.rotation.tick_seconds)
+        # Scheduled backups ([backup], docs/backup.md): the leader only, the online backup's file.
+        self.backup_schedule = BackupScheduler(settings.backup, self.storage, self.providers.available,
+                                               self.barrier, self.leadership, self._write_backup, self.record,
+                                               clock=clock)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = contextlib.AsyncExitStack()  # what start set up, for stop to unwind
         self.metrics = Metrics(self)
@@ -227,6 +232,8 @@ class Daemon:
         stack.push_async_callback(self.leadership.stop)
         if self.settings.rotation.scheduler:
             self._tasks.append(asyncio.create_task(self.scheduler.run()))
+        if self.settings.backup.enabled:
+            self._tasks.append(asyncio.create_task(self.backup_schedule.run()))
 
     def _observe_provider(self, provider: str, operation: str, seconds: float) -> None:
         self.metrics.provider_seconds.labels(provider, operation).observe(seconds)
@@ -376,6 +383,13 @@ class Daemon:
         return await stream_backup(self.storage, self.providers.available(), send,
                                    source=source_of(self.settings), clock=self.clock)
 
+    async def _write_backup(self, storage: Storage, providers: Sequence[KeyProvider],
+                            send: Callable[[bytes], Awaitable[None]]) -> Manifest:
+        """A scheduled backup's bytes: the same snapshot and file as ``backup create``."""
+        from secretsd.runtime.backup import source_of, stream_backup
+
+        return await stream_backup(storage, providers, send, source=source_of(self.settings), clock=self.clock)
+
     async def audit_ready(self) -> None:
         """While the audit log is failing, refuse up front, before anything is read or changed.
 
@@ -479,6 +493,7 @@ class Daemon:
             "active_term": self.barrier.active_term,
             "storage": getattr(self.storage, "backend", type(self.storage).__name__),
             "leader": self.leadership.is_leader,
+            "backup": self.backup_schedule.status(),
             "audit_chain": self.audit_chain if self.settings.audit.enabled else None,
             **self.replication.status(),
             "policy": self.policies.status(),

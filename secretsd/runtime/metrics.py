@@ -131,8 +131,24 @@ class _StateCollector(Collector):
                                   value=audit.failures_summarised if audit else 0)
         yield from _policy_metrics(d)
         yield _auth_metrics(d)
+        yield from _backup_metrics(d)
         yield GaugeMetricFamily("secretsd_secrets", "Secrets stored", value=self._gauges["secrets"])
         yield GaugeMetricFamily("secretsd_tokens", "Active tokens", value=self._gauges["tokens"])
+
+
+def _backup_metrics(d: Daemon) -> Iterator[Metric]:
+    """Scheduled backups ([backup]): the last success and failure (0: none yet), size, failures."""
+    sched = d.backup_schedule
+    ok, bad = sched.last_success, sched.last_failure
+    yield GaugeMetricFamily("secretsd_backup_last_success_timestamp_seconds",
+                            "When the last scheduled backup was written (0: none since start)",
+                            value=ok.at.timestamp() if ok else 0)
+    yield GaugeMetricFamily("secretsd_backup_last_failure_timestamp_seconds",
+                            "When a scheduled backup last failed (0: none since start)",
+                            value=bad.at.timestamp() if bad else 0)
+    yield GaugeMetricFamily("secretsd_backup_last_size_bytes", "Size of the last scheduled backup file",
+                            value=(ok.size or 0) if ok else 0)
+    yield CounterMetricFamily("secretsd_backup_failures", "Scheduled backups that failed", value=sched.failures)
 
 
 def _auth_metrics(d: Daemon) -> Metric:
