@@ -223,6 +223,12 @@ def test_presented_identity_is_sub_and_iss_never_the_token() -> None:
     assert seen == {"sub": SUB, "iss": ISSUER}
     assert presented_identity("garbage") == {}
     assert len(presented_identity(sign(claims(sub="x" * 5000)))["sub"]) == 256
+    # A token pasted into a claim is not copied into the audit log: its public id stays, the secret goes.
+    from secretsd import tokens
+
+    pasted = tokens.generate_token().token
+    seen = presented_identity(sign(claims(sub=pasted)))["sub"]
+    assert pasted not in seen and pasted.split("_")[1] in seen
 
 
 # -- the JWKS from a URL --------------------------------------------------------------------------

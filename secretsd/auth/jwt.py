@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from secretsd.domain.client_names import check_client_name
 from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+from secretsd.tokens import redact_secrets
 
 log = logging.getLogger("secretsd.auth.jwt")
 
@@ -260,7 +261,8 @@ def presented_identity(token: str) -> dict[str, str]:
         claims = pyjwt.decode(token, options={"verify_signature": False})
     except pyjwt.PyJWTError:
         return {}
-    return {k: v[:256] for k in ("sub", "iss") if isinstance(v := claims.get(k), str)}
+    # The caller chose these: clipped, and a token pasted into them keeps only its public id.
+    return {k: redact_secrets(v[:256]) for k in ("sub", "iss") if isinstance(v := claims.get(k), str)}
 
 
 class JwtLogin:
