@@ -127,16 +127,18 @@ async def _run(args: argparse.Namespace, pid: int, port: int, token: str, sock: 
         items = [{"path": p, "value": "x" * 64} for p in paths]
         async with session.post(f"{base}/v1/secrets:batch", json={"items": items}) as resp:
             resp.raise_for_status()
-    cells = {
-        "bearer/tls": lambda: (base, token, aiohttp.TCPConnector(ssl=server_trust, limit=args.concurrency)),
-        "cert/tls": lambda: (base, None, aiohttp.TCPConnector(ssl=with_cert, limit=args.concurrency)),
-        "unix peer": lambda: ("http://localhost", None, aiohttp.UnixConnector(path=sock, limit=args.concurrency)),
-        "bearer/unix": lambda: ("http://localhost", token, aiohttp.UnixConnector(path=sock, limit=args.concurrency)),
-    }
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in cells}
+    # (name, base URL, bearer token or None, the Unix socket or None, the TLS context for TCP cells)
+    cells: list[tuple[str, str, str | None, str | None, ssl.SSLContext]] = [
+        ("bearer/tls", base, token, None, server_trust),
+        ("cert/tls", base, None, None, with_cert),
+        ("unix peer", "http://localhost", None, sock, server_trust),
+        ("bearer/unix", "http://localhost", token, sock, server_trust),
+    ]
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in cells}
     for n in range(args.rounds):
-        for name, make in cells.items():
-            url, bearer, connector = make()
+        for name, url, bearer, path, context in cells:
+            connector: aiohttp.BaseConnector = (aiohttp.UnixConnector(path=path, limit=args.concurrency) if path
+                                                else aiohttp.TCPConnector(ssl=context, limit=args.concurrency))
             cpu, rps = await _cell(url, paths, bearer, connector, pid, args.concurrency, args.duration)
             rows[name].append((cpu, rps))
             print(f"round {n + 1} {name:11s}: {cpu:6.0f} µs CPU/GET, {rps:6.0f} GET/s", flush=True)

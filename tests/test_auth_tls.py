@@ -353,7 +353,8 @@ def mtls(tmp_path: Path) -> Iterator[tuple[MtlsDaemon, str, Pki]]:
         '[[auth.tls.rules]]\nsubject_cn = "billing-api"\nclient = "billing"\npolicies = ["billing"]\n')
     data = tmp_path / "data"
     token = init_store(data)
-    daemon = MtlsDaemon(data, extra_args=["--config", str(config)]).start()
+    daemon = MtlsDaemon(data, extra_args=["--config", str(config)])
+    daemon.start()
     try:
         with SecretsClient(daemon.url, token, ca_file=pki.server_ca, client_cert=pki.good) as admin:
             admin.put("billing/db", "b-value")
