@@ -13,6 +13,7 @@ import click
 
 from secretsd.cli.common import Ctx, emit_json, fail, json_option, main
 from secretsd.cli.exits import Exit
+from secretsd.cli.recovery import collect_shares, shares_options
 from secretsd.errors import (
     AlreadyInitializedError,
     ConfigError,
@@ -211,10 +212,11 @@ def backup_verify(file: Path, data_dir: Path | None, config_file: Path | None, a
 @_store_options
 @click.option("--revoke-tokens", is_flag=True,
               help="Revoke every token the backup brings back (then mint a new root: 'secretsd token create-root').")
+@shares_options
 @json_option
 @_backup_errors
 def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, revoke_tokens: bool,
-                   as_json: bool) -> None:
+                   shares_prompt: bool, shares_stdin: bool, share_files: tuple[Path, ...], as_json: bool) -> None:
     """Restore a backup into an empty store (SQLite or PostgreSQL); nothing is written unless every
     check holds.
 
@@ -226,13 +228,20 @@ def backup_restore(file: Path, data_dir: Path | None, config_file: Path | None, 
     taken: the restore says how many (and how many are root tokens). --revoke-tokens revokes them
     all; then mint a new root token with 'secretsd token create-root' (docs/backup.md).
 
+    With the HSM lost as well, K operators give their recovery shares (--recovery-shares,
+    --recovery-shares-stdin or --share-file), then 'keyring migrate' moves the keyring to a new HSM.
+
     \b
-    Example:
+    Examples:
       secretsd backup restore /backups/secretsd-2026-11-29.sdbk --data-dir /var/lib/secretsd
+      secretsd backup restore /backups/secretsd-2026-11-29.sdbk --config old.toml --recovery-shares
     """
     from secretsd.runtime.backup import restore_backup
 
-    restored = asyncio.run(restore_backup(_settings(config_file, data_dir), file, revoke_tokens=revoke_tokens))
+    # K recovery shares unwrap when the HSM was lost too (docs/recovery.md, docs/operations.md drill b).
+    lines = collect_shares(shares_prompt, shares_stdin, share_files)
+    restored = asyncio.run(restore_backup(_settings(config_file, data_dir), file, revoke_tokens=revoke_tokens,
+                                          recovery_shares=lines))
     m = restored.verified.manifest
     tokens = restored.tokens
     if tokens.active and not tokens.revoked:

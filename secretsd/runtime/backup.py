@@ -36,7 +36,16 @@ from secretsd.custody.barrier import Barrier
 from secretsd.errors import AlreadyInitializedError, ConfigError, NotInitializedError
 from secretsd.runtime.config import Settings
 from secretsd.runtime.daemon import build_storage, private_data_dir, provider_set
-from secretsd.runtime.recovery import _claim_unconfigured, _open_audit, _os_user, audit_chain_for
+from secretsd.runtime.recovery import (
+    _claim_unconfigured,
+    _open_audit,
+    _os_user,
+    audit_chain_for,
+    recovery_provider_from_shares,
+    restore_public_file,
+    shares_settings,
+    with_shares,
+)
 from secretsd.storage import Storage
 from secretsd.storage.rows import TABLES
 
@@ -209,7 +218,7 @@ async def _pending_restore(storage: Storage, verified: Verified) -> bool:
 
 
 async def restore_backup(settings: Settings, path: Path, *, revoke_tokens: bool = False,
-                         clock: Clock = utcnow) -> Restored:
+                         clock: Clock = utcnow, recovery_shares: Sequence[str] | None = None) -> Restored:
     """``backup restore``: every check of the file first, then into the configured, empty store.
 
     Nothing creates the target (no directory, database file or schema) until the file has passed
@@ -220,12 +229,23 @@ async def restore_backup(settings: Settings, path: Path, *, revoke_tokens: bool 
     record of a new audit chain names the backup's manifest digest, and only then is the store
     marked audited, which a daemon requires before serving it. Run again after a failure there, the
     same restore finds its own unaudited import and writes the record.
+
+    ``recovery_shares`` (K of them) unwrap when the configured providers cannot (the HSM was lost
+    with the data directory: docs/recovery.md); the restored store gets its ``recovery-shares.pub`` back.
     """
+    configured, decorate, recovery = settings, None, None
+    if recovery_shares is not None:
+        recovery = recovery_provider_from_shares(list(recovery_shares))  # fewer than K: refused here
+        settings = shares_settings(settings, recovery)
+
+        def decorate(provider: KeyProvider) -> KeyProvider:
+            # Each provider set closes (forgets the key of) what it built: each gets a key of its own.
+            return with_shares(settings, recovery_provider_from_shares(list(recovery_shares)))(provider)
     data_dir = settings.require_data_dir()
     if _store_file_exists(settings):
         # An existing store is refused as not empty before the file is read (opening it creates nothing).
         await _with_storage(settings, _require_empty_or_pending)
-    group = provider_set(settings)
+    group = provider_set(settings, decorate=decorate)
     try:
         verified = await verify_backup(path, await group.ready_any())
     finally:
@@ -253,18 +273,22 @@ async def restore_backup(settings: Settings, path: Path, *, revoke_tokens: bool 
         tokens = await restored_tokens(storage, clock())
         if revoke_tokens:
             tokens = await revoke_restored_tokens(storage, tokens, clock())
-        chain, audit_file = await _audit_restore(settings, storage, verified, imported, tokens, clock)
+        chain, audit_file = await _audit_restore(settings, storage, verified, imported, tokens, clock, decorate)
         # The record is durable: from now on a daemon serves the store.
         await storage.put_meta(RESTORED_META, restored_marker(verified.manifest, audited=True))
+        if recovery is not None:
+            restore_public_file(configured, recovery)  # the shares opened this store's keyring: its key
         return Restored(verified, imported, chain, audit_file, tokens, resumed)
     finally:
         await storage.close()
 
 
 async def _audit_restore(settings: Settings, storage: Storage, verified: Verified, imported: Imported,
-                         tokens: RestoredTokens, clock: Clock) -> tuple[str | None, Path | None]:
-    barrier = Barrier(storage, provider_set(settings), max_encryptions_per_term=settings.max_encryptions_per_term,
-                      clock=clock)
+                         tokens: RestoredTokens, clock: Clock,
+                         decorate: Callable[[KeyProvider], KeyProvider] | None = None
+                         ) -> tuple[str | None, Path | None]:
+    barrier = Barrier(storage, provider_set(settings, decorate=decorate),
+                      max_encryptions_per_term=settings.max_encryptions_per_term, clock=clock)
     try:
         await barrier.unseal()  # every term of the restored store opens: the daemon will serve it
         if not settings.audit.enabled:
