@@ -135,3 +135,23 @@ def test_hsm_and_data_directory_lost_restore_with_three_of_five_shares_onto_a_ne
         daemon.stop()
     verified = cli("audit", "verify", "--config", str(new))
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_restore_with_another_stores_shares_writes_nothing(tmp_path: Path) -> None:
+    """In process on the file provider (the HSM is not the point): shares of another store give a
+    key that opens none of the backup's terms, so the file is refused before the target exists."""
+    def init(data: Path) -> list[str]:
+        done = cli("init", "--data-dir", str(data), "--recovery-shares", "3", "--recovery-threshold", "2", "--json")
+        assert done.exit_code == 0, done.stderr
+        return list(json.loads(done.stdout)["recovery_shares"])
+
+    init(tmp_path / "a")
+    other = init(tmp_path / "b")
+    backup = tmp_path / "a.sdbk"
+    assert cli("backup", "create", "--out", str(backup), "--data-dir", str(tmp_path / "a")).exit_code == 0
+    fresh = tmp_path / "fresh"
+    refused = cli("backup", "restore", str(backup), "--data-dir", str(fresh), "--recovery-shares-stdin",
+                  stdin="\n".join(other[:2]) + "\n")
+    assert refused.exit_code == 9, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not fresh.exists()

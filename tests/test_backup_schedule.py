@@ -207,6 +207,7 @@ def test_retention_never_deletes_a_file_it_did_not_write(tmp_path: Path) -> None
     for name in others:
         (dest / name).write_text("keep")
     (dest / "elsewhere").write_text("target")
+    (dest / f".{ours[4]}.partial").write_text("a crashed run's")  # ours, left by a crash: removed
     linked = file_name(start - timedelta(days=1))  # named like ours, but a symlink: not a file we wrote
     (dest / linked).symlink_to(dest / "elsewhere")
     fd = open_destination(dest)
