@@ -33,7 +33,6 @@ from secretsd.backup.errors import BackupCorruptError, BackupError, BackupKeyErr
 from secretsd.backup.format import SECTIONS, BackupReader, Manifest, ReadResult, check_authentic
 from secretsd.backup.keys import manifest_key, term_from_row
 from secretsd.custody.keyring import unwrap_term
-from secretsd.domain.policy import ROOT_POLICY
 from secretsd.errors import CryptoError, KeyProviderFailure, NotInitializedError, ProviderUnavailable
 from secretsd.records import KeyringTerm
 from secretsd.storage import Storage
@@ -147,9 +146,11 @@ class RestoredTokens:
     revoked: int = 0  # revoked by this restore (--revoke-tokens)
 
 
-async def restored_tokens(storage: Storage, now: datetime) -> RestoredTokens:
+async def restored_tokens(storage: Storage, now: datetime, *, root_policy: str) -> RestoredTokens:
+    """``root_policy``: the policy that makes a token root (the domain's rule, passed down: the backup
+    layer sits below the domain)."""
     active = [t for t in await storage.list_tokens() if t.is_active(now)]
-    return RestoredTokens(tuple(t.token_id for t in active), sum(ROOT_POLICY in t.policies for t in active))
+    return RestoredTokens(tuple(t.token_id for t in active), sum(root_policy in t.policies for t in active))
 
 
 async def revoke_restored_tokens(storage: Storage, tokens: RestoredTokens, now: datetime) -> RestoredTokens:

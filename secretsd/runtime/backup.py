@@ -33,6 +33,7 @@ from secretsd.backup.restore import (
 )
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.barrier import Barrier
+from secretsd.domain.policy import ROOT_POLICY
 from secretsd.errors import AlreadyInitializedError, ConfigError, NotInitializedError
 from secretsd.runtime.config import Settings
 from secretsd.runtime.daemon import build_storage, private_data_dir, provider_set
@@ -270,7 +271,7 @@ async def restore_backup(settings: Settings, path: Path, *, revoke_tokens: bool 
             await _require_empty(storage, where)
             _require_no_audit_log(settings)
             imported = await import_backup(verified, storage)
-        tokens = await restored_tokens(storage, clock())
+        tokens = await restored_tokens(storage, clock(), root_policy=ROOT_POLICY)
         if revoke_tokens:
             tokens = await revoke_restored_tokens(storage, tokens, clock())
         chain, audit_file = await _audit_restore(settings, storage, verified, imported, tokens, clock, decorate)
