@@ -130,7 +130,8 @@ async def test_migrations_are_recorded_and_idempotent(dsn: str) -> None:
         rows = await conn.fetch("SELECT number, name FROM schema_migrations")
     finally:
         await conn.close()
-    assert sorted(tuple(r) for r in rows) == [(1, "initial"), (2, "lifecycle"), (3, "token_renewal")]
+    assert sorted(tuple(r) for r in rows) == [(1, "initial"), (2, "lifecycle"), (3, "token_renewal"),
+                                                    (4, "token_purge")]
 
 
 async def test_an_old_store_opens_and_its_tokens_do_not_renew(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,6 +166,44 @@ async def test_an_old_store_opens_and_its_tokens_do_not_renew(dsn: str, monkeypa
         await store.close()
 
 
+async def test_an_old_store_gains_the_purge_indexes_and_its_dead_tokens_purge(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store made before 0004_token_purge: migrated at open, its expired token purged past retention."""
+    from datetime import UTC, datetime, timedelta
+
+    from secretsd.storage.migrations import load_migrations
+
+    every = load_migrations("postgres")
+    with monkeypatch.context() as m:
+        m.setattr("secretsd.storage.postgres.load_migrations", lambda backend: every[:3])
+        old = PostgresStorage(dsn)
+        await old.open()
+        await old.close()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, "
+                           "expires_at) VALUES ('0123456789abcdef', $1, 'svc', '[\"p\"]'::jsonb, $2, 'admin', $3)",
+                           bytes(32), t0, t0 + timedelta(days=1))
+    finally:
+        await conn.close()
+    store = PostgresStorage(dsn)
+    await store.open()
+    try:
+        now = t0 + timedelta(days=9)
+        assert await store.purge_tokens(now - timedelta(days=7), now) == 1
+        assert await store.get_token("0123456789abcdef") is None
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        found = await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'tokens'")
+        names = {r["indexname"] for r in found}
+    finally:
+        await conn.close()
+    assert {"tokens_revoked_at", "tokens_expires_at"} <= names
+
+
 async def test_replicas_migrating_at_once_apply_each_migration_once(dsn: str) -> None:
     stores = [PostgresStorage(dsn) for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))
@@ -175,7 +214,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(dsn: str) ->
         await asyncio.gather(*(s.close() for s in stores))
     conn = await asyncpg.connect(dsn)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 3
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 4
     finally:
         await conn.close()
 

@@ -43,7 +43,7 @@ async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
         await s.close()
     conn = sqlite3.connect(tmp_path / "db.sqlite")
     assert conn.execute("SELECT number, name FROM schema_migrations").fetchall() == [
-        (1, "initial"), (2, "lifecycle"), (3, "token_renewal")]
+        (1, "initial"), (2, "lifecycle"), (3, "token_renewal"), (4, "token_purge")]
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -72,3 +72,34 @@ def test_unknown_sqlite_options_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="unknown option"):
         SQLiteStorage.from_config({"pth": "x.db"}, data_dir=tmp_path)
+
+
+async def test_an_old_store_gains_the_purge_indexes_and_the_sweep_uses_them(tmp_path: Path) -> None:
+    """tests/data/sqlite_store_v1.db (written before migration 0004) opens, gains the indexes, and
+    its revoked token is purged past retention; the purge's query reads through an index, not a scan."""
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    from secretsd.storage import sqlite as sqlite_backend
+
+    path = tmp_path / "store.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "sqlite_store_v1.db", path)
+    path.chmod(0o600)
+    s = SQLiteStorage(path)
+    await s.open()
+    try:
+        old = await s.get_token("00000000000000bb")
+        assert old is not None and old.revoked_at is not None
+        now = old.revoked_at + timedelta(days=8)
+        assert await s.purge_tokens(now - timedelta(days=7), now) == 1
+        assert await s.get_token("00000000000000bb") is None
+        assert [t for t in await s.list_tokens() if t.is_active(datetime.now(UTC))]  # the live ones stay
+    finally:
+        await s.close()
+    conn = sqlite3.connect(path)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"tokens_revoked_at", "tokens_expires_at"} <= names
+    plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_backend._SQL.lock_purgeable_tokens,
+                                                 ("2026-01-01T00:00:00+00:00", 1000)))
+    conn.close()
+    assert "tokens_revoked_at" in plan and "tokens_expires_at" in plan

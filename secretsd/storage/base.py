@@ -315,6 +315,17 @@ class Storage(Protocol):
 
     async def list_tokens(self) -> list[TokenRecord]: ...
 
+    async def list_tokens_page(self, now: datetime, *, after: str = "", limit: int = 1000,
+                               include_expired: bool = False) -> list[TokenRecord]:
+        """Up to ``limit`` tokens by token id, strictly after ``after``; those expired at ``now``
+        only with ``include_expired`` (revoked ones are listed until purged)."""
+        ...
+
+    async def purge_tokens(self, cutoff: datetime, now: datetime, *, limit: int = 1000) -> int:
+        """Delete at most ``limit`` tokens revoked or expired at or before ``cutoff``, in one
+        transaction (``engine.is_purgeable``: never one active at ``now``); return how many."""
+        ...
+
     async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
         """Set an active token's expiry to ``expires_at``; False if it is revoked, expired at
         ``now``, has no expiry, or does not exist. The caller decides the new expiry
@@ -325,8 +336,8 @@ class Storage(Protocol):
         """Mark a token revoked; False if there is no such token or it was revoked already.
 
         ``guard(target, others, now)`` runs inside the revoking transaction with the target and
-        every other unrevoked token, serialised against other guarded revocations (on every
-        replica); whatever it raises rolls the revocation back and passes through.
+        every other active token (unrevoked, unexpired at ``now``), serialised against other
+        guarded revocations (on every replica); whatever it raises rolls the revocation back and passes through.
         """
         ...
 

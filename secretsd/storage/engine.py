@@ -27,7 +27,9 @@ The row operations a dialect implements (``RowOps`` spells out their signatures)
     Add ``n`` to the term's count and return it; None if the term does not exist.
 ``claim_initialized(at) -> bool``, ``insert_meta(items)``, ``insert_term(term)``
 ``lock_term_wrappings(term) -> str | None`` / ``update_term_wrappings(term, wrappings_json)``
-``insert_token(token)``, ``lock_active_tokens() -> list[TokenRecord]``, ``revoke_token(token_id, now) -> bool``
+``insert_token(token)``, ``lock_active_tokens(token_id, now) -> list[TokenRecord]``
+``revoke_token(token_id, now) -> bool``
+``lock_purgeable_tokens(cutoff, limit) -> list[TokenRecord]`` / ``delete_tokens(token_ids)``
 ``notify(channel, payload)``
     Announce a change to other processes when the transaction commits (a no-op without a feed).
 ``savepoint()`` / ``release_savepoint()`` / ``rollback_savepoint()``
@@ -40,7 +42,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from keyproviders import WrappedKey
@@ -68,7 +70,8 @@ OpName = Literal[
     "lock_secret", "insert_secret", "update_secret", "lock_versions", "insert_version", "update_version",
     "prunable_versions", "delete_versions", "count_encryption", "claim_initialized", "insert_meta",
     "insert_term", "lock_term_wrappings", "update_term_wrappings", "insert_token", "lock_active_tokens",
-    "revoke_token", "renew_token", "notify", "savepoint", "release_savepoint", "rollback_savepoint",
+    "lock_purgeable_tokens", "delete_tokens", "revoke_token", "renew_token", "notify", "savepoint",
+    "release_savepoint", "rollback_savepoint",
 ]
 OP_NAMES: tuple[str, ...] = get_args(OpName)
 
@@ -108,7 +111,9 @@ class RowOps(Protocol):
     def lock_term_wrappings(self, term: int) -> str | None: ...
     def update_term_wrappings(self, term: int, wrappings_json: str) -> None: ...
     def insert_token(self, token: TokenRecord) -> None: ...
-    def lock_active_tokens(self) -> list[TokenRecord]: ...
+    def lock_active_tokens(self, token_id: str, now: datetime) -> list[TokenRecord]: ...
+    def lock_purgeable_tokens(self, cutoff: datetime, limit: int) -> list[TokenRecord]: ...
+    def delete_tokens(self, token_ids: Sequence[str]) -> None: ...
     def revoke_token(self, token_id: str, now: datetime) -> bool: ...
     def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool: ...
     def notify(self, channel: str, payload: str) -> None: ...
@@ -527,10 +532,11 @@ def renew_token(token_id: str, expires_at: datetime, now: datetime) -> Plan[bool
 
 
 def revoke_token(token_id: str, now: datetime, guard: RevokeGuard | None) -> Plan[bool]:
-    """Revoke once; a guard judges the target against every other active token, under a lock the
-    dialect holds until commit (so two guarded revocations cannot both pass on a stale view)."""
+    """Revoke once; a guard judges the target against every other active (unrevoked, unexpired at
+    ``now``) token, under a lock the dialect holds until commit (so two guarded revocations cannot
+    both pass on a stale view). Expired tokens are not read: the guard's work stays with the live set."""
     if guard is not None:
-        found: list[TokenRecord] = yield Op("lock_active_tokens")
+        found: list[TokenRecord] = yield Op("lock_active_tokens", (token_id, now))
         target = next((t for t in found if t.token_id == token_id), None)
         if target is None:
             return False
@@ -539,3 +545,29 @@ def revoke_token(token_id: str, now: datetime, guard: RevokeGuard | None) -> Pla
         return False
     yield Op("notify", (TOKENS_CHANNEL, token_id))
     return True
+
+
+#: Before every stored time: a token listing that includes expired tokens shows those expired after it.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: Rows one purge transaction deletes at most: a sweep of a large backlog never holds the writer long.
+PURGE_BATCH = 1000
+
+
+def is_purgeable(token: TokenRecord, cutoff: datetime, now: datetime) -> bool:
+    """The rule: a token row may be deleted once it was revoked or expired at or before ``cutoff``
+    (now minus the retention), and never while it is active at ``now``: whatever a row's times say,
+    a token that still authenticates (an active root token above all) is never purged."""
+    if token.is_active(now) or cutoff > now:
+        return False
+    return ((token.revoked_at is not None and token.revoked_at <= cutoff)
+            or (token.expires_at is not None and token.expires_at <= cutoff))
+
+
+def purge_tokens(cutoff: datetime, now: datetime, limit: int) -> Plan[int]:
+    """Delete one batch (at most ``limit``) of purgeable tokens; return how many were deleted."""
+    found: list[TokenRecord] = yield Op("lock_purgeable_tokens", (cutoff, limit))
+    doomed = [t.token_id for t in found if is_purgeable(t, cutoff, now)]
+    if doomed:
+        yield Op("delete_tokens", (doomed,))
+    return len(doomed)

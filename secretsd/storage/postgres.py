@@ -525,6 +525,14 @@ class PostgresStorage:
         rows = await self._fetch(sql.SQL.list_tokens)
         return [engine.token_from_row(r, sql.as_is) for r in rows]
 
+    async def list_tokens_page(self, now: datetime, *, after: str = "", limit: int = 1000,
+                               include_expired: bool = False) -> list[TokenRecord]:
+        rows = await self._fetch(sql.SQL.list_tokens_page, after, engine.EPOCH if include_expired else now, limit)
+        return [engine.token_from_row(r, sql.as_is) for r in rows]
+
+    async def purge_tokens(self, cutoff: datetime, now: datetime, *, limit: int = engine.PURGE_BATCH) -> int:
+        return await self._plan(lambda: engine.purge_tokens(cutoff, now, limit))
+
     async def revoke_token(self, token_id: str, now: datetime, *, guard: RevokeGuard | None = None) -> bool:
         return await self._plan(lambda: engine.revoke_token(token_id, now, guard))
 

@@ -126,12 +126,19 @@ class PostgresRowOps:
             token.ttl_seconds, token.max_expires_at,
         )
 
-    async def lock_active_tokens(self) -> list[TokenRecord]:
-        # FOR UPDATE locks every unrevoked token row until COMMIT: a concurrent guarded revocation
+    async def lock_active_tokens(self, token_id: str, now: datetime) -> list[TokenRecord]:
+        # FOR UPDATE locks every live token row until COMMIT: a concurrent guarded revocation
         # on any replica waits, then re-reads the rows (READ COMMITTED drops the one revoked
         # meanwhile) and judges what is really left.
-        found = await self.conn.fetch(SQL.lock_active_tokens)
+        found = await self.conn.fetch(SQL.lock_active_tokens, token_id, now)
         return [engine.token_from_row(r, as_is) for r in found]
+
+    async def lock_purgeable_tokens(self, cutoff: datetime, limit: int) -> list[TokenRecord]:
+        found = await self.conn.fetch(SQL.lock_purgeable_tokens, cutoff, limit)
+        return [engine.token_from_row(r, as_is) for r in found]
+
+    async def delete_tokens(self, token_ids: Sequence[str]) -> None:
+        await self.conn.execute("DELETE FROM tokens WHERE token_id = ANY($1::text[])", list(token_ids))
 
     async def revoke_token(self, token_id: str, now: datetime) -> bool:
         hit = await self.conn.fetchval(SQL.revoke_token, token_id, now)

@@ -144,8 +144,23 @@ ROTATION_CANDIDATES = Query(
 )
 GET_TOKEN = Query("SELECT {token} FROM tokens WHERE token_id = :token_id", ("token_id",))
 LIST_TOKENS = Query("SELECT {token} FROM tokens ORDER BY created_at, token_id")
-#: The tokens a guarded revocation weighs (``engine.revoke_token``), in one order on every backend.
-ACTIVE_TOKENS = Query("SELECT {token} FROM tokens WHERE revoked_at IS NULL ORDER BY token_id")
+#: A page of ``GET /v1/auth/tokens``: by token id after the cursor; tokens expired by
+#: ``:shown_after`` are left out (the caller passes the epoch to include them: one shape, no flag).
+LIST_TOKENS_PAGE = Query("SELECT {token} FROM tokens WHERE token_id > :after "
+                         "AND (expires_at IS NULL OR expires_at > :shown_after) ORDER BY token_id LIMIT :limit",
+                         ("after", "shown_after", "limit"))
+#: The tokens a guarded revocation weighs (``engine.revoke_token``), in one order on every backend:
+#: only live ones (unrevoked, unexpired at :now: an expired root token is no usable root), plus the
+#: target itself whatever its expiry, so the rows read never grow with expired tokens.
+ACTIVE_TOKENS = Query("SELECT {token} FROM tokens WHERE revoked_at IS NULL "
+                      "AND (expires_at IS NULL OR expires_at > :now OR token_id = :token_id) ORDER BY token_id",
+                      ("token_id", "now"))
+#: A batch the purge may delete (``engine.purge_tokens``): revoked or expired at or before :cutoff.
+#: Each arm uses its partial index (tokens_revoked_at, tokens_expires_at; migration 0004).
+PURGEABLE_TOKENS = Query("SELECT {token} FROM tokens WHERE token_id IN ("
+                         "SELECT token_id FROM tokens WHERE revoked_at IS NOT NULL AND revoked_at <= :cutoff "
+                         "UNION SELECT token_id FROM tokens WHERE expires_at IS NOT NULL AND expires_at <= :cutoff"
+                         ") ORDER BY token_id LIMIT :limit", ("cutoff", "limit"))
 TERM_WRAPPINGS = Query("SELECT {wrappings} FROM keyring_terms WHERE term = :term", ("term",))
 #: The sealing term's count grows in the write's own transaction; no row back: the term does not exist.
 COUNT_ENCRYPTION = Query("UPDATE keyring_terms SET encryptions = encryptions + :n WHERE term = :term "
@@ -181,9 +196,11 @@ class Statements:
     rotation_candidates: str
     get_token: str
     list_tokens: str
+    list_tokens_page: str
     # The engine's row operations that read or carry a rule (inside a write transaction).
     lock_secret: str
     lock_active_tokens: str
+    lock_purgeable_tokens: str
     lock_term_wrappings: str
     prunable_versions: str
     count_encryption: str
@@ -206,7 +223,9 @@ class Statements:
             read_by_number=r(READ_BY_NUMBER), read_current_page=r(READ_CURRENT_PAGE),
             list_versions=r(LIST_VERSIONS), list_secrets=r(LIST_SECRETS),
             count_secrets=r(COUNT_SECRETS), rotation_candidates=r(ROTATION_CANDIDATES), get_token=r(GET_TOKEN),
-            list_tokens=r(LIST_TOKENS), lock_secret=locked(GET_SECRET), lock_active_tokens=locked(ACTIVE_TOKENS),
+            list_tokens=r(LIST_TOKENS), list_tokens_page=r(LIST_TOKENS_PAGE),
+            lock_purgeable_tokens=locked(PURGEABLE_TOKENS), lock_secret=locked(GET_SECRET),
+            lock_active_tokens=locked(ACTIVE_TOKENS),
             lock_term_wrappings=locked(TERM_WRAPPINGS), prunable_versions=r(PRUNABLE_VERSIONS),
             count_encryption=r(COUNT_ENCRYPTION), revoke_token=r(REVOKE_TOKEN), renew_token=r(RENEW_TOKEN),
         )

@@ -214,9 +214,16 @@ class _Ops:
              token.ttl_seconds, _ts(token.max_expires_at) if token.max_expires_at else None),
         )
 
-    def lock_active_tokens(self) -> list[TokenRecord]:
-        rows = self.conn.execute(_SQL.lock_active_tokens).fetchall()
+    def lock_active_tokens(self, token_id: str, now: datetime) -> list[TokenRecord]:
+        rows = self.conn.execute(_SQL.lock_active_tokens, (token_id, _ts(now))).fetchall()
         return [engine.token_from_row(r, _dt) for r in rows]
+
+    def lock_purgeable_tokens(self, cutoff: datetime, limit: int) -> list[TokenRecord]:
+        rows = self.conn.execute(_SQL.lock_purgeable_tokens, (_ts(cutoff), limit)).fetchall()
+        return [engine.token_from_row(r, _dt) for r in rows]
+
+    def delete_tokens(self, token_ids: Sequence[str]) -> None:
+        self.conn.executemany("DELETE FROM tokens WHERE token_id = ?", [(t,) for t in token_ids])
 
     def revoke_token(self, token_id: str, now: datetime) -> bool:
         return bool(self.conn.execute(_SQL.revoke_token, (token_id, _ts(now))).fetchall())
@@ -513,6 +520,15 @@ class SQLiteStorage:
     async def list_tokens(self) -> list[TokenRecord]:
         rows = self._query(_SQL.list_tokens)
         return [engine.token_from_row(r, _dt) for r in rows]
+
+    async def list_tokens_page(self, now: datetime, *, after: str = "", limit: int = 1000,
+                               include_expired: bool = False) -> list[TokenRecord]:
+        shown_after = engine.EPOCH if include_expired else now
+        rows = self._query(_SQL.list_tokens_page, (after, _ts(shown_after), limit))
+        return [engine.token_from_row(r, _dt) for r in rows]
+
+    async def purge_tokens(self, cutoff: datetime, now: datetime, *, limit: int = engine.PURGE_BATCH) -> int:
+        return await self._plan(engine.purge_tokens(cutoff, now, limit))
 
     async def renew_token(self, token_id: str, expires_at: datetime, now: datetime) -> bool:
         return await self._plan(engine.renew_token(token_id, expires_at, now))

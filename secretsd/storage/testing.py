@@ -465,6 +465,71 @@ class StorageConformance(CopyConformance):
         assert await storage.revoke_token("00000000000000cc", T0, guard=lambda *_: None)
         assert len(seen) == 1
 
+    async def test_a_guarded_revocation_reads_no_expired_tokens(self, storage: Storage) -> None:
+        """The rows a guarded revocation reads stay with the live set however many expired tokens
+        pile up (counted through what the guard is offered, not by time); an expired root is no root."""
+        await initialized(storage)
+        for n in range(50):
+            await storage.create_token(token(f"{n:014x}e0", expires_at=T0 - timedelta(seconds=n + 1),
+                                             policies=("root",)))
+        await storage.create_token(token("00000000000000cc", policies=("root",)))
+        seen: list[int] = []
+
+        def count(target: TokenRecord, others: Sequence[TokenRecord], now: datetime) -> None:
+            seen.append(len(others))
+            assert all(t.is_active(now) for t in others)
+
+        assert await storage.revoke_token("00000000000000cc", T0, guard=count)
+        assert seen == [1]  # the admin token only: 50 expired rows are not read
+        # An expired target is still found (revoking it is allowed), the others still live only.
+        assert await storage.revoke_token("00000000000003e0", T0, guard=count)
+        assert seen == [1, 1]
+
+    async def test_purge_deletes_only_tokens_dead_before_the_cutoff_in_batches(self, storage: Storage) -> None:
+        await initialized(storage)
+        now = T0 + timedelta(days=30)
+        cutoff = now - timedelta(days=7)
+        old = [f"{n:014x}a0" for n in range(5)]
+        for t in old[:3]:
+            await storage.create_token(token(t, expires_at=T0))  # expired long ago
+        for t in old[3:]:
+            await storage.create_token(token(t, revoked_at=T0, expires_at=now + timedelta(days=1)))  # revoked
+        await storage.create_token(token("00000000000000b1", expires_at=now - timedelta(days=1)))  # recently expired
+        await storage.create_token(token("00000000000000b2", revoked_at=now - timedelta(days=1)))  # recently revoked
+        await storage.create_token(token("00000000000000b3", expires_at=now + timedelta(hours=1)))  # active
+        await storage.create_token(token("00000000000000b4", policies=("root",)))  # the only root: never expires
+        assert await storage.purge_tokens(cutoff, now, limit=2) == 2
+        assert await storage.purge_tokens(cutoff, now, limit=2) == 2
+        assert await storage.purge_tokens(cutoff, now, limit=2) == 1
+        assert await storage.purge_tokens(cutoff, now, limit=2) == 0
+        left = sorted(t.token_id for t in await storage.list_tokens())
+        assert left == ["00000000000000ad", "00000000000000b1", "00000000000000b2", "00000000000000b3",
+                        "00000000000000b4"]
+
+    async def test_purge_never_deletes_an_active_token(self, storage: Storage) -> None:
+        """A cutoff past ``now`` (a clock gone wrong) deletes nothing: active tokens are never purged."""
+        await initialized(storage)
+        await storage.create_token(token("00000000000000b3", expires_at=T0 + timedelta(hours=1)))
+        assert await storage.purge_tokens(T0 + timedelta(days=1), T0) == 0
+        assert len(await storage.list_tokens()) == 2
+
+    async def test_token_pages_follow_the_cursor_and_hide_expired(self, storage: Storage) -> None:
+        await initialized(storage)
+        await storage.create_token(token("00000000000000b1", expires_at=T0 - timedelta(seconds=1)))
+        await storage.create_token(token("00000000000000b2", expires_at=T0))  # expires at its instant
+        await storage.create_token(token("00000000000000b3", expires_at=T0 + timedelta(seconds=1)))
+        await storage.create_token(token("00000000000000b4", revoked_at=T0))
+        ids = [t.token_id for t in await storage.list_tokens_page(T0)]
+        assert ids == ["00000000000000ad", "00000000000000b3", "00000000000000b4"]
+        every = [t.token_id for t in await storage.list_tokens_page(T0, include_expired=True)]
+        assert every == ["00000000000000ad", "00000000000000b1", "00000000000000b2", "00000000000000b3",
+                         "00000000000000b4"]
+        first = await storage.list_tokens_page(T0, limit=2, include_expired=True)
+        second = await storage.list_tokens_page(T0, after=first[-1].token_id, limit=2, include_expired=True)
+        third = await storage.list_tokens_page(T0, after=second[-1].token_id, limit=2, include_expired=True)
+        assert [t.token_id for t in first + second + third] == every
+        assert await storage.list_tokens_page(T0, after=every[-1]) == []
+
     # -- lifecycle: labels, pending versions, rotation schedule (docs/rotation.md) ---------------
     async def test_labels_grace_and_latest_version(self, storage: Storage) -> None:
         await initialized(storage)
