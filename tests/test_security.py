@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from secretsd.api.app import PUBLIC_ROUTES, create_app
+from secretsd.api.routes import login_paths
 from secretsd.runtime.config import Settings, load_settings
 from secretsd.runtime.daemon import Daemon, initialize_store
 from tests.conftest import Api, running
@@ -49,8 +50,8 @@ def all_routes(api: Api) -> list[tuple[str, str]]:
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter")
         assert path is not None, route  # every route of ours is a plain or templated path
-        if route.method in ("HEAD", "*") or path in PUBLIC_ROUTES:
-            continue
+        if route.method in ("HEAD", "*") or path in PUBLIC_ROUTES or path in login_paths():
+            continue  # public, or a login that authenticates its caller itself (its own test below)
         concrete = path.replace("{path:.+}", "app/x").replace("{path}", "app/x").replace(
             "{action}", "undelete").replace("{token_id}", "sdt_0000000000000000").replace("{name}", "root")
         out.append((route.method, concrete))
@@ -78,6 +79,24 @@ async def test_every_api_route_refuses_missing_or_unknown_tokens(papi: Api, head
         doc = await problem(resp, 401, "unauthenticated")
         assert resp.headers["WWW-Authenticate"] == "Bearer"
         assert "app/x" not in str(doc)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer nonsense"])
+async def test_a_login_route_mints_nothing_for_a_caller_without_a_valid_credential(
+        papi: Api, header: str | None) -> None:
+    # A login's body is the credential: a bad body is a 400, a JWT that does not verify (or JWT login
+    # not configured at all, as here) the one bare 401; neither mints a token.
+    assert login_paths() == {"/v1/auth/jwt/login"}
+    headers = {"Authorization": header} if header else {}
+    before = db_dump(papi.daemon.settings).count("INSERT INTO \"tokens\"")
+    resp = await papi.client.post("/v1/auth/jwt/login", headers=headers, json={"value": "x"})
+    await problem(resp, 400, "invalid-request")
+    resp = await papi.client.post("/v1/auth/jwt/login", headers=headers, json={"jwt": "e30.e30.sig"})
+    doc = await problem(resp, 401, "unauthenticated")
+    # The same refusal as any unauthenticated request: it does not say whether JWT login is configured.
+    bare = await problem(await papi.client.get("/v1/auth/whoami"), 401, "unauthenticated")
+    assert doc["detail"] == bare["detail"]
+    assert db_dump(papi.daemon.settings).count("INSERT INTO \"tokens\"") == before
 
 
 async def test_unauthenticated_cannot_tell_existing_paths_or_routes(papi: Api) -> None:
