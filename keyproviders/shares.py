@@ -19,8 +19,10 @@ daemon picks up by itself; a table is needed only to name another file or inline
     public_key_file = "recovery-shares.pub"   # relative to the data directory
     # or: public_key = "<base64 of the 32-byte X25519 public key>"
 
-The key id is a hash of the public key, so it *is* a proof of the key for a wrap-only provider: a
-replaced public key file has another id and is refused (``secretsd.custody.keyring.prove_custody``).
+The key id is only a name: whoever can write the store can add a wrapping under any id. So each
+wrapping for the recovery key carries a binding tag, an HMAC over the public key keyed from the
+term's data key, which only the unsealed keyring can make; a public key without a valid tag is
+refused before anything is wrapped for it (``secretsd.custody.keyring.prove_custody``, docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -199,8 +201,15 @@ class RecoverySharesKeyProvider:
         return self._public
 
     @property
+    def source(self) -> str:
+        """Where the public key came from (a file path), for messages."""
+        if self._source == "configuration":
+            return "the recovery public key in the configuration"
+        return self._source
+
+    @property
     def can_unwrap(self) -> bool:
-        """False for the daemon's provider (public key only): custody is then proven by the key id."""
+        """False for the daemon's provider (public key only): custody is then proven by a binding tag."""
         return self._private is not None
 
     # -- KeyProvider ------------------------------------------------------------------------------
@@ -242,7 +251,7 @@ class RecoverySharesKeyProvider:
         return self._id
 
     def refresh(self) -> None:
-        # The public key is read once; a replaced file is caught at the next start by the key id proof.
+        # The public key is read once; a replaced file is caught at the next start by the binding proof.
         return None
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from keyproviders import KeyProvider
 from secretsd import errors
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.crypto import DataKey, blob_aad, value_aad
-from secretsd.custody.keyring import Keyring, make_term, provider_errors, unseal
+from secretsd.custody.keyring import Keyring, legacy_bindings, make_term, provider_errors, unseal
 from secretsd.custody.providers import ProviderSet
 from secretsd.events import Event, EventBus
 from secretsd.records import KeyringTerm, VersionRecord
@@ -122,10 +122,31 @@ class Barrier:
         # that does not is reported (degraded) and never wraps.
         self._providers.bind(terms, self._keyring.keys)
         await asyncio.to_thread(self._providers.prove_built)
+        await self._bind_legacy_recovery(terms)
         log.info("unsealed: %d keyring term(s), active term %d",
                  len(self._keyring.keys), self._keyring.active_term)
         self._events.emit(Event("barrier.unseal", self._clock(), "system",
                                 detail={"active_term": self._keyring.active_term}))
+
+    async def _bind_legacy_recovery(self, terms: list[KeyringTerm]) -> None:
+        """Migrate a store written before binding tags: tag its recovery wrappings now (trust on first use).
+
+        Best effort: a store this process may not write (a conflict with a replica doing the same)
+        stays as it was and is migrated at a later unseal; the binding rule still holds meanwhile.
+        """
+        ring = self._ring()
+        changes = legacy_bindings(self._providers.available(), terms, ring.keys)
+        if not changes:
+            return
+        try:
+            for term, wrappings in changes:
+                await self._storage.replace_keyring_wrappings(term.term, term.wrappings, wrappings)
+        except errors.SecretsdError as exc:
+            log.warning("could not bind the recovery key to the keyring yet: %s", exc)
+            return
+        log.warning("bound the recovery key to the keyring (%d term(s)): it was trusted on first use, as this "
+                    "store was written before recovery keys were bound (docs/recovery.md)", len(changes))
+        self._providers.bind(await self._storage.keyring_terms(), ring.keys)
 
     async def unseal_until_done(self, max_delay: float) -> None:
         """Retry ``unseal`` with capped exponential backoff and jitter until it succeeds."""

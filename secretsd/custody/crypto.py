@@ -49,6 +49,16 @@ def blob_aad(purpose: str, term: int) -> bytes:
     return b"secretsd/blob\x00" + struct.pack(">BI", FORMAT_VERSION, term) + purpose.encode()
 
 
+def binding_message(term: int, provider: str, key_id: str, public_key: bytes) -> bytes:
+    """What a keyring binding tag covers: a wrap-only provider's public key, its name and id, and the term.
+
+    Length-prefixed fields after a fixed-width header, so no two inputs produce the same bytes.
+    """
+    fields = (provider.encode(), key_id.encode(), public_key)
+    return (b"secretsd/provider-binding\x00" + struct.pack(">BI", FORMAT_VERSION, term)
+            + b"".join(struct.pack(">H", len(f)) + f for f in fields))
+
+
 def _fingerprint(key: bytes) -> bytes:
     return hashlib.sha256(b"secretsd/dek-fingerprint\x00" + key).digest()
 
@@ -60,7 +70,7 @@ def new_dek() -> bytes:
 class DataKey:
     """One DEK, ready to seal and open values; the AESGCM object is built once per key."""
 
-    __slots__ = ("_aead", "_fingerprint")
+    __slots__ = ("_aead", "_binding_key", "_fingerprint")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != DEK_BYTES:
@@ -69,6 +79,12 @@ class DataKey:
         # Lets a key provider's unwrap be checked against the key in memory without keeping a
         # second copy of the key; a hash of 256 random bits reveals nothing about them.
         self._fingerprint = _fingerprint(key)
+        # A key of its own (HKDF, own label) for binding tags: only a holder of this DEK can make one.
+        self._binding_key = derive_key(key, "secretsd/provider-binding")
+
+    def binding_tag(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under a key derived from this DEK (``binding_message``)."""
+        return hmac_sha256(self._binding_key, message)
 
     def matches(self, key: bytes) -> bool:
         """Whether ``key`` is this data key (constant-time)."""

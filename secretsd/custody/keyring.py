@@ -6,6 +6,10 @@ This module is also the boundary where key-provider exceptions become secretsd e
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import dataclasses
+import hmac
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,7 +19,7 @@ from datetime import datetime
 import keyproviders
 from keyproviders import KeyProvider, WrappedKey
 from secretsd import errors
-from secretsd.custody.crypto import DataKey, dek_aad, new_dek
+from secretsd.custody.crypto import DataKey, binding_message, dek_aad, new_dek
 from secretsd.records import KeyringTerm
 
 log = logging.getLogger("secretsd.custody.keyring")
@@ -60,12 +64,53 @@ class Keyring:
 async def wrap_for_all(
     providers: Sequence[KeyProvider], dek: bytes, term: int
 ) -> tuple[WrappedKey, ...]:
-    """Wrap a DEK once per unseal provider; each wrapping alone can unseal the term."""
+    """Wrap a DEK once per unseal provider; each wrapping alone can unseal the term.
+
+    A wrap-only provider's wrapping also carries its binding tag (``bind_wrapping``).
+    """
     wrapped = []
+    key = DataKey(dek)
     with provider_errors():
         for provider in providers:
-            wrapped.append(await asyncio.to_thread(provider.wrap, dek, dek_aad(term)))
+            one = await asyncio.to_thread(provider.wrap, dek, dek_aad(term))
+            wrapped.append(bind_wrapping(provider, one, key, term) if _wrap_only(provider) else one)
     return tuple(wrapped)
+
+
+# -- binding a wrap-only provider's public key to the keyring ---------------------------------------
+#: The ``params`` entry of a wrap-only provider's wrapping that holds its binding tag (base64).
+BINDING_PARAM = "binding"
+
+
+def _wrap_only(provider: KeyProvider) -> bool:
+    return not getattr(provider, "can_unwrap", True)
+
+
+def _binding_tag(provider: KeyProvider, key_id: str, key: DataKey, term: int) -> bytes:
+    public_key = getattr(provider, "public_key", b"")
+    return key.binding_tag(binding_message(term, provider.name, key_id, public_key))
+
+
+def bind_wrapping(provider: KeyProvider, wrapped: WrappedKey, key: DataKey, term: int) -> WrappedKey:
+    """``wrapped`` with a tag over the provider's public key keyed from the term's DEK.
+
+    The store holds only wrappings, so whoever can write it could name any public key; only a
+    holder of the unsealed DEK can make this tag (``binding_holds`` checks it).
+    """
+    tag = base64.b64encode(_binding_tag(provider, wrapped.key_id, key, term)).decode("ascii")
+    return dataclasses.replace(wrapped, params={**wrapped.params, BINDING_PARAM: tag})
+
+
+def binding_holds(provider: KeyProvider, wrapped: WrappedKey, key: DataKey, term: int) -> bool:
+    """Whether ``wrapped`` carries a valid tag for ``provider``'s current public key (constant time)."""
+    stored = wrapped.params.get(BINDING_PARAM)
+    if not isinstance(stored, str) or wrapped.key_id != provider.key_id():
+        return False
+    try:
+        raw = base64.b64decode(stored.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(raw, _binding_tag(provider, wrapped.key_id, key, term))
 
 
 async def unwrap_term(providers: Sequence[KeyProvider], term: KeyringTerm) -> bytes:
@@ -115,8 +160,8 @@ def prove_custody(
     adding) asks only that a wrapping under its current id, if the store holds one, opens.
     """
     current = provider.key_id()
-    if not getattr(provider, "can_unwrap", True):
-        _prove_by_public_key_id(provider, current, terms, same_key_id_only=same_key_id_only)
+    if _wrap_only(provider):
+        _prove_by_public_key_id(provider, current, terms, known, same_key_id_only=same_key_id_only)
         return
     newest_per_id: dict[str, tuple[KeyringTerm, WrappedKey]] = {}
     for term in sorted(terms, key=lambda t: t.term):
@@ -153,21 +198,68 @@ def prove_custody(
 
 
 def _prove_by_public_key_id(
-    provider: KeyProvider, current: str, terms: Sequence[KeyringTerm], *, same_key_id_only: bool
+    provider: KeyProvider, current: str, terms: Sequence[KeyringTerm], known: Mapping[int, DataKey] | None,
+    *, same_key_id_only: bool,
 ) -> None:
-    """``prove_custody`` for a wrap-only provider (recovery-shares: the daemon holds a public key).
+    """The rule for a wrap-only provider (recovery-shares: the daemon holds a public key only).
 
-    It cannot unwrap, but its key id is a hash of its public key, so an id found among the store's
-    wrappings proves it is the very key the store wraps for; a replaced public key file has another id.
+    It cannot unwrap, and its key id is only a name: whoever can write the store can add a wrapping
+    under any id. So once the store is *bound* (a wrapping of this provider kind carries a binding
+    tag, ``bind_wrapping``), a wrapping under the current id whose tag verifies with the term's DEK
+    in memory (``known``) is required: a planted public key has none, as its planter lacks the DEKs.
+    A store written before bindings existed (no tag anywhere) is trusted on first use: the current
+    id must be the only recovery key id it names; ``legacy_bindings`` then adds the tags.
     """
-    stored = {w.key_id for t in terms for w in t.wrappings if w.provider == provider.name}
-    if current in stored or same_key_id_only:  # same_key_id_only: a target an operator names in 'keyring migrate'
+    ours = [(t, w) for t in terms for w in t.wrappings if w.provider == provider.name]
+    if same_key_id_only and all(w.key_id != current for _, w in ours):
+        return  # a target an operator names in 'keyring migrate': new custody, nothing to prove
+    bound = [(t, w) for t, w in ours if BINDING_PARAM in w.params]
+    if bound:
+        for term, wrapped in bound:
+            key = None if known is None else known.get(term.term)
+            if key is not None and binding_holds(provider, wrapped, key, term.term):
+                return
+        source = getattr(provider, "source", "its public key")
+        raise errors.ProviderKeyMismatch(
+            f"{source} does not match the key the keyring was bound to: key provider {provider.name} has "
+            f"public key {current}, for which the store holds no binding made with the keyring's keys "
+            + ("(they are not unsealed here). " if known is None else "")
+            + "The file was replaced, or it belongs to another store. Nothing will be wrapped for it")
+    stored = {w.key_id for _, w in ours}
+    if stored == {current}:
         return
     raise errors.ProviderKeyMismatch(
         f"key provider {provider.name} has public key {current}, but this store wraps for "
         f"{', '.join(sorted(stored)) or 'no such key'}: its public key file was replaced, or it belongs to "
         "another store. It will not be used"
     )
+
+
+def legacy_bindings(
+    providers: Sequence[KeyProvider], terms: Sequence[KeyringTerm], known: Mapping[int, DataKey]
+) -> list[tuple[KeyringTerm, tuple[WrappedKey, ...]]]:
+    """The migration of a store written before bindings: each term's new wrappings, tags added.
+
+    Only for a wrap-only provider that passed the trust-on-first-use rule of ``prove_custody`` (the
+    caller's to check) and only while no wrapping of its kind is bound yet; the ciphertexts stay.
+    """
+    changes: dict[int, tuple[KeyringTerm, list[WrappedKey]]] = {}
+    for provider in providers:
+        if not _wrap_only(provider):
+            continue
+        current = provider.key_id()
+        ours = [w for t in terms for w in t.wrappings if w.provider == provider.name]
+        if any(BINDING_PARAM in w.params for w in ours) or {w.key_id for w in ours} != {current}:
+            continue
+        for term in terms:
+            key = known.get(term.term)
+            if key is None:
+                continue
+            _, wrappings = changes.setdefault(term.term, (term, list(term.wrappings)))
+            for i, wrapped in enumerate(wrappings):
+                if wrapped.provider == provider.name and wrapped.key_id == current:
+                    wrappings[i] = bind_wrapping(provider, wrapped, key, term.term)
+    return [(term, tuple(w)) for term, w in changes.values() if tuple(w) != term.wrappings]
 
 
 async def unseal(providers: Sequence[KeyProvider], terms: Sequence[KeyringTerm]) -> Keyring:

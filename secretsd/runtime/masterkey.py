@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from keyproviders import KeyProvider, WrappedKey
 from keyproviders.shares import RecoverySharesKeyProvider
+from secretsd.custody.crypto import DataKey
 from secretsd.custody.keyring import prove_custody, provider_errors, unwrap_term, wrap_for_all
 from secretsd.records import KeyringTerm
 from secretsd.runtime.config import Settings
@@ -42,6 +43,20 @@ class Report:
 
 def _ids(wrappings: tuple[WrappedKey, ...]) -> set[tuple[str, str]]:
     return {(w.provider, w.key_id) for w in wrappings}
+
+
+def _unwrappers(providers: list[KeyProvider]) -> list[KeyProvider]:
+    return [p for p in providers if getattr(p, "can_unwrap", True)]
+
+
+async def _known_keys(
+    targets: list[KeyProvider], openers: list[KeyProvider], terms: list[KeyringTerm]
+) -> dict[int, DataKey] | None:
+    """The DEKs a wrap-only target's binding tag is checked with (``prove_custody``), opened by
+    ``openers`` that can unwrap; None when no target needs them."""
+    if all(getattr(p, "can_unwrap", True) for p in targets) or not _unwrappers(openers):
+        return None
+    return {t.term: DataKey(await unwrap_term(_unwrappers(openers), t)) for t in terms}
 
 
 async def _cover(
@@ -84,9 +99,13 @@ async def rewrap(settings: Settings, *, rotate: bool = True, progress: Progress 
     try:
         providers = await group.ready_all()
         terms = await storage.keyring_terms()
-        for provider in providers:
+        for provider in _unwrappers(providers):
             # Before rotate(): never create a key version in a planted token.
             await asyncio.to_thread(prove_custody, provider, terms)
+        known = await _known_keys(providers, providers, terms)
+        for provider in providers:
+            if provider not in _unwrappers(providers):  # a public key: proven by its binding tag
+                await asyncio.to_thread(prove_custody, provider, terms, known)
         if rotate:
             with provider_errors():
                 for provider in providers:
@@ -133,11 +152,12 @@ async def migrate(
         targets = await new_group.ready_all()
         terms = await storage.keyring_terms()
         old_specs = old.provider_specs()
+        known = await _known_keys(targets, openers, terms)
         for target, spec in zip(targets, new.provider_specs(), strict=True):
             # A target configured as before (the HSM kept while a recovery key is added) is the
             # store's custody and must prove it in full. A new one may be new custody, but one that
             # reuses a stored key id must hold that key, or its wrappings would replace the genuine ones.
-            await asyncio.to_thread(prove_custody, target, terms, same_key_id_only=spec not in old_specs)
+            await asyncio.to_thread(prove_custody, target, terms, known, same_key_id_only=spec not in old_specs)
         target_ids = {(p.name, p.key_id()) for p in targets}
 
         def add(term: KeyringTerm, fresh: tuple[WrappedKey, ...]) -> tuple[WrappedKey, ...]:
