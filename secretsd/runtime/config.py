@@ -113,6 +113,16 @@ class AuthSettings(BaseModel):
     jwt: JwtAuthSettings = Field(default_factory=JwtAuthSettings)
 
 
+class TokenSettings(BaseModel):
+    """``[tokens]``: how long a revoked or expired token's row is kept before the leader purges it."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: Days after a token's revocation or expiry before its row is deleted; 0 keeps every row forever.
+    purge_after_days: int = Field(default=7, ge=0, le=36500)
+    #: How often the leader sweeps (secretsd.runtime.token_purge).
+    purge_interval_seconds: float = Field(default=3600.0, gt=0, le=86400)
+
+
 class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
     backend: str = "sqlite"
@@ -255,6 +265,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     rotation: RotationSettings = Field(default_factory=RotationSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)
@@ -403,6 +414,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         "audit": AuditSettings(**settings.audit.model_dump(exclude_unset=True)),
         "rotation": RotationSettings(**data["rotation"]),
         "backup": BackupSettings(**data["backup"]),
+        "tokens": TokenSettings(**data["tokens"]),
         "metrics": MetricsSettings(**data["metrics"]),
         "http": HttpSettings(**data["http"]),
         "vault": VaultSettings(**data["vault"]),

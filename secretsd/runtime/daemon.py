@@ -47,6 +47,7 @@ from secretsd.runtime.leadership import Leadership
 from secretsd.runtime.metrics import Metrics, TimedProvider
 from secretsd.runtime.replication import ReplicaSync
 from secretsd.runtime.scheduler import RotationScheduler
+from secretsd.runtime.token_purge import TokenPurger
 from secretsd.storage import Storage, create_storage
 
 if TYPE_CHECKING:
@@ -181,6 +182,10 @@ class Daemon:
         self.backup_schedule = BackupScheduler(settings.backup, self.storage, self.providers.available,
                                                self.barrier, self.leadership, self._write_backup, self.record,
                                                clock=clock)
+        # Token purge ([tokens], docs/operations.md): the leader deletes long-dead token rows.
+        self.token_purge = TokenPurger(self.storage, self.barrier, self.leadership, self.events,
+                                       purge_after_days=settings.tokens.purge_after_days,
+                                       interval_seconds=settings.tokens.purge_interval_seconds, clock=clock)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = contextlib.AsyncExitStack()  # what start set up, for stop to unwind
         self.metrics = Metrics(self)
@@ -234,6 +239,8 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.scheduler.run()))
         if self.settings.backup.enabled:
             self._tasks.append(asyncio.create_task(self.backup_schedule.run()))
+        if self.token_purge.enabled:
+            self._tasks.append(asyncio.create_task(self.token_purge.run()))
 
     def _observe_provider(self, provider: str, operation: str, seconds: float) -> None:
         self.metrics.provider_seconds.labels(provider, operation).observe(seconds)

@@ -45,6 +45,10 @@ class Metrics:
             "secretsd_policy_decisions", "Authorisation decisions", ["decision"], registry=r)
         self.rotations = Counter(
             "secretsd_rotations", "Secret rotations by outcome", ["outcome"], registry=r)
+        self.tokens_purged = Counter(
+            "secretsd_tokens_purged", "Token rows deleted by the purge ([tokens] purge_after_days)", registry=r)
+        self.token_purge_runs = Counter(
+            "secretsd_token_purge_runs", "Token purge sweeps run by the leader", registry=r)
         self.provider_seconds = Histogram(
             "secretsd_key_provider_operation_seconds", "Key provider call latency",
             ["provider", "operation"], buckets=_LATENCY, registry=r)
@@ -69,6 +73,9 @@ class Metrics:
             self._secret_op[_SECRET_EVENTS[event.action]].inc()
         if event.action.startswith("rotation."):
             self.rotations.labels(event.action.removeprefix("rotation.")).inc()
+        elif event.action == "token.purge":
+            self.token_purge_runs.inc()
+            self.tokens_purged.inc(int(event.detail.get("count", 0)))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         # labels() takes a lock and builds a key on every call; the children are kept here instead.

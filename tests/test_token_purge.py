@@ -1,0 +1,170 @@
+"""Hole H6: tokens were never purged (``[tokens] purge_after_days``, secretsd.runtime.token_purge).
+
+End to end: a real daemon deletes tokens dead past the retention, audits the sweep once with the
+count and counts it in /metrics, and keeps recently dead and live tokens. In process: only the
+leader sweeps, nothing while sealed, 0 turns it off, a backlog goes in bounded batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secretsd import tokens
+from secretsd.errors import ConfigError
+from secretsd.events import Event, EventBus
+from secretsd.records import TokenRecord
+from secretsd.runtime.config import load_settings
+from secretsd.runtime.daemon import build_storage
+from secretsd.runtime.token_purge import TokenPurger
+from secretsd.storage import Storage
+from tests.conftest import make_settings
+from tests.helpers import DaemonProcess, http, init_store
+
+NOW = datetime.now(UTC)
+
+
+def dead_token(n: int, *, expired_days_ago: float = 30, root: bool = False) -> TokenRecord:
+    new = tokens.generate_token()
+    return TokenRecord(token_id=new.token_id, secret_hash=new.secret_hash, client=f"job-{n}",
+                       policies=("root",) if root else ("reader",), created_at=NOW - timedelta(days=60),
+                       created_by="jwt", expires_at=NOW - timedelta(days=expired_days_ago))
+
+
+async def seed(data: Path, records: list[TokenRecord]) -> None:
+    storage = build_storage(make_settings(data))
+    await storage.open()
+    try:
+        for r in records:
+            await storage.create_token(r)
+    finally:
+        await storage.close()
+
+
+async def stored_ids(data: Path) -> set[str]:
+    storage = build_storage(make_settings(data))
+    await storage.open()
+    try:
+        return {t.token_id for t in await storage.list_tokens()}
+    finally:
+        await storage.close()
+
+
+def audit_records(data: Path, action: str) -> list[dict[str, Any]]:
+    found = []
+    for log in sorted((data / "audit").glob("*.jsonl")):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("action") == action:
+                found.append(record)
+    return found
+
+
+def metric(url: str, token: str, name: str) -> float:
+    page = http("GET", f"{url}/metrics", token=token).body
+    assert isinstance(page, str)
+    for line in page.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_daemon_purges_tokens_dead_past_the_retention(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    admin = init_store(data)
+    old = [dead_token(n) for n in range(300)] + [dead_token(300, root=True)]  # an expired root is no root
+    recent = [dead_token(400, expired_days_ago=1)]
+    asyncio.run(seed(data, old + recent))
+    daemon = DaemonProcess(data, env={"SECRETSD_TOKENS__PURGE_INTERVAL_SECONDS": "0.2"}).start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not audit_records(data, "token.purge"):
+            time.sleep(0.1)
+        runs = audit_records(data, "token.purge")
+        assert runs and runs[0]["count"] == 301 and runs[0]["client"] == "system"
+        assert metric(daemon.url, admin, "secretsd_tokens_purged_total") == 301
+        # The admin token (live, root) still works; the recently expired one is kept, hidden by default.
+        listed = http("GET", f"{daemon.url}/v1/auth/tokens", token=admin)
+        assert listed.status == 200
+    finally:
+        daemon.stop()
+    left = asyncio.run(stored_ids(data))
+    assert len(left) == 2 and recent[0].token_id in left
+    assert not left & {t.token_id for t in old}
+
+
+class _Leader:
+    def __init__(self, leads: bool) -> None:
+        self.is_leader = leads
+
+
+class _Barrier:
+    def __init__(self, sealed: bool) -> None:
+        self.sealed = sealed
+
+
+async def _store(tmp_path: Path, records: list[TokenRecord]) -> Storage:
+    data = tmp_path / "data"
+    init_store(data)
+    await seed(data, records)
+    storage = build_storage(make_settings(data))
+    await storage.open()
+    return storage
+
+
+async def test_only_the_unsealed_leader_sweeps_and_0_days_never_does(tmp_path: Path) -> None:
+    storage = await _store(tmp_path, [dead_token(n) for n in range(3)])
+    seen: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    try:
+        follower = TokenPurger(storage, _Barrier(False), _Leader(False), bus, purge_after_days=7, interval_seconds=1)
+        sealed = TokenPurger(storage, _Barrier(True), _Leader(True), bus, purge_after_days=7, interval_seconds=1)
+        never = TokenPurger(storage, _Barrier(False), _Leader(True), bus, purge_after_days=0, interval_seconds=1)
+        assert await follower.tick() is None and await sealed.tick() is None and await never.tick() is None
+        assert len(await storage.list_tokens()) == 4 and seen == []
+        leader = TokenPurger(storage, _Barrier(False), _Leader(True), bus, purge_after_days=7, interval_seconds=1)
+        assert await leader.tick() == 3
+        assert await leader.tick() == 0  # every run is audited, an empty one too
+        assert [(e.action, e.client, e.detail["count"]) for e in seen] == [
+            ("token.purge", "system", 3), ("token.purge", "system", 0)]
+    finally:
+        await storage.close()
+
+
+async def test_a_backlog_goes_in_bounded_batches(tmp_path: Path) -> None:
+    storage = await _store(tmp_path, [dead_token(n) for n in range(25)])
+    calls: list[int] = []
+    real = storage.purge_tokens
+
+    async def counting(cutoff: datetime, now: datetime, *, limit: int = 1000) -> int:
+        n = await real(cutoff, now, limit=limit)
+        calls.append(n)
+        return n
+
+    storage.purge_tokens = counting  # type: ignore[method-assign]
+    try:
+        purger = TokenPurger(storage, _Barrier(False), _Leader(True), EventBus(), purge_after_days=7,
+                             interval_seconds=1, batch=10)
+        assert await purger.sweep() == 25
+        assert calls == [10, 10, 5]
+    finally:
+        await storage.close()
+
+
+def test_purge_settings_are_checked(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[tokens]\npurge_after_days = 3\npurge_interval_seconds = 60\n")
+    settings = load_settings(config)
+    assert settings.tokens.purge_after_days == 3 and settings.tokens.purge_interval_seconds == 60
+    assert load_settings(None).tokens.purge_after_days == 7
+    for bad in ("purge_after_days = -1", "purge_interval_seconds = 0", "purge_days = 3"):
+        config.write_text(f"[tokens]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_settings(config)
