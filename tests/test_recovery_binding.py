@@ -116,7 +116,8 @@ def test_mismatch_is_logged_naming_the_file(tmp_path: Path, caplog: pytest.LogCa
     assert any(MISMATCH in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
-def test_legacy_store_is_bound_on_first_unseal_then_rotates_and_recovers(tmp_path: Path) -> None:
+def test_legacy_store_is_bound_on_first_unseal_then_rotates_and_recovers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "store"
     admin, shares = init_store(data)
     make_legacy(data)  # an old store: no binding anywhere
@@ -129,6 +130,7 @@ def test_legacy_store_is_bound_on_first_unseal_then_rotates_and_recovers(tmp_pat
             return len(await api.daemon.storage.keyring_terms())
 
     assert asyncio.run(first_start()) == 2
+    assert [r for r in caplog.records if "trusted on first use" in r.getMessage()]  # said, for monitoring
     assert ids_of(data) == {1: genuine, 2: genuine}
     for wrapped in wrappings(data).values():  # every recovery wrapping is bound now
         assert all(BINDING_PARAM in w["params"] for w in wrapped if w["provider"] == "recovery-shares")

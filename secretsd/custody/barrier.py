@@ -15,7 +15,7 @@ from keyproviders import KeyProvider
 from secretsd import errors
 from secretsd.clock import Clock, utcnow
 from secretsd.custody.crypto import DataKey, blob_aad, value_aad
-from secretsd.custody.keyring import Keyring, legacy_bindings, make_term, provider_errors, unseal
+from secretsd.custody.keyring import BINDING_PARAM, Keyring, legacy_bindings, make_term, provider_errors, unseal
 from secretsd.custody.providers import ProviderSet
 from secretsd.events import Event, EventBus
 from secretsd.records import KeyringTerm, VersionRecord
@@ -144,8 +144,12 @@ class Barrier:
         except errors.SecretsdError as exc:
             log.warning("could not bind the recovery key to the keyring yet: %s", exc)
             return
-        log.warning("bound the recovery key to the keyring (%d term(s)): it was trusted on first use, as this "
-                    "store was written before recovery keys were bound (docs/recovery.md)", len(changes))
+        key_ids = sorted({w.key_id for _, ws in changes for w in ws if BINDING_PARAM in w.params})
+        log.warning("bound recovery key %s to the keyring (%d term(s)): it was trusted on first use, as the "
+                    "store had no binding; expected once, after the upgrade (docs/recovery.md)",
+                    ", ".join(key_ids), len(changes))
+        self._events.emit(Event("keyring.recovery_bind", self._clock(), "system",
+                                detail={"key_ids": key_ids, "terms": len(changes), "trust": "first use"}))
         self._providers.bind(await self._storage.keyring_terms(), ring.keys)
 
     async def unseal_until_done(self, max_delay: float) -> None:

@@ -222,9 +222,9 @@ def _prove_by_public_key_id(
         source = getattr(provider, "source", "its public key")
         raise errors.ProviderKeyMismatch(
             f"{source} does not match the key the keyring was bound to: key provider {provider.name} has "
-            f"public key {current}, for which the store holds no binding made with the keyring's keys "
-            + ("(they are not unsealed here). " if known is None else "")
-            + "The file was replaced, or it belongs to another store. Nothing will be wrapped for it")
+            f"public key {current}, for which the store holds no binding made with the keyring's keys"
+            + (" (they are not unsealed here)" if known is None else "")
+            + ". The file was replaced, or it belongs to another store. Nothing will be wrapped for it")
     stored = {w.key_id for _, w in ours}
     if stored == {current}:
         return
