@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -168,3 +169,77 @@ def test_purge_settings_are_checked(tmp_path: Path) -> None:
         config.write_text(f"[tokens]\n{bad}\n")
         with pytest.raises(ConfigError):
             load_settings(config)
+
+
+# -- GET /v1/auth/tokens: pages, expired hidden ------------------------------------------------------
+def _seed_rows(data: Path, records: list[TokenRecord]) -> None:
+    """Many token rows in one transaction (a thousand commits would each fsync)."""
+    conn = sqlite3.connect(data / "secretsd.db")
+    with conn:
+        conn.executemany(
+            "INSERT INTO tokens (token_id, secret_hash, client, policies, created_at, created_by, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.token_id, r.secret_hash, r.client, json.dumps(list(r.policies)), r.created_at.isoformat(),
+              r.created_by, r.expires_at.isoformat() if r.expires_at else None) for r in records])
+    conn.close()
+
+
+async def test_token_listing_pages_and_hides_expired_tokens(tmp_path: Path) -> None:
+    from tests.conftest import running
+
+    async with running(make_settings(tmp_path / "data")) as api:
+        for n in range(4):
+            await api.token(f"svc-{n}", "root")
+        await api.daemon.storage.create_token(dead_token(9, expired_days_ago=1))
+        h = api.auth()
+
+        async def page(**query: str) -> tuple[int, dict[str, Any]]:
+            resp = await api.client.get("/v1/auth/tokens", params=query, headers=h)
+            return resp.status, await resp.json()
+
+        status, everything = await page()
+        assert status == 200 and everything["next_after"] is None
+        live = [t["token_id"] for t in everything["tokens"]]
+        assert len(live) == 5 and live == sorted(live) and "job-9" not in {t["client"] for t in everything["tokens"]}
+        walked: list[str] = []
+        after = ""
+        while True:
+            status, body = await page(limit="2", **({"after": after} if after else {}))
+            assert status == 200 and len(body["tokens"]) <= 2
+            walked += [t["token_id"] for t in body["tokens"]]
+            if body["next_after"] is None:
+                break
+            after = body["next_after"]
+        assert walked == live
+        status, body = await page(include_expired="1")
+        assert len(body["tokens"]) == 6 and "job-9" in {t["client"] for t in body["tokens"]}
+        for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"after": "nope"},
+                    {"after": "sdt_0123"}, {"include_expired": "2"}, {"include_expired": "yes"}):
+            resp = await api.client.get("/v1/auth/tokens", params=bad, headers=h)
+            assert resp.status == 400, bad
+            assert resp.content_type == "application/problem+json"
+
+
+def test_the_cli_follows_every_page_of_the_token_listing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from secretsd.cli import main
+
+    data = tmp_path / "data"
+    admin = init_store(data)
+    _seed_rows(data, [dead_token(n, expired_days_ago=-30) for n in range(1004)]  # live for 30 more days
+               + [dead_token(5000, expired_days_ago=1)])
+    daemon = DaemonProcess(data).start()
+    try:
+        env = {"SECRETSD_ADDR": daemon.url, "SECRETSD_TOKEN": admin}
+        out = CliRunner().invoke(main, ["token", "list", "--json"], env=env, catch_exceptions=False)
+        assert out.exit_code == 0, out.stderr
+        listed = json.loads(out.stdout)["tokens"]
+        assert len(listed) == 1005 and len({t["token_id"] for t in listed}) == 1005  # 1004 + admin, 2 pages
+        out = CliRunner().invoke(main, ["token", "list", "--json", "--include-expired"], env=env,
+                                 catch_exceptions=False)
+        assert len(json.loads(out.stdout)["tokens"]) == 1006
+        first = http("GET", f"{daemon.url}/v1/auth/tokens", token=admin).body
+        assert len(first["tokens"]) == 1000 and first["next_after"] == first["tokens"][-1]["token_id"]
+    finally:
+        daemon.stop()

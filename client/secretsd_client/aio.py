@@ -158,3 +158,10 @@ class AsyncSecretsClient(Operations[Awaitable[dict[str, Any]]]):
         while pages.add(await self.list_secrets(prefix, after=pages.after)):
             pass
         return pages.found
+
+    async def list_all_tokens(self, *, include_expired: bool = False) -> list[dict[str, Any]]:
+        """Every token (all pages of ``list_tokens``), by id."""
+        pages = Pages("tokens")
+        while pages.add(await self.list_tokens(after=pages.after, include_expired=include_expired)):
+            pass
+        return pages.found

@@ -152,8 +152,15 @@ def create_token(client: str, policies: list[str], ttl_seconds: int | None = Non
     return Call("POST", "/v1/auth/tokens", body=body, idempotent=False)
 
 
-def list_tokens() -> Call:
-    return Call("GET", "/v1/auth/tokens")
+def list_tokens(after: str = "", limit: int | None = None, include_expired: bool = False) -> Call:
+    query: dict[str, str] = {}
+    if after:
+        query["after"] = after
+    if limit:
+        query["limit"] = str(limit)
+    if include_expired:
+        query["include_expired"] = "1"
+    return Call("GET", "/v1/auth/tokens", query)
 
 
 def revoke_token(token_id: str) -> Call:

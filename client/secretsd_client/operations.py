@@ -233,9 +233,10 @@ class Operations(ABC, Generic[R]):
         ``max_ttl_seconds``: it renews (``renew_self``) up to that long after creation."""
         return self.call(calls.create_token(client, policies, ttl_seconds, max_ttl_seconds))
 
-    def list_tokens(self) -> R:
-        """The tokens (ids, clients, policies, times), never the tokens themselves."""
-        return self.call(calls.list_tokens())
+    def list_tokens(self, *, after: str = "", limit: int | None = None, include_expired: bool = False) -> R:
+        """One page of the tokens (ids, clients, policies, times; never the tokens themselves), by id
+        after ``after``; expired ones only with ``include_expired``. ``next_after`` names the next page."""
+        return self.call(calls.list_tokens(after, limit, include_expired))
 
     def revoke_token(self, token_id: str) -> R:
         """Revoke the token with id ``token_id``: it is refused from then on."""
@@ -255,14 +256,15 @@ class Pages:
     """What the pages of a listing or batch read add up to: each face loops ``while
     pages.add(await-or-not self.<call>(prefix, after=pages.after))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str = "secrets") -> None:
+        self.key = key  # what the pages list: "secrets", or "tokens"
         self.found: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self.after = ""
 
     def add(self, page: dict[str, Any]) -> bool:
         """Take one page; True while there is a next one."""
-        self.found.extend(page["secrets"])
+        self.found.extend(page[self.key])
         self.skipped.extend(page.get("skipped", ()))
         self.after = page.get("next_after") or ""
         return bool(self.after)

@@ -42,6 +42,7 @@ from secretsd.domain.identity import Principal
 from secretsd.domain.policy import Capability
 from secretsd.domain.rotation import RotationPolicy, labels_of
 from secretsd.domain.secret_service import MAX_LIST_LIMIT, Put, SecretValue
+from secretsd.domain.token_service import MAX_TOKEN_PAGE
 from secretsd.errors import PermissionDeniedError, RequestError, SealedError, SecretsdError
 from secretsd.paths import is_child, validate_path
 from secretsd.problems import problem_document, problem_for
@@ -445,7 +446,14 @@ async def create_token(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     authorize(request, Capability.ADMIN, "sys/tokens")
-    return web.json_response({"tokens": [_token(t) for t in await services(request).tokens.list_tokens()]})
+    limit = int_query(request, "limit")
+    include_expired = int_query(request, "include_expired", 0)
+    if include_expired not in (0, 1):
+        raise RequestError("query parameter 'include_expired' must be 0 or 1")
+    page, next_after = await services(request).tokens.list_page(
+        after=request.query.get("after", ""), limit=MAX_TOKEN_PAGE if limit is None else limit,
+        include_expired=include_expired == 1)
+    return web.json_response({"tokens": [_token(t) for t in page], "next_after": next_after})
 
 
 async def revoke_token(request: web.Request) -> web.Response:

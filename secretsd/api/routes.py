@@ -201,8 +201,14 @@ OPERATIONS: tuple[Operation, ...] = (
     # -- tokens ---------------------------------------------------------------------------------
     Operation("POST", "/v1/auth/tokens", h.create_token, "Create a token for a client", "token.create",
               Capability.ADMIN, "on sys/tokens", body=CreateTokenBody, ok=201),
-    Operation("GET", "/v1/auth/tokens", h.list_tokens, "List tokens (never the token itself)", "token.list",
-              Capability.ADMIN, "on sys/tokens"),
+    Operation("GET", "/v1/auth/tokens", h.list_tokens,
+              "List tokens (never the token itself), a page at a time by token id; expired ones hidden "
+              "unless include_expired=1", "token.list", Capability.ADMIN, "on sys/tokens", query=(
+                  Query("after", "string", "continue after this token id (next_after of the previous page)",
+                        (("pattern", "^$|^(sdt_)?[0-9a-f]{16}$"),)),
+                  Query("limit", "integer", "at most this many (1-1000)", (("minimum", 1), ("maximum", 1000))),
+                  Query("include_expired", "integer", "1: list expired tokens too",
+                        (("minimum", 0), ("maximum", 1))))),
     Operation("DELETE", "/v1/auth/tokens/{token_id}", h.revoke_token, "Revoke a token", "token.revoke",
               Capability.ADMIN, "on sys/tokens"),
     Operation("POST", "/v1/auth/jwt/login", jwt_login.jwt_login,

@@ -243,17 +243,18 @@ def token_create(ctx: Ctx, client_name: str, policies: tuple[str, ...], ttl: str
 
 
 @token.command(name="list")
+@click.option("--include-expired", is_flag=True, help="List expired tokens too (until purged).")
 @json_option
 @remote
-def token_list(ctx: Ctx, as_json: bool) -> None:
-    """List tokens (ids, clients, policies; never the tokens).
+def token_list(ctx: Ctx, include_expired: bool, as_json: bool) -> None:
+    """List tokens (ids, clients, policies; never the tokens), every page.
 
     \b
     Example:
       secretsd token list
     """
     with ctx.client() as client:
-        data = client.list_tokens()
+        data = {"tokens": client.list_all_tokens(include_expired=include_expired)}
     if as_json:
         emit_json(data)
     else:

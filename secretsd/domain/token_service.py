@@ -24,6 +24,8 @@ from secretsd.storage import Storage
 log = logging.getLogger("secretsd.tokens")
 
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+#: The most tokens one page of ``GET /v1/auth/tokens`` holds (and its default).
+MAX_TOKEN_PAGE = 1000
 #: Who the daemon names as the creator of a token made offline by ``token create-root``.
 RECOVERY_CREATOR = "recovery"
 #: Tokens the daemon itself gives a reserved name: (client, created_by).
@@ -171,6 +173,21 @@ class TokenService:
 
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._storage.list_tokens()
+
+    async def list_page(self, *, after: str = "", limit: int = MAX_TOKEN_PAGE,
+                        include_expired: bool = False) -> tuple[list[TokenRecord], str | None]:
+        """The rule of a token listing page: at most ``limit`` (1..MAX_TOKEN_PAGE) tokens by id after
+        the cursor (an id, bare or ``sdt_``), expired ones only if asked; and the next cursor (a
+        display id) or None at the end. Revoked tokens are listed until the purge deletes them."""
+        if not 1 <= limit <= MAX_TOKEN_PAGE:
+            raise RequestError(f"limit must be between 1 and {MAX_TOKEN_PAGE}")
+        cursor = after.removeprefix(tokens.TOKEN_PREFIX)
+        if cursor and not tokens.is_token_id(cursor):
+            raise RequestError("after must be a token id from a previous page (sdt_0123456789abcdef)")
+        found = await self._storage.list_tokens_page(self._clock(), after=cursor, limit=limit + 1,
+                                                     include_expired=include_expired)
+        page = found[:limit]
+        return page, tokens.display_id(page[-1].token_id) if len(found) > limit else None
 
     async def policies_of(self, client: str) -> list[str]:
         """The policies ``client`` holds now: the union over its active tokens (NotFoundError: none)."""
