@@ -243,3 +243,19 @@ def test_the_cli_follows_every_page_of_the_token_listing(tmp_path: Path) -> None
         assert len(first["tokens"]) == 1000 and first["next_after"] == first["tokens"][-1]["token_id"]
     finally:
         daemon.stop()
+
+
+async def test_the_last_root_guard_counts_only_live_roots_among_many_expired(tmp_path: Path) -> None:
+    """ACTIVE_TOKENS leaves expired tokens out: 50 expired root tokens do not let the last live one go."""
+    from secretsd.domain.token_service import refuse_revoking_the_last_root_token
+    from secretsd.errors import ConflictError
+
+    storage = await _store(tmp_path, [dead_token(n, root=True) for n in range(50)])
+    try:
+        admin = next(t for t in await storage.list_tokens() if t.is_active(NOW))
+        with pytest.raises(ConflictError, match="last active token with the root policy"):
+            await storage.revoke_token(admin.token_id, datetime.now(UTC), guard=refuse_revoking_the_last_root_token)
+        still = await storage.get_token(admin.token_id)
+        assert still is not None and still.revoked_at is None
+    finally:
+        await storage.close()
