@@ -26,12 +26,15 @@ refresh keeps the last good keys, for at most ``max_stale_seconds``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import http.client
 import json
 import logging
+import socket
 import ssl
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +44,7 @@ from typing import Any
 import jwt as pyjwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from secretsd.addresses import is_loopback
 from secretsd.domain.client_names import check_client_name
 from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
 from secretsd.tokens import redact_secrets
@@ -152,6 +156,18 @@ def parse_jwks(raw: bytes) -> dict[str | None, pyjwt.PyJWK]:
     return found
 
 
+def check_jwks_url(url: str) -> str:
+    """The rule "the JWKS comes over https": ``jwks_url`` is ``https://``; plain ``http://`` only to a
+    loopback host (a sidecar or a test server: nothing crosses a network). Whoever can change the keys
+    in transit can log in as any workload. ValueError otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return url
+    raise ValueError("jwks_url must be https:// (plain http:// only to a loopback address)")
+
+
 @dataclass
 class _Keys:
     keys: dict[str | None, pyjwt.PyJWK]
@@ -160,41 +176,103 @@ class _Keys:
 
 class JwksCache:
     """The JWKS from a file or a URL, refreshed in the background; the last good keys are kept while
-    refreshes fail, for ``max_stale`` seconds at most (then every login is refused until one succeeds)."""
+    refreshes fail, for ``max_stale`` seconds at most (then every login is refused until one succeeds).
+
+    Reads run in one thread of their own (never the event loop's shared default executor, which
+    getaddrinfo, health checks and audit retention need), one at a time: a refresh while the last
+    read is still running is a failed refresh, not a second thread. A URL read has a total deadline
+    (``timeout``), checked between socket reads that each wait at most that long, and the socket is
+    shut down when the deadline passes, so a server that drips bytes cannot hold the thread."""
 
     def __init__(self, *, file: Path | None, url: str | None, ca_file: Path | None = None, timeout: float = 5.0,
                  refresh: float = 300.0, max_stale: float = 3600.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         if (file is None) == (url is None):
             raise ConfigError("[auth.jwt] needs jwks_file or jwks_url (one of them)")
+        if url is not None:
+            try:
+                check_jwks_url(url)
+            except ValueError as exc:
+                raise ConfigError(f"[auth.jwt] {exc}") from None
         self._file, self._url, self._ca_file = file, url, ca_file
         self._timeout, self._refresh, self._max_stale = timeout, refresh, max_stale
         self._monotonic = monotonic
         self._current: _Keys | None = None
         self._task: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretsd-jwks")
+        self._reading: concurrent.futures.Future[bytes] | None = None
+        self._socket: socket.socket | None = None  # the URL read's socket, shut down at the deadline
         self.failures = 0
 
     @property
     def source(self) -> str:
         return str(self._file) if self._file is not None else str(self._url)
 
-    def _read(self) -> bytes:
-        """One read of the source, blocking: called in a worker thread."""
+    @property
+    def reading(self) -> bool:
+        """True while a read runs in the JWKS thread."""
+        return self._reading is not None and not self._reading.done()
+
+    def _read(self, deadline: float) -> bytes:
+        """One read of the source, blocking: called in the JWKS thread."""
         if self._file is not None:
             with self._file.open("rb") as f:
                 return f.read(MAX_JWKS_BYTES + 1)
         assert self._url is not None
-        context = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
-        # jwks_url is checked to be http(s):// by the settings (no file: or custom schemes).
-        request = urllib.request.Request(self._url, headers={"Accept": "application/json"})  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self._timeout, context=context) as response:  # noqa: S310
-            return bytes(response.read(MAX_JWKS_BYTES + 1))
+        return self._read_url(self._url, deadline)
+
+    def _read_url(self, url: str, deadline: float) -> bytes:
+        """GET ``url``, no redirect followed (a 3xx is a failure: an https URL must not lead to
+        http), every socket read bounded by ``timeout`` and the whole by ``deadline``."""
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+            connection = http.client.HTTPSConnection(host, parts.port, timeout=self._timeout, context=context)
+        else:
+            connection = http.client.HTTPConnection(host, parts.port, timeout=self._timeout)
+        try:
+            connection.connect()
+            self._socket = connection.sock
+            connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/",
+                               headers={"Accept": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
+                raise OSError(f"HTTP {response.status}{why}")
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_JWKS_BYTES:
+                if time.monotonic() > deadline:
+                    raise OSError(f"reading the JWKS took longer than {self._timeout}s")
+                chunk = response.read1(64 * 1024)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            self._socket = None
+            connection.close()
+
+    def _abort_read(self) -> None:
+        """The deadline passed: shut the URL read's socket down, so the blocked recv returns now."""
+        sock = self._socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def refresh(self) -> None:
-        """Read the source once (off the event loop, bounded); raises ValueError/OSError on failure."""
+        """Read the source once (in the JWKS thread, bounded); raises ValueError/OSError on failure."""
+        if self.reading:
+            raise OSError(f"the previous read of the JWKS from {self.source} is still running")
+        deadline = time.monotonic() + self._timeout
+        self._reading = self._executor.submit(self._read, deadline)
         try:
-            raw = await asyncio.wait_for(asyncio.to_thread(self._read), timeout=self._timeout + 1)
+            raw = await asyncio.wait_for(asyncio.wrap_future(self._reading), timeout=self._timeout + 0.5)
         except TimeoutError as exc:
+            self._abort_read()
             raise OSError(f"reading the JWKS from {self.source} took longer than {self._timeout}s") from exc
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError(f"the JWKS at {self.source} is larger than {MAX_JWKS_BYTES} bytes")
@@ -218,6 +296,8 @@ class JwksCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._abort_read()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -242,6 +322,20 @@ class JwksCache:
 
 
 # -- the login ------------------------------------------------------------------------------------
+#: The latest ``exp`` accepted: 9999-12-31T23:59:59Z, the last instant a datetime holds. A later one
+#: (or one that is not an integer) is a malformed token, refused like any other.
+MAX_EXP = 253402300799
+
+
+def token_expiry(claims: Mapping[str, Any]) -> datetime:
+    """The rule "exp is an integer NumericDate within range": a JSON integer (not a string, float or
+    boolean, which PyJWT would coerce) from 1 to ``MAX_EXP``; ValueError otherwise."""
+    exp = claims.get("exp")
+    if type(exp) is not int or not 0 < exp <= MAX_EXP:
+        raise ValueError("exp is not an integer NumericDate within range")
+    return datetime.fromtimestamp(exp, UTC)
+
+
 @dataclass(frozen=True)
 class JwtIdentity:
     """What a verified JWT proved: the rule's client and policies, the token's own end, and the
@@ -309,14 +403,15 @@ class JwtLogin:
                 options={"require": ["exp", "iss", "aud"], "verify_signature": True, "verify_exp": True,
                          "verify_nbf": True, "verify_iat": True, "verify_aud": True, "verify_iss": True},
             )
-        except (pyjwt.PyJWTError, ValueError, TypeError):
-            claims = None
-        if claims is None:
+            expires_at = token_expiry(claims)
+        except (pyjwt.PyJWTError, ValueError, TypeError, OverflowError, OSError):
+            claims, expires_at = None, None
+        if claims is None or expires_at is None:
             # Raised here, not in the handler: no chained exception says which check failed.
             raise UnauthenticatedError()
         for rule in self._rules:
             if claims_match(rule.claims, claims):
                 sub = claims.get("sub")
-                return JwtIdentity(rule.client, rule.policies, datetime.fromtimestamp(claims["exp"], UTC),
+                return JwtIdentity(rule.client, rule.policies, expires_at,
                                    sub if isinstance(sub, str) else None, self.issuer)
         raise UnauthenticatedError()

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from secretsd.audit.failures import FailureBudget
+from secretsd.auth.jwt import check_jwks_url
 from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.domain.rotation_settings import RotationSettings
 from secretsd.errors import ConfigError
@@ -86,7 +87,7 @@ class JwtAuthSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     jwks_file: Path | None = None
-    jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    jwks_url: str | None = None
     #: The CA that signed the jwks_url server's certificate (the cluster CA, say); default: the system's.
     jwks_ca_file: Path | None = None
     issuer: str | None = None
@@ -102,6 +103,11 @@ class JwtAuthSettings(BaseModel):
     #: Clock skew allowed on exp, nbf and iat.
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     rules: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        return check_jwks_url(value) if value is not None else None  # https, or http to loopback only
 
 
 class AuthSettings(BaseModel):
