@@ -89,8 +89,15 @@ class TlsRule(BaseModel):
         if self.dns_san is not None:
             return self.dns_san in cert.dns_sans
         if self.uri_san is not None:
-            return self.uri_san in cert.uri_sans  # exact: SPIFFE IDs and URIs are case-sensitive
+            return uri_san_matches(self.uri_san, cert.uri_sans)
         return cert.fingerprint_sha256 == self.fingerprint_sha256
+
+
+def uri_san_matches(expected: str, uri_sans: Sequence[str]) -> bool:
+    """The rule "a uri_san rule matches a certificate with exactly that one URI SAN": exact (SPIFFE
+    IDs and URIs are case-sensitive), and a certificate with several URI SANs matches none (an X.509
+    SVID carries exactly one; a second one is a name the holder was not meant to choose among)."""
+    return len(uri_sans) == 1 and uri_sans[0] == expected
 
 
 def parse_rules(raw: Sequence[Mapping[str, Any]]) -> tuple[TlsRule, ...]:
@@ -112,6 +119,15 @@ def allows_client_auth(cert: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.CLIENT_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
 
 
+def is_ca_certificate(cert: x509.Certificate) -> bool:
+    """The rule "a CA certificate is never a client certificate": basicConstraints CA:TRUE names an
+    issuer, not a workload (a leaf of the client CA's hierarchy holding a CA key could mint others)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def read_certificate(der: bytes) -> ClientCertificate:
     """The facts the rules match on, from the DER the handshake verified. Never raises: a certificate
     that does not parse (OpenSSL accepted it, cryptography does not) is one no rule may match."""
@@ -129,7 +145,8 @@ def read_certificate(der: bytes) -> ClientCertificate:
         return ClientCertificate(
             fingerprint_sha256=fingerprint, subject_cn=cn if isinstance(cn, str) else None,
             dns_sans=dns, uri_sans=uris, not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, client_auth=allows_client_auth(cert),
+            not_after=cert.not_valid_after_utc,
+            client_auth=allows_client_auth(cert) and not is_ca_certificate(cert),
         )
     except ValueError:
         never = datetime.min.replace(tzinfo=UTC)
@@ -144,6 +161,35 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Client
 
 
 # -- the handshake --------------------------------------------------------------------------------
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+def check_crl_coverage(client_ca_file: Path, crl_file: Path) -> None:
+    """The rule "with crl_file, every CA of client_ca_file has its CRL there" (signed by that CA):
+    the handshake checks the whole chain, and a CA without a CRL would refuse every client under it
+    with an obscure handshake error; said at start (and on SIGHUP, keeping the files in force) instead."""
+    try:
+        cas = x509.load_pem_x509_certificates(client_ca_file.read_bytes())
+        text = crl_file.read_bytes()
+        crls = [x509.load_pem_x509_crl(_CRL_BEGIN + block) for block in text.split(_CRL_BEGIN)[1:]]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read [auth.tls] client_ca_file {client_ca_file} / crl_file {crl_file}: "
+                          f"{exc}") from exc
+    for ca in cas:
+        public_key = ca.public_key()
+        if not any(crl.issuer == ca.subject and _signed_by(crl, public_key) for crl in crls):
+            raise ConfigError(f"[auth.tls] crl_file {crl_file} holds no CRL signed by the CA "
+                              f"{ca.subject.rfc4514_string()!r} of client_ca_file: with crl_file set, every "
+                              "CA of the chain (intermediates too) needs its current CRL there")
+
+
+def _signed_by(crl: x509.CertificateRevocationList, public_key: Any) -> bool:
+    try:
+        return crl.is_signature_valid(public_key)
+    except (TypeError, ValueError):
+        return False  # a key type that cannot sign CRLs
+
+
 def client_verification(context: ssl.SSLContext, *, client_ca_file: Path, require: bool,
                         crl_file: Path | None) -> None:
     """The rule for which client certificates a handshake accepts: chained to ``client_ca_file``
@@ -168,7 +214,11 @@ def client_verification(context: ssl.SSLContext, *, client_ca_file: Path, requir
             raise ConfigError(f"cannot load [auth.tls] crl_file {crl_file}: {exc}") from exc
         if not context.cert_store_stats()["crl"]:
             raise ConfigError(f"[auth.tls] crl_file {crl_file} holds no CRL (PEM, -----BEGIN X509 CRL-----)")
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        check_crl_coverage(client_ca_file, crl_file)
+        # Every certificate of the chain, not only the leaf: a revoked intermediate CA revokes
+        # everything it issued. OpenSSL then needs a CRL from every CA in the chain (an intermediate
+        # the client sends too): a chain through a CA without one fails the handshake.
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
 
 

@@ -51,7 +51,8 @@ class ClientCertificate:
     uri_sans: tuple[str, ...]
     not_before: datetime
     not_after: datetime
-    #: False when an extended key usage is present without clientAuth (or the DER did not parse).
+    #: False when an extended key usage is present without clientAuth, for a CA certificate
+    #: (basicConstraints CA:TRUE), or when the DER did not parse.
     client_auth: bool
 
 

@@ -135,9 +135,29 @@ class EdgeSite(web.BaseSite):
     def ssl_context(self) -> ssl.SSLContext | None:
         return self._ssl_context
 
-    def replace_ssl_context(self, context: ssl.SSLContext | None) -> None:
-        """A reloaded TLS context (SIGHUP: a new CRL) for the connections accepted from now on."""
+    def replace_ssl_context(self, context: ssl.SSLContext | None) -> int:
+        """A reloaded TLS context (SIGHUP: a new CRL) for the connections accepted from now on; the
+        connections that a client certificate authenticates are closed (``close_certificate_connections``)."""
         self._ssl_context = context
+        return self.close_certificate_connections()
+
+    def close_certificate_connections(self) -> int:
+        """The rule "a reloaded CRL applies to open connections too": every connection of this site
+        that presented a client certificate (or is still in its handshake, under the old CRL) is closed
+        -- an idle one now, a busy one once its response is sent -- and its client reconnects through a
+        handshake that meets the new files. All of them, not only the revoked: the new CRL may revoke
+        an intermediate, and only a handshake checks the chain. Nothing is checked per request. Returns
+        how many were closed."""
+        closed = 0
+        for handler in list(self._edge.gate.open):
+            if not handler.reads_client_cert or (handler.client_cert is None and handler.sock is None):
+                continue  # another site's connection, or one without a certificate (a token authenticates it)
+            if handler.sock is not None:
+                handler.evict()  # still in its TLS handshake: the socket is shut down
+            else:
+                handler.close()
+            closed += 1
+        return closed
 
     def make_handler(self, conn: socket.socket | None = None) -> EdgeHandler:
         """The protocol for a connection just accepted on ``conn`` (a subclass may read the socket)."""

@@ -76,8 +76,9 @@ def _reload_tls(settings: Settings, site: EdgeSite) -> None:
     except ConfigError as exc:
         log.error("TLS files not reloaded, the previous ones stay in force: %s", exc)
         return
-    site.replace_ssl_context(context)
-    log.info("TLS context reloaded (client CA, CRL, server certificate)")
+    closed = site.replace_ssl_context(context)
+    log.info("TLS context reloaded (client CA, CRL, server certificate); %d connections of client "
+             "certificates closed, to meet the new files when they reconnect", closed)
 
 
 async def serve(settings: Settings, *, on_ready: str | None = None, worker: int | None = None,
