@@ -12,15 +12,18 @@ The rules, each in one function:
 - the signature by the JWKS key named by ``kid`` (a JWKS of one key serves tokens without ``kid``);
   ``iss`` equal to ``issuer``, ``aud`` among ``audiences``, ``exp`` required, ``exp``/``nbf``/``iat``
   within ``leeway_seconds`` (PyJWT's checks, every one switched on).
+- ``token_expiry``: ``exp`` is a JSON integer from 1 to ``MAX_EXP`` (year 9999), never a string or
+  float PyJWT would coerce.
 - ``claims_match``: a rule's ``claims`` table, where a nested table names a nested claim:
   ``claims = { "kubernetes.io" = { namespace = "billing" } }`` matches
   ``{"kubernetes.io": {"namespace": "billing", ...}}``. Keys are never split on dots (``kubernetes.io``
   is one key); every listed claim must be present and equal (same JSON type), other claims are ignored.
 
 Every refusal is one bare ``UnauthenticatedError``: which check failed, and which rules exist, is not
-the caller's business. The JWKS (``JwksCache``) comes from ``jwks_file`` or ``jwks_url``, read again
-every ``refresh_interval_seconds`` off the event loop with a bounded timeout and size; a failed
-refresh keeps the last good keys, for at most ``max_stale_seconds``.
+the caller's business. The JWKS (``JwksCache``) comes from ``jwks_file`` or ``jwks_url``
+(``check_jwks_url``: https, or http to loopback; redirects are not followed), read again every
+``refresh_interval_seconds`` in a thread of its own, one read at a time, with a total deadline and a
+size bound; a failed refresh keeps the last good keys, for at most ``max_stale_seconds``.
 """
 
 from __future__ import annotations

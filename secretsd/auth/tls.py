@@ -5,13 +5,18 @@ Two steps, each in one place:
 - **the handshake** (``client_verification``): OpenSSL verifies the chain to ``client_ca_file`` and
   nothing else (no system CAs), the validity period, the purpose (a server-side handshake checks the
   ``ssl_client`` purpose: an extended key usage without clientAuth fails), and with ``crl_file`` the
-  leaf's revocation (``VERIFY_CRL_CHECK_LEAF``). ``require_client_cert = true``: no certificate, no
+  revocation of every certificate of the chain (``VERIFY_CRL_CHECK_CHAIN``: a revoked intermediate
+  revokes its leaves; every CA needs its CRL in ``crl_file``, ``check_crl_coverage``). A TLS reload
+  closes the open connections of client certificates (secretsd.runtime.edge_listener), so a new CRL
+  reaches kept-alive connections too. ``require_client_cert = true``: no certificate, no
   connection; false: a connection without one is served, and authenticates some other way.
 - **the mapping** (``TlsAuthenticator``): the verified certificate, read once per connection
   (``read_certificate``, by secretsd.runtime.edge), is matched against ``[[auth.tls.rules]]``, first
   match wins; each rule names exactly one of ``subject_cn``, ``dns_san``, ``uri_san`` (a SPIFFE ID,
-  say) or ``fingerprint_sha256``. No match, a certificate whose usage excludes clientAuth, or one
-  outside its validity period (a keep-alive connection can outlive its certificate) is one bare 401.
+  say; the certificate must carry exactly one URI SAN) or ``fingerprint_sha256``. Rules do not pin an
+  issuer: every CA of ``client_ca_file`` may issue any name. No match, a CA certificate, a certificate
+  whose usage excludes clientAuth, or one outside its validity period (a keep-alive connection can
+  outlive its certificate) is one bare 401.
 
 Registered under the entry point ``secretsd.authenticators: tls``; the daemon adds it after the
 token method when ``[auth.tls] client_ca_file`` is set, so a bearer token, when present, wins.
