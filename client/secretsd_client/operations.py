@@ -193,6 +193,10 @@ class Operations(ABC, Generic[R]):
         """Erase the ciphertext of ``versions`` for good (the metadata stays). Cannot be undone."""
         return self.call(calls.version_action(path, "destroy", versions))
 
+    def renew_self(self) -> R:
+        """Extend the calling token by its TTL, up to its max TTL; answers its ``expires_at`` now."""
+        return self.call(calls.renew_self())
+
     def status(self) -> R:
         """The daemon's state (``/v1/sys/status``): sealed or not, its key provider and key id, and more."""
         return self.call(calls.status())
@@ -222,10 +226,6 @@ class Operations(ABC, Generic[R]):
     def policy_reload(self) -> R:
         """Reload the daemon's policy file; ``PolicyFileError`` (and no change) if it is invalid."""
         return self.call(calls.policy_reload())
-
-    def renew_self(self) -> R:
-        """Extend the calling token by its TTL, up to its max TTL; answers its ``expires_at`` now."""
-        return self.call(calls.renew_self())
 
     def create_token(self, client: str, policies: list[str], ttl_seconds: int | None = None,
                      max_ttl_seconds: int | None = None) -> R:

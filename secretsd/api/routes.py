@@ -211,15 +211,15 @@ OPERATIONS: tuple[Operation, ...] = (
                         (("minimum", 0), ("maximum", 1))))),
     Operation("DELETE", "/v1/auth/tokens/{token_id}", h.revoke_token, "Revoke a token", "token.revoke",
               Capability.ADMIN, "on sys/tokens"),
+    Operation("POST", "/v1/auth/tokens/renew-self", h.renew_self,
+              "Extend the calling token by its TTL, up to its max TTL (answers the new expires_at)",
+              "token.renew"),
     Operation("POST", "/v1/auth/jwt/login", jwt_login.jwt_login,
               "Exchange a workload JWT (Kubernetes service account, OIDC) for a short-lived token",
               "auth.login", body=jwt_login.JwtLoginBody, login=True),
     # Every caller may ask who it is: it reveals only what its own token already carries.
     Operation("GET", "/v1/auth/whoami", h.whoami, "The calling token's client and policies", "auth.whoami",
               while_sealed=True),
-    Operation("POST", "/v1/auth/tokens/renew-self", h.renew_self,
-              "Extend the calling token by its TTL, up to its max TTL (answers the new expires_at)",
-              "token.renew"),
 )
 
 
