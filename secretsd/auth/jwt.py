@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt as pyjwt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from secretsd.addresses import is_loopback
-from secretsd.domain.client_names import check_client_name
-from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+from secretsd.auth.rules import IdentityRule
+from secretsd.errors import ConfigError, UnauthenticatedError
 from secretsd.tokens import redact_secrets
 
 log = logging.getLogger("secretsd.auth.jwt")
@@ -64,22 +64,10 @@ MAX_JWKS_BYTES = 1024 * 1024
 _Scalar = str | int | bool
 
 
-class JwtRule(BaseModel):
+class JwtRule(IdentityRule):
     """One ``[[auth.jwt.rules]]`` entry: claims that must all equal, the client and its policies."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     claims: dict[str, Any] = Field(min_length=1)
-    client: str
-    policies: tuple[str, ...] = Field(min_length=1)
-
-    @field_validator("client")
-    @classmethod
-    def _client_name(cls, value: str) -> str:
-        try:
-            check_client_name(value)
-        except RequestError as exc:
-            raise ValueError(exc.message) from None
-        return value
 
     @field_validator("claims")
     @classmethod

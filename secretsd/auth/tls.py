@@ -33,36 +33,24 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from secretsd.auth import AuthenticatorContext
+from secretsd.auth.rules import IdentityRule
 from secretsd.clock import Clock, utcnow
-from secretsd.domain.client_names import check_client_name
 from secretsd.domain.identity import ClientCertificate, Credentials, Principal
-from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+from secretsd.errors import ConfigError, UnauthenticatedError
 
 _MATCHERS = ("subject_cn", "dns_san", "uri_san", "fingerprint_sha256")
 
 
-class TlsRule(BaseModel):
+class TlsRule(IdentityRule):
     """One ``[[auth.tls.rules]]`` entry: exactly one matcher, the client and its policies."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     subject_cn: str | None = Field(default=None, min_length=1)
     dns_san: str | None = Field(default=None, min_length=1)
     uri_san: str | None = Field(default=None, min_length=1)
     fingerprint_sha256: str | None = None
-    client: str
-    policies: tuple[str, ...] = Field(min_length=1)
-
-    @field_validator("client")
-    @classmethod
-    def _client_name(cls, value: str) -> str:
-        try:
-            check_client_name(value)
-        except RequestError as exc:
-            raise ValueError(exc.message) from None
-        return value
 
     @field_validator("dns_san")
     @classmethod

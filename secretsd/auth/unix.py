@@ -23,32 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from secretsd.auth import AuthenticatorContext
-from secretsd.domain.client_names import check_client_name
+from secretsd.auth.rules import IdentityRule
 from secretsd.domain.identity import Credentials, PeerCredentials, Principal
-from secretsd.errors import ConfigError, RequestError, UnauthenticatedError
+from secretsd.errors import ConfigError, UnauthenticatedError
 
 
-class UnixRule(BaseModel):
+class UnixRule(IdentityRule):
     """One ``[[auth.unix.rules]]`` entry: uid and/or gid (both must match when both are given)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     uid: int | None = Field(default=None, ge=0)
     gid: int | None = Field(default=None, ge=0)
-    client: str
-    policies: tuple[str, ...] = Field(min_length=1)
-
-    @field_validator("client")
-    @classmethod
-    def _client_name(cls, value: str) -> str:
-        # The same rule as a token's client name: well formed, and none of the daemon's own names.
-        try:
-            check_client_name(value)
-        except RequestError as exc:
-            raise ValueError(exc.message) from None
-        return value
 
     @model_validator(mode="after")
     def _names_someone(self) -> UnixRule:
