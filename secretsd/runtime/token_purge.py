@@ -81,10 +81,12 @@ class TokenPurger:
 
     async def run(self) -> None:
         while True:
+            # One interval after start first: a restart is no reason to sweep (or to add a record to
+            # the chain of a daemon that has just started serving).
+            await asyncio.sleep(self.interval_seconds)
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop must outlive any one failed sweep
                 log.error("token purge failed: %s", type(exc).__name__)
-            await asyncio.sleep(self.interval_seconds)
