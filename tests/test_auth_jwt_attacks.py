@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from secretsd.auth.jwt import MAX_EXP, JwksCache, check_jwks_url, token_expiry
+from secretsd.addresses import check_jwks_url
+from secretsd.auth.jwt import MAX_EXP, JwksCache, token_expiry
 from secretsd.errors import ConfigError, UnauthenticatedError
 from secretsd.runtime.config import load_settings
 from tests.helpers import free_port

@@ -21,7 +21,7 @@ The rules, each in one function:
 
 Every refusal is one bare ``UnauthenticatedError``: which check failed, and which rules exist, is not
 the caller's business. The JWKS (``JwksCache``) comes from ``jwks_file`` or ``jwks_url``
-(``check_jwks_url``: https, or http to loopback; redirects are not followed), read again every
+(``secretsd.addresses.check_jwks_url``: https, or http to loopback; redirects are not followed), read again every
 ``refresh_interval_seconds`` in a thread of its own, one read at a time, with a total deadline and a
 size bound; a failed refresh keeps the last good keys, for at most ``max_stale_seconds``.
 """
@@ -47,7 +47,7 @@ from typing import Any
 import jwt as pyjwt
 from pydantic import Field, ValidationError, field_validator
 
-from secretsd.addresses import is_loopback
+from secretsd.addresses import check_jwks_url
 from secretsd.auth.rules import IdentityRule
 from secretsd.errors import ConfigError, UnauthenticatedError
 from secretsd.tokens import redact_secrets
@@ -145,18 +145,6 @@ def parse_jwks(raw: bytes) -> dict[str | None, pyjwt.PyJWK]:
     if not found:
         raise ValueError("the JWKS holds no usable signing key (RSA, EC or OKP)")
     return found
-
-
-def check_jwks_url(url: str) -> str:
-    """The rule "the JWKS comes over https": ``jwks_url`` is ``https://``; plain ``http://`` only to a
-    loopback host (a sidecar or a test server: nothing crosses a network). Whoever can change the keys
-    in transit can log in as any workload. ValueError otherwise."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
-        return url
-    raise ValueError("jwks_url must be https:// (plain http:// only to a loopback address)")
 
 
 @dataclass

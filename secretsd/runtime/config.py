@@ -20,8 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from secretsd.addresses import check_jwks_url
 from secretsd.audit.failures import FailureBudget
-from secretsd.auth.jwt import check_jwks_url
 from secretsd.defaults import DEFAULT_LISTEN
 from secretsd.domain.rotation_settings import RotationSettings
 from secretsd.errors import ConfigError
