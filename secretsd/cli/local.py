@@ -141,9 +141,9 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
       secretsd serve --data-dir /var/lib/secretsd --listen 127.0.0.1:8750
       secretsd serve --config /etc/secretsd/secretsd.toml --workers 2
     """
-    from secretsd.errors import ConfigError
+    from secretsd.errors import ConfigError, SecretsdError
     from secretsd.runtime.config import load_settings
-    from secretsd.runtime.logs import configure_logging
+    from secretsd.runtime.logs import configure_logging, drain_logs
     from secretsd.runtime.process_hardening import harden_process
 
     # SIGHUP means "reload policies"; until the daemon's handler is installed it must not mean
@@ -189,6 +189,12 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None, d
     # stays small, and its children start sooner.
     from secretsd.runtime.server import serve as run_server
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index,
-                               reload_settings=functools.partial(load_settings, config_file, **kwargs)))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_server(settings, on_ready=banner if worker_index is None else None, worker=worker_index,
+                                   reload_settings=functools.partial(load_settings, config_file, **kwargs)))
+    except (SecretsdError, OSError):
+        # The daemon's lines leave through their own thread (runtime/logs.py): let them out first, so
+        # the one-line error friendly_errors prints is the last line, as scripts and operators read it.
+        drain_logs()
+        raise
