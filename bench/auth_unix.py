@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
@@ -30,34 +29,11 @@ import load  # bench/load.py: the daemon and the CPU meters
 async def _cell(base: str, paths: list[str], token: str | None, sock: str | None, pid: int, concurrency: int,
                 duration: float) -> tuple[float, float]:
     """(daemon CPU µs per request, requests per second) of ``duration`` seconds of closed-loop GETs."""
-    done = errors = 0
     connector: aiohttp.BaseConnector = (aiohttp.UnixConnector(path=sock, limit=concurrency) if sock
                                         else aiohttp.TCPConnector(limit=concurrency))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    urls = [f"{base}/v1/secrets/{p}" for p in paths]
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-        async def worker(n: int) -> None:
-            nonlocal done, errors
-            i = n
-            while time.monotonic() < stop:
-                async with session.get(urls[i % len(urls)]) as resp:
-                    await resp.read()
-                    if resp.status == 200:
-                        done += 1
-                    else:
-                        errors += 1
-                i += concurrency
-
-        stop = time.monotonic() + 0.5  # warm-up (and the connections made), unmeasured
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        done = 0
-        cpu0, t0 = load.proc_cpu_seconds(pid), time.monotonic()
-        stop = t0 + duration
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        cpu, elapsed = load.proc_cpu_seconds(pid) - cpu0, time.monotonic() - t0
-    if errors:
-        raise load.BenchError(f"{errors} requests failed")
-    return cpu / done * 1e6, done / elapsed
+    return await load.closed_loop_gets([f"{base}/v1/secrets/{p}" for p in paths], headers, connector, pid,
+                                       concurrency, duration)
 
 
 async def _seed(url: str, token: str, count: int) -> list[str]:

@@ -16,7 +16,6 @@ import asyncio
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -42,32 +41,8 @@ async def _seed(url: str, token: str, count: int, value_bytes: int, as_map: bool
 async def _cell(urls: list[str], headers: dict[str, str], pid: int, concurrency: int,
                 duration: float) -> tuple[float, float]:
     """(daemon CPU µs per request, requests per second) of ``duration`` seconds of closed-loop GETs."""
-    done = 0
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-        async def worker(n: int) -> None:
-            nonlocal done, errors
-            i = n
-            while time.monotonic() < stop:
-                async with session.get(urls[i % len(urls)]) as resp:
-                    await resp.read()
-                    if resp.status == 200:
-                        done += 1
-                    else:
-                        errors += 1
-                i += concurrency
-
-        stop = time.monotonic() + 0.5  # warm-up, unmeasured
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        done = 0
-        cpu0, t0 = load.proc_cpu_seconds(pid), time.monotonic()
-        stop = t0 + duration
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        cpu, elapsed = load.proc_cpu_seconds(pid) - cpu0, time.monotonic() - t0
-    if errors:
-        raise load.BenchError(f"{errors} requests failed")
-    return cpu / done * 1e6, done / elapsed
+    return await load.closed_loop_gets(urls, headers, aiohttp.TCPConnector(limit=concurrency), pid, concurrency,
+                                       duration)
 
 
 async def _run(args: argparse.Namespace, daemon: load.Daemon) -> None:
