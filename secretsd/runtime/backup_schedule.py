@@ -30,12 +30,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from keyproviders import KeyProvider
 from secretsd.clock import Clock, utcnow
 from secretsd.errors import ConfigError
 from secretsd.runtime.backup_settings import BackupSettings, Schedule
+from secretsd.runtime.scheduler import Leader, Sealed
 from secretsd.storage import Storage
 
 log = logging.getLogger("secretsd.runtime.backup_schedule")
@@ -50,16 +51,6 @@ NAME_PATTERN = re.compile(r"^secretsd-backup-(\d{8}T\d{6})-(\d{3})Z\.sdbk$")
 TEMP_PATTERN = re.compile(r"^\.secretsd-backup-\d{8}T\d{6}-\d{3}Z\.sdbk\.partial$")
 #: The loop wakes at least this often, to notice leadership and unseal.
 MAX_SLEEP_SECONDS = 30.0
-
-
-class Leader(Protocol):
-    @property
-    def is_leader(self) -> bool: ...
-
-
-class Sealed(Protocol):
-    @property
-    def sealed(self) -> bool: ...
 
 
 def file_name(when: datetime) -> str:

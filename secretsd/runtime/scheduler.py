@@ -23,10 +23,18 @@ log = logging.getLogger("secretsd.runtime.scheduler")
 
 
 class Leader(Protocol):
-    """What the scheduler needs of ``secretsd.runtime.leadership.Leadership`` (kept current by its own task)."""
+    """What the leader-only tasks (rotation, token purge, scheduled backups) need of
+    ``secretsd.runtime.leadership.Leadership`` (kept current by its own task)."""
 
     @property
     def is_leader(self) -> bool: ...
+
+
+class Sealed(Protocol):
+    """What the leader-only tasks need of the barrier: they run only while unsealed."""
+
+    @property
+    def sealed(self) -> bool: ...
 
 
 class RotationScheduler:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Protocol
 
 from secretsd.clock import Clock, utcnow
 from secretsd.events import Event, EventBus
+from secretsd.runtime.scheduler import Leader, Sealed
 from secretsd.storage import Storage, engine
 
 log = logging.getLogger("secretsd.runtime.token_purge")
@@ -26,16 +26,6 @@ log = logging.getLogger("secretsd.runtime.token_purge")
 ACTION = "token.purge"
 #: Batches one sweep deletes at most: a huge backlog is worked off over several sweeps.
 MAX_BATCHES_PER_SWEEP = 100
-
-
-class Leader(Protocol):
-    @property
-    def is_leader(self) -> bool: ...
-
-
-class Sealed(Protocol):
-    @property
-    def sealed(self) -> bool: ...
 
 
 class TokenPurger:
